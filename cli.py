@@ -1,0 +1,390 @@
+"""ddplaunch's command line: options -> plan inputs -> run -> exit code. Nothing else lives here."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from launcher import __version__
+from launcher.devices import DeviceMap, Gpu, default_device_map, discover_gpus, map_gpu_ids, parse_gpu_ids
+from launcher.errors import GpuDiscoveryError, LaunchError
+from launcher.plan import (
+    Plan,
+    PlanInputs,
+    Program,
+    build_plan,
+    parse_env_assignments,
+    resolve_nproc,
+    validate_topology,
+)
+
+if TYPE_CHECKING:
+    from launcher.logs import Printer
+    from launcher.supervisor import JobResult
+
+SINGLE_NODE_MASTER_ADDR = "127.0.0.1"
+MULTI_NODE_DEFAULT_PORT = 29500  # torchrun's default, so existing multi-node recipes carry over
+DEFAULT_GRACE_S = 30.0
+DRY_RUN_ERROR_DIR = "$TMPDIR/ddplaunch-<pid>"  # a real run makes a private directory there
+
+CONTEXT = {
+    "allow_interspersed_args": False,  # everything after SCRIPT belongs to the script
+    "help_option_names": ["-h", "--help"],
+    "max_content_width": 100,
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The parsed command line, before any fact about the machine is looked at."""
+
+    script: str
+    script_args: tuple[str, ...]
+    nproc: str | None
+    nnodes: str
+    node_rank: int
+    master_addr: str | None
+    master_port: int | None
+    standalone: bool
+    gpu_ids: str | None
+    module: bool
+    no_python: bool
+    local_rank_arg: bool
+    log_dir: str | None
+    ranks: str | None
+    max_restarts: int
+    env: tuple[str, ...]
+    dry_run: bool
+    grace: float
+    run_id: str | None
+    no_color: bool
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--nproc", "--nproc-per-node", "--nproc_per_node", "nproc", envvar="PET_NPROC_PER_NODE",
+              metavar="N|auto|gpu|cpu",
+              help="Workers on this node: a number, auto (GPUs, else CPUs), gpu or cpu. "
+                   "Default: the number of --gpu-ids, else 1.")
+@click.option("--nnodes", envvar="PET_NNODES", default="1", show_default=True, metavar="N",
+              help="Number of nodes in the job.")
+@click.option("--node-rank", "--node_rank", "node_rank", envvar="PET_NODE_RANK", type=int, default=0,
+              show_default=True, metavar="R", help="This node's rank, 0..nnodes-1.")
+@click.option("--master-addr", "--master_addr", "master_addr", envvar="PET_MASTER_ADDR", metavar="HOST",
+              help="Address of node 0, where rank 0 hosts the rendezvous. Default on one node: 127.0.0.1.")
+@click.option("--master-port", "--master_port", "master_port", envvar="PET_MASTER_PORT", type=int,
+              metavar="PORT", help="Rendezvous port. Default: a free port on one node, 29500 across nodes.")
+@click.option("--standalone", is_flag=True, envvar="PET_STANDALONE",
+              help="One node with a free port (accepted as in torchrun; that is the default here).")
+@click.option("--gpu-ids", "--gpu_ids", "gpu_ids", metavar="IDS",
+              help="GPUs to use, e.g. 0,2,4,6: one worker each; every worker sees them all as "
+                   "CUDA_VISIBLE_DEVICES and LOCAL_RANK i uses cuda:i.")
+@click.option("-m", "--module", is_flag=True, help="Run SCRIPT as a Python module (python -m).")
+@click.option("--no-python", "--no_python", "no_python", is_flag=True,
+              help="Run SCRIPT as an executable, not through Python.")
+@click.option("--local-rank-arg", is_flag=True,
+              help="Also pass --local-rank=N to the script, for torch.distributed.launch-era scripts.")
+@click.option("--log-dir", "--log_dir", "log_dir", envvar="PET_LOG_DIR", metavar="DIR",
+              help="Write rankN.log (raw lines) per rank and launcher.log (events) here.")
+@click.option("--ranks", metavar="LIST",
+              help="Only these global ranks reach the terminal, e.g. 0 or 0,3 or 0-3 (files get all).")
+@click.option("--max-restarts", "--max_restarts", "max_restarts", envvar="PET_MAX_RESTARTS", type=int,
+              default=0, show_default=True, metavar="N",
+              help="On a failure, stop all workers and start them all again, up to N times.")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Extra environment for the workers (repeatable).")
+@click.option("--dry-run", "--dry_run", "dry_run", is_flag=True, help="Print the plan and exit, starting nothing.")
+@click.option("--grace", type=float, default=DEFAULT_GRACE_S, show_default=True, metavar="SECONDS",
+              help="At teardown, time between SIGTERM and SIGKILL.")
+@click.option("--run-id", "--rdzv-id", "--rdzv_id", "run_id", envvar="PET_RDZV_ID", metavar="ID",
+              help="TORCHELASTIC_RUN_ID for the workers. Default: a fresh random id.")
+@click.option("--no-color", "--no_color", "no_color", is_flag=True, help="No colour (also: NO_COLOR=1).")
+@click.version_option(__version__, "-V", "--version", prog_name="ddplaunch")
+@click.argument("script", metavar="SCRIPT")
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED, metavar="[SCRIPT_ARGS]...")
+def command(**params: object) -> None:
+    """Launch SCRIPT as a PyTorch distributed job with torchrun's environment.
+
+    \b
+    Examples:
+      ddplaunch --nproc 8 train.py --lr 0.1
+      ddplaunch --gpu-ids 0,2,4,6 train.py
+      ddplaunch --nproc 2 --dry-run train.py
+    """
+    options = Options(**params)  # type: ignore[arg-type]
+    try:
+        code = launch(options)
+    except LaunchError as exc:
+        click.echo(f"ddplaunch: error: {exc}", err=True)
+        code = exc.exit_code
+    sys.exit(code)
+
+
+def main() -> None:
+    command.main(prog_name="ddplaunch")
+
+
+# -- from options to a plan ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the plan needs from the machine, read once."""
+
+    environ: dict[str, str]
+    cpu_count: int
+    hostname: str
+    gpus: tuple[Gpu, ...]
+
+
+def parse_nnodes(text: str) -> int:
+    low, sep, high = text.partition(":")
+    if sep and low == high:
+        text = low  # torchrun's "2:2" is a fixed size
+    if not text.strip().isdigit():
+        raise LaunchError(
+            f"--nnodes {text!r} is not a number of nodes. Use a positive integer; elastic "
+            "ranges (MIN:MAX) are not supported, the job size is fixed."
+        )
+    return int(text)
+
+
+def parse_ranks(text: str, world_size: int) -> frozenset[int]:
+    ranks: set[int] = set()
+    for part in text.split(","):
+        low, sep, high = part.strip().partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise LaunchError(
+                f"--ranks {text!r}: {part!r} is not a rank or range. Use global ranks like "
+                "0 or 0,3 or 0-3."
+            )
+        span = range(int(low), int(high if sep else low) + 1)
+        if not span or span[-1] >= world_size:
+            raise LaunchError(
+                f"--ranks {text!r} names a rank outside 0..{world_size - 1} "
+                f"(world size {world_size})."
+            )
+        ranks.update(span)
+    return frozenset(ranks)
+
+
+def program_of(options: Options) -> Program:
+    if options.module and options.no_python:
+        raise LaunchError("-m/--module and --no-python exclude each other: choose one.")
+    if options.module:
+        return Program("module", options.script, options.script_args)
+    if options.no_python:
+        if not _is_executable(options.script):
+            raise LaunchError(
+                f"--no-python: {options.script!r} is not an executable file or a command on "
+                "PATH. Check the name, or drop --no-python to run a Python script."
+            )
+        return Program("exec", options.script, options.script_args)
+    if not os.path.isfile(options.script):
+        raise LaunchError(
+            f"SCRIPT {options.script!r} not found (looked in {os.getcwd()}). Give the path of "
+            "a Python file, use -m for a module, or --no-python for an executable."
+        )
+    return Program("script", options.script, options.script_args)
+
+
+def _is_executable(name: str) -> bool:
+    import shutil
+
+    if os.sep in name:
+        return os.path.isfile(name) and os.access(name, os.X_OK)
+    return shutil.which(name) is not None
+
+
+def gather_facts(options: Options) -> Facts:
+    wants_gpus = options.gpu_ids is not None or (options.nproc or "").strip().lower() in ("auto", "gpu")
+    gpus: tuple[Gpu, ...] = ()
+    if wants_gpus:
+        gpus = discover_gpus()
+    elif options.dry_run:
+        try:
+            gpus = discover_gpus()  # only to show the physical GPU column
+        except GpuDiscoveryError:
+            gpus = ()
+    return Facts(
+        environ=dict(os.environ),
+        cpu_count=os.cpu_count() or 1,
+        hostname=socket.gethostname(),
+        gpus=gpus,
+    )
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything decided before the first worker starts."""
+
+    inputs: PlanInputs
+    port_given: bool
+    shown_ranks: frozenset[int] | None
+    log_dir: Path | None
+
+
+def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
+    """Validate the options against the machine's facts; raise LaunchError on any mistake."""
+    program = program_of(options)
+    nnodes = parse_nnodes(options.nnodes)
+    validate_topology(nnodes, options.node_rank)
+    if options.standalone and nnodes != 1:
+        raise LaunchError(f"--standalone is a one-node launch; drop it or drop --nnodes {nnodes}.")
+    gpu_ids = parse_gpu_ids(options.gpu_ids) if options.gpu_ids is not None else None
+    nproc = resolve_nproc(options.nproc, gpu_ids=gpu_ids, gpu_count=len(facts.gpus), cpu_count=facts.cpu_count)
+    cvd = facts.environ.get("CUDA_VISIBLE_DEVICES")
+    devices: DeviceMap = (
+        map_gpu_ids(gpu_ids, facts.gpus, cvd) if gpu_ids else default_device_map(nproc, facts.gpus, cvd)
+    )
+    extra_env = parse_env_assignments(options.env, gpu_ids_given=gpu_ids is not None)
+    if options.max_restarts < 0:
+        raise LaunchError(f"--max-restarts {options.max_restarts}: use 0 (no restart) or more.")
+    if options.grace < 0:
+        raise LaunchError(f"--grace {options.grace:g}: use 0 seconds or more.")
+    master_addr = options.master_addr
+    if master_addr is None:
+        if nnodes > 1:
+            raise LaunchError(
+                f"--nnodes {nnodes} needs --master-addr: the address of node 0 that every "
+                "node can reach (e.g. --master-addr 10.0.0.1). Run the same command on each "
+                "node with its own --node-rank."
+            )
+        master_addr = SINGLE_NODE_MASTER_ADDR
+    port = options.master_port
+    if port is not None and not 1 <= port <= 65535:
+        raise LaunchError(f"--master-port {port} is not a TCP port; use 1-65535, or leave it out.")
+    if port is None and nnodes > 1:
+        port = MULTI_NODE_DEFAULT_PORT
+    inputs = PlanInputs(
+        program=program,
+        nproc=nproc,
+        master_addr=master_addr,
+        master_port=port or 0,
+        run_id=options.run_id or os.urandom(8).hex(),
+        python=sys.executable,
+        hostname=facts.hostname,
+        cpu_count=facts.cpu_count,
+        devices=devices,
+        base_env=facts.environ,
+        nnodes=nnodes,
+        node_rank=options.node_rank,
+        extra_env=extra_env,
+        max_restarts=options.max_restarts,
+        local_rank_arg=options.local_rank_arg,
+        error_dir=error_dir,
+    )
+    shown = parse_ranks(options.ranks, nnodes * nproc) if options.ranks else None
+    return Launch(inputs, port is not None, shown, Path(options.log_dir) if options.log_dir else None)
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+def launch(options: Options) -> int:
+    from launcher.ports import check_port_free, pick_free_port
+
+    facts = gather_facts(options)
+    log_dir = Path(options.log_dir) if options.log_dir else None
+    error_dir = str(log_dir / "errors") if log_dir else None
+    decided = decide(options, facts, error_dir)
+    inputs = decided.inputs
+    if options.dry_run:
+        from launcher.dryrun import render_plan
+
+        port = inputs.master_port or pick_free_port()
+        note = () if decided.port_given else ("(port picked free now; a real run picks again)",)
+        shown_dir = error_dir or DRY_RUN_ERROR_DIR
+        plan = build_plan(replace(inputs, master_port=port, error_dir=shown_dir))
+        click.echo(render_plan(plan), nl=False)
+        for line in note:
+            click.echo(line)
+        return 0
+    if decided.port_given and inputs.node_rank == 0:
+        check_port_free(inputs.master_port)
+    if log_dir is not None:
+        _make_dir(log_dir, "--log-dir")
+    made_error_dir = None
+    if error_dir is None:
+        made_error_dir = error_dir = _private_temp_dir()
+    try:
+        return run(decided, options, error_dir)
+    finally:
+        if made_error_dir is not None:
+            import shutil
+
+            shutil.rmtree(made_error_dir, ignore_errors=True)
+
+
+def run(decided: Launch, options: Options, error_dir: str) -> int:
+    from launcher.logs import Printer, colour_enabled
+    from launcher.ports import pick_free_port
+    from launcher.supervisor import run_job
+
+    inputs = replace(decided.inputs, error_dir=error_dir)
+
+    def plan_for_attempt(restart: int) -> Plan:
+        port = inputs.master_port if decided.port_given else pick_free_port()
+        return build_plan(replace(inputs, restart_count=restart, master_port=port))
+
+    first = build_plan(replace(inputs, master_port=inputs.master_port or 1))
+    colour = colour_enabled(options.no_color, os.environ, 1) and colour_enabled(options.no_color, os.environ, 2)
+    printer = Printer(
+        world_ranks=[w.global_rank for w in first.workers],
+        world_size=first.world_size,
+        colour=colour,
+        shown_ranks=decided.shown_ranks,
+        log_dir=decided.log_dir,
+    )
+    try:
+        printer.note(start_line(first))
+        result = run_job(plan_for_attempt, printer=printer, grace=options.grace, max_restarts=inputs.max_restarts)
+        finish(result, printer)
+        return result.exit_code
+    finally:
+        printer.close()
+
+
+def start_line(plan: Plan) -> str:
+    ranks = [w.global_rank for w in plan.workers]
+    text = f"starting {len(ranks)} worker(s), ranks {ranks[0]}-{ranks[-1]} of world size {plan.world_size}"
+    omp = plan.common_env.get("OMP_NUM_THREADS")
+    if omp is not None:
+        text += f"; OMP_NUM_THREADS={omp} per worker (set it to override)"
+    return text
+
+
+def finish(result: JobResult, printer: Printer) -> None:
+    from launcher.report import render_failure
+    from launcher.supervisor import signal_name
+
+    last = result.last
+    if last.root_cause is not None:
+        tail = printer.tail(last.root_cause.spec.global_rank)
+        printer.block(render_failure(last, tail, printer.colour))
+    elif last.stop_signal is not None:
+        printer.note(f"stopped by {signal_name(last.stop_signal)}; all workers ended")
+    if last.exit_code != 0:
+        printer.note(f"exit code {last.exit_code}")
+
+
+def _make_dir(path: Path, flag: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LaunchError(f"{flag} {str(path)!r}: cannot create it ({exc.strerror}). Pick a writable directory.") from None
+
+
+def _private_temp_dir() -> str:
+    base = os.environ.get("TMPDIR") or "/tmp"
+    path = os.path.join(base, f"ddplaunch-{os.getpid()}-{os.urandom(4).hex()}")
+    os.mkdir(path, 0o700)
+    return path
+
+
+if __name__ == "__main__":
+    main()

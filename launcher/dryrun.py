@@ -1,0 +1,59 @@
+"""`--dry-run`: the plan as text. Pure (plan in, text out), pinned by a golden-file test."""
+
+from __future__ import annotations
+
+from launcher.plan import Plan
+
+PER_WORKER_KEYS = ("LOCAL_RANK", "RANK", "ROLE_RANK", "TORCHELASTIC_ERROR_FILE")
+
+
+def render_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
+    """The table users know from tutorials, then the command and the environment added."""
+    cvd = plan.common_env.get("CUDA_VISIBLE_DEVICES", plan.base_env.get("CUDA_VISIBLE_DEVICES", "(unset)"))
+    rows = [
+        (
+            str(w.node_rank),
+            w.host,
+            str(w.local_rank),
+            str(w.global_rank),
+            w.physical_gpu or "-",
+            w.device,
+            cvd,
+        )
+        for w in plan.workers
+    ]
+    header = ("node", "host", "local rank", "global rank", "physical GPU", "device", "CUDA_VISIBLE_DEVICES")
+    first = plan.workers[0]
+    out = [
+        "ddplaunch dry run: nothing was started.",
+        f"job: {plan.nnodes} node(s) x {plan.nproc} worker(s) = world size {plan.world_size}; "
+        f"this is node {plan.node_rank}; rendezvous at {plan.master_addr}:{plan.master_port}",
+        *notes,
+        "",
+        *render_table(header, rows),
+        "",
+        "command (rank 0 shown; --local-rank differs per worker):"
+        if "--local-rank=0" in first.argv
+        else "command (the same for every worker):",
+        "  " + " ".join(_shell_quote(arg) for arg in first.argv),
+        "",
+        "environment added for every worker (the rest of yours passes through unchanged):",
+        *(f"  {key}={value}" for key, value in plan.common_env.items()),
+        "",
+        "environment added per worker:",
+    ]
+    for worker in plan.workers:
+        assignments = " ".join(f"{k}={worker.env_added[k]}" for k in PER_WORKER_KEYS if k in worker.env_added)
+        out.append(f"  rank {worker.global_rank}: {assignments}")
+    return "\n".join(out) + "\n"
+
+
+def _shell_quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)

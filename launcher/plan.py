@@ -1,0 +1,295 @@
+"""The pure planning core: inputs in, a frozen plan out (one record per worker).
+
+No environment reads, no I/O: the CLI gathers facts (environment, CPU count, GPUs, a free
+port) and passes them in, so every rule here is tested by tables of cases.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, Mapping
+
+from launcher.devices import DeviceMap
+from launcher.errors import LaunchError
+
+ProgramKind = Literal["script", "module", "exec"]
+
+# Set per worker by the launcher; an --env that tries to set one is a mistake.
+RANK_VARIABLES = (
+    "LOCAL_RANK",
+    "RANK",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "LOCAL_WORLD_SIZE",
+    "WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "ROLE_WORLD_SIZE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_ERROR_FILE",
+)
+_FLAG_FOR = {
+    "MASTER_ADDR": "--master-addr",
+    "MASTER_PORT": "--master-port",
+    "NODE_RANK": "--node-rank",
+    "GROUP_RANK": "--node-rank",
+    "WORLD_SIZE": "--nproc and --nnodes",
+    "LOCAL_WORLD_SIZE": "--nproc",
+    "TORCHELASTIC_RUN_ID": "--run-id",
+    "TORCHELASTIC_MAX_RESTARTS": "--max-restarts",
+    "CUDA_VISIBLE_DEVICES": "--gpu-ids",
+}
+ROLE_NAME = "default"
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Program:
+    """What each worker runs: a Python script, a module (-m) or an executable (--no-python)."""
+
+    kind: ProgramKind
+    target: str
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything the plan depends on, gathered by the caller."""
+
+    program: Program
+    nproc: int
+    master_addr: str
+    master_port: int
+    run_id: str
+    python: str
+    hostname: str
+    cpu_count: int
+    devices: DeviceMap
+    base_env: Mapping[str, str] = field(default_factory=dict)
+    nnodes: int = 1
+    node_rank: int = 0
+    extra_env: tuple[tuple[str, str], ...] = ()
+    restart_count: int = 0
+    max_restarts: int = 0
+    local_rank_arg: bool = False
+    error_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One worker process of this node: who it is, what it runs, what it is told."""
+
+    node_rank: int
+    local_rank: int
+    global_rank: int
+    host: str
+    physical_gpu: str
+    device: str
+    argv: tuple[str, ...]
+    env_added: Mapping[str, str]
+    error_file: str | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The workers of one node, and the job-wide facts the dry run shows."""
+
+    workers: tuple[Worker, ...]
+    nnodes: int
+    nproc: int
+    node_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    run_id: str
+    restart_count: int
+    max_restarts: int
+    common_env: Mapping[str, str]
+    base_env: Mapping[str, str]
+
+    def environment_of(self, worker: Worker) -> dict[str, str]:
+        """The full environment of one worker: the user's, then what the launcher adds."""
+        env = dict(self.base_env)
+        env.update(worker.env_added)
+        return env
+
+
+def parse_nproc(text: str, *, gpu_count: int, cpu_count: int) -> int:
+    """--nproc: a positive int, `auto` (GPUs, else CPUs), `gpu` or `cpu`, as torchrun."""
+    value = text.strip().lower()
+    if value == "auto":
+        return gpu_count if gpu_count > 0 else cpu_count
+    if value == "gpu":
+        if gpu_count == 0:
+            raise LaunchError(
+                "--nproc gpu: no GPU found on this machine (nvidia-smi is missing or lists "
+                "none). Use --nproc cpu or a number, e.g. --nproc 2."
+            )
+        return gpu_count
+    if value == "cpu":
+        return cpu_count
+    if not value.isdigit() or int(value) < 1:
+        raise LaunchError(
+            f"--nproc {text!r} is not a number of workers. Use a positive integer "
+            "(e.g. --nproc 4), or auto, gpu or cpu."
+        )
+    return int(value)
+
+
+def resolve_nproc(
+    text: str | None, *, gpu_ids: tuple[str, ...] | None, gpu_count: int, cpu_count: int
+) -> int:
+    """Workers per node from --nproc and --gpu-ids; the default is one per listed GPU, else 1."""
+    if text is None:
+        return len(gpu_ids) if gpu_ids else 1
+    if gpu_ids and text.strip().lower() in ("auto", "gpu"):
+        return len(gpu_ids)
+    nproc = parse_nproc(text, gpu_count=gpu_count, cpu_count=cpu_count)
+    if gpu_ids and nproc != len(gpu_ids):
+        raise LaunchError(
+            f"--nproc {nproc} does not match --gpu-ids {','.join(gpu_ids)} "
+            f"({len(gpu_ids)} GPUs): one worker runs per listed GPU. Drop --nproc, "
+            f"or list {nproc} GPUs."
+        )
+    return nproc
+
+
+def parse_env_assignments(pairs: tuple[str, ...], *, gpu_ids_given: bool) -> tuple[tuple[str, str], ...]:
+    """--env KEY=VALUE (repeatable): checked here so a typo fails before anything starts."""
+    parsed: list[tuple[str, str]] = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not _ENV_KEY.match(key):
+            raise LaunchError(
+                f"--env {pair!r} is not KEY=VALUE. Write it as --env NAME=value "
+                "(NAME made of letters, digits and _), e.g. --env NCCL_DEBUG=INFO."
+            )
+        if key in RANK_VARIABLES or (key == "CUDA_VISIBLE_DEVICES" and gpu_ids_given):
+            flag = _FLAG_FOR.get(key)
+            hint = f"use {flag} instead" if flag else "the launcher sets it for every worker"
+            raise LaunchError(
+                f"--env {key}=... would override a variable ddplaunch sets per worker; "
+                f"{hint}."
+            )
+        parsed.append((key, value))
+    return tuple(parsed)
+
+
+def validate_topology(nnodes: int, node_rank: int) -> None:
+    """--nnodes / --node-rank must describe a real position in the job."""
+    if nnodes < 1:
+        raise LaunchError(f"--nnodes {nnodes}: a job needs at least one node; use --nnodes 1 or more.")
+    if not 0 <= node_rank < nnodes:
+        raise LaunchError(
+            f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}. "
+            "Number the nodes from 0, one distinct rank per node."
+        )
+
+
+def worker_argv(inputs: PlanInputs, local_rank: int) -> tuple[str, ...]:
+    """The worker's command line; Python runs unbuffered (-u) so prints arrive at once."""
+    program = inputs.program
+    extra = (f"--local-rank={local_rank}",) if inputs.local_rank_arg else ()
+    if program.kind == "exec":
+        return (program.target, *extra, *program.args)
+    if program.kind == "module":
+        return (inputs.python, "-u", "-m", program.target, *extra, *program.args)
+    return (inputs.python, "-u", program.target, *extra, *program.args)
+
+
+def common_env(inputs: PlanInputs) -> dict[str, str]:
+    """The variables every worker of this node shares, in torchrun's order."""
+    world_size = inputs.nnodes * inputs.nproc
+    env = {
+        "GROUP_RANK": str(inputs.node_rank),
+        "NODE_RANK": str(inputs.node_rank),
+        "ROLE_NAME": ROLE_NAME,
+        "LOCAL_WORLD_SIZE": str(inputs.nproc),
+        "WORLD_SIZE": str(world_size),
+        "GROUP_WORLD_SIZE": str(inputs.nnodes),
+        "ROLE_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": inputs.master_addr,
+        "MASTER_PORT": str(inputs.master_port),
+        "TORCHELASTIC_RESTART_COUNT": str(inputs.restart_count),
+        "TORCHELASTIC_MAX_RESTARTS": str(inputs.max_restarts),
+        "TORCHELASTIC_RUN_ID": inputs.run_id,
+        # No agent-hosted store here: rank 0 hosts the TCPStore, as with env:// anywhere.
+        "TORCHELASTIC_USE_AGENT_STORE": "False",
+    }
+    extra_keys = {key for key, _ in inputs.extra_env}
+    if "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in inputs.base_env:
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
+    if "OMP_NUM_THREADS" not in inputs.base_env and "OMP_NUM_THREADS" not in extra_keys:
+        env["OMP_NUM_THREADS"] = str(omp_threads(inputs.cpu_count, inputs.nproc))
+    if inputs.devices.cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = inputs.devices.cuda_visible_devices
+    env.update(inputs.extra_env)
+    return env
+
+
+def omp_threads(cpu_count: int, nproc: int) -> int:
+    """Share the cores: torchrun's fixed 1 starves CPU workers (pytorch#22260)."""
+    return max(1, cpu_count // max(1, nproc))
+
+
+def error_file_path(error_dir: str | None, restart_count: int, global_rank: int) -> str | None:
+    """Where torch's @record writes a rank's traceback; one per rank and attempt."""
+    if error_dir is None:
+        return None
+    return f"{error_dir}/attempt{restart_count}/rank{global_rank}.json"
+
+
+def build_worker(inputs: PlanInputs, shared: Mapping[str, str], local_rank: int) -> Worker:
+    global_rank = inputs.node_rank * inputs.nproc + local_rank
+    error_file = error_file_path(inputs.error_dir, inputs.restart_count, global_rank)
+    per_worker = {"LOCAL_RANK": str(local_rank), "RANK": str(global_rank), "ROLE_RANK": str(global_rank)}
+    if error_file is not None:
+        per_worker["TORCHELASTIC_ERROR_FILE"] = error_file
+    physical = inputs.devices.physical[local_rank] if local_rank < len(inputs.devices.physical) else ""
+    return Worker(
+        node_rank=inputs.node_rank,
+        local_rank=local_rank,
+        global_rank=global_rank,
+        host=inputs.hostname,
+        physical_gpu=physical,
+        device=f"cuda:{local_rank}" if physical else "cpu",
+        argv=worker_argv(inputs, local_rank),
+        env_added=MappingProxyType({**per_worker, **shared}),
+        error_file=error_file,
+    )
+
+
+def build_plan(inputs: PlanInputs) -> Plan:
+    """The frozen plan for this node. Raises LaunchError for an impossible request."""
+    validate_topology(inputs.nnodes, inputs.node_rank)
+    if inputs.nproc < 1:
+        raise LaunchError(f"--nproc {inputs.nproc}: start at least one worker per node.")
+    if not 1 <= inputs.master_port <= 65535:
+        raise LaunchError(
+            f"--master-port {inputs.master_port} is not a TCP port; use 1-65535 "
+            "(or leave it out on one node and a free one is picked)."
+        )
+    shared = common_env(inputs)
+    workers = tuple(build_worker(inputs, shared, i) for i in range(inputs.nproc))
+    return Plan(
+        workers=workers,
+        nnodes=inputs.nnodes,
+        nproc=inputs.nproc,
+        node_rank=inputs.node_rank,
+        world_size=inputs.nnodes * inputs.nproc,
+        master_addr=inputs.master_addr,
+        master_port=inputs.master_port,
+        run_id=inputs.run_id,
+        restart_count=inputs.restart_count,
+        max_restarts=inputs.max_restarts,
+        common_env=MappingProxyType(shared),
+        base_env=MappingProxyType(dict(inputs.base_env)),
+    )

@@ -1,0 +1,432 @@
+"""Spawn, watch and tear down the workers of one node. Signal handlers only record; one loop decides.
+
+Each worker runs in its own session (so its whole tree shares one process group, and the
+terminal's Ctrl-C reaches only the launcher, which forwards it). The launcher makes itself a
+child subreaper, so a worker's orphaned children are reparented to it: it reaps them, and
+"no child left" means the whole tree is gone. The loop wakes on pipe output and on signals
+(SIGCHLD included, through the wakeup fd), never on a polling timer while workers run.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from launcher.logs import Printer, Stream
+from launcher.plan import Plan, Worker
+from launcher.watchdog import Watchdog
+
+READ_CHUNK = 1 << 16
+DRAIN_AFTER_DEATH_S = 1.0  # output still in flight when every process of the tree is gone
+GROUP_POLL_S = 0.02  # only while waiting for a tree with no SIGCHLD to tell us it ended
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+RELAYED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # e.g. Slurm's checkpoint-before-preemption
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass
+class WorkerProcess:
+    """A started worker and what became of it."""
+
+    spec: Worker
+    pid: int
+    started: float
+    exit_code: int | None = None  # shell convention: 128+N when killed by signal N
+    term_signal: int | None = None
+    ended: float | None = None
+    after_stop: bool = False  # it ended after the launcher began stopping workers
+    group_gone: bool = False
+
+    @property
+    def runtime(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """How one attempt ended: its workers, the first failure, the launcher's own signal."""
+
+    workers: tuple[WorkerProcess, ...]
+    root_cause: WorkerProcess | None
+    stop_signal: int | None
+    spawn_error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.root_cause is not None:
+            return self.root_cause.exit_code or 1
+        if self.stop_signal is not None:
+            return 128 + self.stop_signal
+        if self.spawn_error is not None:
+            return 1
+        return 0
+
+
+class SignalInbox:
+    """Handlers append the signal number and nothing else; the loop reads them."""
+
+    HANDLED = (signal.SIGCHLD, *STOP_SIGNALS, *RELAYED_SIGNALS)
+
+    def __init__(self) -> None:
+        self.pending: deque[int] = deque()
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._previous: dict[int, object] = {}
+        self._previous_wakeup = -1
+
+    def __enter__(self) -> "SignalInbox":
+        self._previous_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        for sig in self.HANDLED:
+            self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum: int, _frame: object) -> None:
+        self.pending.append(signum)
+
+    def take(self) -> list[int]:
+        try:
+            while os.read(self.read_fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+        taken = []
+        while self.pending:
+            taken.append(self.pending.popleft())
+        return taken
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        signal.set_wakeup_fd(self._previous_wakeup)
+        os.close(self.read_fd)
+        os.close(self._write_fd)
+
+
+def become_subreaper() -> bool:
+    """Orphaned grandchildren come to us (Linux), so we can reap them and know they are gone."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+@dataclass
+class Attempt:
+    """One start of all workers of this node, run to its end by `run`."""
+
+    plan: Plan
+    printer: Printer
+    inbox: SignalInbox
+    grace: float
+    watchdog: Watchdog | None
+    clock: Callable[[], float] = time.monotonic
+    workers: list[WorkerProcess] = field(default_factory=list)
+    stop_signal: int | None = None
+    root_cause: WorkerProcess | None = None
+    spawn_error: str | None = None
+    _stopping: bool = False
+    _kill_at: float | None = None
+    _killed: bool = False
+    _drain_until: float | None = None
+    _has_children: bool = True
+    _stop_sig: int = signal.SIGTERM
+    _strays_told: bool = False
+
+    def run(self) -> AttemptResult:
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.inbox.read_fd, selectors.EVENT_READ, None)
+        try:
+            self._spawn_all()
+            while not self._finished():
+                self._wait_for_events()
+                self._handle_signals(self.inbox.take())
+                self._enforce_deadlines()
+        finally:
+            self._close_pipes()
+            self.selector.close()
+        return AttemptResult(tuple(self.workers), self.root_cause, self.stop_signal, self.spawn_error)
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def _spawn_all(self) -> None:
+        for spec in self.plan.workers:
+            if self._stopping:
+                return  # a signal or a failure arrived while we were still starting
+            try:
+                self._spawn(spec)
+            except OSError as exc:
+                self.spawn_error = f"could not start rank {spec.global_rank} ({spec.argv[0]}): {exc.strerror or exc}"
+                self.printer.note(self.spawn_error)
+                self._begin_stop(signal.SIGTERM)
+                return
+            self._handle_signals(self.inbox.take())
+
+    def _spawn(self, spec: Worker) -> None:
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pid = os.posix_spawnp(
+                spec.argv[0],
+                list(spec.argv),
+                self.plan.environment_of(spec),
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, devnull, 0),
+                    (os.POSIX_SPAWN_DUP2, out_write, 1),
+                    (os.POSIX_SPAWN_DUP2, err_write, 2),
+                ],
+                setsid=True,
+            )
+        except OSError:
+            for fd in (out_read, err_read):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (out_write, err_write, devnull):
+                os.close(fd)
+        worker = WorkerProcess(spec=spec, pid=pid, started=self.clock())
+        self.workers.append(worker)
+        if self.watchdog is not None:
+            self.watchdog.watch(pid)
+        for fd, stream in ((out_read, 1), (err_read, 2)):
+            self.selector.register(fd, selectors.EVENT_READ, (spec.global_rank, stream))
+        self.printer.log_event(f"started rank {spec.global_rank} pid {pid}: {' '.join(spec.argv)}")
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _wait_for_events(self) -> None:
+        for key, _ in self.selector.select(self._timeout()):
+            if key.data is not None:
+                self._read_pipe(key.fd, *key.data)
+
+    def _timeout(self) -> float | None:
+        now = self.clock()
+        waits = [t - now for t in (self._kill_at, self._drain_until) if t is not None]
+        if self._all_exited() and self._groups_alive():
+            waits.append(GROUP_POLL_S)  # a tree may end without a SIGCHLD reaching us
+        return max(0.0, min(waits)) if waits else None
+
+    def _read_pipe(self, fd: int, rank: int, stream: Stream) -> None:
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except InterruptedError:
+            return
+        if data:
+            self.printer.feed(rank, stream, data)
+            return
+        self.selector.unregister(fd)
+        os.close(fd)
+        self.printer.end_of_stream(rank, stream)
+
+    def _handle_signals(self, signals: list[int]) -> None:
+        for sig in signals:
+            if sig == signal.SIGCHLD:
+                self._reap()
+            elif sig in RELAYED_SIGNALS:
+                self.printer.log_event(f"relaying {signal.Signals(sig).name} to the workers")
+                self._signal_tree(sig)
+            elif sig in STOP_SIGNALS:
+                self._on_stop_signal(sig)
+
+    def _on_stop_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if self._stopping:
+            self.printer.note(f"got {name} again: killing all workers now")
+            self._kill_now()
+            return
+        if self.root_cause is None:
+            self.stop_signal = sig
+        self.printer.note(f"got {name}: stopping all workers (again to kill at once)")
+        self._begin_stop(sig)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self._has_children = False
+                return
+            if pid == 0:
+                self._has_children = True
+                return
+            worker = next((w for w in self.workers if w.pid == pid and w.exit_code is None), None)
+            if worker is not None:
+                self._on_worker_exit(worker, status)
+
+    def _on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        worker.ended = self.clock()
+        worker.after_stop = self._stopping
+        worker.term_signal = -code if code < 0 else None
+        worker.exit_code = 128 - code if code < 0 else code
+        self.printer.log_event(f"rank {worker.spec.global_rank} pid {worker.pid} exited {describe_exit(worker)}")
+        if worker.exit_code != 0 and not self._stopping:
+            self.root_cause = worker
+            self.printer.note(
+                f"rank {worker.spec.global_rank} failed ({describe_exit(worker)}): stopping the other workers"
+            )
+            self._begin_stop(signal.SIGTERM)
+
+    # -- stopping: one path, safe to enter twice -------------------------------------------------
+
+    def _begin_stop(self, sig: int) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self._stop_sig = sig
+        self._kill_at = self.clock() + self.grace
+        self._signal_tree(sig)
+
+    def _kill_now(self) -> None:
+        self._stopping = True
+        self._killed = True
+        self._kill_at = None
+        self._signal_tree(signal.SIGKILL)
+
+    def _enforce_deadlines(self) -> None:
+        if self._kill_at is not None and self.clock() >= self._kill_at:
+            self.printer.note(f"workers still running {self.grace:g}s after the stop signal: sending SIGKILL")
+            self._kill_now()
+        if not self._all_exited() or not self._tree_alive():
+            return
+        if not self._stopping:
+            self.printer.log_event("workers exited but left processes behind: stopping them")
+            self._begin_stop(signal.SIGTERM)
+        elif self._has_children and not self._strays_told and not self._killed:
+            self._strays_told = True  # they left their group, so the group signal missed them
+            self._signal_strays(self._stop_sig)
+
+    def _signal_tree(self, sig: int) -> None:
+        for worker in self.workers:
+            if not worker.group_gone:
+                try:
+                    os.killpg(worker.pid, sig)
+                except ProcessLookupError:
+                    self._mark_group_gone(worker)
+        if self._has_children and self._all_exited():
+            self._strays_told = True
+            self._signal_strays(sig)
+
+    def _signal_strays(self, sig: int) -> None:
+        """Descendants that left their worker's process group (setsid), adopted by us."""
+        import psutil
+
+        groups = {w.pid for w in self.workers}
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if os.getpgid(child.pid) not in groups:
+                    child.send_signal(sig)
+            except (ProcessLookupError, psutil.Error):
+                pass
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def _all_exited(self) -> bool:
+        return all(w.exit_code is not None for w in self.workers)
+
+    def _groups_alive(self) -> bool:
+        for worker in self.workers:
+            if not worker.group_gone:
+                try:
+                    os.killpg(worker.pid, 0)
+                except ProcessLookupError:
+                    self._mark_group_gone(worker)
+        return not all(w.group_gone for w in self.workers)
+
+    def _mark_group_gone(self, worker: WorkerProcess) -> None:
+        if not worker.group_gone and worker.exit_code is not None:
+            worker.group_gone = True  # never signal this id again: it may be reused
+            if self.watchdog is not None:
+                self.watchdog.unwatch(worker.pid)
+
+    def _tree_alive(self) -> bool:
+        self._reap()
+        return self._groups_alive() or self._has_children
+
+    def _finished(self) -> bool:
+        if not self._all_exited() or self._tree_alive():
+            return False
+        if not self._open_pipes():
+            return True
+        if self._drain_until is None:
+            self._drain_until = self.clock() + DRAIN_AFTER_DEATH_S
+        return self.clock() >= self._drain_until
+
+    def _open_pipes(self) -> list[int]:
+        return [key.fd for key in self.selector.get_map().values() if key.data is not None]
+
+    def _close_pipes(self) -> None:
+        for fd in self._open_pipes():
+            rank, stream = self.selector.get_key(fd).data
+            self.selector.unregister(fd)
+            os.close(fd)
+            self.printer.end_of_stream(rank, stream)
+
+
+def describe_exit(worker: WorkerProcess) -> str:
+    if worker.term_signal is not None:
+        return f"signal {signal_name(worker.term_signal)}, exit code {worker.exit_code}"
+    return f"exit code {worker.exit_code}"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The last attempt's result and how many restarts it took."""
+
+    last: AttemptResult
+    restarts: int
+
+    @property
+    def exit_code(self) -> int:
+        return self.last.exit_code
+
+
+def run_job(
+    plan_for_attempt: Callable[[int], Plan],
+    *,
+    printer: Printer,
+    grace: float,
+    max_restarts: int,
+    use_watchdog: bool = True,
+) -> JobResult:
+    """Run attempts until one succeeds, a signal stops us, or restarts run out."""
+    watchdog = Watchdog.start() if use_watchdog else None
+    become_subreaper()
+    try:
+        with SignalInbox() as inbox:
+            restart = 0
+            while True:
+                plan = plan_for_attempt(restart)
+                result = Attempt(plan, printer, inbox, grace, watchdog).run()
+                if result.exit_code == 0 or result.stop_signal is not None or restart >= max_restarts:
+                    return JobResult(result, restart)
+                restart += 1
+                printer.note(
+                    f"{failure_summary(result)}; restarting all workers "
+                    f"(restart {restart} of {max_restarts})"
+                )
+    finally:
+        if watchdog is not None:
+            watchdog.stand_down()
+
+
+def failure_summary(result: AttemptResult) -> str:
+    if result.root_cause is not None:
+        return f"rank {result.root_cause.spec.global_rank} failed ({describe_exit(result.root_cause)})"
+    return result.spawn_error or "the attempt failed"

@@ -1,0 +1,123 @@
+"""The guard that outlives a SIGKILLed launcher and stops its workers.
+
+A launcher killed with SIGKILL runs no code, so torchrun leaves every worker running. Here a
+small process, forked before any worker starts, holds the read end of a pipe. The launcher
+writes the process group of each worker it starts. The kernel closes the write end when the
+launcher dies, however it dies; the guard then reads EOF and stops those groups (SIGTERM, then
+SIGKILL after a second). A launcher that cleaned up itself says "done" first, and the guard
+leaves quietly. Only the groups it was told about are touched, never processes found by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+GUARD_GRACE_S = 1.0
+_POLL_S = 0.02
+
+
+class Watchdog:
+    """The launcher's side of the pipe to the guard process."""
+
+    def __init__(self, write_fd: int) -> None:
+        self._fd: int | None = write_fd
+
+    @classmethod
+    def start(cls) -> "Watchdog":
+        """Fork the guard. Call before any thread or worker exists."""
+        read_fd, write_fd = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the forked guard
+            _become_guard(read_fd, write_fd)
+        os.close(read_fd)
+        os.waitpid(child, 0)  # the middle process exits at once; the guard is not our child
+        return cls(write_fd)
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"+{pgid}\n")
+
+    def unwatch(self, pgid: int) -> None:
+        self._send(f"-{pgid}\n")
+
+    def stand_down(self) -> None:
+        """Clean exit: the launcher has stopped everything itself."""
+        self._send("done\n")
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _send(self, line: str) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, line.encode())
+        except OSError:  # the guard is gone; nothing better to do than carry on
+            os.close(self._fd)
+            self._fd = None
+
+
+def _become_guard(read_fd: int, write_fd: int) -> None:  # pragma: no cover - forked child
+    try:
+        os.setsid()  # out of the terminal's process group: Ctrl-C is the launcher's to handle
+        if os.fork() != 0:
+            os._exit(0)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)  # never hold the launcher's stdout pipe open
+        os.close(write_fd)
+        os.closerange(3, read_fd)
+        os.closerange(read_fd + 1, 65536)
+        groups, clean = _read_orders(read_fd)
+        if not clean:
+            _stop_groups(groups)
+    finally:
+        os._exit(0)
+
+
+def _read_orders(fd: int) -> tuple[set[int], bool]:
+    groups: set[int] = set()
+    pending = b""
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        if not data:
+            return groups, False
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line == b"done":
+                return groups, True
+            if line[:1] == b"+":
+                groups.add(int(line[1:]))
+            elif line[:1] == b"-":
+                groups.discard(int(line[1:]))
+
+
+def _stop_groups(groups: set[int]) -> None:
+    _signal_groups(groups, signal.SIGTERM)
+    deadline = time.monotonic() + GUARD_GRACE_S
+    while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+        time.sleep(_POLL_S)
+    _signal_groups(groups, signal.SIGKILL)
+
+
+def _signal_groups(groups: set[int], sig: int) -> None:
+    for pgid in groups:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
