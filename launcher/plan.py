@@ -35,7 +35,10 @@ RANK_VARIABLES = (
     "TORCHELASTIC_RUN_ID",
     "TORCHELASTIC_USE_AGENT_STORE",
     "TORCHELASTIC_ERROR_FILE",
+    "TORCHELASTIC_SIGNALS_TO_HANDLE",
 )
+# The signals the launcher forwards to workers, in torchrun's variable and spelling.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
 _FLAG_FOR = {
     "MASTER_ADDR": "--master-addr",
     "MASTER_PORT": "--master-port",
@@ -223,6 +226,7 @@ def common_env(inputs: PlanInputs) -> dict[str, str]:
         "TORCHELASTIC_RUN_ID": inputs.run_id,
         # No agent-hosted store here: rank 0 hosts the TCPStore, as with env:// anywhere.
         "TORCHELASTIC_USE_AGENT_STORE": "False",
+        "TORCHELASTIC_SIGNALS_TO_HANDLE": FORWARDED_SIGNALS,
     }
     extra_keys = {key for key, _ in inputs.extra_env}
     if "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in inputs.base_env:

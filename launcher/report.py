@@ -73,7 +73,7 @@ def render_failure(result: AttemptResult, tail: list[str], colour: bool, width: 
     else:
         lines.append(f"  {dim}rank {spec.global_rank} printed nothing{reset}")
     if traceback:
-        lines.append(f"  {dim}traceback from its error file ({spec.error_file}):{reset}")
+        lines.append(f"  {dim}traceback from its error file (torch @record):{reset}")
         lines.extend(f"  {dim}│{reset} {line}" for line in traceback.splitlines())
     others = [w for w in result.workers if w is not cause]
     if others:

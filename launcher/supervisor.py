@@ -159,6 +159,8 @@ class Attempt:
 
     def _spawn_all(self) -> None:
         for spec in self.plan.workers:
+            if spec.error_file is not None:  # torch's @record writes there, but makes no dirs
+                os.makedirs(os.path.dirname(spec.error_file), exist_ok=True)
             if self._stopping:
                 return  # a signal or a failure arrived while we were still starting
             try:
