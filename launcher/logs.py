@@ -39,9 +39,12 @@ class LineFramer:
         else:
             lines = data.split(b"\n")
             self._partial = lines.pop()
-        while len(self._partial) > MAX_LINE_BYTES:
-            lines.append(self._partial[:MAX_LINE_BYTES])
-            self._partial = self._partial[MAX_LINE_BYTES:]
+        if len(data) > MAX_LINE_BYTES:  # only then can a line be too long
+            lines = _cut_long(lines)
+            limit = MAX_LINE_BYTES + self._partial.endswith(b"\r")  # a held \r is not content
+            while len(self._partial) > limit:
+                lines.append(self._partial[:MAX_LINE_BYTES])
+                self._partial = self._partial[MAX_LINE_BYTES:]
         return lines
 
     def flush(self) -> list[bytes]:
@@ -54,12 +57,26 @@ def _split_with_cr(data: bytes) -> tuple[list[bytes], bytes]:
     hold = b""
     if data.endswith(b"\r"):  # may be the first half of \r\n: decide on the next read
         data, hold = data[:-1], b"\r"
+    segments = data.replace(b"\r\n", b"\n").split(b"\n")
+    last = segments.pop()
     lines: list[bytes] = []
-    for segment in data.replace(b"\r\n", b"\n").split(b"\n"):
+    for segment in segments:
         parts = segment.split(b"\r")
         lines.extend(part for part in parts[:-1] if part)
-        lines.append(parts[-1])
-    return lines, lines.pop() + hold
+        if parts[-1] or len(parts) == 1:  # "a\r\r\n" is one line: the \r already ended it
+            lines.append(parts[-1])
+    parts = last.split(b"\r")
+    lines.extend(part for part in parts[:-1] if part)
+    return lines, parts[-1] + hold
+
+
+def _cut_long(lines: list[bytes]) -> list[bytes]:
+    if all(len(line) <= MAX_LINE_BYTES for line in lines):
+        return lines
+    cut: list[bytes] = []
+    for line in lines:
+        cut.extend(line[i : i + MAX_LINE_BYTES] for i in range(0, max(len(line), 1), MAX_LINE_BYTES))
+    return cut
 
 
 def colour_enabled(no_color_flag: bool, environ: dict[str, str] | os._Environ[str], fd: int) -> bool:
