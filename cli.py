@@ -87,7 +87,7 @@ class Options:
 @click.option("-m", "--module", is_flag=True, help="Run SCRIPT as a Python module (python -m).")
 @click.option("--no-python", "--no_python", "no_python", is_flag=True,
               help="Run SCRIPT as an executable, not through Python.")
-@click.option("--local-rank-arg", is_flag=True,
+@click.option("--local-rank-arg", "--local_rank_arg", "local_rank_arg", is_flag=True,
               help="Also pass --local-rank=N to the script, for torch.distributed.launch-era scripts.")
 @click.option("--log-dir", "--log_dir", "log_dir", envvar="PET_LOG_DIR", metavar="DIR",
               help="Write rankN.log (raw lines) per rank and launcher.log (events) here.")
@@ -100,7 +100,7 @@ class Options:
 @click.option("--dry-run", "--dry_run", "dry_run", is_flag=True, help="Print the plan and exit, starting nothing.")
 @click.option("--grace", type=float, default=DEFAULT_GRACE_S, show_default=True, metavar="SECONDS",
               help="At teardown, time between SIGTERM and SIGKILL.")
-@click.option("--run-id", "--rdzv-id", "--rdzv_id", "run_id", envvar="PET_RDZV_ID", metavar="ID",
+@click.option("--run-id", "--run_id", "--rdzv-id", "--rdzv_id", "run_id", envvar="PET_RDZV_ID", metavar="ID",
               help="TORCHELASTIC_RUN_ID for the workers. Default: a fresh random id.")
 @click.option("--no-color", "--no_color", "no_color", is_flag=True, help="No colour (also: NO_COLOR=1).")
 @click.version_option(__version__, "-V", "--version", prog_name="ddplaunch")

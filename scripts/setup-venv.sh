@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtualenv with everything the demo and the tests need.
+# Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it skips work already done).
+set -euo pipefail
+VENV="${DDPLAUNCH_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.ddplaunch-installed"
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+want="$(cat pyproject.toml scripts/setup-venv.sh | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
+    # torch first and pinned: an unpinned torch resolves the newest build with several GB of
+    # CUDA packages; 2.13.0 installs the CPU wheel.
+    "$VENV/bin/pip" install --quiet "torch==2.13.0"
+    "$VENV/bin/pip" install --quiet -e ".[torch,dev]"
+    echo "$want" > "$STAMP"
+fi
