@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -12,13 +13,22 @@ from typing import TYPE_CHECKING
 import click
 
 from launcher import __version__
-from launcher.devices import DeviceMap, Gpu, default_device_map, discover_gpus, map_gpu_ids, parse_gpu_ids
+from launcher.devices import (
+    DeviceMap,
+    Gpu,
+    default_device_map,
+    discover_gpus,
+    map_gpu_ids,
+    parse_gpu_ids,
+    visible_gpus,
+)
 from launcher.errors import GpuDiscoveryError, LaunchError
 from launcher.plan import (
     Plan,
     PlanInputs,
     Program,
     build_plan,
+    is_plain_int,
     parse_env_assignments,
     resolve_nproc,
     validate_topology,
@@ -145,7 +155,7 @@ def parse_nnodes(text: str) -> int:
     low, sep, high = text.partition(":")
     if sep and low == high:
         text = low  # torchrun's "2:2" is a fixed size
-    if not text.strip().isdigit():
+    if not is_plain_int(text.strip()):
         raise LaunchError(
             f"--nnodes {text!r} is not a number of nodes. Use a positive integer; elastic "
             "ranges (MIN:MAX) are not supported, the job size is fixed."
@@ -157,7 +167,7 @@ def parse_ranks(text: str, world_size: int) -> frozenset[int]:
     ranks: set[int] = set()
     for part in text.split(","):
         low, sep, high = part.strip().partition("-")
-        if not low.isdigit() or (sep and not high.isdigit()):
+        if not is_plain_int(low) or (sep and not is_plain_int(high)):
             raise LaunchError(
                 f"--ranks {text!r}: {part!r} is not a rank or range. Use global ranks like "
                 "0 or 0,3 or 0-3."
@@ -236,16 +246,20 @@ def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
     if options.standalone and nnodes != 1:
         raise LaunchError(f"--standalone is a one-node launch; drop it or drop --nnodes {nnodes}.")
     gpu_ids = parse_gpu_ids(options.gpu_ids) if options.gpu_ids is not None else None
-    nproc = resolve_nproc(options.nproc, gpu_ids=gpu_ids, gpu_count=len(facts.gpus), cpu_count=facts.cpu_count)
-    cvd = facts.environ.get("CUDA_VISIBLE_DEVICES")
+    extra_env = parse_env_assignments(options.env, gpu_ids_given=gpu_ids is not None)
+    # What the workers will really see: --env CUDA_VISIBLE_DEVICES wins over the inherited one.
+    cvd = dict(extra_env).get("CUDA_VISIBLE_DEVICES", facts.environ.get("CUDA_VISIBLE_DEVICES"))
+    visible = visible_gpus(facts.gpus, cvd)  # `auto` counts what CUDA would show, as torchrun does
+    nproc = resolve_nproc(options.nproc, gpu_ids=gpu_ids, gpu_count=len(visible), cpu_count=facts.cpu_count)
     devices: DeviceMap = (
         map_gpu_ids(gpu_ids, facts.gpus, cvd) if gpu_ids else default_device_map(nproc, facts.gpus, cvd)
     )
-    extra_env = parse_env_assignments(options.env, gpu_ids_given=gpu_ids is not None)
     if options.max_restarts < 0:
         raise LaunchError(f"--max-restarts {options.max_restarts}: use 0 (no restart) or more.")
-    if options.grace < 0:
-        raise LaunchError(f"--grace {options.grace:g}: use 0 seconds or more.")
+    if not math.isfinite(options.grace) or options.grace < 0:
+        raise LaunchError(f"--grace {options.grace:g}: use a number of seconds, 0 or more (e.g. --grace 30).")
+    if options.master_addr is not None and not options.master_addr.strip():
+        raise LaunchError("--master-addr is empty: give node 0's host name or IP address, or leave it out on one node.")
     master_addr = options.master_addr
     if master_addr is None:
         if nnodes > 1:

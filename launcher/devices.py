@@ -123,8 +123,9 @@ def visible_gpus(gpus: tuple[Gpu, ...], cuda_visible_devices: str | None) -> tup
         found = [g for g in gpus if g.matches(token)] if token else []
         if len(found) != 1:
             break  # CUDA stops at the first id it cannot use
-        if found[0] not in visible:
-            visible.append(found[0])
+        if found[0] in visible:
+            return ()  # a repeated GPU hides them all (torch.cuda._parse_visible_devices)
+        visible.append(found[0])
     return tuple(visible)
 
 

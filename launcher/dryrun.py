@@ -37,7 +37,7 @@ def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
         "",
         *render_table(header, rows),
         "",
-        "command (rank 0 shown; --local-rank differs per worker):"
+        f"command (local rank 0, global rank {first.global_rank} shown; --local-rank differs per worker):"
         if "--local-rank=0" in first.argv
         else "command (the same for every worker):",
         "  " + " ".join(_shell_quote(arg) for arg in first.argv),

@@ -139,12 +139,17 @@ def parse_nproc(text: str, *, gpu_count: int, cpu_count: int) -> int:
         return gpu_count
     if value == "cpu":
         return cpu_count
-    if not value.isdigit() or int(value) < 1:
+    if not is_plain_int(value) or int(value) < 1:
         raise LaunchError(
             f"--nproc {text!r} is not a number of workers. Use a positive integer "
             "(e.g. --nproc 4), or auto, gpu or cpu."
         )
     return int(value)
+
+
+def is_plain_int(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²', which int() then rejects."""
+    return text.isascii() and text.isdigit()
 
 
 def resolve_nproc(
