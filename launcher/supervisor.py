@@ -139,7 +139,7 @@ class Attempt:
     _drain_until: float | None = None
     _has_children: bool = True
     _stop_sig: int = signal.SIGTERM
-    _strays_told: bool = False
+    _strays_sig: int | None = None  # the last signal sent to descendants outside worker groups
 
     def run(self) -> AttemptResult:
         self.selector = selectors.DefaultSelector()
@@ -303,9 +303,9 @@ class Attempt:
         if not self._stopping:
             self.printer.log_event("workers exited but left processes behind: stopping them")
             self._begin_stop(signal.SIGTERM)
-        elif self._has_children and not self._strays_told and not self._killed:
-            self._strays_told = True  # they left their group, so the group signal missed them
-            self._signal_strays(self._stop_sig)
+        elif self._has_children:
+            # They left their group, so the group signal missed them: send what the rest got.
+            self._signal_strays(signal.SIGKILL if self._killed else self._stop_sig)
 
     def _signal_tree(self, sig: int) -> None:
         for worker in self.workers:
@@ -315,11 +315,13 @@ class Attempt:
                 except ProcessLookupError:
                     self._mark_group_gone(worker)
         if self._has_children and self._all_exited():
-            self._strays_told = True
             self._signal_strays(sig)
 
     def _signal_strays(self, sig: int) -> None:
         """Descendants that left their worker's process group (setsid), adopted by us."""
+        if self._strays_sig == sig:
+            return
+        self._strays_sig = sig
         import psutil
 
         groups = {w.pid for w in self.workers}

@@ -280,3 +280,27 @@ def test_launcher_exit_is_not_held_by_a_closed_stdout(tmp_path: Path) -> None:
     done = subprocess.run(["bash", "-c", f"set -o pipefail; {shell}"], capture_output=True, text=True, timeout=60)
     assert len(done.stdout.splitlines()) == 3
     assert "Traceback" not in done.stderr
+
+
+def test_sigkill_reaches_a_stubborn_daemon_that_left_its_group(start, tmp_path: Path, token: str) -> None:
+    script = write_script(
+        tmp_path / "stubborn_daemon.py",
+        """
+import os, signal, subprocess, sys, time
+if os.environ["RANK"] == "0":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(300)"],
+        start_new_session=True, stdout=subprocess.PIPE)
+    child.stdout.readline()
+    print("ready 0")
+    time.sleep(300)
+print("ready 1")
+time.sleep(0.3)
+raise SystemExit(6)
+""",
+    )
+    run = start("--nproc", "2", "--grace", "0.5", script)
+    run.wait_lines("ready", 2)
+    assert run.wait(timeout=20) == 6
+    wait_until(lambda: processes_with_token(token) == [], 2, "the stubborn daemon to be killed")
