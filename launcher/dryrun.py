@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from launcher.plan import Plan
 
 PER_WORKER_KEYS = ("LOCAL_RANK", "RANK", "ROLE_RANK", "TORCHELASTIC_ERROR_FILE")
 
 
-def render_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def render_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 
