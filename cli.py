@@ -291,6 +291,7 @@ def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
         max_restarts=options.max_restarts,
         local_rank_arg=options.local_rank_arg,
         error_dir=error_dir,
+        job_id=os.urandom(8).hex(),
     )
     shown = parse_ranks(options.ranks, nnodes * nproc) if options.ranks else None
     return Launch(inputs, port is not None, shown, Path(options.log_dir) if options.log_dir else None)
@@ -313,7 +314,7 @@ def launch(options: Options) -> int:
         port = inputs.master_port or pick_free_port()
         note = () if decided.port_given else ("(port picked free now; a real run picks again)",)
         shown_dir = error_dir or DRY_RUN_ERROR_DIR
-        plan = build_plan(replace(inputs, master_port=port, error_dir=shown_dir))
+        plan = build_plan(replace(inputs, master_port=port, error_dir=shown_dir, job_id="<random per run>"))
         click.echo(render_plan(plan), nl=False)
         for line in note:
             click.echo(line)
@@ -356,7 +357,13 @@ def run(decided: Launch, options: Options, error_dir: str) -> int:
     )
     try:
         printer.note(start_line(first))
-        result = run_job(plan_for_attempt, printer=printer, grace=options.grace, max_restarts=inputs.max_restarts)
+        result = run_job(
+            plan_for_attempt,
+            printer=printer,
+            grace=options.grace,
+            max_restarts=inputs.max_restarts,
+            job_id=inputs.job_id,
+        )
         finish(result, printer)
         return result.exit_code
     finally:
@@ -373,11 +380,12 @@ def start_line(plan: Plan) -> str:
 
 
 def finish(result: JobResult, printer: Printer) -> None:
-    from launcher.report import render_failure
     from launcher.supervisor import signal_name
 
     last = result.last
     if last.root_cause is not None:
+        from launcher.report import render_failure
+
         tail = printer.tail(last.root_cause.spec.global_rank)
         printer.block(render_failure(last, tail, printer.colour))
     elif last.stop_signal is not None:

@@ -36,7 +36,11 @@ RANK_VARIABLES = (
     "TORCHELASTIC_USE_AGENT_STORE",
     "TORCHELASTIC_ERROR_FILE",
     "TORCHELASTIC_SIGNALS_TO_HANDLE",
+    "DDPLAUNCH_JOB_ID",
 )
+# Inherited by every descendant of a worker, so the guard can find those that left their
+# process group (setsid) if the launcher is SIGKILLed. Unique per launcher run.
+JOB_ID_VARIABLE = "DDPLAUNCH_JOB_ID"
 # The signals the launcher forwards to workers, in torchrun's variable and spelling.
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
 _FLAG_FOR = {
@@ -84,6 +88,7 @@ class PlanInputs:
     max_restarts: int = 0
     local_rank_arg: bool = False
     error_dir: str | None = None
+    job_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,8 @@ def common_env(inputs: PlanInputs) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = str(omp_threads(inputs.cpu_count, inputs.nproc))
     if inputs.devices.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = inputs.devices.cuda_visible_devices
+    if inputs.job_id is not None:
+        env[JOB_ID_VARIABLE] = inputs.job_id
     env.update(inputs.extra_env)
     return env
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from launcher.logs import Printer, Stream
-from launcher.plan import Plan, Worker
+from launcher.plan import JOB_ID_VARIABLE, Plan, Worker
 from launcher.watchdog import Watchdog
 
 READ_CHUNK = 1 << 16
@@ -407,10 +407,12 @@ def run_job(
     printer: Printer,
     grace: float,
     max_restarts: int,
+    job_id: str | None = None,
     use_watchdog: bool = True,
 ) -> JobResult:
     """Run attempts until one succeeds, a signal stops us, or restarts run out."""
-    watchdog = Watchdog.start() if use_watchdog else None
+    marker = f"{JOB_ID_VARIABLE}={job_id}".encode() if job_id else None
+    watchdog = Watchdog.start(marker) if use_watchdog else None
     become_subreaper()
     try:
         with SignalInbox() as inbox:

@@ -4,8 +4,11 @@ A launcher killed with SIGKILL runs no code, so torchrun leaves every worker run
 small process, forked before any worker starts, holds the read end of a pipe. The launcher
 writes the process group of each worker it starts. The kernel closes the write end when the
 launcher dies, however it dies; the guard then reads EOF and stops those groups (SIGTERM, then
-SIGKILL after a second). A launcher that cleaned up itself says "done" first, and the guard
-leaves quietly. Only the groups it was told about are touched, never processes found by name.
+SIGKILL after a second), and every process whose environment carries this run's job id
+(DDPLAUNCH_JOB_ID, inherited by all descendants): that finds a grandchild that left its
+worker's process group with setsid. A launcher that cleaned up itself says "done" first, and
+the guard leaves quietly. Only the groups it was told about and processes carrying its own
+random id are touched, never processes found by name.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ class Watchdog:
         self._fd: int | None = write_fd
 
     @classmethod
-    def start(cls) -> "Watchdog":
-        """Fork the guard. Call before any thread or worker exists."""
+    def start(cls, job_marker: bytes | None = None) -> "Watchdog":
+        """Fork the guard. Call before any thread or worker exists.
+
+        `job_marker` is the exact `NAME=value` entry every worker's environment carries.
+        """
         read_fd, write_fd = os.pipe()
         child = os.fork()
         if child == 0:  # pragma: no cover - runs in the forked guard
-            _become_guard(read_fd, write_fd)
+            _become_guard(read_fd, write_fd, job_marker)
         os.close(read_fd)
         os.waitpid(child, 0)  # the middle process exits at once; the guard is not our child
         return cls(write_fd)
@@ -58,7 +64,7 @@ class Watchdog:
             self._fd = None
 
 
-def _become_guard(read_fd: int, write_fd: int) -> None:  # pragma: no cover - forked child
+def _become_guard(read_fd: int, write_fd: int, job_marker: bytes | None) -> None:  # pragma: no cover
     try:
         os.setsid()  # out of the terminal's process group: Ctrl-C is the launcher's to handle
         if os.fork() != 0:
@@ -73,7 +79,7 @@ def _become_guard(read_fd: int, write_fd: int) -> None:  # pragma: no cover - fo
         os.closerange(read_fd + 1, 65536)
         groups, clean = _read_orders(read_fd)
         if not clean:
-            _stop_groups(groups)
+            _stop_job(groups, job_marker)
     finally:
         os._exit(0)
 
@@ -99,12 +105,45 @@ def _read_orders(fd: int) -> tuple[set[int], bool]:
                 groups.discard(int(line[1:]))
 
 
-def _stop_groups(groups: set[int]) -> None:
+def _stop_job(groups: set[int], job_marker: bytes | None) -> None:
     _signal_groups(groups, signal.SIGTERM)
+    _signal_marked(job_marker, signal.SIGTERM)
     deadline = time.monotonic() + GUARD_GRACE_S
-    while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
-        time.sleep(_POLL_S)
+    while time.monotonic() < deadline and (
+        any(_group_alive(g) for g in groups) or _marked_processes(job_marker)
+    ):
+        time.sleep(_POLL_S)  # nothing to wait on: these processes are not our children
     _signal_groups(groups, signal.SIGKILL)
+    _signal_marked(job_marker, signal.SIGKILL)
+
+
+def _marked_processes(job_marker: bytes | None) -> list[int]:
+    """Live processes whose environment holds the job's exact `NAME=value` entry."""
+    if job_marker is None:
+        return []
+    needle = b"\0" + job_marker + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as env_file:
+                environ = b"\0" + env_file.read()
+            with open(f"/proc/{entry}/stat", "rb") as stat_file:
+                state = stat_file.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in environ and state != b"Z":
+            found.append(int(entry))
+    return found
+
+
+def _signal_marked(job_marker: bytes | None, sig: int) -> None:
+    for pid in _marked_processes(job_marker):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _signal_groups(groups: set[int], sig: int) -> None:

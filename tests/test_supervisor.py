@@ -17,13 +17,15 @@ from conftest import launcher_argv, processes_with_token, wait_until, write_scri
 TREE_WORKER = """
 import os, signal, subprocess, sys, time
 rank = int(os.environ["RANK"])
+STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('x', flush=True); time.sleep(300)"
 kids = [
     subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"]),
-    subprocess.Popen([sys.executable, "-c",
-        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('x', flush=True); time.sleep(300)"],
-        stdout=subprocess.PIPE),
+    subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE),
+    # a daemon-like grandchild: its own session, out of the worker's process group
+    subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE, start_new_session=True),
 ]
-kids[1].stdout.readline()  # the SIGTERM-ignoring grandchild has set its handler
+for kid in kids[1:]:
+    kid.stdout.readline()  # the SIGTERM-ignoring grandchildren have set their handlers
 print(f"ready {rank}")
 time.sleep(300)
 """
@@ -87,7 +89,7 @@ def _start_tree(start, tmp_path: Path, *extra: str):
 
 def test_sigint_forwards_stops_the_whole_tree_and_exits_130(start, tmp_path: Path, token: str) -> None:
     run = _start_tree(start, tmp_path, "--grace", "1")
-    assert len(processes_with_token(token)) == 8  # launcher, guard, 2 workers, 4 grandchildren
+    assert len(processes_with_token(token)) == 10  # launcher, guard, 2 workers, 6 grandchildren
     run.signal(signal.SIGINT)
     assert run.wait() == 130
     wait_until(lambda: processes_with_token(token) == [], 2, "the job's processes to end")
@@ -103,7 +105,7 @@ def test_sigterm_exits_143_and_leaves_nothing(start, tmp_path: Path, token: str)
 
 def test_sigkill_of_the_launcher_leaves_nothing_after_two_seconds(start, tmp_path: Path, token: str) -> None:
     run = _start_tree(start, tmp_path)
-    assert len(processes_with_token(token)) == 8
+    assert len(processes_with_token(token)) == 10
     run.signal(signal.SIGKILL)
     run.wait()
     wait_until(lambda: processes_with_token(token) == [], 2.0, "workers and grandchildren to die")
