@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -223,7 +221,7 @@ def gather_facts(options: Options) -> Facts:
     return Facts(
         environ=dict(os.environ),
         cpu_count=os.cpu_count() or 1,
-        hostname=socket.gethostname(),
+        hostname=os.uname().nodename,  # what socket.gethostname() returns, without importing socket
         gpus=gpus,
     )
 
@@ -235,7 +233,7 @@ class Launch:
     inputs: PlanInputs
     port_given: bool
     shown_ranks: frozenset[int] | None
-    log_dir: Path | None
+    log_dir: str | None
 
 
 def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
@@ -294,7 +292,7 @@ def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
         job_id=os.urandom(8).hex(),
     )
     shown = parse_ranks(options.ranks, nnodes * nproc) if options.ranks else None
-    return Launch(inputs, port is not None, shown, Path(options.log_dir) if options.log_dir else None)
+    return Launch(inputs, port is not None, shown, options.log_dir or None)
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -304,8 +302,8 @@ def launch(options: Options) -> int:
     from launcher.ports import check_port_free, pick_free_port
 
     facts = gather_facts(options)
-    log_dir = Path(options.log_dir) if options.log_dir else None
-    error_dir = str(log_dir / "errors") if log_dir else None
+    log_dir = options.log_dir or None
+    error_dir = os.path.join(log_dir, "errors") if log_dir else None
     decided = decide(options, facts, error_dir)
     inputs = decided.inputs
     if options.dry_run:
@@ -394,11 +392,11 @@ def finish(result: JobResult, printer: Printer) -> None:
         printer.note(f"exit code {last.exit_code}")
 
 
-def _make_dir(path: Path, flag: str) -> None:
+def _make_dir(path: str, flag: str) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        raise LaunchError(f"{flag} {str(path)!r}: cannot create it ({exc.strerror}). Pick a writable directory.") from None
+        raise LaunchError(f"{flag} {path!r}: cannot create it ({exc.strerror}). Pick a writable directory.") from None
 
 
 def _private_temp_dir() -> str:

@@ -11,7 +11,6 @@ import errno
 import os
 import time
 from collections import deque
-from pathlib import Path
 from typing import Literal
 
 Stream = Literal[1, 2]  # the worker's stdout or stderr, as file descriptor numbers
@@ -146,7 +145,7 @@ class Printer:
         world_size: int,
         colour: bool,
         shown_ranks: frozenset[int] | None = None,
-        log_dir: Path | None = None,
+        log_dir: str | None = None,
         stdout_fd: int = 1,
         stderr_fd: int = 2,
     ) -> None:
@@ -155,13 +154,13 @@ class Printer:
         self._log_dir = log_dir
         self._launcher_log: int | None = None
         if log_dir is not None:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            self._launcher_log = _open_append(log_dir / "launcher.log")
+            os.makedirs(log_dir, exist_ok=True)
+            self._launcher_log = _open_append(os.path.join(log_dir, "launcher.log"))
         self._ranks = {
             rank: _RankOutput(
                 rank_prefixes(rank, world_size, colour),
                 shown_ranks is None or rank in shown_ranks,
-                _open_append(log_dir / f"rank{rank}.log") if log_dir is not None else None,
+                _open_append(os.path.join(log_dir, f"rank{rank}.log")) if log_dir is not None else None,
             )
             for rank in world_ranks
         }
@@ -218,7 +217,7 @@ class Printer:
         self._launcher_log = None
 
 
-def _open_append(path: Path) -> int:
+def _open_append(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
 
 
