@@ -36,18 +36,18 @@ def replicas_identical(model: nn.Module) -> bool:
     return bool(same.item())
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--samples", type=int, default=2048)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    dist.init_process_group("gloo")  # env://: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+
+def train(args: argparse.Namespace, rank: int, world_size: int) -> tuple[bool, float, float]:
+    """Train; return (replicas identical?, first epoch's loss, last epoch's loss)."""
     torch.manual_seed(1234)  # DDP broadcasts rank 0's initial weights anyway
-
     dataset = make_dataset(args.samples, features=16)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler)
@@ -55,7 +55,7 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     loss_fn = nn.MSELoss()
 
-    first_loss = last_loss = None
+    losses = []
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
         total = torch.zeros(2)
@@ -66,20 +66,30 @@ def main() -> None:
             optimizer.step()
             total += torch.tensor([loss.item() * len(inputs), len(inputs)])
         dist.all_reduce(total)
-        epoch_loss = (total[0] / total[1]).item()
-        first_loss = epoch_loss if first_loss is None else first_loss
-        last_loss = epoch_loss
+        losses.append((total[0] / total[1]).item())
         if rank == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {epoch_loss:.4f}  "
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {losses[-1]:.4f}  "
                   f"({world_size} ranks, {len(loader)} steps/rank)")
+    return replicas_identical(model.module), losses[0], losses[-1]
 
-    identical = replicas_identical(model.module)
+
+def main() -> None:
+    args = parse_args()
+    dist.init_process_group("gloo")  # env://: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    # The DDP model lives only inside train(), so it is freed before its process group is
+    # destroyed: torch 2.13 can abort a rank at exit otherwise ("terminate called without an
+    # active exception"), under torchrun as under ddplaunch.
+    identical, first_loss, last_loss = train(args, rank, world_size)
     if rank == 0:
         verdict = "identical" if identical else "DIFFERENT"
         print(f"replicas {verdict} on all {world_size} ranks; loss {first_loss:.4f} -> {last_loss:.4f}")
+    dist.barrier()  # every rank done with every collective before any tears gloo down
     dist.destroy_process_group()
-    if not identical or last_loss >= first_loss:
-        raise SystemExit(f"rank {rank}: training check failed (identical={identical})")
+    if not identical:
+        raise SystemExit(f"rank {rank}: replicas differ after training")
+    if args.epochs > 1 and last_loss >= first_loss:
+        raise SystemExit(f"rank {rank}: the loss did not fall ({first_loss:.4f} -> {last_loss:.4f})")
 
 
 if __name__ == "__main__":

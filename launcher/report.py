@@ -42,10 +42,12 @@ def other_worker_line(worker: WorkerProcess) -> str:
     where = f"rank {rank} (local rank {worker.spec.local_rank}, pid {worker.pid})"
     if worker.exit_code is None:
         return f"{where}: still running"
-    if worker.after_stop and worker.term_signal is not None:
+    if worker.term_signal is not None and worker.term_signal in worker.signals_sent:
         return f"{where}: terminated by ddplaunch ({signal_name(worker.term_signal)})"
-    if worker.after_stop:
-        return f"{where}: stopped by ddplaunch, exited with code {worker.exit_code}"
+    if worker.after_stop and worker.signals_sent:
+        if worker.term_signal is None:
+            return f"{where}: stopped by ddplaunch, exited with code {worker.exit_code}"
+        return f"{where}: {exit_text(worker)} while being stopped"
     if worker.exit_code == 0:
         return f"{where}: finished (exit code 0) before the failure"
     return f"{where}: failed too ({exit_text(worker)})"

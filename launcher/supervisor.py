@@ -41,6 +41,7 @@ class WorkerProcess:
     ended: float | None = None
     after_stop: bool = False  # it ended after the launcher began stopping workers
     group_gone: bool = False
+    signals_sent: set[int] = field(default_factory=set)  # what the launcher sent its group
 
     @property
     def runtime(self) -> float:
@@ -310,6 +311,8 @@ class Attempt:
     def _signal_tree(self, sig: int) -> None:
         for worker in self.workers:
             if not worker.group_gone:
+                if worker.exit_code is None:
+                    worker.signals_sent.add(sig)
                 try:
                     os.killpg(worker.pid, sig)
                 except ProcessLookupError:

@@ -306,3 +306,27 @@ raise SystemExit(6)
     run.wait_lines("ready", 2)
     assert run.wait(timeout=20) == 6
     wait_until(lambda: processes_with_token(token) == [], 2, "the stubborn daemon to be killed")
+
+
+def test_report_tells_our_signals_from_a_workers_own_death(start, tmp_path: Path) -> None:
+    script = write_script(
+        tmp_path / "abort_on_term.py",
+        """
+import os, signal, time
+rank = os.environ["RANK"]
+if rank == "0":
+    signal.signal(signal.SIGTERM, lambda *_: os.abort())  # dies of SIGABRT, not of our SIGTERM
+print(f"ready {rank}")
+if rank == "2":
+    time.sleep(0.3)
+    raise SystemExit(9)
+time.sleep(300)
+""",
+    )
+    run = start("--nproc", "3", script)
+    run.wait_lines("ready", 3)
+    assert run.wait() == 9
+    assert "rank 0 (local rank 0, pid" in run.err
+    assert "signal SIGABRT, exit code 134 while being stopped" in run.err
+    assert "terminated by ddplaunch (SIGABRT)" not in run.err
+    assert run.err.count("terminated by ddplaunch (SIGTERM)") == 1  # rank 1
