@@ -220,10 +220,18 @@ def gather_facts(options: Options) -> Facts:
             gpus = ()
     return Facts(
         environ=dict(os.environ),
-        cpu_count=os.cpu_count() or 1,
+        cpu_count=usable_cpus(),
         hostname=os.uname().nodename,  # what socket.gethostname() returns, without importing socket
         gpus=gpus,
     )
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (taskset, cpusets), not all the machine has."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -241,8 +249,7 @@ def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
     program = program_of(options)
     nnodes = parse_nnodes(options.nnodes)
     validate_topology(nnodes, options.node_rank)
-    if options.standalone and nnodes != 1:
-        raise LaunchError(f"--standalone is a one-node launch; drop it or drop --nnodes {nnodes}.")
+    check_limits(options, nnodes)
     gpu_ids = parse_gpu_ids(options.gpu_ids) if options.gpu_ids is not None else None
     extra_env = parse_env_assignments(options.env, gpu_ids_given=gpu_ids is not None)
     # What the workers will really see: --env CUDA_VISIBLE_DEVICES wins over the inherited one.
@@ -252,26 +259,7 @@ def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
     devices: DeviceMap = (
         map_gpu_ids(gpu_ids, facts.gpus, cvd) if gpu_ids else default_device_map(nproc, facts.gpus, cvd)
     )
-    if options.max_restarts < 0:
-        raise LaunchError(f"--max-restarts {options.max_restarts}: use 0 (no restart) or more.")
-    if not math.isfinite(options.grace) or options.grace < 0:
-        raise LaunchError(f"--grace {options.grace:g}: use a number of seconds, 0 or more (e.g. --grace 30).")
-    if options.master_addr is not None and not options.master_addr.strip():
-        raise LaunchError("--master-addr is empty: give node 0's host name or IP address, or leave it out on one node.")
-    master_addr = options.master_addr
-    if master_addr is None:
-        if nnodes > 1:
-            raise LaunchError(
-                f"--nnodes {nnodes} needs --master-addr: the address of node 0 that every "
-                "node can reach (e.g. --master-addr 10.0.0.1). Run the same command on each "
-                "node with its own --node-rank."
-            )
-        master_addr = SINGLE_NODE_MASTER_ADDR
-    port = options.master_port
-    if port is not None and not 1 <= port <= 65535:
-        raise LaunchError(f"--master-port {port} is not a TCP port; use 1-65535, or leave it out.")
-    if port is None and nnodes > 1:
-        port = MULTI_NODE_DEFAULT_PORT
+    master_addr, port = rendezvous_address(options, nnodes)
     inputs = PlanInputs(
         program=program,
         nproc=nproc,
@@ -293,6 +281,34 @@ def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
     )
     shown = parse_ranks(options.ranks, nnodes * nproc) if options.ranks else None
     return Launch(inputs, port is not None, shown, options.log_dir or None)
+
+
+def check_limits(options: Options, nnodes: int) -> None:
+    if options.standalone and nnodes != 1:
+        raise LaunchError(f"--standalone is a one-node launch; drop it or drop --nnodes {nnodes}.")
+    if options.max_restarts < 0:
+        raise LaunchError(f"--max-restarts {options.max_restarts}: use 0 (no restart) or more.")
+    if not math.isfinite(options.grace) or options.grace < 0:
+        raise LaunchError(f"--grace {options.grace:g}: use a number of seconds, 0 or more (e.g. --grace 30).")
+    if options.master_addr is not None and not options.master_addr.strip():
+        raise LaunchError("--master-addr is empty: give node 0's host name or IP address, or leave it out on one node.")
+    port = options.master_port
+    if port is not None and not 1 <= port <= 65535:
+        raise LaunchError(f"--master-port {port} is not a TCP port; use 1-65535, or leave it out.")
+
+
+def rendezvous_address(options: Options, nnodes: int) -> tuple[str, int | None]:
+    """MASTER_ADDR and MASTER_PORT; a port of None means: pick a free one per attempt."""
+    if options.master_addr is None and nnodes > 1:
+        raise LaunchError(
+            f"--nnodes {nnodes} needs --master-addr: the address of node 0 that every "
+            "node can reach (e.g. --master-addr 10.0.0.1). Run the same command on each "
+            "node with its own --node-rank."
+        )
+    port = options.master_port
+    if port is None and nnodes > 1:
+        port = MULTI_NODE_DEFAULT_PORT
+    return options.master_addr or SINGLE_NODE_MASTER_ADDR, port
 
 
 # -- running ---------------------------------------------------------------------------------
