@@ -386,7 +386,8 @@ def run(decided: Launch, options: Options, error_dir: str) -> int:
 
 def start_line(plan: Plan) -> str:
     ranks = [w.global_rank for w in plan.workers]
-    text = f"starting {len(ranks)} worker(s), ranks {ranks[0]}-{ranks[-1]} of world size {plan.world_size}"
+    span = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    text = f"starting {len(ranks)} worker(s), {span} of world size {plan.world_size}"
     omp = plan.common_env.get("OMP_NUM_THREADS")
     if omp is not None:
         text += f"; OMP_NUM_THREADS={omp} per worker (set it to override)"
