@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Literal
+from collections.abc import Mapping
 
 from launcher.devices import DeviceMap
 from launcher.errors import LaunchError

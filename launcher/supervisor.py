@@ -15,7 +15,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from launcher.logs import Printer, Stream
 from launcher.plan import JOB_ID_VARIABLE, Plan, Worker
@@ -81,7 +81,7 @@ class SignalInbox:
         self._previous: dict[int, object] = {}
         self._previous_wakeup = -1
 
-    def __enter__(self) -> "SignalInbox":
+    def __enter__(self) -> SignalInbox:
         self._previous_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
         for sig in self.HANDLED:
             self._previous[sig] = signal.signal(sig, self._record)

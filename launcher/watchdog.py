@@ -29,7 +29,7 @@ class Watchdog:
         self._fd: int | None = write_fd
 
     @classmethod
-    def start(cls, job_marker: bytes | None = None) -> "Watchdog":
+    def start(cls, job_marker: bytes | None = None) -> Watchdog:
         """Fork the guard. Call before any thread or worker exists.
 
         `job_marker` is the exact `NAME=value` entry every worker's environment carries.

@@ -9,12 +9,17 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 want="$(cat pyproject.toml scripts/setup-venv.sh | sha256sum | cut -d' ' -f1)"
+pip_install() {
+    # Some machines' pip config names index folders that do not exist; pip warns once per
+    # package about them. Drop just that warning so real errors stay visible.
+    "$VENV/bin/pip" install --quiet "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     # torch first and pinned: an unpinned torch resolves the newest build with several GB of
     # CUDA packages; 2.13.0 installs the CPU wheel.
-    "$VENV/bin/pip" install --quiet "torch==2.13.0"
+    pip_install "torch==2.13.0"
     # compat mode puts the checkout on sys.path with a .pth line; the default import hook
     # costs every Python start in this venv (the launcher's and each worker's) about 15 ms.
-    "$VENV/bin/pip" install --quiet --config-settings editable_mode=compat -e ".[torch,dev]"
+    pip_install --config-settings editable_mode=compat -e ".[torch,dev]"
     echo "$want" > "$STAMP"
 fi
