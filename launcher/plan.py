@@ -17,6 +17,12 @@ from launcher.errors import LaunchError
 
 ProgramKind = Literal["script", "module", "exec"]
 
+# Inherited by every descendant of a worker, so the guard can find those that left their
+# process group (setsid) if the launcher is SIGKILLed. Unique per launcher run.
+JOB_ID_VARIABLE = "DDPLAUNCH_JOB_ID"
+# The signals the launcher forwards to workers, in torchrun's variable and spelling.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+
 # Set per worker by the launcher; an --env that tries to set one is a mistake.
 RANK_VARIABLES = (
     "LOCAL_RANK",
@@ -37,13 +43,8 @@ RANK_VARIABLES = (
     "TORCHELASTIC_USE_AGENT_STORE",
     "TORCHELASTIC_ERROR_FILE",
     "TORCHELASTIC_SIGNALS_TO_HANDLE",
-    "DDPLAUNCH_JOB_ID",
+    JOB_ID_VARIABLE,
 )
-# Inherited by every descendant of a worker, so the guard can find those that left their
-# process group (setsid) if the launcher is SIGKILLed. Unique per launcher run.
-JOB_ID_VARIABLE = "DDPLAUNCH_JOB_ID"
-# The signals the launcher forwards to workers, in torchrun's variable and spelling.
-FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
 _FLAG_FOR = {
     "MASTER_ADDR": "--master-addr",
     "MASTER_PORT": "--master-port",

@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 
 from launcher.logs import Printer, Stream
-from launcher.plan import JOB_ID_VARIABLE, Plan, Worker
+from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
+from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from launcher.watchdog import Watchdog
 
 READ_CHUNK = 1 << 16
 DRAIN_AFTER_DEATH_S = 1.0  # output still in flight when every process of the tree is gone
 GROUP_POLL_S = 0.02  # only while waiting for a tree with no SIGCHLD to tell us it ended
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# The workers are told this list (TORCHELASTIC_SIGNALS_TO_HANDLE); one source for both.
+STOP_SIGNALS = tuple(signal.Signals[name] for name in FORWARDED_SIGNALS.split(","))
 RELAYED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # e.g. Slurm's checkpoint-before-preemption
-_PR_SET_CHILD_SUBREAPER = 36
 
 
 @dataclass
@@ -111,13 +112,7 @@ class SignalInbox:
 
 def become_subreaper() -> bool:
     """Orphaned grandchildren come to us (Linux), so we can reap them and know they are gone."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
+    return prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 @dataclass

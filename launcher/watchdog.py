@@ -17,8 +17,9 @@ import os
 import signal
 import time
 
+from launcher.prctl import PR_SET_NAME, prctl
+
 GUARD_GRACE_S = 1.0
-_PR_SET_NAME = 15
 _POLL_S = 0.02
 
 
@@ -75,7 +76,8 @@ def _become_guard(read_fd: int, write_fd: int, job_marker: bytes | None) -> None
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)  # never hold the launcher's stdout pipe open
-        _name_process(b"ddplaunch-guard")
+        # Shown in top and `ps -o comm`; its command line stays the launcher's.
+        prctl(PR_SET_NAME, b"ddplaunch-guard")
         os.close(write_fd)
         os.closerange(3, read_fd)
         os.closerange(read_fd + 1, 65536)
@@ -84,16 +86,6 @@ def _become_guard(read_fd: int, write_fd: int, job_marker: bytes | None) -> None
             _stop_job(groups, job_marker)
     finally:
         os._exit(0)
-
-
-def _name_process(name: bytes) -> None:
-    """Show as `ddplaunch-guard` in top and `ps -o comm` (its command line stays the launcher's)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _read_orders(fd: int) -> tuple[set[int], bool]:
