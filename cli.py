@@ -356,11 +356,15 @@ def run(decided: Launch, options: Options, error_dir: str) -> int:
 
     inputs = replace(decided.inputs, error_dir=error_dir)
 
-    def plan_for_attempt(restart: int) -> Plan:
+    def new_plan(restart: int) -> Plan:
         port = inputs.master_port if decided.port_given else pick_free_port()
         return build_plan(replace(inputs, restart_count=restart, master_port=port))
 
-    first = build_plan(replace(inputs, master_port=inputs.master_port or 1))
+    first = new_plan(0)  # the first attempt's plan; it also sizes the printer and start line
+
+    def plan_for_attempt(restart: int) -> Plan:
+        return first if restart == 0 else new_plan(restart)
+
     colour = colour_enabled(options.no_color, os.environ, 1) and colour_enabled(options.no_color, os.environ, 2)
     printer = Printer(
         world_ranks=[w.global_rank for w in first.workers],

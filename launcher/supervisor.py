@@ -154,9 +154,10 @@ class Attempt:
     # -- starting ---------------------------------------------------------------------------
 
     def _spawn_all(self) -> None:
+        # torch's @record writes each rank's error file but makes no directory; one per attempt
+        for folder in {os.path.dirname(w.error_file) for w in self.plan.workers if w.error_file}:
+            os.makedirs(folder, exist_ok=True)
         for spec in self.plan.workers:
-            if spec.error_file is not None:  # torch's @record writes there, but makes no dirs
-                os.makedirs(os.path.dirname(spec.error_file), exist_ok=True)
             if self._stopping:
                 return  # a signal or a failure arrived while we were still starting
             try:
