@@ -39,11 +39,11 @@ class LineFramer:
             lines = data.split(b"\n")
             self._partial = lines.pop()
         if len(data) > MAX_LINE_BYTES:  # only then can a line be too long
-            lines = _cut_long(lines)
-            limit = MAX_LINE_BYTES + self._partial.endswith(b"\r")  # a held \r is not content
-            while len(self._partial) > limit:
-                lines.append(self._partial[:MAX_LINE_BYTES])
-                self._partial = self._partial[MAX_LINE_BYTES:]
+            lines = [piece for line in lines for piece in _pieces(line)]
+            hold = b"\r" if self._partial.endswith(b"\r") else b""  # a held \r is not content
+            *done, rest = _pieces(self._partial[: len(self._partial) - len(hold)])
+            lines.extend(done)
+            self._partial = rest + hold
         return lines
 
     def flush(self) -> list[bytes]:
@@ -69,13 +69,9 @@ def _split_with_cr(data: bytes) -> tuple[list[bytes], bytes]:
     return lines, parts[-1] + hold
 
 
-def _cut_long(lines: list[bytes]) -> list[bytes]:
-    if all(len(line) <= MAX_LINE_BYTES for line in lines):
-        return lines
-    cut: list[bytes] = []
-    for line in lines:
-        cut.extend(line[i : i + MAX_LINE_BYTES] for i in range(0, max(len(line), 1), MAX_LINE_BYTES))
-    return cut
+def _pieces(line: bytes) -> list[bytes]:
+    """`line` cut into MAX_LINE_BYTES pieces; an empty line stays one empty piece."""
+    return [line[i : i + MAX_LINE_BYTES] for i in range(0, max(len(line), 1), MAX_LINE_BYTES)]
 
 
 def colour_enabled(no_color_flag: bool, environ: dict[str, str] | os._Environ[str], fd: int) -> bool:
@@ -151,7 +147,6 @@ class Printer:
     ) -> None:
         self.colour = colour
         self._out = {1: _Sink(stdout_fd), 2: _Sink(stderr_fd)}
-        self._log_dir = log_dir
         self._launcher_log: int | None = None
         if log_dir is not None:
             os.makedirs(log_dir, exist_ok=True)

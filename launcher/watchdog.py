@@ -132,12 +132,13 @@ def _marked_processes(job_marker: bytes | None) -> list[int]:
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as env_file:
-                environ = b"\0" + env_file.read()
+                if needle not in b"\0" + env_file.read():
+                    continue
             with open(f"/proc/{entry}/stat", "rb") as stat_file:
                 state = stat_file.read().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue
-        if needle in environ and state != b"Z":
+        if state != b"Z":
             found.append(int(entry))
     return found
 
