@@ -20,7 +20,7 @@ from launcher.devices import (
     parse_gpu_ids,
     visible_gpus,
 )
-from launcher.errors import GpuDiscoveryError, LaunchError
+from launcher.errors import GpuDiscoveryError, Interrupted, LaunchError
 from launcher.plan import (
     Plan,
     PlanInputs,
@@ -34,6 +34,7 @@ from launcher.plan import (
 
 if TYPE_CHECKING:
     from launcher.logs import Printer
+    from launcher.rendezvous import NodeLink
     from launcher.supervisor import JobResult
 
 SINGLE_NODE_MASTER_ADDR = "127.0.0.1"
@@ -56,9 +57,12 @@ class Options:
     script_args: tuple[str, ...]
     nproc: str | None
     nnodes: str
-    node_rank: int
+    node_rank: int | None
     master_addr: str | None
     master_port: int | None
+    rdzv_endpoint: str | None
+    rdzv_backend: str | None
+    join_timeout: float
     standalone: bool
     gpu_ids: str | None
     module: bool
@@ -81,12 +85,20 @@ class Options:
                    "Default: the number of --gpu-ids, else 1.")
 @click.option("--nnodes", envvar="PET_NNODES", default="1", show_default=True, metavar="N",
               help="Number of nodes in the job.")
-@click.option("--node-rank", "--node_rank", "node_rank", envvar="PET_NODE_RANK", type=int, default=0,
-              show_default=True, metavar="R", help="This node's rank, 0..nnodes-1.")
+@click.option("--node-rank", "--node_rank", "node_rank", envvar="PET_NODE_RANK", type=int, metavar="R",
+              help="This node's rank, 0..nnodes-1. Default: 0 on one node; across nodes, the order "
+                   "in which nodes join (the node that owns --master-addr is 0).")
 @click.option("--master-addr", "--master_addr", "master_addr", envvar="PET_MASTER_ADDR", metavar="HOST",
               help="Address of node 0, where rank 0 hosts the rendezvous. Default on one node: 127.0.0.1.")
 @click.option("--master-port", "--master_port", "master_port", envvar="PET_MASTER_PORT", type=int,
               metavar="PORT", help="Rendezvous port. Default: a free port on one node, 29500 across nodes.")
+@click.option("--rdzv-endpoint", "--rdzv_endpoint", "rdzv_endpoint", envvar="PET_RDZV_ENDPOINT",
+              metavar="HOST[:PORT]", help="torchrun's spelling of --master-addr and --master-port.")
+@click.option("--rdzv-backend", "--rdzv_backend", "rdzv_backend", envvar="PET_RDZV_BACKEND",
+              type=click.Choice(["static", "c10d"]), hidden=True,
+              help="Accepted for torchrun command lines; nodes always meet at node 0's TCPStore.")
+@click.option("--join-timeout", "--join_timeout", "join_timeout", type=float, default=600.0, show_default=True,
+              metavar="SECONDS", help="Across nodes: how long to wait for every node to join.")
 @click.option("--standalone", is_flag=True, envvar="PET_STANDALONE",
               help="One node with a free port (accepted as in torchrun; that is the default here).")
 @click.option("--gpu-ids", "--gpu_ids", "gpu_ids", metavar="IDS",
@@ -129,6 +141,12 @@ def command(**params: object) -> None:
     except LaunchError as exc:
         click.echo(f"ddplaunch: error: {exc}", err=True)
         code = exc.exit_code
+    if "torch" in sys.modules:
+        # A multi-node agent imported torch for its store; the interpreter's teardown of torch
+        # costs ~0.5 s and every resource of ours is already released.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -242,13 +260,15 @@ class Launch:
     port_given: bool
     shown_ranks: frozenset[int] | None
     log_dir: str | None
+    node_rank_given: bool = True
 
 
 def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
     """Validate the options against the machine's facts; raise LaunchError on any mistake."""
     program = program_of(options)
     nnodes = parse_nnodes(options.nnodes)
-    validate_topology(nnodes, options.node_rank)
+    node_rank = 0 if options.node_rank is None else options.node_rank
+    validate_topology(nnodes, node_rank)
     check_limits(options, nnodes)
     gpu_ids = parse_gpu_ids(options.gpu_ids) if options.gpu_ids is not None else None
     extra_env = parse_env_assignments(options.env, gpu_ids_given=gpu_ids is not None)
@@ -272,15 +292,17 @@ def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
         devices=devices,
         base_env=facts.environ,
         nnodes=nnodes,
-        node_rank=options.node_rank,
+        node_rank=node_rank,
         extra_env=extra_env,
         max_restarts=options.max_restarts,
         local_rank_arg=options.local_rank_arg,
         error_dir=error_dir,
         job_id=os.urandom(8).hex(),
+        agent_store=nnodes > 1,
     )
     shown = parse_ranks(options.ranks, nnodes * nproc) if options.ranks else None
-    return Launch(inputs, port is not None, shown, options.log_dir or None)
+    rank_given = options.node_rank is not None or nnodes == 1
+    return Launch(inputs, port is not None, shown, options.log_dir or None, rank_given)
 
 
 def check_limits(options: Options, nnodes: int) -> None:
@@ -290,6 +312,10 @@ def check_limits(options: Options, nnodes: int) -> None:
         raise LaunchError(f"--max-restarts {options.max_restarts}: use 0 (no restart) or more.")
     if not math.isfinite(options.grace) or options.grace < 0:
         raise LaunchError(f"--grace {options.grace:g}: use a number of seconds, 0 or more (e.g. --grace 30).")
+    if not math.isfinite(options.join_timeout) or options.join_timeout <= 0:
+        raise LaunchError(
+            f"--join-timeout {options.join_timeout:g}: use a number of seconds above 0 (e.g. --join-timeout 600)."
+        )
     if options.master_addr is not None and not options.master_addr.strip():
         raise LaunchError("--master-addr is empty: give node 0's host name or IP address, or leave it out on one node.")
     port = options.master_port
@@ -299,16 +325,46 @@ def check_limits(options: Options, nnodes: int) -> None:
 
 def rendezvous_address(options: Options, nnodes: int) -> tuple[str, int | None]:
     """MASTER_ADDR and MASTER_PORT; a port of None means: pick a free one per attempt."""
-    if options.master_addr is None and nnodes > 1:
+    addr, port = options.master_addr, options.master_port
+    if options.rdzv_endpoint is not None:
+        addr, port = merge_endpoint(options.rdzv_endpoint, addr, port)
+    if addr is None and nnodes > 1:
         raise LaunchError(
-            f"--nnodes {nnodes} needs --master-addr: the address of node 0 that every "
-            "node can reach (e.g. --master-addr 10.0.0.1). Run the same command on each "
-            "node with its own --node-rank."
+            f"--nnodes {nnodes} needs --master-addr (or --rdzv-endpoint HOST:PORT): the address "
+            "of node 0 that every node can reach (e.g. --master-addr 10.0.0.1). Run the same "
+            "command on each node, with its own --node-rank or none (ranks then follow arrival)."
         )
-    port = options.master_port
     if port is None and nnodes > 1:
         port = MULTI_NODE_DEFAULT_PORT
-    return options.master_addr or SINGLE_NODE_MASTER_ADDR, port
+    return addr or SINGLE_NODE_MASTER_ADDR, port
+
+
+def merge_endpoint(endpoint: str, addr: str | None, port: int | None) -> tuple[str, int | None]:
+    """--rdzv-endpoint HOST[:PORT], torchrun's spelling; it must agree with --master-addr/port."""
+    host, port_text = split_host_port(endpoint)
+    if not host or (port_text is not None and not (is_plain_int(port_text) and 1 <= int(port_text) <= 65535)):
+        raise LaunchError(
+            f"--rdzv-endpoint {endpoint!r} is not HOST or HOST:PORT (port 1-65535), "
+            "e.g. --rdzv-endpoint 10.0.0.1:29500."
+        )
+    endpoint_port = int(port_text) if port_text is not None else None
+    if addr is not None and addr != host:
+        raise LaunchError(f"--rdzv-endpoint {endpoint} and --master-addr {addr} disagree; give one of them.")
+    if port is not None and endpoint_port is not None and port != endpoint_port:
+        raise LaunchError(f"--rdzv-endpoint {endpoint} and --master-port {port} disagree; give one of them.")
+    return host, port if port is not None else endpoint_port
+
+
+def split_host_port(text: str) -> tuple[str, str | None]:
+    """`host`, `host:port`, `[v6]` or `[v6]:port`."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else (None if not rest else rest)
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        return host, port
+    return text, None
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -333,7 +389,7 @@ def launch(options: Options) -> int:
         for line in note:
             click.echo(line)
         return 0
-    if decided.port_given and inputs.node_rank == 0:
+    if decided.port_given and decided.node_rank_given and inputs.node_rank == 0:
         check_port_free(inputs.master_port)
     if log_dir is not None:
         _make_dir(log_dir, "--log-dir")
@@ -355,6 +411,10 @@ def run(decided: Launch, options: Options, error_dir: str) -> int:
     from launcher.supervisor import run_job
 
     inputs = replace(decided.inputs, error_dir=error_dir)
+    link = join_nodes(decided, options) if inputs.nnodes > 1 else None
+    if link is not None:
+        assert link.node_rank is not None
+        inputs = replace(inputs, node_rank=link.node_rank, run_id=link.shape.run_id)
 
     def new_plan(restart: int) -> Plan:
         port = inputs.master_port if decided.port_given else pick_free_port()
@@ -374,6 +434,8 @@ def run(decided: Launch, options: Options, error_dir: str) -> int:
         log_dir=decided.log_dir,
     )
     try:
+        if link is not None:
+            printer.note(joined_line(link.hosts))
         printer.note(start_line(first))
         result = run_job(
             plan_for_attempt,
@@ -381,11 +443,52 @@ def run(decided: Launch, options: Options, error_dir: str) -> int:
             grace=options.grace,
             max_restarts=inputs.max_restarts,
             job_id=inputs.job_id,
+            peers=link,
         )
         finish(result, printer)
         return result.exit_code
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted while waiting for the other nodes; no worker is running.") from None
     finally:
+        if link is not None:
+            link.close()
         printer.close()
+
+
+def join_nodes(decided: Launch, options: Options) -> NodeLink:
+    """Meet the other nodes (static multi-node); returns once all have joined."""
+    from launcher.rendezvous import JobShape, NodeLink
+
+    inputs = decided.inputs
+    who = f"node {inputs.node_rank}" if decided.node_rank_given else "this node (rank by arrival)"
+    click.echo(
+        f"ddplaunch: {who} is waiting for {inputs.nnodes} nodes at {inputs.master_addr}:"
+        f"{inputs.master_port} (--join-timeout {options.join_timeout:g}s)",
+        err=True,
+    )
+    link = NodeLink(
+        master_addr=inputs.master_addr,
+        master_port=inputs.master_port,
+        shape=JobShape(inputs.nnodes, inputs.nproc, inputs.max_restarts, inputs.run_id),
+        run_id_given=options.run_id is not None,
+        node_rank=inputs.node_rank if decided.node_rank_given else None,
+        hostname=inputs.hostname,
+        join_timeout=options.join_timeout,
+    )
+    try:
+        link.join(0)
+    except KeyboardInterrupt:
+        link.close()
+        raise Interrupted("interrupted while waiting for the other nodes; no worker was started.") from None
+    except BaseException:
+        link.close()
+        raise
+    return link
+
+
+def joined_line(hosts: dict[int, str]) -> str:
+    names = ", ".join(f"{rank} {host}" for rank, host in sorted(hosts.items()))
+    return f"all {len(hosts)} nodes joined (node rank, host: {names})"
 
 
 def start_line(plan: Plan) -> str:
@@ -402,7 +505,9 @@ def finish(result: JobResult, printer: Printer) -> None:
     from launcher.supervisor import signal_name
 
     last = result.last
-    if last.root_cause is not None:
+    if last.elsewhere is not None:
+        printer.note(f"root cause on another node: {last.elsewhere.describe()} (its report is in that node's output)")
+    elif last.root_cause is not None:
         from launcher.report import render_failure
 
         tail = printer.tail(last.root_cause.spec.global_rank)

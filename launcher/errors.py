@@ -16,3 +16,9 @@ class LaunchError(Exception):
 
 class GpuDiscoveryError(LaunchError):
     """nvidia-smi exists but its answer could not be used."""
+
+
+class Interrupted(LaunchError):
+    """Ctrl-C (or another stop signal) before any worker ran: nothing to tear down."""
+
+    exit_code = 130

@@ -147,18 +147,27 @@ class Printer:
     ) -> None:
         self.colour = colour
         self._out = {1: _Sink(stdout_fd), 2: _Sink(stderr_fd)}
+        self._world_size = world_size
+        self._shown_ranks = shown_ranks
+        self._log_dir = log_dir
         self._launcher_log: int | None = None
         if log_dir is not None:
             os.makedirs(log_dir, exist_ok=True)
             self._launcher_log = _open_append(os.path.join(log_dir, "launcher.log"))
-        self._ranks = {
-            rank: _RankOutput(
-                rank_prefixes(rank, world_size, colour),
-                shown_ranks is None or rank in shown_ranks,
+        self._ranks: dict[int, _RankOutput] = {}
+        self.add_ranks(world_ranks)
+
+    def add_ranks(self, world_ranks: list[int]) -> None:
+        """Ranks whose output this printer takes (a multi-node agent learns its own late)."""
+        log_dir = self._log_dir
+        for rank in world_ranks:
+            if rank in self._ranks:
+                continue
+            self._ranks[rank] = _RankOutput(
+                rank_prefixes(rank, self._world_size, self.colour),
+                self._shown_ranks is None or rank in self._shown_ranks,
                 _open_append(os.path.join(log_dir, f"rank{rank}.log")) if log_dir is not None else None,
             )
-            for rank in world_ranks
-        }
 
     def feed(self, rank: int, stream: Stream, data: bytes) -> None:
         """Bytes read from a worker's pipe; whole lines go out at once, the rest waits."""

@@ -91,6 +91,7 @@ class PlanInputs:
     local_rank_arg: bool = False
     error_dir: str | None = None
     job_id: str | None = None
+    agent_store: bool = False  # multi-node: node 0's agent hosts the TCPStore at MASTER_PORT
 
 
 @dataclass(frozen=True)
@@ -236,8 +237,9 @@ def common_env(inputs: PlanInputs) -> dict[str, str]:
         "TORCHELASTIC_RESTART_COUNT": str(inputs.restart_count),
         "TORCHELASTIC_MAX_RESTARTS": str(inputs.max_restarts),
         "TORCHELASTIC_RUN_ID": inputs.run_id,
-        # No agent-hosted store here: rank 0 hosts the TCPStore, as with env:// anywhere.
-        "TORCHELASTIC_USE_AGENT_STORE": "False",
+        # One node: rank 0 hosts the TCPStore, as with env:// anywhere. Several: node 0's
+        # agent hosts it and every worker is a client, exactly as under torchrun.
+        "TORCHELASTIC_USE_AGENT_STORE": str(inputs.agent_store),
         "TORCHELASTIC_SIGNALS_TO_HANDLE": FORWARDED_SIGNALS,
     }
     extra_keys = {key for key, _ in inputs.extra_env}

@@ -15,6 +15,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 from collections.abc import Callable
 
 from launcher.logs import Printer, Stream
@@ -22,12 +23,35 @@ from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
 from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from launcher.watchdog import Watchdog
 
+if TYPE_CHECKING:
+    from launcher.rendezvous import AttemptEnd
+
 READ_CHUNK = 1 << 16
 DRAIN_AFTER_DEATH_S = 1.0  # output still in flight when every process of the tree is gone
 GROUP_POLL_S = 0.02  # only while waiting for a tree with no SIGCHLD to tell us it ended
 # The workers are told this list (TORCHELASTIC_SIGNALS_TO_HANDLE); one source for both.
 STOP_SIGNALS = tuple(signal.Signals[name] for name in FORWARDED_SIGNALS.split(","))
 RELAYED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # e.g. Slurm's checkpoint-before-preemption
+PEERS = "peers"  # the selector's mark for news from the other nodes
+
+
+class Peers(Protocol):
+    """The other nodes of a multi-node job (launcher.rendezvous.NodeLink)."""
+
+    @property
+    def fd(self) -> int: ...
+
+    def publish(self, end: AttemptEnd) -> AttemptEnd: ...
+
+    def report_success(self) -> None: ...
+
+    def take(self) -> AttemptEnd | None: ...
+
+    def join(self, attempt: int, interrupted: Callable[[], bool]) -> None: ...
+
+    def end_attempt(self, interrupted: Callable[[], bool]) -> None: ...
+
+    def local_end(self, kind: str, detail: str, exit_code: int) -> AttemptEnd: ...
 
 
 @dataclass
@@ -57,9 +81,13 @@ class AttemptResult:
     root_cause: WorkerProcess | None
     stop_signal: int | None
     spawn_error: str | None = None
+    ended_by: AttemptEnd | None = None  # multi-node: why the attempt ended, job-wide
+    node_rank: int = 0
 
     @property
     def exit_code(self) -> int:
+        if self.elsewhere is not None:
+            return self.elsewhere.exit_code or 1  # another node's root cause is the job's
         if self.root_cause is not None:
             return self.root_cause.exit_code or 1
         if self.stop_signal is not None:
@@ -67,6 +95,17 @@ class AttemptResult:
         if self.spawn_error is not None:
             return 1
         return 0
+
+    @property
+    def elsewhere(self) -> AttemptEnd | None:
+        """The job's end when another node said it first: its root cause, not ours.
+
+        A local worker that failed after that (its peer vanished) is a consequence.
+        """
+        end = self.ended_by
+        if end is None or end.kind == "success" or end.node_rank == self.node_rank:
+            return None
+        return end
 
 
 class SignalInbox:
@@ -124,6 +163,7 @@ class Attempt:
     inbox: SignalInbox
     grace: float
     watchdog: Watchdog | None
+    peers: Peers | None = None
     clock: Callable[[], float] = time.monotonic
     workers: list[WorkerProcess] = field(default_factory=list)
     stop_signal: int | None = None
@@ -136,10 +176,14 @@ class Attempt:
     _has_children: bool = True
     _stop_sig: int = signal.SIGTERM
     _strays_sig: int | None = None  # the last signal sent to descendants outside worker groups
+    ended_by: AttemptEnd | None = None
+    _told_success: bool = False
 
     def run(self) -> AttemptResult:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.inbox.read_fd, selectors.EVENT_READ, None)
+        if self.peers is not None:
+            self.selector.register(self.peers.fd, selectors.EVENT_READ, PEERS)
         try:
             self._spawn_all()
             while not self._finished():
@@ -149,7 +193,10 @@ class Attempt:
         finally:
             self._close_pipes()
             self.selector.close()
-        return AttemptResult(tuple(self.workers), self.root_cause, self.stop_signal, self.spawn_error)
+        return AttemptResult(
+            tuple(self.workers), self.root_cause, self.stop_signal, self.spawn_error, self.ended_by,
+            self.plan.node_rank,
+        )
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -165,6 +212,7 @@ class Attempt:
             except OSError as exc:
                 self.spawn_error = f"could not start rank {spec.global_rank} ({spec.argv[0]}): {exc.strerror or exc}"
                 self.printer.note(self.spawn_error)
+                self._tell_peers("failed", f"{self.spawn_error} on node {self.plan.node_rank}", 1)
                 self._begin_stop(signal.SIGTERM)
                 return
             self._handle_signals(self.inbox.take())
@@ -204,7 +252,9 @@ class Attempt:
 
     def _wait_for_events(self) -> None:
         for key, _ in self.selector.select(self._timeout()):
-            if key.data is not None:
+            if key.data == PEERS:
+                self._on_peer_news()
+            elif key.data is not None:
                 self._read_pipe(key.fd, *key.data)
 
     def _timeout(self) -> float | None:
@@ -245,6 +295,7 @@ class Attempt:
         if self.root_cause is None:
             self.stop_signal = sig
         self.printer.note(f"got {name}: stopping all workers (again to kill at once)")
+        self._tell_peers("stopped", f"ddplaunch got {name}", 128 + sig)
         self._begin_stop(sig)
 
     def _reap(self) -> None:
@@ -273,7 +324,43 @@ class Attempt:
             self.printer.note(
                 f"rank {worker.spec.global_rank} failed ({describe_exit(worker)}): stopping the other workers"
             )
+            self._tell_peers("failed", f"rank {worker.spec.global_rank} failed ({describe_exit(worker)})",
+                             worker.exit_code)
             self._begin_stop(signal.SIGTERM)
+
+    # -- the other nodes --------------------------------------------------------------------------
+
+    def _tell_peers(self, kind: str, detail: str, exit_code: int) -> None:
+        if self.peers is None or self.ended_by is not None:
+            return
+        mine = self.peers.local_end(kind, detail, exit_code)
+        self.ended_by = self.peers.publish(mine)
+        if self.ended_by != mine:
+            self.printer.note(f"the job had already ended on another node: {self.ended_by.describe()}")
+
+    def _on_peer_news(self) -> None:
+        assert self.peers is not None
+        end = self.peers.take()
+        if end is None:
+            return
+        if self.ended_by is None:
+            self.ended_by = end
+        if end.kind == "success" or self._stopping:
+            return
+        if self._all_exited():
+            self.printer.note(f"the job failed on another node: {end.describe()}")
+        else:
+            self.printer.note(f"stopping this node's workers: {end.describe()}")
+        self._begin_stop(signal.SIGTERM)
+
+    def _awaiting_peers(self) -> bool:
+        """Our workers all succeeded; the attempt ends when every node says so (or one fails)."""
+        if self.peers is None or self.ended_by is not None:
+            return False
+        if not self._told_success and not self._stopping:
+            self._told_success = True
+            self.peers.report_success()
+        return True
 
     # -- stopping: one path, safe to enter twice -------------------------------------------------
 
@@ -358,6 +445,8 @@ class Attempt:
     def _finished(self) -> bool:
         if not self._all_exited() or self._tree_alive():
             return False
+        if self._awaiting_peers():
+            return False
         if not self._open_pipes():
             return True
         if self._drain_until is None:
@@ -365,7 +454,7 @@ class Attempt:
         return self.clock() >= self._drain_until
 
     def _open_pipes(self) -> list[int]:
-        return [key.fd for key in self.selector.get_map().values() if key.data is not None]
+        return [key.fd for key in self.selector.get_map().values() if isinstance(key.data, tuple)]
 
     def _close_pipes(self) -> None:
         for fd in self._open_pipes():
@@ -408,18 +497,29 @@ def run_job(
     max_restarts: int,
     job_id: str | None = None,
     use_watchdog: bool = True,
+    peers: Peers | None = None,
 ) -> JobResult:
-    """Run attempts until one succeeds, a signal stops us, or restarts run out."""
+    """Run attempts until one succeeds, a signal stops us, or restarts run out.
+
+    With `peers` (multi-node) the first attempt has already joined; every node takes the
+    same restart decision because it rests on the job-wide end they all read.
+    """
     marker = f"{JOB_ID_VARIABLE}={job_id}".encode() if job_id else None
     watchdog = Watchdog.start(marker) if use_watchdog else None
     become_subreaper()
     try:
         with SignalInbox() as inbox:
+            interrupted = _stop_requested(inbox)
             restart = 0
             while True:
+                if peers is not None and restart > 0:
+                    printer.note(f"waiting for every node to join restart {restart}")
+                    peers.join(restart, interrupted)
                 plan = plan_for_attempt(restart)
-                result = Attempt(plan, printer, inbox, grace, watchdog).run()
-                if result.exit_code == 0 or result.stop_signal is not None or restart >= max_restarts:
+                result = Attempt(plan, printer, inbox, grace, watchdog, peers).run()
+                if peers is not None:
+                    peers.end_attempt(interrupted)
+                if not _should_restart(result, restart, max_restarts):
                     return JobResult(result, restart)
                 restart += 1
                 printer.note(
@@ -431,7 +531,24 @@ def run_job(
             watchdog.stand_down()
 
 
+def _should_restart(result: AttemptResult, restart: int, max_restarts: int) -> bool:
+    if result.exit_code == 0 or result.stop_signal is not None or restart >= max_restarts:
+        return False
+    return result.ended_by is None or result.ended_by.kind == "failed"
+
+
+def _stop_requested(inbox: SignalInbox) -> Callable[[], bool]:
+    """For waits between attempts (no worker runs): did a stop signal arrive?"""
+
+    def interrupted() -> bool:
+        return any(sig in STOP_SIGNALS for sig in inbox.take())
+
+    return interrupted
+
+
 def failure_summary(result: AttemptResult) -> str:
+    if result.elsewhere is not None:
+        return result.elsewhere.describe()
     if result.root_cause is not None:
         return f"rank {result.root_cause.spec.global_rank} failed ({describe_exit(result.root_cause)})"
     return result.spawn_error or "the attempt failed"

@@ -1,0 +1,413 @@
+"""Node agents of a multi-node job meet, and stay in touch, through torch's TCPStore.
+
+Node 0's agent hosts the store at MASTER_ADDR:MASTER_PORT; every agent is a client of it,
+and so are the workers (TORCHELASTIC_USE_AGENT_STORE=True, as under torchrun). An attempt
+goes: join (each node says who it is; the last to arrive says "go"), run the workers, end
+(the first node to write "end" names why the attempt ended; every other node's watcher
+wakes at once and stops its workers), over (each node says its workers are gone).
+
+Every attempt gets a fresh store on the same port: torchrun keeps one store across restarts,
+and the workers' stale keys from the last attempt (gloo addresses) then make a restart fail
+at random. torch is imported here only, so only multi-node agents pay for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from collections.abc import Callable
+
+from launcher.errors import LaunchError
+
+TCPStore = Any  # torch.distributed.TCPStore, which torch's type hints do not export
+
+PREFIX = "ddplaunch/"
+GENERATION, CONFIG, ARRIVALS = PREFIX + "generation", PREFIX + "config", PREFIX + "arrivals"
+JOINED, GO, END = PREFIX + "joined", PREFIX + "go", PREFIX + "end"
+SUCCEEDED, OVER, ALL_OVER = PREFIX + "succeeded", PREFIX + "over", PREFIX + "all-over"
+SLICE_S = 0.25  # longest a blocking store call may keep us from noticing Ctrl-C or a stop
+RETRY_S = 0.05  # between connection attempts to a store that is not (yet) there
+OVER_WAIT_S = 10.0  # node 0 keeps the store up this long for the others to finish stopping
+DEFAULT_JOIN_TIMEOUT_S = 600.0  # torchrun's rendezvous join timeout
+
+
+class JoinError(LaunchError):
+    """The nodes could not meet: one never came, or they disagree about the job."""
+
+    exit_code = 1
+
+
+# -- what travels through the store (pure) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """What every node must agree on; node 0's copy is the reference."""
+
+    nnodes: int
+    nproc: int
+    max_restarts: int
+    run_id: str
+
+    def to_text(self) -> str:
+        return json.dumps([self.nnodes, self.nproc, self.max_restarts, self.run_id])
+
+    @staticmethod
+    def from_text(text: str) -> JobShape:
+        nnodes, nproc, max_restarts, run_id = json.loads(text)
+        return JobShape(int(nnodes), int(nproc), int(max_restarts), str(run_id))
+
+
+def shape_mismatch(mine: JobShape, host: JobShape, run_id_given: bool) -> str | None:
+    """Why this node cannot join node 0's job, or None. A default run id adopts node 0's."""
+    for flag, ours, theirs in (
+        ("--nnodes", mine.nnodes, host.nnodes),
+        ("--nproc", mine.nproc, host.nproc),
+        ("--max-restarts", mine.max_restarts, host.max_restarts),
+    ):
+        if ours != theirs:
+            return f"this node has {flag} {ours} but node 0 has {flag} {theirs}; run the same command on every node."
+    if run_id_given and mine.run_id != host.run_id:
+        return f"this node has --run-id {mine.run_id} but node 0 has {host.run_id}; use the same id everywhere."
+    return None
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """Why an attempt ended, as the first node to say so wrote it."""
+
+    kind: str  # "success", "failed", "stopped" or "error"
+    node_rank: int
+    host: str
+    detail: str
+    exit_code: int = 1
+
+    def to_text(self) -> str:
+        return json.dumps([self.kind, self.node_rank, self.host, self.detail, self.exit_code])
+
+    @staticmethod
+    def from_text(text: str) -> AttemptEnd:
+        kind, node_rank, host, detail, exit_code = json.loads(text)
+        return AttemptEnd(str(kind), int(node_rank), str(host), str(detail), int(exit_code))
+
+    def describe(self) -> str:
+        if self.kind == "success":
+            return "every node's workers finished"
+        return f"node {self.node_rank} ({self.host}): {self.detail}"
+
+
+def missing_ranks(nnodes: int, present: Callable[[int], bool]) -> list[int]:
+    return [rank for rank in range(nnodes) if not present(rank)]
+
+
+def join_timeout_message(missing: list[int], joined: dict[int, str], timeout: float, endpoint: str) -> str:
+    names = ", ".join(str(r) for r in missing)
+    came = ", ".join(f"{r} ({host})" for r, host in sorted(joined.items())) or "none"
+    return (
+        f"node rank(s) {names} never joined the rendezvous at {endpoint} within --join-timeout "
+        f"{timeout:g}s (joined: {came}). Start ddplaunch on the missing node(s) with the same "
+        "--nnodes, --master-addr and --master-port, or check that they can reach this address."
+    )
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+def _torch_store() -> Any:
+    # The agent's own C++ warnings (a wait that timed out is routine here) would land in the
+    # user's terminal; the workers' environment was captured before this line.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+    import torch.distributed as dist
+
+    return dist
+
+
+def is_local_address(host: str) -> bool:
+    """Whether this machine owns `host` (so its agent may host the store there)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    for family, kind, proto, _, address in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind((address[0], 0))
+                return True
+        except OSError:
+            continue
+    return False
+
+
+class NodeLink:
+    """This node's line to the other nodes of the job, for every attempt."""
+
+    def __init__(
+        self,
+        *,
+        master_addr: str,
+        master_port: int,
+        shape: JobShape,
+        run_id_given: bool,
+        node_rank: int | None,
+        hostname: str,
+        join_timeout: float,
+    ) -> None:
+        self.master_addr = master_addr
+        self.master_port = master_port
+        self.shape = shape
+        self.run_id_given = run_id_given
+        self.node_rank = node_rank
+        self.hostname = hostname
+        self.join_timeout = join_timeout
+        self.is_host = node_rank == 0
+        self.attempt = 0
+        self.hosts: dict[int, str] = {}
+        self._dist = _torch_store()
+        self._store: TCPStore | None = None
+        self._watch: _Watcher | None = None
+        self._published: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.master_addr}:{self.master_port}"
+
+    @property
+    def fd(self) -> int:
+        assert self._watch is not None
+        return self._watch.read_fd
+
+    # -- joining ------------------------------------------------------------------------------
+
+    def join(self, attempt: int, interrupted: Callable[[], bool] = lambda: False) -> None:
+        """Meet the other nodes for this attempt; raises JoinError if they do not come."""
+        self.attempt = attempt
+        self._published = None
+        deadline = time.monotonic() + self.join_timeout
+        self._store = self._open_store(attempt, deadline, interrupted)
+        store = self._store
+        if attempt == 0:
+            self._adopt_shape(store)
+            if self.node_rank is None:
+                self.node_rank = 0 if self.is_host else int(store.add(ARRIVALS, 1))
+        rank = self.node_rank
+        assert rank is not None
+        if rank >= self.shape.nnodes:
+            self._fail_join(f"more nodes joined than --nnodes {self.shape.nnodes}; this one is extra.")
+        claim = PREFIX + f"node/{rank}"
+        if int(store.add(claim + "/claims", 1)) > 1:
+            self._fail_join(
+                f"node rank {rank} was already taken by another node. Give every node a distinct "
+                "--node-rank, or leave --node-rank out on every node (ranks then follow arrival)."
+            )
+        store.set(claim, self.hostname)
+        if int(store.add(JOINED, 1)) == self.shape.nnodes:
+            store.set(GO, "1")
+        self._await(GO, deadline, interrupted, on_timeout=self._missing_nodes_error)
+        self.hosts = {r: store.get(PREFIX + f"node/{r}").decode() for r in range(self.shape.nnodes)}
+        self._watch = _Watcher(self._client(deadline=time.monotonic() + self.join_timeout), self.is_host)
+
+    def _open_store(self, attempt: int, deadline: float, interrupted: Callable[[], bool]) -> TCPStore:
+        if self.is_host:
+            return self._host_store(attempt)
+        if self.node_rank is None and is_local_address(self.master_addr):
+            try:  # the same command on every node: the node that owns the address hosts
+                store = self._host_store(attempt)
+                self.is_host = True
+                return store
+            except JoinError:
+                pass  # another agent on this machine got there first
+        while True:
+            if interrupted():
+                raise KeyboardInterrupt
+            store = self._client(deadline)
+            if store.check([GENERATION]) and store.get(GENERATION).decode() == str(attempt):
+                return store
+            del store  # node 0 still serves the last attempt, or has not said which yet
+            time.sleep(RETRY_S)
+
+    def _host_store(self, attempt: int) -> TCPStore:
+        try:
+            store = self._dist.TCPStore(
+                "0.0.0.0", self.master_port, None, True, timedelta(seconds=SLICE_S), wait_for_workers=False
+            )
+        except RuntimeError as exc:
+            raise JoinError(
+                f"--master-port {self.master_port}: node 0 cannot serve the rendezvous there "
+                f"({_first_line(exc)}). Pick a free port with --master-port on every node."
+            ) from None
+        if attempt == 0:
+            store.set(CONFIG, self.shape.to_text())
+        store.set(GENERATION, str(attempt))  # last: a client that sees it finds the rest
+        return store
+
+    def _client(self, deadline: float) -> TCPStore:
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                return self._dist.TCPStore(
+                    self.master_addr, self.master_port, None, False, timedelta(seconds=SLICE_S),
+                    wait_for_workers=False,
+                )
+            except RuntimeError as exc:
+                last = _first_line(exc)
+        raise JoinError(
+            f"could not reach node 0's rendezvous at {self.endpoint} within --join-timeout "
+            f"{self.join_timeout:g}s ({last or 'no answer'}). Start node 0 (--node-rank 0) with the "
+            "same --master-port, and check --master-addr is an address this node can reach."
+        )
+
+    def _adopt_shape(self, store: TCPStore) -> None:
+        host_shape = JobShape.from_text(store.get(CONFIG).decode())
+        problem = shape_mismatch(self.shape, host_shape, self.run_id_given)
+        if problem is not None:
+            self._fail_join(problem)
+        self.shape = host_shape
+
+    def _missing_nodes_error(self) -> JoinError:
+        store = self._store
+        assert store is not None
+        missing = missing_ranks(self.shape.nnodes, lambda r: bool(store.check([PREFIX + f"node/{r}"])))
+        joined = {
+            r: store.get(PREFIX + f"node/{r}").decode() for r in range(self.shape.nnodes) if r not in missing
+        }
+        return JoinError(join_timeout_message(missing, joined, self.join_timeout, self.endpoint))
+
+    def _fail_join(self, why: str) -> None:
+        """Tell the others (so they stop waiting) and stop here."""
+        self.publish(AttemptEnd("error", self.node_rank or 0, self.hostname, why, 2))
+        raise JoinError(f"{why}")
+
+    def _await(
+        self, key: str, deadline: float, interrupted: Callable[[], bool], on_timeout: Callable[[], JoinError]
+    ) -> None:
+        store = self._store
+        assert store is not None
+        while True:
+            if interrupted():
+                raise KeyboardInterrupt
+            if store.check([END]):
+                end = AttemptEnd.from_text(store.get(END).decode())
+                raise JoinError(f"node {end.node_rank} ({end.host}) gave up joining: {end.detail}")
+            try:
+                store.wait([key], timedelta(seconds=min(SLICE_S, max(0.01, deadline - time.monotonic()))))
+                return
+            except self._dist.DistStoreError:
+                if time.monotonic() >= deadline:
+                    raise on_timeout() from None
+
+    # -- during an attempt ---------------------------------------------------------------------
+
+    def publish(self, end: AttemptEnd) -> AttemptEnd:
+        """Say why the attempt ends, unless a node said it first; return what stands."""
+        store = self._store
+        if store is None:
+            return end
+        text = end.to_text()
+        try:
+            standing = store.compare_set(END, "", text).decode()
+        except RuntimeError:
+            return end  # node 0 is gone: our watcher reports that
+        self._published = text
+        return AttemptEnd.from_text(standing)
+
+    def local_end(self, kind: str, detail: str, exit_code: int) -> AttemptEnd:
+        return AttemptEnd(kind, self.node_rank or 0, self.hostname, detail, exit_code)
+
+    def report_success(self) -> None:
+        store = self._store
+        assert store is not None
+        try:
+            if int(store.add(SUCCEEDED, 1)) == self.shape.nnodes:
+                self.publish(AttemptEnd("success", self.node_rank or 0, self.hostname, "", 0))
+        except RuntimeError:
+            pass  # node 0 is gone: our watcher reports that
+
+    def take(self) -> AttemptEnd | None:
+        """What the watcher saw: the attempt's end, or lost contact with node 0."""
+        assert self._watch is not None
+        return self._watch.take()
+
+    def end_attempt(self, interrupted: Callable[[], bool] = lambda: False) -> None:
+        """Our workers are gone. Node 0 keeps the store until every node says the same."""
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        store, self._store = self._store, None
+        if store is None:
+            return
+        try:
+            if int(store.add(OVER, 1)) == self.shape.nnodes:
+                store.set(ALL_OVER, "1")
+            if self.is_host:
+                deadline = time.monotonic() + OVER_WAIT_S
+                while time.monotonic() < deadline and not interrupted():
+                    try:
+                        store.wait([ALL_OVER], timedelta(seconds=SLICE_S))
+                        break
+                    except self._dist.DistStoreError:
+                        continue
+        except RuntimeError:
+            pass  # a node went away; nothing to wait for
+        del store
+
+    def close(self) -> None:
+        """Let go of the store at once (a failed join, or the job is over)."""
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        self._store = None
+
+
+class _Watcher:
+    """A thread blocked on the store's END key; it wakes the supervisor's loop through a pipe."""
+
+    def __init__(self, store: TCPStore, is_host: bool) -> None:
+        self._store = store
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self._stopping = threading.Event()
+        self._result: AttemptEnd | None = None
+        self._lost: str | None = None
+        self._thread = threading.Thread(target=self._run, name="ddplaunch-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import torch.distributed as dist
+
+        while not self._stopping.is_set():
+            try:
+                self._store.wait([END], timedelta(seconds=SLICE_S))
+                self._result = AttemptEnd.from_text(self._store.get(END).decode())
+            except dist.DistStoreError:
+                continue  # a slice passed with no news
+            except RuntimeError as exc:
+                self._lost = _first_line(exc)
+            os.write(self._write_fd, b"!")
+            return
+
+    def take(self) -> AttemptEnd | None:
+        try:
+            os.read(self.read_fd, 64)
+        except BlockingIOError:
+            return None
+        if self._result is not None:
+            return self._result
+        return AttemptEnd("lost", -1, "", f"lost contact with node 0's rendezvous ({self._lost})")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=SLICE_S * 8)
+        os.close(self.read_fd)
+        os.close(self._write_fd)
+        del self._store
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
