@@ -56,7 +56,7 @@ class Options:
     script: str
     script_args: tuple[str, ...]
     nproc: str | None
-    nnodes: str
+    nnodes: str | None
     node_rank: int | None
     master_addr: str | None
     master_port: int | None
@@ -83,8 +83,9 @@ class Options:
               metavar="N|auto|gpu|cpu",
               help="Workers on this node: a number, auto (GPUs, else CPUs), gpu or cpu. "
                    "Default: the number of --gpu-ids, else 1.")
-@click.option("--nnodes", envvar="PET_NNODES", default="1", show_default=True, metavar="N",
-              help="Number of nodes in the job.")
+@click.option("--nnodes", envvar="PET_NNODES", metavar="N",
+              help="Number of nodes in the job. Default: from Slurm (srun) or Open MPI (mpirun) "
+                   "when run under them, else 1.")
 @click.option("--node-rank", "--node_rank", "node_rank", envvar="PET_NODE_RANK", type=int, metavar="R",
               help="This node's rank, 0..nnodes-1. Default: 0 on one node; across nodes, the order "
                    "in which nodes join (the node that owns --master-addr is 0).")
@@ -261,12 +262,14 @@ class Launch:
     shown_ranks: frozenset[int] | None
     log_dir: str | None
     node_rank_given: bool = True
+    detected: tuple[str, ...] = ()  # what came from a cluster's environment, for --dry-run
 
 
 def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
     """Validate the options against the machine's facts; raise LaunchError on any mistake."""
     program = program_of(options)
-    nnodes = parse_nnodes(options.nnodes)
+    options, detected = with_cluster_defaults(options, facts.environ)
+    nnodes = parse_nnodes(options.nnodes or "1")
     node_rank = 0 if options.node_rank is None else options.node_rank
     validate_topology(nnodes, node_rank)
     check_limits(options, nnodes)
@@ -302,7 +305,48 @@ def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
     )
     shown = parse_ranks(options.ranks, nnodes * nproc) if options.ranks else None
     rank_given = options.node_rank is not None or nnodes == 1
-    return Launch(inputs, port is not None, shown, options.log_dir or None, rank_given)
+    return Launch(inputs, port is not None, shown, options.log_dir or None, rank_given, detected)
+
+
+def with_cluster_defaults(options: Options, environ: dict[str, str]) -> tuple[Options, tuple[str, ...]]:
+    """Under srun or mpirun, fill the topology flags the user left out; explicit flags win."""
+    from launcher.detect import describe, detect_cluster
+
+    found = detect_cluster(environ)
+    if found is None or found.nnodes is None:
+        return options, ()  # a stray MASTER_ADDR in a shell is not a cluster
+    no_address = options.master_addr is None and options.rdzv_endpoint is None and found.master_addr is None
+    if no_address and found.nnodes > 1:
+        raise LaunchError(
+            f"{found.source} gives this node its rank ({found.nnodes} nodes) but not node 0's address: "
+            "pass --master-addr with the first host of the job (e.g. --master-addr node01), or export "
+            "MASTER_ADDR to every task (mpirun -x MASTER_ADDR=node01)."
+        )
+    filled = replace(
+        options,
+        nnodes=options.nnodes if options.nnodes is not None else str(found.nnodes),
+        node_rank=options.node_rank if options.node_rank is not None else found.node_rank,
+        master_addr=options.master_addr if options.master_addr is not None else found.master_addr,
+        master_port=options.master_port if options.master_port is not None else found.master_port,
+    )
+    if options.rdzv_endpoint is not None:  # the endpoint is an explicit address too
+        filled = replace(filled, master_addr=options.master_addr, master_port=options.master_port)
+    given = {
+        "--nnodes": (options.nnodes, found.nnodes),
+        "--node-rank": (options.node_rank, found.node_rank),
+        "--master-addr": (options.master_addr, found.master_addr),
+        "--master-port": (options.master_port, found.master_port),
+        "--rdzv-endpoint": (options.rdzv_endpoint, None),
+    }
+    overridden = [
+        f"{flag} {mine}" + (f" (detected {theirs})" if theirs is not None else "")
+        for flag, (mine, theirs) in given.items()
+        if mine is not None
+    ]
+    lines = describe(found)
+    if overridden:
+        lines.append("given on the command line, and winning over detection: " + ", ".join(overridden))
+    return filled, tuple(lines)
 
 
 def check_limits(options: Options, nnodes: int) -> None:
@@ -385,7 +429,9 @@ def launch(options: Options) -> int:
         note = () if decided.port_given else ("(port picked free now; a real run picks again)",)
         shown_dir = error_dir or DRY_RUN_ERROR_DIR
         plan = build_plan(replace(inputs, master_port=port, error_dir=shown_dir, job_id="<random per run>"))
-        click.echo(render_plan(plan), nl=False)
+        if not decided.node_rank_given:
+            note = (*note, "(node rank shown as 0: without --node-rank, nodes take ranks in order of arrival)")
+        click.echo(render_plan(plan, notes=decided.detected), nl=False)
         for line in note:
             click.echo(line)
         return 0

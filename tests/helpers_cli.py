@@ -66,6 +66,7 @@ def cli_env(bin_dir: Path, *, only_bin_dir: bool = False, **extra: str) -> dict[
     """
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("PET_")}
     env["PATH"] = str(bin_dir) if only_bin_dir else str(bin_dir) + os.pathsep + env.get("PATH", "")
+    env["DDPLAUNCH_CLUSTER"] = "none"  # a CI runner inside a Slurm job must not change the plans
     env.update(extra)
     return env
 
