@@ -4,4 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup-venv.sh
+# The SSH tests start real sshd servers on loopback addresses and never skip, so install the
+# server where it is missing (a fresh Debian or Ubuntu machine has only the client).
+if [ ! -x /usr/sbin/sshd ]; then
+    apt_log="$(mktemp)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server; } >"$apt_log" 2>&1; then
+        cat "$apt_log" >&2
+        echo "scripts/test.sh: installing openssh-server failed (see above); the SSH tests need /usr/sbin/sshd." >&2
+        exit 1
+    fi
+    rm -f "$apt_log"
+fi
 exec "$VENV/bin/python" -m pytest "$@"

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 import psutil
 import pytest
 
+pytest_plugins = ["ssh_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 POLL_S = 0.02
 
@@ -129,6 +131,7 @@ def token() -> Iterator[str]:
 def job_env(token: str) -> dict[str, str]:
     env = dict(os.environ)
     env["DDPLAUNCH_TEST_TOKEN"] = token
+    env["DDPLAUNCH_CLUSTER"] = "none"  # a CI runner inside a Slurm job must not change the plans
     env.pop("NO_COLOR", None)
     return env
 
