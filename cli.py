@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -76,6 +77,13 @@ class Options:
     grace: float
     run_id: str | None
     no_color: bool
+    hosts: str | None
+    hostfile: str | None
+    ssh_accept_new_host_keys: bool
+    chdir: str | None
+    python: str | None
+    agent: bool
+    host_name: str | None
 
 
 @click.command(context_settings=CONTEXT)
@@ -124,6 +132,19 @@ class Options:
 @click.option("--run-id", "--run_id", "--rdzv-id", "--rdzv_id", "run_id", envvar="PET_RDZV_ID", metavar="ID",
               help="TORCHELASTIC_RUN_ID for the workers. Default: a fresh random id.")
 @click.option("--no-color", "--no_color", "no_color", is_flag=True, help="No colour (also: NO_COLOR=1).")
+@click.option("--hosts", "-H", "hosts", metavar="H1,H2,...",
+              help="Start the job on these hosts over SSH, node rank in this order; entries may be "
+                   "user@host:port and names from ~/.ssh/config.")
+@click.option("--hostfile", metavar="FILE",
+              help="Hosts in the DeepSpeed/MPI format: `node1 slots=4`, optional `gpus=0,1,2,3`, # comments.")
+@click.option("--ssh-accept-new-host-keys", "ssh_accept_new_host_keys", is_flag=True,
+              help="Trust and remember a host key seen for the first time (OpenSSH's accept-new). "
+                   "A changed key is always refused.")
+@click.option("--chdir", metavar="DIR", help="With --hosts: the working directory on every host. Default: this one.")
+@click.option("--python", "python", metavar="PATH",
+              help="With --hosts: the Python on every host. Default: the one running ddplaunch here.")
+@click.option("--agent", is_flag=True, hidden=True, help="Internal: run as a node agent for a head over SSH.")
+@click.option("--host-name", "host_name", hidden=True, help="Internal: this host's name as the head knows it.")
 @click.version_option(__version__, "-V", "--version", prog_name="ddplaunch")
 @click.argument("script", metavar="SCRIPT")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED, metavar="[SCRIPT_ARGS]...")
@@ -138,7 +159,12 @@ def command(**params: object) -> None:
     """
     options = Options(**params)  # type: ignore[arg-type]
     try:
-        code = launch(options)
+        if options.hosts is not None or options.hostfile is not None:
+            from launcher.fanout import launch_on_hosts
+
+            code = launch_on_hosts(options)
+        else:
+            code = launch(options)
     except LaunchError as exc:
         click.echo(f"ddplaunch: error: {exc}", err=True)
         code = exc.exit_code
@@ -240,7 +266,8 @@ def gather_facts(options: Options) -> Facts:
     return Facts(
         environ=dict(os.environ),
         cpu_count=usable_cpus(),
-        hostname=os.uname().nodename,  # what socket.gethostname() returns, without importing socket
+        # what socket.gethostname() returns, without importing socket; an agent uses the head's name
+        hostname=options.host_name or os.uname().nodename,
         gpus=gpus,
     )
 
@@ -372,6 +399,8 @@ def rendezvous_address(options: Options, nnodes: int) -> tuple[str, int | None]:
     addr, port = options.master_addr, options.master_port
     if options.rdzv_endpoint is not None:
         addr, port = merge_endpoint(options.rdzv_endpoint, addr, port)
+    if addr is None and options.agent:
+        addr = "-"  # the head sends node 0's address with its go
     if addr is None and nnodes > 1:
         raise LaunchError(
             f"--nnodes {nnodes} needs --master-addr (or --rdzv-endpoint HOST:PORT): the address "
@@ -421,6 +450,11 @@ def launch(options: Options) -> int:
     log_dir = options.log_dir or None
     error_dir = os.path.join(log_dir, "errors") if log_dir else None
     decided = decide(options, facts, error_dir)
+    if options.agent:
+        told = await_head(decided, options, facts)
+        if told is None:
+            return 1  # the head went away before saying go: nothing was started
+        decided = told
     inputs = decided.inputs
     if options.dry_run:
         from launcher.dryrun import render_plan
@@ -451,12 +485,32 @@ def launch(options: Options) -> int:
             shutil.rmtree(made_error_dir, ignore_errors=True)
 
 
+def await_head(decided: Launch, options: Options, facts: Facts) -> Launch | None:
+    """Agent mode: the checks passed; report ready (node 0: its address and port), await go."""
+    from launcher.agent import HeadGone, handshake, ssh_server_address
+    from launcher.ports import pick_free_port
+
+    inputs = decided.inputs
+    port = inputs.master_port if options.master_port is not None else 0
+    if inputs.node_rank == 0 and not port:
+        port = pick_free_port()
+    try:
+        addr, port = handshake(ssh_server_address(facts.environ) or inputs.hostname, port)
+    except HeadGone:
+        return None
+    return replace(decided, inputs=replace(inputs, master_addr=addr, master_port=port), port_given=True)
+
+
 def run(decided: Launch, options: Options, error_dir: str) -> int:
     from launcher.logs import Printer, colour_enabled
     from launcher.ports import pick_free_port
     from launcher.supervisor import run_job
 
     inputs = replace(decided.inputs, error_dir=error_dir)
+    if options.agent:
+        from launcher.agent import follow_head
+
+        follow_head()
     link = join_nodes(decided, options) if inputs.nnodes > 1 else None
     if link is not None:
         assert link.node_rank is not None
@@ -472,17 +526,24 @@ def run(decided: Launch, options: Options, error_dir: str) -> int:
         return first if restart == 0 else new_plan(restart)
 
     colour = colour_enabled(options.no_color, os.environ, 1) and colour_enabled(options.no_color, os.environ, 2)
-    printer = Printer(
-        world_ranks=[w.global_rank for w in first.workers],
-        world_size=first.world_size,
-        colour=colour,
-        shown_ranks=decided.shown_ranks,
-        log_dir=decided.log_dir,
-    )
+    printer: Printer
+    if options.agent:
+        from launcher.agent import FramePrinter
+
+        printer = FramePrinter(world_ranks=[w.global_rank for w in first.workers], world_size=first.world_size)
+    else:
+        printer = Printer(
+            world_ranks=[w.global_rank for w in first.workers],
+            world_size=first.world_size,
+            colour=colour,
+            shown_ranks=decided.shown_ranks,
+            log_dir=decided.log_dir,
+        )
+    say = printer.log_event if options.agent else printer.note  # the head sums up for all hosts
     try:
         if link is not None:
-            printer.note(joined_line(link.hosts))
-        printer.note(start_line(first))
+            say(joined_line(link.hosts))
+        say(start_line(first))
         result = run_job(
             plan_for_attempt,
             printer=printer,
@@ -491,7 +552,7 @@ def run(decided: Launch, options: Options, error_dir: str) -> int:
             job_id=inputs.job_id,
             peers=link,
         )
-        finish(result, printer)
+        finish(result, printer, say)
         return result.exit_code
     except KeyboardInterrupt:
         raise Interrupted("interrupted while waiting for the other nodes; no worker is running.") from None
@@ -507,11 +568,12 @@ def join_nodes(decided: Launch, options: Options) -> NodeLink:
 
     inputs = decided.inputs
     who = f"node {inputs.node_rank}" if decided.node_rank_given else "this node (rank by arrival)"
-    click.echo(
-        f"ddplaunch: {who} is waiting for {inputs.nnodes} nodes at {inputs.master_addr}:"
-        f"{inputs.master_port} (--join-timeout {options.join_timeout:g}s)",
-        err=True,
-    )
+    if not options.agent:  # an agent's head shows its own progress
+        click.echo(
+            f"ddplaunch: {who} is waiting for {inputs.nnodes} nodes at {inputs.master_addr}:"
+            f"{inputs.master_port} (--join-timeout {options.join_timeout:g}s)",
+            err=True,
+        )
     link = NodeLink(
         master_addr=inputs.master_addr,
         master_port=inputs.master_port,
@@ -547,21 +609,21 @@ def start_line(plan: Plan) -> str:
     return text
 
 
-def finish(result: JobResult, printer: Printer) -> None:
+def finish(result: JobResult, printer: Printer, say: Callable[[str], None]) -> None:
     from launcher.supervisor import signal_name
 
     last = result.last
     if last.elsewhere is not None:
-        printer.note(f"root cause on another node: {last.elsewhere.describe()} (its report is in that node's output)")
+        say(f"root cause on another node: {last.elsewhere.describe()} (its report is in that node's output)")
     elif last.root_cause is not None:
         from launcher.report import render_failure
 
         tail = printer.tail(last.root_cause.spec.global_rank)
         printer.block(render_failure(last, tail, printer.colour))
     elif last.stop_signal is not None:
-        printer.note(f"stopped by {signal_name(last.stop_signal)}; all workers ended")
+        say(f"stopped by {signal_name(last.stop_signal)}; all workers ended")
     if last.exit_code != 0:
-        printer.note(f"exit code {last.exit_code}")
+        say(f"exit code {last.exit_code}")
 
 
 def _make_dir(path: str, flag: str) -> None:

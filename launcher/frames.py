@@ -1,0 +1,83 @@
+"""The byte format a remote node agent speaks to the head over SSH (pure: no I/O).
+
+Agent to head (its stdout): frames of a 10-byte header (kind, rank, stream, length) and a
+payload. Worker output travels as raw bytes, so the head frames lines exactly as on one node
+and one printer owns the head's terminal. Head to agent (its stdin): text lines, "go ADDR
+PORT", "stop SIGNAME"; end of file means the head is gone, and the agent stops its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Literal
+
+HEADER = struct.Struct("!BiBI")
+DATA, END_OF_STREAM, NOTE, EVENT, BLOCK, READY = 1, 2, 3, 4, 5, 6
+Kind = Literal[1, 2, 3, 4, 5, 6]
+MAX_PAYLOAD = 1 << 24  # a corrupt header must not make the head allocate gigabytes
+
+
+class FrameError(ValueError):
+    """The agent's stdout is not frames: it printed something else (a shell's message)."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int
+    rank: int
+    stream: int
+    payload: bytes
+
+    @property
+    def text(self) -> str:
+        return self.payload.decode("utf-8", "replace")
+
+
+def encode(kind: int, payload: bytes, rank: int = -1, stream: int = 0) -> bytes:
+    return HEADER.pack(kind, rank, stream, len(payload)) + payload
+
+
+def encode_ready(master_addr: str, master_port: int) -> bytes:
+    return encode(READY, json.dumps({"addr": master_addr, "port": master_port}).encode())
+
+
+def decode_ready(frame: Frame) -> tuple[str, int]:
+    found = json.loads(frame.payload)
+    return str(found["addr"]), int(found["port"])
+
+
+class FrameReader:
+    """Cuts a byte stream into frames; bytes of a frame not yet complete wait for the next read."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buffer += data
+        frames: list[Frame] = []
+        while len(self._buffer) >= HEADER.size:
+            kind, rank, stream, length = HEADER.unpack_from(self._buffer)
+            if not DATA <= kind <= READY or length > MAX_PAYLOAD:
+                raise FrameError(bytes(self._buffer[:200]).decode("utf-8", "replace"))
+            end = HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            frames.append(Frame(kind, rank, stream, bytes(self._buffer[HEADER.size : end])))
+            del self._buffer[:end]
+        return frames
+
+    @property
+    def pending(self) -> bytes:
+        return bytes(self._buffer)
+
+
+def go_line(master_addr: str, master_port: int) -> bytes:
+    return f"go {master_addr} {master_port}\n".encode()
+
+
+def parse_command(line: str) -> tuple[str, str] | None:
+    """A head's command line -> (verb, argument); None for anything else."""
+    verb, _, argument = line.strip().partition(" ")
+    return (verb, argument) if verb in ("go", "stop") else None

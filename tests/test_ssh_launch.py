@@ -1,0 +1,300 @@
+"""`ddplaunch --hosts ...`: real sshd servers on 127.0.1.x, real agents, real gloo training.
+
+Every "host" is this machine, so after each test psutil can check that no process of the
+job is left anywhere: not a worker, not an agent, not an SSH session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, Run, processes_with_token, wait_until, write_script
+from sshd import SshdPool, SshHome
+
+ENV_DUMP = """
+import json, os, sys
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+value = torch.tensor([float(dist.get_rank())])
+dist.all_reduce(value)
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"env": dict(os.environ), "sum": value.item(), "argv": sys.argv[2:], "cwd": os.getcwd()}, f)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+SLEEPER = """
+import os, sys, time
+print(f"up {os.environ['RANK']}", flush=True)
+if os.environ["RANK"] == os.environ.get("FAIL_RANK"):
+    print("about to fail", flush=True)
+    sys.exit(7)
+time.sleep(600)
+"""
+
+
+def job_processes(token: str) -> list[psutil.Process]:
+    """Workers (token in their environment) and agents (token in their command line)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+                continue
+            if token in " ".join(proc.cmdline()) or proc.environ().get("DDPLAUNCH_TEST_TOKEN") == token:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def nothing_left(token: str, pool: SshdPool) -> None:
+    wait_until(lambda: not job_processes(token), 15, "no worker or agent of the job left")
+    wait_until(lambda: not pool.session_processes(), 15, "no SSH session left on any host")
+
+
+@pytest.fixture
+def launch(start, ssh_home: SshHome, job_env: dict[str, str], token: str, sshd_pool: SshdPool):
+    """launch(*args): ddplaunch with the test HOME; workers get the token through --env."""
+
+    def _launch(*args: str, env: dict[str, str] | None = None) -> Run:
+        return start("--env", f"DDPLAUNCH_TEST_TOKEN={token}", *args, env=ssh_home.env(env or job_env))
+
+    yield _launch
+    for proc in job_processes(token):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+def test_two_hosts_train_ddp_and_replicas_end_identical(launch, token: str, sshd_pool: SshdPool) -> None:
+    run = launch("--hosts", "host1,host2", "--nproc", "2", str(REPO / "examples" / "train_ddp.py"), "--epochs", "2")
+    assert run.wait(timeout=180) == 0, run.err
+    assert "replicas identical on all 4 ranks" in run.out
+    assert "epoch 2/2" in run.out
+    nothing_left(token, sshd_pool)
+
+
+def test_every_rank_on_every_host_gets_the_torchrun_environment(
+    launch, tmp_path: Path, token: str, job_env: dict[str, str], sshd_pool: SshdPool
+) -> None:
+    script = write_script(tmp_path / "dump.py", ENV_DUMP)
+    env = dict(job_env, NCCL_DEBUG="INFO", TORCH_SHOW_CPP_STACKTRACES="1", UNRELATED_SECRET="stays-home")
+    run = launch("--hosts", "host1,host2", "--nproc", "2", "--env", "EXTRA=yes", script, str(tmp_path), env=env)
+    assert run.wait(timeout=120) == 0, run.err
+    dumps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    envs = [d["env"] for d in dumps]
+    assert [d["sum"] for d in dumps] == [6.0] * 4
+    assert [e["NODE_RANK"] for e in envs] == ["0", "0", "1", "1"]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "0", "1"]
+    assert [e["SSH_CONNECTION"].split()[2] for e in envs] == ["127.0.1.2"] * 2 + ["127.0.1.3"] * 2
+    for env_seen in envs:
+        assert env_seen["WORLD_SIZE"] == "4" and env_seen["GROUP_WORLD_SIZE"] == "2"
+        assert env_seen["MASTER_ADDR"] == "127.0.1.2"  # host1 as the head reached it
+        assert env_seen["TORCHELASTIC_USE_AGENT_STORE"] == "True"
+        assert env_seen["NCCL_DEBUG"] == "INFO" and env_seen["TORCH_SHOW_CPP_STACKTRACES"] == "1"
+        assert env_seen["EXTRA"] == "yes"
+        assert "UNRELATED_SECRET" not in env_seen
+    assert len({e["TORCHELASTIC_RUN_ID"] for e in envs}) == 1
+    assert len({e["MASTER_PORT"] for e in envs}) == 1
+    assert {d["cwd"] for d in dumps} == {str(tmp_path)}
+    nothing_left(token, sshd_pool)
+
+
+HOSTILE_ARGS = [
+    "two words",
+    "it's",
+    '"double"',
+    "$(touch {marker})",
+    "`touch {marker}`",
+    "; touch {marker}",
+    "a\\b",
+    "ünïcødé 🚀",
+    "--flag=x y",
+    "",
+    "*",
+    "line\nbreak",
+]
+
+
+def test_hostile_arguments_and_env_values_arrive_byte_exact(
+    launch, tmp_path: Path, token: str, sshd_pool: SshdPool
+) -> None:
+    script = write_script(tmp_path / "dump.py", ENV_DUMP)
+    marker = tmp_path / "pwned"
+    args = [a.format(marker=marker) for a in HOSTILE_ARGS]
+    hostile_env = f"$(touch {marker}); 'q' \"dq\" `x` ünï \\ *"
+    run = launch("--hosts", "host1,host2", "--nproc", "1", "--env", f"HOSTILE={hostile_env}",
+                 script, str(tmp_path), *args)
+    assert run.wait(timeout=120) == 0, run.err
+    for rank in (0, 1):
+        dump = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert dump["argv"] == args
+        assert dump["env"]["HOSTILE"] == hostile_env
+    assert not marker.exists()
+    nothing_left(token, sshd_pool)
+
+
+def test_unknown_host_key_is_refused_then_accepted_with_the_flag(
+    launch, tmp_path: Path, ssh_home: SshHome, token: str, sshd_pool: SshdPool
+) -> None:
+    script = write_script(tmp_path / "dump.py", ENV_DUMP)
+    ssh_home.write_known_hosts(omit=["host2"])
+    run = launch("--hosts", "host1,host2", script, str(tmp_path))
+    assert run.wait(timeout=60) == 2
+    assert "host2" in run.err and "--ssh-accept-new-host-keys" in run.err and "Traceback" not in run.err
+    assert not list(tmp_path.glob("rank*.json"))
+    nothing_left(token, sshd_pool)
+    run = launch("--hosts", "host1,host2", "--ssh-accept-new-host-keys", script, str(tmp_path))
+    assert run.wait(timeout=120) == 0, run.err
+    assert sshd_pool.server("host2").host_public_key in ssh_home.known_hosts.read_text()
+    nothing_left(token, sshd_pool)
+
+
+def test_unreachable_host_is_named_and_nothing_starts(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
+    script = write_script(tmp_path / "dump.py", ENV_DUMP)
+    run = launch("--hosts", "host1,127.0.1.250", script, str(tmp_path))
+    assert run.wait(timeout=60) == 2
+    assert "127.0.1.250" in run.err and "connection refused" in run.err and "Traceback" not in run.err
+    assert not list(tmp_path.glob("rank*.json"))
+    nothing_left(token, sshd_pool)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--chdir", "/no/such/dir"], "host2: working directory /no/such/dir does not exist there"),
+        (["--python", "/no/such/python"], "host2: no Python at /no/such/python"),
+        (["--python", "/bin/true"], "host2: the agent exited"),
+    ],
+)
+def test_a_host_that_cannot_run_the_job_is_named_before_anything_starts(
+    launch, tmp_path: Path, token: str, sshd_pool: SshdPool, args: list[str], needle: str
+) -> None:
+    script = write_script(tmp_path / "dump.py", ENV_DUMP)
+    run = launch("--hosts", "host1,host2", *args, script, str(tmp_path))
+    assert run.wait(timeout=60) == 2, run.err
+    assert needle in run.err and "nothing was started" in run.err and "Traceback" not in run.err
+    assert not list(tmp_path.glob("rank*.json"))
+    nothing_left(token, sshd_pool)
+
+
+def test_missing_script_is_named_per_host(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
+    run = launch("--hosts", "host1,host2", "no_such_script.py")
+    assert run.wait(timeout=60) == 2
+    assert "host1: SCRIPT 'no_such_script.py' not found" in run.err
+    assert "host2: SCRIPT 'no_such_script.py' not found" in run.err
+    nothing_left(token, sshd_pool)
+
+
+def test_a_remote_worker_failing_stops_every_host_and_the_report_names_it(
+    launch, tmp_path: Path, token: str, job_env: dict[str, str], sshd_pool: SshdPool
+) -> None:
+    script = write_script(tmp_path / "sleeper.py", SLEEPER)
+    run = launch("--hosts", "host1,host2", "--nproc", "2", "--env", "FAIL_RANK=3", script)
+    assert run.wait(timeout=60) == 7, run.err
+    assert "Root cause (first observed failure): rank 3" in run.err
+    assert "host host2" in run.err
+    assert "exit code 7" in run.err
+    nothing_left(token, sshd_pool)
+
+
+def _wait_all_up(run: Run, count: int) -> None:
+    run.wait_lines("| up ", count, timeout=60)
+
+
+def test_ctrl_c_at_the_head_stops_every_host(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
+    script = write_script(tmp_path / "sleeper.py", SLEEPER)
+    run = launch("--hosts", "host1,host2", "--nproc", "2", script)
+    _wait_all_up(run, 4)
+    run.signal(signal.SIGINT)
+    assert run.wait(timeout=30) == 130
+    nothing_left(token, sshd_pool)
+
+
+def test_a_killed_remote_agent_stops_the_job_everywhere(
+    launch, tmp_path: Path, token: str, sshd_pool: SshdPool
+) -> None:
+    script = write_script(tmp_path / "sleeper.py", SLEEPER)
+    run = launch("--hosts", "host1,host2", "--nproc", "2", script)
+    _wait_all_up(run, 4)
+    agents = [
+        p for p in job_processes(token)
+        if "--agent" in p.cmdline() and "host2" in p.cmdline() and p.name() != "ddplaunch-guard"
+    ]
+    assert len(agents) == 1
+    agents[0].send_signal(signal.SIGKILL)
+    assert run.wait(timeout=30) != 0
+    assert "host2" in run.err
+    nothing_left(token, sshd_pool)
+
+
+def test_a_dropped_ssh_session_stops_the_job_everywhere(
+    launch, tmp_path: Path, token: str, sshd_pool: SshdPool
+) -> None:
+    script = write_script(tmp_path / "sleeper.py", SLEEPER)
+    run = launch("--hosts", "host1,host2", "--nproc", "2", script)
+    _wait_all_up(run, 4)
+    sessions = psutil.Process(sshd_pool.server("host2").process.pid).children()  # one sshd per connection
+    assert len(sessions) == 1
+    sessions[0].send_signal(signal.SIGKILL)
+    assert run.wait(timeout=30) != 0
+    assert "lost host2" in run.err
+    nothing_left(token, sshd_pool)
+
+
+def test_a_killed_head_leaves_nothing_on_any_host(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
+    script = write_script(tmp_path / "sleeper.py", SLEEPER)
+    run = launch("--hosts", "host1,host2", "--nproc", "2", script)
+    _wait_all_up(run, 4)
+    run.signal(signal.SIGKILL)
+    run.wait(timeout=10)
+    nothing_left(token, sshd_pool)
+
+
+def test_two_jobs_on_the_same_hosts_leave_each_other_alone(
+    start, ssh_home: SshHome, job_env: dict[str, str], tmp_path: Path, sshd_pool: SshdPool
+) -> None:
+    script = write_script(tmp_path / "sleeper.py", SLEEPER)
+    tokens = ["first-" + os.urandom(4).hex(), "second-" + os.urandom(4).hex()]
+    runs = [
+        start("--env", f"DDPLAUNCH_TEST_TOKEN={t}", "--hosts", "host1,host2", "--nproc", "1", script,
+              env=ssh_home.env(job_env))
+        for t in tokens
+    ]
+    try:
+        for run in runs:
+            _wait_all_up(run, 2)
+        runs[0].signal(signal.SIGTERM)
+        assert runs[0].wait(timeout=30) == 143
+        wait_until(lambda: not job_processes(tokens[0]), 15, "the first job's processes gone")
+        time.sleep(0.5)  # give a wrong kill the chance to land before we look (no event exists for it)
+        assert len(processes_with_token(tokens[1])) == 2  # its two workers, untouched
+        assert runs[1].proc.poll() is None
+        runs[1].signal(signal.SIGTERM)
+        assert runs[1].wait(timeout=30) == 143
+    finally:
+        for t in tokens:
+            for proc in job_processes(t):
+                proc.kill()
+    nothing_left(tokens[1], sshd_pool)
+
+
+def test_hostfile_with_slots_and_dry_run_shows_the_forwarded_environment(
+    launch, tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nhost1 slots=2\n\nhost2 slots=2  # the second\n")
+    script = write_script(tmp_path / "dump.py", ENV_DUMP)
+    run = launch("--hostfile", str(hostfile), "--dry-run", script, env=dict(job_env, NCCL_SOCKET_IFNAME="lo"))
+    assert run.wait(timeout=30) == 0, run.err
+    assert "NCCL_SOCKET_IFNAME=lo" in run.out
+    assert "host1" in run.out and "host2" in run.out
+    assert "--nproc 2" in run.out
