@@ -138,7 +138,8 @@ def remote_command(argv: Sequence[str], workdir: str) -> str:
 def preflight_problem(host: Host, workdir: str, python: str) -> str:
     """Why an agent ended before saying ready, in words that name the host and the fix."""
     status = host.exit_status
-    said = "\n".join(line for line in host.stderr_tail if line.strip())
+    printed = host.stderr_tail + host.frames.noise.decode("utf-8", "replace").splitlines()
+    said = "\n".join(line for line in printed if line.strip())
     if status == NO_DIR:
         return f"{host.name}: working directory {workdir} does not exist there; create it or pass --chdir DIR."
     if status == NO_PYTHON:
@@ -156,12 +157,31 @@ def launch_on_hosts(options: Options) -> int:
     from launcher.plan import parse_env_assignments
 
     hosts = plan_hosts(options)
+    shown_ranks = shown_ranks_of(options, hosts)
     env = forwarded_env(dict(os.environ), parse_env_assignments(options.env, gpu_ids_given=options.gpu_ids is not None))
     workdir = options.chdir or os.getcwd()
     if options.dry_run:
         print(render_hosts(options, hosts, env, workdir), end="")
         return 0
-    return Head(options, hosts, env, workdir).run()
+    return Head(options, hosts, env, workdir, shown_ranks).run()
+
+
+def world_size_of(hosts: Sequence[Host]) -> int | None:
+    """Known on the head when every host's worker count is a number (not auto/gpu/cpu)."""
+    counts = {h.nproc for h in hosts}
+    if len(counts) != 1 or None in counts:
+        return None
+    (nproc,) = counts
+    assert nproc is not None
+    return len(hosts) * nproc
+
+
+def shown_ranks_of(options: Options, hosts: Sequence[Host]) -> frozenset[int] | None:
+    from cli import parse_ranks
+
+    if not options.ranks:
+        return None
+    return parse_ranks(options.ranks, world_size_of(hosts) or 1 << 30)
 
 
 def plan_hosts(options: Options) -> list[Host]:
@@ -207,8 +227,16 @@ def render_hosts(options: Options, hosts: Sequence[Host], env: Sequence[tuple[st
 class Head:
     """Connects, starts the agents, relays their frames to one printer, and stops them all."""
 
-    def __init__(self, options: Options, hosts: list[Host], env: Sequence[tuple[str, str]], workdir: str) -> None:
+    def __init__(
+        self,
+        options: Options,
+        hosts: list[Host],
+        env: Sequence[tuple[str, str]],
+        workdir: str,
+        shown_ranks: frozenset[int] | None = None,
+    ) -> None:
         self.options = options
+        self.shown_ranks = shown_ranks
         self.hosts = hosts
         self.env = env
         self.workdir = workdir
@@ -304,12 +332,17 @@ class Head:
         from launcher.logs import Printer, colour_enabled
         from launcher.supervisor import STOP_SIGNALS
 
-        nprocs = {h.nproc for h in self.hosts}
-        world = None if None in nprocs else len(self.hosts) * next(iter(nprocs))  # type: ignore[operator]
+        world = world_size_of(self.hosts)
         colour = colour_enabled(self.options.no_color, os.environ, 1) and colour_enabled(
             self.options.no_color, os.environ, 2
         )
-        printer = Printer(world_ranks=[], world_size=world or 10, colour=colour, log_dir=self.options.log_dir)
+        printer = Printer(
+            world_ranks=[],
+            world_size=world or 100,  # only sizes the rank prefixes
+            colour=colour,
+            shown_ranks=self.shown_ranks,
+            log_dir=self.options.log_dir,
+        )
         self.printer = printer
         printer.note(f"all {len(self.hosts)} hosts ready: " + ", ".join(f"{h.node_rank} {h.name}" for h in self.hosts))
         selector = selectors.DefaultSelector()

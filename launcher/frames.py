@@ -17,6 +17,9 @@ HEADER = struct.Struct("!BiBI")
 DATA, END_OF_STREAM, NOTE, EVENT, BLOCK, READY = 1, 2, 3, 4, 5, 6
 Kind = Literal[1, 2, 3, 4, 5, 6]
 MAX_PAYLOAD = 1 << 24  # a corrupt header must not make the head allocate gigabytes
+# The agent's first bytes. A login shell's rc file may print to stdout before the agent
+# starts (a banner, `conda activate` noise); the head skips everything before this mark.
+SYNC = b"\x00ddplaunch-frames-v1\x00"
 
 
 class FrameError(ValueError):
@@ -40,7 +43,8 @@ def encode(kind: int, payload: bytes, rank: int = -1, stream: int = 0) -> bytes:
 
 
 def encode_ready(master_addr: str, master_port: int) -> bytes:
-    return encode(READY, json.dumps({"addr": master_addr, "port": master_port}).encode())
+    """The agent's first message: the sync mark, then READY with node 0's address and port."""
+    return SYNC + encode(READY, json.dumps({"addr": master_addr, "port": master_port}).encode())
 
 
 def decode_ready(frame: Frame) -> tuple[str, int]:
@@ -53,9 +57,13 @@ class FrameReader:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._synced = False
+        self.noise = b""  # what came before the agent's first frame
 
     def feed(self, data: bytes) -> list[Frame]:
         self._buffer += data
+        if not self._synced and not self._sync():
+            return []
         frames: list[Frame] = []
         while len(self._buffer) >= HEADER.size:
             kind, rank, stream, length = HEADER.unpack_from(self._buffer)
@@ -67,6 +75,19 @@ class FrameReader:
             frames.append(Frame(kind, rank, stream, bytes(self._buffer[HEADER.size : end])))
             del self._buffer[:end]
         return frames
+
+    def _sync(self) -> bool:
+        at = self._buffer.find(SYNC)
+        if at < 0:
+            keep = len(SYNC) - 1  # the mark may be cut across two reads
+            cut = max(0, len(self._buffer) - keep)
+            self.noise += bytes(self._buffer[:cut])
+            del self._buffer[:cut]
+            return False
+        self.noise += bytes(self._buffer[:at])
+        del self._buffer[: at + len(SYNC)]
+        self._synced = True
+        return True
 
     @property
     def pending(self) -> bytes:

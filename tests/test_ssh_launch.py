@@ -298,3 +298,16 @@ def test_hostfile_with_slots_and_dry_run_shows_the_forwarded_environment(
     assert "NCCL_SOCKET_IFNAME=lo" in run.out
     assert "host1" in run.out and "host2" in run.out
     assert "--nproc 2" in run.out
+
+
+def test_ranks_filter_and_log_dir_on_the_head(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
+    script = write_script(tmp_path / "hello.py", "import os\nprint('hello from', os.environ['RANK'])\n")
+    logs = tmp_path / "logs"
+    run = launch("--hosts", "host1,host2", "--nproc", "2", "--ranks", "2", "--log-dir", str(logs), script)
+    assert run.wait(timeout=60) == 0, run.err
+    assert run.seen["out"] == ["2 | hello from 2"]
+    for rank in range(4):
+        assert (logs / f"rank{rank}.log").read_text() == f"hello from {rank}\n"
+    events = (logs / "launcher.log").read_text()
+    assert "host2: started rank 3 pid" in events and "host1: started rank 0 pid" in events
+    nothing_left(token, sshd_pool)

@@ -1,0 +1,73 @@
+"""The agent-to-head byte format: frames survive any cut into reads; rc-file noise is skipped."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.frames import (
+    BLOCK, DATA, END_OF_STREAM, NOTE, READY, FrameError, FrameReader, decode_ready, encode, encode_ready,
+    go_line, parse_command,
+)
+
+STREAM = (
+    encode_ready("10.0.0.1", 29500)
+    + encode(DATA, b"hello\nwor", 3, 1)
+    + encode(DATA, b"ld \xff\xfe\n", 3, 2)
+    + encode(END_OF_STREAM, b"", 3, 1)
+    + encode(NOTE, "ünï".encode())
+    + encode(BLOCK, b"")
+)
+
+
+def kinds(frames: list) -> list[tuple[int, int, int, bytes]]:
+    return [(f.kind, f.rank, f.stream, f.payload) for f in frames]
+
+
+def test_frames_decode_whole() -> None:
+    frames = FrameReader().feed(STREAM)
+    assert [f.kind for f in frames] == [READY, DATA, DATA, END_OF_STREAM, NOTE, BLOCK]
+    assert decode_ready(frames[0]) == ("10.0.0.1", 29500)
+    assert frames[2].payload == b"ld \xff\xfe\n" and frames[2].stream == 2 and frames[2].rank == 3
+    assert frames[4].text == "ünï"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 10, 11, 64])
+def test_any_cut_into_reads_gives_the_same_frames(size: int) -> None:
+    whole = kinds(FrameReader().feed(STREAM))
+    reader = FrameReader()
+    pieces = [reader.feed(STREAM[i : i + size]) for i in range(0, len(STREAM), size)]
+    assert kinds([f for piece in pieces for f in piece]) == whole
+    assert reader.pending == b""
+
+
+def test_login_shell_noise_before_the_first_frame_is_kept_aside() -> None:
+    noise = b"Welcome to gpu-07!\nconda: base activated\n"
+    reader = FrameReader()
+    frames = [f for i in range(0, len(noise + STREAM), 5) for f in reader.feed((noise + STREAM)[i : i + 5])]
+    assert kinds(frames) == kinds(FrameReader().feed(STREAM))
+    assert reader.noise == noise
+
+
+def test_garbage_after_the_mark_is_an_error_not_a_huge_allocation() -> None:
+    with pytest.raises(FrameError):
+        FrameReader().feed(encode_ready("a", 1) + b"\xff" * 20)
+
+
+@pytest.mark.parametrize(
+    ("line", "parsed"),
+    [
+        ("go 10.0.0.1 29500\n", ("go", "10.0.0.1 29500")),
+        ("stop SIGINT\n", ("stop", "SIGINT")),
+        ("rm -rf /\n", None),
+        ("", None),
+    ],
+)
+def test_head_commands(line: str, parsed: tuple[str, str] | None) -> None:
+    assert parse_command(line) == parsed
+
+
+def test_go_line_round_trips_an_ipv6_address() -> None:
+    command = parse_command(go_line("fd00::1", 29500).decode())
+    assert command is not None
+    addr, _, port = command[1].rpartition(" ")
+    assert (addr, int(port)) == ("fd00::1", 29500)
