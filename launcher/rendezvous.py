@@ -35,6 +35,9 @@ SLICE_S = 0.25  # longest a blocking store call may keep us from noticing Ctrl-C
 RETRY_S = 0.05  # between connection attempts to a store that is not (yet) there
 OVER_WAIT_S = 10.0  # node 0 keeps the store up this long for the others to finish stopping
 DEFAULT_JOIN_TIMEOUT_S = 600.0  # torchrun's rendezvous join timeout
+BEAT_S = 1.0  # every node bumps its heartbeat counter this often while its workers run
+SILENCE_S = 10.0  # node 0 declares a node lost after this long without a beat
+SILENCE_VARIABLE = "DDPLAUNCH_NODE_SILENCE_S"
 
 
 class JoinError(LaunchError):
@@ -210,7 +213,8 @@ class NodeLink:
             store.set(GO, "1")
         self._await(GO, deadline, interrupted, on_timeout=self._missing_nodes_error)
         self.hosts = {r: store.get(PREFIX + f"node/{r}").decode() for r in range(self.shape.nnodes)}
-        self._watch = _Watcher(self._client(deadline=time.monotonic() + self.join_timeout), self.is_host)
+        pulse = Pulse(rank, self.hosts, watch_others=self.is_host, silence_s=silence_limit(os.environ))
+        self._watch = _Watcher(self._client(deadline=time.monotonic() + self.join_timeout), pulse)
 
     def _open_store(self, attempt: int, deadline: float, interrupted: Callable[[], bool]) -> TCPStore:
         if self.is_host:
@@ -364,10 +368,70 @@ class NodeLink:
         self._store = None
 
 
-class _Watcher:
-    """A thread blocked on the store's END key; it wakes the supervisor's loop through a pipe."""
+def silence_limit(environ: dict[str, str] | os._Environ[str]) -> float:
+    try:
+        value = float(environ.get(SILENCE_VARIABLE, SILENCE_S))
+    except ValueError:
+        return SILENCE_S
+    return value if value > 0 else SILENCE_S
 
-    def __init__(self, store: TCPStore, is_host: bool) -> None:
+
+class Pulse:
+    """Heartbeats: every node bumps a counter; node 0 names a node whose counter stopped.
+
+    A node whose launcher is SIGKILLed loses its workers (its guard stops them), but the
+    other nodes' workers may be computing, not waiting on it, and would not notice.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        hosts: dict[int, str],
+        *,
+        watch_others: bool,
+        silence_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rank = rank
+        self.hosts = hosts
+        self.watch_others = watch_others
+        self.silence_s = silence_s
+        self.clock = clock
+        now = clock()
+        self._next_beat = now
+        self._next_check = now + BEAT_S
+        self._seen = {r: (-1, now) for r in hosts if r != rank}
+
+    def tick(self, store: TCPStore) -> AttemptEnd | None:
+        """Beat when due; on node 0, the first node silent for too long, as an attempt end."""
+        now = self.clock()
+        if now >= self._next_beat:
+            store.add(PREFIX + f"beat/{self.rank}", 1)
+            self._next_beat = now + BEAT_S
+        if not self.watch_others or now < self._next_check:
+            return None
+        self._next_check = now + BEAT_S
+        for rank, (count, since) in self._seen.items():
+            current = int(store.add(PREFIX + f"beat/{rank}", 0))
+            if current != count:
+                self._seen[rank] = (current, now)
+            elif now - since > self.silence_s:
+                detail = (
+                    f"stopped answering for {self.silence_s:g}s (its ddplaunch was killed, or its "
+                    "network failed)"
+                )
+                return AttemptEnd("lost", rank, self.hosts.get(rank, "?"), detail, 1)
+        return None
+
+
+class _Watcher:
+    """A thread blocked on the store's END key; it wakes the supervisor's loop through a pipe.
+
+    Between waits it keeps the heartbeats going (Pulse).
+    """
+
+    def __init__(self, store: TCPStore, pulse: Pulse) -> None:
+        self._pulse = pulse
         self._store = store
         self.read_fd, self._write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
@@ -382,6 +446,9 @@ class _Watcher:
 
         while not self._stopping.is_set():
             try:
+                silent = self._pulse.tick(self._store)
+                if silent is not None:
+                    self._store.compare_set(END, "", silent.to_text())
                 self._store.wait([END], timedelta(seconds=SLICE_S))
                 self._result = AttemptEnd.from_text(self._store.get(END).decode())
             except dist.DistStoreError:

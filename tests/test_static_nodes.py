@@ -195,3 +195,21 @@ def test_two_nodes_claiming_one_rank_are_told(start, tmp_path: Path, token: str)
     assert codes == [1, 1, 1]
     assert any("node rank 1 was already taken" in node.err for node in nodes)
     assert processes_with_token(token) == []
+
+
+def test_a_node_whose_launcher_is_killed_is_named_and_the_others_stop(
+    start, tmp_path: Path, token: str, job_env: dict[str, str]
+) -> None:
+    script = write_script(tmp_path / "sleep.py", FAIL_OR_SLEEP)
+    env = dict(job_env, DDPLAUNCH_NODE_SILENCE_S="2")
+    port = pick_free_port()
+    nodes = [
+        start(*node_args(2, port, "--node-rank", str(rank), "--nproc", "1"), script, str(tmp_path / "x"), env=env)
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        node.wait_line("attempt 0 ready", timeout=120)
+    nodes[1].signal(signal.SIGKILL)  # its guard stops its worker; node 0's worker sleeps on
+    assert nodes[0].wait(timeout=30) == 1
+    assert "node 1 (" in nodes[0].err and "stopped answering for 2s" in nodes[0].err
+    wait_until(lambda: not processes_with_token(token), 10, "no process of the job left")
