@@ -311,3 +311,28 @@ def test_ranks_filter_and_log_dir_on_the_head(launch, tmp_path: Path, token: str
     events = (logs / "launcher.log").read_text()
     assert "host2: started rank 3 pid" in events and "host1: started rank 0 pid" in events
     nothing_left(token, sshd_pool)
+
+
+def test_restarts_run_again_on_every_host(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
+    script = write_script(
+        tmp_path / "flaky.py",
+        """
+import os, sys
+import torch.distributed as dist
+dist.init_process_group("gloo")
+attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+dist.barrier()
+print(f"rank {os.environ['RANK']} attempt {attempt}", flush=True)
+if attempt == "0" and os.environ["RANK"] == "3":
+    os._exit(5)
+if attempt == "1":
+    dist.barrier()
+""",
+    )
+    run = launch("--hosts", "host1,host2", "--nproc", "2", "--max-restarts", "1", script)
+    assert run.wait(timeout=120) == 0, run.err
+    assert sorted(line for line in run.seen["out"] if "attempt 1" in line) == [
+        f"{r} | rank {r} attempt 1" for r in range(4)
+    ]
+    assert "restarting all workers (restart 1 of 1)" in run.err
+    nothing_left(token, sshd_pool)
