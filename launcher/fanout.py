@@ -267,9 +267,16 @@ class Head:
     def _connect(self) -> None:
         from launcher.ssh import connect_all
 
-        clients = connect_all(
-            [h.target for h in self.hosts], accept_new_host_keys=self.options.ssh_accept_new_host_keys
-        )
+        added: list[str] = []
+        try:
+            clients = connect_all(
+                [h.target for h in self.hosts],
+                accept_new_host_keys=self.options.ssh_accept_new_host_keys,
+                added_keys=added,
+            )
+        finally:
+            for line in added:  # as OpenSSH says "Permanently added ..."
+                print(f"ddplaunch: {line}", file=sys.stderr, flush=True)
         for host, client in zip(self.hosts, clients):
             host.client = client
 

@@ -97,6 +97,7 @@ def connect(
     accept_new_host_keys: bool,
     known_hosts: str | None = None,
     timeout: float = 10.0,
+    added_keys: list[str] | None = None,
 ) -> paramiko.SSHClient:
     """Open an authenticated connection, the host key checked against known_hosts first.
 
@@ -108,7 +109,7 @@ def connect(
     user_file = known_hosts if known_hosts is not None else os.path.expanduser(USER_KNOWN_HOSTS)
     entries = kh.read_known_hosts([user_file, *GLOBAL_KNOWN_HOSTS])
     name = kh.host_key_name(target.hostname, target.port)
-    policy = _HostKeyPolicy(target, entries, name, user_file, accept_new_host_keys)
+    policy = _HostKeyPolicy(target, entries, name, user_file, accept_new_host_keys, added_keys)
     sock = _open_socket(target, timeout)
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(policy)  # its key stores stay empty: the policy decides
@@ -142,6 +143,7 @@ def connect_all(
     accept_new_host_keys: bool,
     known_hosts: str | None = None,
     timeout: float = 10.0,
+    added_keys: list[str] | None = None,
 ) -> list[paramiko.SSHClient]:
     """Connect to every target at once; all succeed, or all are closed and one error says why.
 
@@ -150,7 +152,9 @@ def connect_all(
     """
     attempts = [_Attempt(target) for target in targets]
     for attempt in attempts:
-        attempt.start(accept_new_host_keys=accept_new_host_keys, known_hosts=known_hosts, timeout=timeout)
+        attempt.start(
+            accept_new_host_keys=accept_new_host_keys, known_hosts=known_hosts, timeout=timeout, added_keys=added_keys
+        )
     deadline = time.monotonic() + timeout + _STRAGGLER_GRACE_S
     for attempt in attempts:
         attempt.finished.wait(max(deadline - time.monotonic(), 0))
@@ -185,9 +189,16 @@ class _Attempt:
         self._abandoned = False
         self._timeout = 0.0
 
-    def start(self, *, accept_new_host_keys: bool, known_hosts: str | None, timeout: float) -> None:
+    def start(
+        self, *, accept_new_host_keys: bool, known_hosts: str | None, timeout: float, added_keys: list[str] | None
+    ) -> None:
         self._timeout = timeout
-        kwargs = {"accept_new_host_keys": accept_new_host_keys, "known_hosts": known_hosts, "timeout": timeout}
+        kwargs = {
+            "accept_new_host_keys": accept_new_host_keys,
+            "known_hosts": known_hosts,
+            "timeout": timeout,
+            "added_keys": added_keys,
+        }
         name = f"ssh-connect-{self.target.alias}"
         threading.Thread(target=self._run, kwargs=kwargs, name=name, daemon=True).start()
 
@@ -347,7 +358,9 @@ class _HostKeyPolicy:
         name: str,
         user_file: str,
         accept_new: bool,
+        added_keys: list[str] | None = None,
     ) -> None:
+        self.added_keys = added_keys
         self.target = target
         self.entries = entries
         self.name = name
@@ -371,6 +384,8 @@ class _HostKeyPolicy:
         # accepted again, unchecked, on every run.
         try:
             kh.append_known_host(self.user_file, self.name, key_type, blob)
+            if self.added_keys is not None:  # said by the caller, who owns the terminal
+                self.added_keys.append(f"{self.target.label}: permanently added its {offered} to {self.user_file}")
         except OSError as exc:
             raise SshError(
                 f"{self.target.label}: accepting its new {offered} needs it written to "

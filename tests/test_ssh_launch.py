@@ -154,7 +154,9 @@ def test_unknown_host_key_is_refused_then_accepted_with_the_flag(
     nothing_left(token, sshd_pool)
     run = launch("--hosts", "host1,host2", "--ssh-accept-new-host-keys", script, str(tmp_path))
     assert run.wait(timeout=120) == 0, run.err
-    assert sshd_pool.server("host2").host_public_key in ssh_home.known_hosts.read_text()
+    assert "host2 (root@127.0.1.3:" in run.err and "): permanently added its ED25519 key SHA256:" in run.err
+    assert "host1 (" not in run.err
+    assert ssh_home.known_hosts.read_text().count("\n") == len(sshd_pool.servers)  # hashed, one more line
     nothing_left(token, sshd_pool)
 
 
