@@ -65,6 +65,12 @@ def parse_hosts_flag(text: str) -> tuple[HostSpec, ...]:
             user, host, port = _parse_address(entry)
         except _AddressError as exc:
             raise LaunchError(f"--hosts entry {entry!r}: {exc}. {_HOSTS_FORMS}") from None
+        if port is not None and port < HOROVOD_SLOTS_BELOW:
+            raise LaunchError(
+                f"--hosts entry {entry!r}: {port} looks like a Horovod/MPI slot count (host:slots), "
+                f"but here host:N is an SSH port. Write {host} and give the workers per host with "
+                f"--nproc {port} (or use --hostfile with `{host} slots={port}`)."
+            )
         specs.append(HostSpec(entry, host, user, port))
     repeat = _first_repeat(specs)
     if repeat is not None:
@@ -201,6 +207,10 @@ def _split_bracketed(rest: str) -> tuple[str, str | None]:
     if after and not after.startswith(":"):
         raise _AddressError(f"{after!r} after ']' is not :PORT")
     return address, after[1:] if after else None
+
+
+# No sshd listens below port 20; `-H node1:4` there is Horovod's "4 slots on node1".
+HOROVOD_SLOTS_BELOW = 20
 
 
 def _parse_port(text: str) -> int:

@@ -30,7 +30,7 @@ from launcher.hosts import HostSpec, parse_hostfile, parse_hosts_flag, read_host
         ("node-1.cluster.example.org", [HostSpec("node-1.cluster.example.org", "node-1.cluster.example.org")]),
         ("gpu_box", [HostSpec("gpu_box", "gpu_box")]),  # an ~/.ssh/config alias
         ("first.last@h", [HostSpec("first.last@h", "h", user="first.last")]),
-        ("h:1,h:65535", [HostSpec("h:1", "h", port=1), HostSpec("h:65535", "h", port=65535)]),
+        ("h:20,h:65535", [HostSpec("h:20", "h", port=20), HostSpec("h:65535", "h", port=65535)]),
         # Same machine, different SSH destinations: two nodes (e.g. two sshd containers).
         ("localhost:2222,localhost:2223", [HostSpec("localhost:2222", "localhost", port=2222),
                                            HostSpec("localhost:2223", "localhost", port=2223)]),
@@ -213,3 +213,10 @@ def test_read_hostfile_rejects(
     for expected in names:
         assert expected in message
     assert "\n" not in message
+
+
+def test_horovod_slot_counts_are_not_taken_for_ports() -> None:
+    with pytest.raises(LaunchError) as caught:
+        parse_hosts_flag("node1:4,node2:4")
+    message = str(caught.value)
+    assert "'node1:4'" in message and "Horovod" in message and "--nproc 4" in message and "slots=4" in message
