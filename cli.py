@@ -168,6 +168,10 @@ def command(**params: object) -> None:
     except LaunchError as exc:
         click.echo(f"ddplaunch: error: {exc}", err=True)
         code = exc.exit_code
+    if options.agent:
+        from launcher.agent import say_exit
+
+        say_exit(code)
     if "torch" in sys.modules:
         # A multi-node agent imported torch for its store; the interpreter's teardown of torch
         # costs ~0.5 s and every resource of ours is already released.

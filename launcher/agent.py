@@ -13,7 +13,9 @@ import os
 import signal
 import threading
 
-from launcher.frames import BLOCK, DATA, END_OF_STREAM, EVENT, NOTE, encode, encode_ready, parse_command
+from launcher.frames import (
+    BLOCK, DATA, END_OF_STREAM, EVENT, NOTE, encode, encode_exit, encode_ready, parse_command,
+)
 from launcher.logs import Printer, Stream, _write_all
 
 
@@ -54,6 +56,13 @@ class FramePrinter(Printer):
             _write_all(self._fd, data)
         except OSError:
             self._broken = True  # the head is gone; stdin's end of file stops the workers
+
+
+def say_exit(code: int, out_fd: int = 1) -> None:
+    try:
+        _write_all(out_fd, encode_exit(code))
+    except OSError:
+        pass  # the head is gone; it will call this host lost, which it is
 
 
 def ssh_server_address(environ: dict[str, str]) -> str | None:

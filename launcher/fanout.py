@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from launcher.errors import Interrupted, LaunchError
 from launcher.frames import (
-    BLOCK, DATA, END_OF_STREAM, EVENT, NOTE, READY, Frame, FrameError, FrameReader, decode_ready, go_line,
+    BLOCK, DATA, END_OF_STREAM, EVENT, EXIT, NOTE, READY, Frame, FrameError, FrameReader, decode_ready, go_line,
 )
 from launcher.hosts import HostSpec, parse_hosts_flag, read_hostfile
 
@@ -60,7 +60,17 @@ class Host:
     frames: FrameReader = field(default_factory=FrameReader)
     stderr_tail: list[str] = field(default_factory=list)
     ready: tuple[str, int] | None = None
-    exit_status: int | None = None
+    exit_status: int | None = None  # SSH's, -1 when none came
+    said_exit: int | None = None  # the agent's own EXIT frame
+
+    @property
+    def lost(self) -> bool:
+        """Ended without its agent saying how: killed, or the connection dropped."""
+        return self.closed and self.said_exit is None and self.exit_status in (-1, None)
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.said_exit if self.said_exit is not None else self.exit_status
     out_done: bool = False
     err_done: bool = False
 
@@ -384,8 +394,8 @@ class Head:
                     pass
 
     def _exit_code(self, printer: Printer) -> int:
-        statuses = [h.exit_status for h in self.hosts]
-        lost = [h for h in self.hosts if h.exit_status == -1]
+        statuses = [h.exit_code for h in self.hosts]
+        lost = [h for h in self.hosts if h.lost]
         for host in lost:
             printer.note(f"lost {host.name} (node {host.node_rank}): its connection or agent ended without an exit status")
         code = next((s for s in statuses if s not in (0, -1, None)), 1 if lost else 0)
@@ -439,6 +449,9 @@ class Head:
         if frame.kind == READY:
             host.ready = decode_ready(frame)
             return
+        if frame.kind == EXIT:
+            host.said_exit = int(frame.text)
+            return
         if printer is None:
             return
         if frame.kind == DATA:
@@ -469,7 +482,7 @@ class Head:
         host.exit_status = status
         if printer is None:
             return
-        if status == -1 and any(not h.closed for h in self.hosts):
+        if host.lost and any(not h.closed for h in self.hosts):
             printer.note(f"lost {host.name} (node {host.node_rank}): stopping the workers on every other host")
             for other in self.hosts:
                 if not other.closed:

@@ -1,6 +1,6 @@
 """The byte format a remote node agent speaks to the head over SSH (pure: no I/O).
 
-Agent to head (its stdout): frames of a 10-byte header (kind, rank, stream, length) and a
+Agent to head (its stdout): a sync mark, then frames of a 10-byte header (kind, rank, stream, length) and a
 payload. Worker output travels as raw bytes, so the head frames lines exactly as on one node
 and one printer owns the head's terminal. Head to agent (its stdin): text lines, "go ADDR
 PORT", "stop SIGNAME"; end of file means the head is gone, and the agent stops its workers.
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 HEADER = struct.Struct("!BiBI")
-DATA, END_OF_STREAM, NOTE, EVENT, BLOCK, READY = 1, 2, 3, 4, 5, 6
-Kind = Literal[1, 2, 3, 4, 5, 6]
+DATA, END_OF_STREAM, NOTE, EVENT, BLOCK, READY, EXIT = 1, 2, 3, 4, 5, 6, 7
+Kind = Literal[1, 2, 3, 4, 5, 6, 7]
 MAX_PAYLOAD = 1 << 24  # a corrupt header must not make the head allocate gigabytes
 # The agent's first bytes. A login shell's rc file may print to stdout before the agent
 # starts (a banner, `conda activate` noise); the head skips everything before this mark.
@@ -67,7 +67,7 @@ class FrameReader:
         frames: list[Frame] = []
         while len(self._buffer) >= HEADER.size:
             kind, rank, stream, length = HEADER.unpack_from(self._buffer)
-            if not DATA <= kind <= READY or length > MAX_PAYLOAD:
+            if not DATA <= kind <= EXIT or length > MAX_PAYLOAD:
                 raise FrameError(bytes(self._buffer[:200]).decode("utf-8", "replace"))
             end = HEADER.size + length
             if len(self._buffer) < end:
@@ -92,6 +92,12 @@ class FrameReader:
     @property
     def pending(self) -> bytes:
         return bytes(self._buffer)
+
+
+def encode_exit(code: int) -> bytes:
+    """The agent's last words: its exit code. SSH's own exit status can go missing when a
+    channel closes fast (paramiko then reads -1), and a missing status means a lost host."""
+    return encode(EXIT, str(code).encode())
 
 
 def go_line(master_addr: str, master_port: int) -> bytes:

@@ -287,13 +287,21 @@ class Attempt:
                 self._on_stop_signal(sig)
 
     def _on_stop_signal(self, sig: int) -> None:
+        """The first stop signal stops gracefully; only a second one kills at once.
+
+        A stop already under way for a failure (here or on another node) does not count as
+        the first: the head relays its stop to every node, and a node already stopping must
+        still give its workers their grace to checkpoint.
+        """
         name = signal.Signals(sig).name
-        if self._stopping:
+        if self.stop_signal is not None:
             self.printer.note(f"got {name} again: killing all workers now")
             self._kill_now()
             return
-        if self.root_cause is None:
-            self.stop_signal = sig
+        self.stop_signal = sig  # no restart after this, whatever else failed
+        if self._stopping:
+            self.printer.note(f"got {name}: already stopping all workers (again to kill at once)")
+            return
         self.printer.note(f"got {name}: stopping all workers (again to kill at once)")
         self._tell_peers("stopped", f"ddplaunch got {name}", 128 + sig)
         self._begin_stop(sig)

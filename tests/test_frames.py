@@ -71,3 +71,10 @@ def test_go_line_round_trips_an_ipv6_address() -> None:
     assert command is not None
     addr, _, port = command[1].rpartition(" ")
     assert (addr, int(port)) == ("fd00::1", 29500)
+
+
+def test_exit_frame_carries_the_agents_code() -> None:
+    from launcher.frames import EXIT, encode_exit
+
+    (frame,) = FrameReader().feed(encode_ready("a", 1) + encode_exit(143))[1:]
+    assert (frame.kind, frame.text) == (EXIT, "143")

@@ -328,3 +328,47 @@ time.sleep(300)
     assert "signal SIGABRT, exit code 134 while being stopped" in run.err
     assert "terminated by ddplaunch (SIGABRT)" not in run.err
     assert run.err.count("terminated by ddplaunch (SIGTERM)") == 1  # rank 1
+
+
+CHECKPOINTER = """
+import os, signal, sys, time
+rank = int(os.environ["RANK"])
+
+def checkpoint(signum, frame):
+    print(f"checkpointing {rank}", flush=True)
+    time.sleep(1.5)
+    print(f"saved {rank}", flush=True)
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, checkpoint)
+print(f"ready {rank}", flush=True)
+if rank == 0:
+    time.sleep(0.3)
+    os._exit(3)
+time.sleep(300)
+"""
+
+
+def test_a_stop_signal_during_a_failure_stop_keeps_the_grace(start, tmp_path: Path, token: str) -> None:
+    """The head relays its stop to nodes already stopping: that must not skip the checkpoint."""
+    script = write_script(tmp_path / "ckpt.py", CHECKPOINTER)
+    run = start("--nproc", "2", script)
+    run.wait_line("checkpointing 1")
+    run.signal(signal.SIGTERM)
+    assert run.wait(timeout=30) == 3  # the root cause's code; no restart, no SIGKILL
+    assert "1 | saved 1" in run.out
+    assert "already stopping all workers" in run.err
+    assert processes_with_token(token) == []
+
+
+def test_a_second_stop_signal_still_kills_at_once(start, tmp_path: Path, token: str) -> None:
+    script = write_script(tmp_path / "ckpt.py", CHECKPOINTER)
+    run = start("--nproc", "2", script)
+    run.wait_line("checkpointing 1")
+    run.signal(signal.SIGTERM)
+    run.wait_line("already stopping all workers", stream="err")
+    run.signal(signal.SIGTERM)
+    assert run.wait(timeout=30) == 3
+    assert "saved 1" not in run.out
+    assert "killing all workers now" in run.err
+    assert processes_with_token(token) == []
