@@ -2,9 +2,10 @@
 
 Run it from the repository root with the project's virtualenv:
 
-    .venv/bin/python scripts/bench.py              # full run (5 repetitions, a few minutes)
+    .venv/bin/python scripts/bench.py              # full run (5 repetitions, about 6 minutes)
     .venv/bin/python scripts/bench.py --quick      # 2 repetitions, everything still measured
     .venv/bin/python scripts/bench.py --reps 9 --json results.json
+    .venv/bin/python scripts/bench.py --only nodes # only the multi-node rows (--no-nodes: all but them)
 
 Both tools are run as their console scripts, taken from next to sys.executable (else from
 PATH): `ddplaunch --nproc N ...` and `torchrun --standalone --nproc-per-node N ...`. Within
@@ -32,9 +33,15 @@ What is measured (all worker scripts are written to a fresh temporary directory)
              Once all 4 are ready the launcher pid gets SIGKILL; 3 s later the processes
              still alive that carry this launch's BENCH_TOKEN in their environment are
              counted (then killed). ddplaunch target: 0 survivors.
+  nodes      multi-node rows (scripts/bench_nodes.py describes them): `--hosts` with 8 vs 2
+             hosts over real sshd servers on this machine (<= 1.5), a failure on static
+             node 1 -> node 0's workers stopped and its launcher exited (<= 2 s; torchrun's
+             node 0 never stops), and 4 x 50,000 lines through SSH against one node (0 lost).
+             `--only hosts,crossnode,sshlines` picks single ones.
 
-Every wait is bounded; every process a launch started (found by its BENCH_TOKEN) is killed
-in a finally block, so the benchmark leaves nothing running.
+Every wait is bounded; every process a launch started (found by its BENCH_TOKEN, in its
+environment or, for the SSH agents, as `BENCH_TOKEN=...` in its command line) is killed in a
+finally block, so the benchmark leaves nothing running.
 """
 
 from __future__ import annotations
@@ -55,14 +62,16 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-from collections.abc import Callable
 
 import psutil
 
 TOOLS = ("ddplaunch", "torchrun")
+LOCAL_KEYS = ("launch", "teardown", "lines", "memory", "orphans")
+NODE_KEYS = ("hosts", "crossnode", "sshlines")  # measured by scripts/bench_nodes.py
 LINES_PER_RANK = 100_000
 LINES_RANKS = 4
 PAD = "x" * 40  # "rank R line NNNNNN " is 19 bytes; with the pad and "\n": 60 bytes a line
@@ -130,11 +139,17 @@ class Bench:
             return [self.tools[tool], "--nproc", str(nproc), *tool_opts, path, *extra]
         return [self.tools[tool], "--standalone", "--nproc-per-node", str(nproc), *tool_opts, path, *extra]
 
-    def start(self, argv: list[str], stdout: int | IO[Any], stderr: int | IO[Any], label: str) -> tuple[subprocess.Popen, str]:
-        """Start a launcher with a unique BENCH_TOKEN that all its descendants inherit."""
+    def new_token(self) -> str:
+        """A fresh BENCH_TOKEN; main's finally block kills whatever carries any of them."""
         self.launches += 1
-        token = f"{self.run_token}-{self.launches}"
-        env = dict(os.environ, BENCH_TOKEN=token)
+        return f"{self.run_token}-{self.launches}"
+
+    def start(self, argv: list[str], stdout: int | IO[Any], stderr: int | IO[Any], label: str, *,
+              env: Mapping[str, str] | None = None, token: str | None = None) -> tuple[subprocess.Popen, str]:
+        """Start a launcher with a BENCH_TOKEN (a unique one unless given) that all its
+        descendants inherit; `env` replaces os.environ as the base environment."""
+        token = token or self.new_token()
+        env = dict(os.environ if env is None else env, BENCH_TOKEN=token)
         env.pop("NO_COLOR", None)
         if label not in self.shown:
             self.shown.add(label)
@@ -185,14 +200,16 @@ def wait_exit(proc: subprocess.Popen, timeout: float, on_tick: Callable[[], None
 
 
 def token_processes(token: str) -> list[psutil.Process]:
-    """Live (non-zombie) processes whose environment carries BENCH_TOKEN=token."""
+    """Live (non-zombie) processes whose environment carries BENCH_TOKEN=token, or whose
+    command line has the argument BENCH_TOKEN=token (an SSH agent's `--env BENCH_TOKEN=...`)."""
     found = []
     me = os.getpid()
+    arg = f"BENCH_TOKEN={token}"
     for proc in psutil.process_iter():
         if proc.pid == me:
             continue
         try:
-            if proc.environ().get("BENCH_TOKEN") != token:
+            if proc.environ().get("BENCH_TOKEN") != token and arg not in proc.cmdline():
                 continue
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
@@ -253,8 +270,7 @@ def run_launch(bench: Bench, tool: str, nproc: int) -> float:
 def run_bare(bench: Bench, nproc: int) -> float:
     """No launcher: the same nproc `python -u empty.py` posix_spawn'ed at once. The floor for launch."""
     argv = [sys.executable, "-u", str(bench.workdir / "empty.py")]
-    bench.launches += 1
-    token = f"{bench.run_token}-{bench.launches}"
+    token = bench.new_token()
     env = dict(os.environ, BENCH_TOKEN=token)
     pids: list[int] = []
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -304,8 +320,8 @@ def run_teardown(bench: Bench, tool: str) -> float:
         stamp.unlink(missing_ok=True)
 
 
-DDP_LINE = re.compile(rb"^ *(\d+) \| rank (\d+) line \d{6} x+$", re.M)
-TORCH_LINE = re.compile(rb"^\[default(\d+)\]:rank (\d+) line \d{6} x+$", re.M)
+DDP_LINE = re.compile(rb"^ *(\d+) \| rank (\d+) line \d{6} x+$", re.MULTILINE)
+TORCH_LINE = re.compile(rb"^\[default(\d+)\]:rank (\d+) line \d{6} x+$", re.MULTILINE)
 
 
 def count_lines(path: Path, pattern: re.Pattern[bytes]) -> dict[int, int]:
@@ -350,7 +366,7 @@ def run_lines(bench: Bench, tool: str, extra: dict) -> float:
                 paths = list(logdir.glob(f"*/attempt_0/{r}/stdout.log"))
             for path in paths:
                 if path.is_file():
-                    in_files += len(re.findall(rb"^rank %d line \d{6} x+$" % r, path.read_bytes(), re.M))
+                    in_files += len(re.findall(rb"^rank %d line \d{6} x+$" % r, path.read_bytes(), re.MULTILINE))
         extra.setdefault("lost_in_files", []).append(LINES_RANKS * LINES_PER_RANK - in_files)
         return elapsed
     finally:
@@ -553,9 +569,20 @@ def fmt(value: float | None, unit: str) -> str:
     return f"{value:g}"
 
 
-def render(rows: list[Row]) -> str:
+def draw_table(header: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> list[str]:
+    table = [header, *body]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = []
+    for i, r in enumerate(table):
+        lines.append(" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return lines
+
+
+def render(rows: list[Row], node_rows: Sequence[Any] = ()) -> str:
     header = ("measurement", "ddplaunch (median)", "torchrun (median)", "ratio", "target", "ok?")
-    table = [header]
+    table = []
     for row in rows:
         target, ok = verdict(row)
         ratio = row.ratio()
@@ -567,12 +594,7 @@ def render(rows: list[Row]) -> str:
             target,
             {True: "yes", False: "NO", None: "?"}[ok],
         ))
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = []
-    for i, r in enumerate(table):
-        lines.append(" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        if i == 0:
-            lines.append("-+-".join("-" * w for w in widths))
+    lines = draw_table(header, table) if rows else []
     by_key = {r.key: r for r in rows}
     floors = [r for r in rows if r.baseline]
     if floors:
@@ -607,16 +629,29 @@ def render(rows: list[Row]) -> str:
             lines.append(f"orphans surviving 3 s after SIGKILL, {tool:<9}: per rep {counts}"
                          f" (of {before} token processes besides the launcher before the kill)"
                          f"{'' if not kinds else f'; last run {kinds[-1]}'} - all killed afterwards")
-    errors = [e for r in rows for e in r.errors]
+    if node_rows:
+        from bench_nodes import render_nodes
+
+        if lines:
+            lines.append("")
+        lines.extend(render_nodes(node_rows, draw_table))
+    errors: list[str] = []
+    seen: list[list[str]] = []
+    for r in [*rows, *node_rows]:
+        if not any(r.errors is s for s in seen):  # the two cross-node rows share one list
+            seen.append(r.errors)
+            errors.extend(f"  {r.key}: {e}" for e in r.errors)
     if errors:
         lines.append("")
         lines.append("errors:")
-        lines.extend(f"  {r.key}: {e}" for r in rows for e in r.errors)
+        lines.extend(errors)
     return "\n".join(lines)
 
 
-def to_json(rows: list[Row], meta: dict) -> dict:
-    out = {"meta": meta, "results": {}}
+def to_json(rows: list[Row], meta: dict, node_rows: Sequence[Any] = ()) -> dict:
+    out: dict[str, Any] = {"meta": meta, "results": {}}
+    for node_row in node_rows:
+        out["results"][node_row.key] = node_row.as_json()
     for row in rows:
         target, ok = verdict(row)
         out["results"][row.key] = {
@@ -640,16 +675,26 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 repetitions (every measurement still runs)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--only", metavar="LIST",
-                        help="comma-separated subset: launch,teardown,lines,memory,orphans (default: all)")
+                        help="comma-separated subset: launch,teardown,lines,memory,orphans, and the multi-node "
+                             "hosts,crossnode,sshlines, or 'nodes' for those three (default: all)")
+    parser.add_argument("--no-nodes", action="store_true",
+                        help="skip the multi-node rows (hosts, crossnode, sshlines)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up launches")
     args = parser.parse_args()
     reps = 2 if args.quick else args.reps
     if reps < 1:
         parser.error("--reps must be at least 1")
     only = {s.strip() for s in args.only.split(",")} if args.only else set()
-    unknown = only - {"launch", "teardown", "lines", "memory", "orphans"}
+    unknown = only - {*LOCAL_KEYS, *NODE_KEYS, "nodes"}
     if unknown:
         parser.error(f"--only: unknown measurement(s) {sorted(unknown)}")
+    if "nodes" in only:
+        only = (only - {"nodes"}) | set(NODE_KEYS)
+    selected = only or {*LOCAL_KEYS, *NODE_KEYS}
+    if args.no_nodes:
+        selected -= set(NODE_KEYS)
+        if not selected:
+            parser.error("--no-nodes with --only naming only multi-node rows leaves nothing to measure")
 
     command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
     print(f"$ {command}", flush=True)
@@ -664,14 +709,19 @@ def main() -> int:
         try:
             if not args.no_warmup:
                 warm_up(bench)
-            rows = measure_all(bench, reps, only)
+            rows = measure_all(bench, reps, selected)
+            node_rows: list[Any] = []
+            if selected & set(NODE_KEYS):
+                from bench_nodes import measure_nodes
+
+                node_rows = measure_nodes(bench, reps, selected)
         finally:
             for n in range(1, bench.launches + 1):  # nothing of ours may outlive the benchmark
                 kill_token(f"{bench.run_token}-{n}", timeout=2)
     elapsed = time.time() - started
     print(f"# {reps} rep(s) per tool, alternating; ratio = ddplaunch / torchrun median; "
           f"{os.cpu_count()} CPU(s); {elapsed:.0f} s in all")
-    print(render(rows))
+    print(render(rows, node_rows))
     if args.json:
         meta = {
             "command": command,
@@ -683,10 +733,13 @@ def main() -> int:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "elapsed_s": elapsed,
         }
-        Path(args.json).write_text(json.dumps(to_json(rows, meta), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(to_json(rows, meta, node_rows), indent=2) + "\n")
         print(f"# JSON written to {args.json}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module `bench`, so that bench_nodes (which imports bench) shares its classes.
+    import bench
+
+    sys.exit(bench.main())

@@ -1,0 +1,711 @@
+"""The multi-node rows of scripts/bench.py: `--hosts` over real sshd servers, and static nodes.
+
+bench.py imports this module when a multi-node row is selected (all are, by default); it
+reuses bench.py's helpers (bounded waits, BENCH_TOKEN clean-up, the line format).
+
+  hosts      `ddplaunch --hosts` with 8 hosts and with 2 hosts, --nproc 1 (alternating).
+             Each worker writes `ready-<RANK>` into a directory and sleeps. Measured: from
+             Popen to the moment all ready files exist (the directory is polled every 10 ms).
+             Then the head gets SIGTERM; it must exit, and no worker, agent or SSH session
+             may be left. Ratio 8 hosts / 2 hosts.                  target <= 1.5
+             The notes split the time by the head's own stderr lines (connecting, connected,
+             all agents ready), and say how many workers saw the SIGTERM (a handler writes
+             `term-<RANK>`) rather than a SIGKILL, and how often the head called a host lost.
+  crossnode  static mode, 2 nodes x 2 workers, both launchers on this machine. Every worker
+             does init_process_group("gloo") + barrier; rank 3 (node 1) then writes
+             time.time() and calls os._exit(1); the others sleep 60 s with a SIGTERM handler
+             that writes time.time() to `stopped-<RANK>`. Measured against rank 3's stamp:
+             the later of node 0's two stopped stamps, and the moment node 0's launcher
+             has exited (pidfd). torchrun's node 0 is given CROSSNODE_BOUND_S, then killed.
+                                                                     target <= 2 s
+  sshlines   `ddplaunch --hosts h1,h2 --nproc 2`, each rank printing 50,000 lines of ~60
+             bytes (bench.py's line format), stdout redirected to a file, lines counted per
+             rank by their `R | ` prefix; against the same 4 x 50,000 lines on one node
+             (`ddplaunch --nproc 4`). Wall time, ratio ssh / local, lines per second over the
+             wall time and from the first line on (start-up aside). Target: 0 lines lost.
+
+The "hosts" are 8 OpenSSH servers (tests/sshd.py) on 127.0.1.40-47 of this one machine,
+reached through a throw-away HOME whose ~/.ssh/config names them bench1..bench8: they
+share this machine's CPUs, so 8 hosts cost 4x the CPU of 2 hosts here (each node agent
+imports torch for the rendezvous store). torchrun has no SSH mode: its column is n/a there.
+The pool is stopped, with every session it holds, in a finally block.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+from bench import (
+    DDP_LINE,
+    PAD,
+    TOOLS,
+    Bench,
+    Timeout,
+    count_lines,
+    finish,
+    log,
+    token_processes,
+    wait_exit,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from sshd import SshdPool, SshHome, start_sshd_pool  # tests/ is not a package
+
+POOL_FIRST_ADDRESS = "127.0.1.40"  # the test suite's servers use 127.0.1.2-9
+POOL_ALIAS = "bench"
+HOST_COUNTS = (2, 8)
+HOSTS_TARGET = 1.5
+CROSSNODE_TARGET_S = 2.0
+CROSSNODE_BOUND_S = 10.0  # after rank 3's failure, how long node 0 is given to stop
+SSH_LINES_PER_RANK = 50_000
+SSH_HOSTS, SSH_NPROC = 2, 2
+SSH_RANKS = SSH_HOSTS * SSH_NPROC
+START_TIMEOUT_S = 120.0  # from Popen until every worker runs (hosts) or rank 3 failed (crossnode)
+LEFTOVER_WAIT_S = 15.0  # after the head exited: until no worker, agent or SSH session is left
+POLL_S = 0.01
+
+WORKERS = {
+    "ready_sleep.py": """\
+import os, signal, sys, time
+rank = os.environ["RANK"]
+
+def put(name):
+    path = os.path.join(sys.argv[1], name)
+    with open(path + ".tmp", "w") as f:
+        f.write(repr(time.time()))
+    os.rename(path + ".tmp", path)
+
+def on_term(signum, frame):  # a SIGTERM reached us (not a SIGKILL): the stop was graceful
+    put("term-" + rank)
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, on_term)
+put("ready-" + rank)
+time.sleep(60)
+""",
+    "crossnode.py": """\
+import os, signal, sys, time
+out = sys.argv[1]
+rank = int(os.environ["RANK"])
+
+def put(name, text):
+    path = os.path.join(out, name)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(path + ".tmp", path)
+
+def on_term(signum, frame):
+    put(f"stopped-{rank}", repr(time.time()))
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, on_term)
+import torch.distributed as dist
+dist.init_process_group("gloo")
+dist.barrier()
+print(f"ready {rank}", flush=True)
+put(f"ready-{rank}", "")
+if rank == 3:  # fail once the others are past the barrier, asleep with their handler set
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(os.path.exists(os.path.join(out, f"ready-{r}")) for r in range(3)):
+        time.sleep(0.01)
+    put("failed", repr(time.time()))
+    os._exit(1)
+time.sleep(60)
+""",
+    "lines50k.py": f"""\
+import os
+r = int(os.environ["RANK"])
+pad = {PAD!r}
+for i in range({SSH_LINES_PER_RANK}):
+    print(f"rank {{r}} line {{i:06d}} " + pad)
+""",
+}
+
+
+# -- rows -------------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeRow:
+    """One multi-node row: named series of samples (None: failed or never), shown as cells."""
+
+    key: str
+    label: str
+    series: dict[str, list[float | None]]
+    extra: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def median(self, name: str) -> float | None:
+        values = [v for v in self.series[name] if v is not None]
+        return statistics.median(values) if values else None
+
+    def ratio(self) -> float | None:
+        return None
+
+    def target(self) -> str:
+        raise NotImplementedError
+
+    def ok(self) -> bool | None:
+        raise NotImplementedError
+
+    def cells(self) -> tuple[str, str, str, str]:
+        """ddplaunch, torchrun, reference, ratio."""
+        raise NotImplementedError
+
+    def leftovers_ok(self) -> bool:
+        return all(n == 0 for n in self.extra.get("left_behind", []))
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "unit": "s",
+            "samples": self.series,
+            "median": {name: self.median(name) for name in self.series},
+            "ratio": self.ratio(),
+            "target": self.target(),
+            "ok": self.ok(),
+            "extra": self.extra,
+            "errors": self.errors,
+        }
+
+
+def secs(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f} s"
+
+
+class HostsRow(NodeRow):
+    def ratio(self) -> float | None:
+        few, many = (self.median(f"{n} hosts") for n in HOST_COUNTS)
+        return many / few if few and many is not None else None
+
+    def target(self) -> str:
+        return f"<= {HOSTS_TARGET:g} ({HOST_COUNTS[1]}/{HOST_COUNTS[0]})"
+
+    def ok(self) -> bool | None:
+        ratio = self.ratio()
+        if ratio is None:
+            return None
+        return ratio <= HOSTS_TARGET and self.leftovers_ok() and not self.errors
+
+    def cells(self) -> tuple[str, str, str, str]:
+        few, many = HOST_COUNTS
+        ratio = self.ratio()
+        return (
+            f"{secs(self.median(f'{many} hosts'))} ({many} hosts)",
+            "n/a (no SSH mode)",
+            f"{secs(self.median(f'{few} hosts'))} ({few} hosts)",
+            "n/a" if ratio is None else f"{ratio:.3f} ({many}/{few})",
+        )
+
+
+class CrossRow(NodeRow):
+    """series: ddplaunch, torchrun; extra[tool]["outcome"]: stopped / never / error per rep."""
+
+    def target(self) -> str:
+        return f"<= {CROSSNODE_TARGET_S:g} s"
+
+    def ok(self) -> bool | None:
+        samples = self.series["ddplaunch"]
+        if not samples:
+            return None
+        return all(v is not None for v in samples) and max(v for v in samples if v is not None) <= CROSSNODE_TARGET_S
+
+    def tool_cell(self, tool: str) -> str:
+        outcomes = self.extra[tool].get("outcome", [])
+        never = outcomes.count("never")
+        median = self.median(tool)
+        if median is None:
+            return f"never (still running after {CROSSNODE_BOUND_S:g} s)" if never else "n/a"
+        return secs(median) + (f" ({never}/{len(outcomes)} never)" if never else "")
+
+    def cells(self) -> tuple[str, str, str, str]:
+        return (self.tool_cell("ddplaunch"), self.tool_cell("torchrun"), "n/a", "n/a")
+
+
+class SshLinesRow(NodeRow):
+    """series: ssh, local (wall seconds); extra[mode]: lost, per_rank, exit_code per rep."""
+
+    def ratio(self) -> float | None:
+        ssh, local = self.median("ssh"), self.median("local")
+        return ssh / local if ssh is not None and local else None
+
+    def target(self) -> str:
+        return "0 lost"
+
+    def ok(self) -> bool | None:
+        lost = self.extra["ssh"].get("lost", []) + self.extra["local"].get("lost", [])
+        if not lost:
+            return None
+        return all(n == 0 for n in lost) and self.leftovers_ok() and not self.errors
+
+    def cells(self) -> tuple[str, str, str, str]:
+        ratio = self.ratio()
+        return (
+            f"{secs(self.median('ssh'))} ({SSH_HOSTS} hosts x {SSH_NPROC})",
+            "n/a (no SSH mode)",
+            f"{secs(self.median('local'))} (1 node, --nproc {SSH_RANKS})",
+            "n/a" if ratio is None else f"{ratio:.3f} (ssh/local)",
+        )
+
+
+# -- processes: the head, agents and workers of one launch ----------------------------------------
+
+
+@dataclass
+class Nodes:
+    """What the node measurements share: the bench, the sshd pool and the HOME that reaches it."""
+
+    bench: Bench
+    pool: SshdPool | None = None
+    home: SshHome | None = None
+
+    @property
+    def ddplaunch(self) -> str:
+        return self.bench.tools["ddplaunch"]
+
+    def hosts(self, count: int) -> str:
+        assert self.pool is not None
+        return ",".join(self.pool.aliases[:count])
+
+    def ssh_env(self) -> dict[str, str]:
+        assert self.home is not None
+        env = self.home.env()
+        env.pop("NO_COLOR", None)
+        return env
+
+    def left_behind(self, token: str) -> tuple[int, int]:
+        """Wait (bounded) until no process of this launch and no SSH session is left.
+
+        Returns (processes, sessions) still there at the deadline: workers carry BENCH_TOKEN
+        in their environment (--env), agents in their command line (bench.token_processes
+        matches both).
+        """
+        assert self.pool is not None
+        deadline = time.monotonic() + LEFTOVER_WAIT_S
+        while True:
+            procs, sessions = len(token_processes(token)), len(self.pool.session_processes())
+            if (procs == 0 and sessions == 0) or time.monotonic() > deadline:
+                return procs, sessions
+            time.sleep(0.05)
+
+    def kill_sessions(self) -> None:
+        if self.pool is None:
+            return
+        sessions = self.pool.session_processes()
+        for proc in sessions:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(sessions, timeout=5)
+
+
+# The head's own lines on stderr, as it goes: started, connected (every agent started), and
+# every agent ready (each checked its directory, interpreter and script); then the "go".
+HEAD_PHASES = {"connecting": b"ddplaunch: connecting to ", "connected": b"ddplaunch: waiting for ",
+               "agents_ready": b" hosts ready: "}
+# Notes worth counting after a plain SIGTERM at the head (see the README of the bench's report).
+HEAD_NOTES = {"lost_host": b": its connection or agent ended without an exit status",
+              "killed_at_once": b"again: killing all workers now"}
+
+
+class StderrWatch:
+    """Drains a head's stderr in a thread: its tail, when each phase line first appeared
+    (seconds after t0), and how often each note was said."""
+
+    def __init__(self, stream: IO[bytes], t0: float) -> None:
+        self.stream = stream
+        self.t0 = t0
+        self.phases: dict[str, float | None] = dict.fromkeys(HEAD_PHASES)
+        self.notes = dict.fromkeys(HEAD_NOTES, 0)
+        self.tail: list[str] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for line in self.stream:
+            for name, marker in HEAD_PHASES.items():
+                if self.phases[name] is None and marker in line:
+                    self.phases[name] = time.perf_counter() - self.t0
+            for name, marker in HEAD_NOTES.items():
+                self.notes[name] += marker in line
+            self.tail = [*self.tail[-19:], line.decode("utf-8", "replace").rstrip()]
+
+    def close(self) -> None:
+        self.thread.join(timeout=5)  # the head is gone by now; its stderr ends with it
+        self.stream.close()
+
+    def said(self) -> str:
+        return " / ".join(self.tail[-3:])
+
+
+def count_files(folder: Path, prefix: str) -> int:
+    return sum(1 for p in folder.iterdir() if p.name.startswith(prefix) and not p.name.endswith(".tmp"))
+
+
+def read_stamp(path: Path) -> float | None:
+    try:
+        return float(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_exits(procs: list[subprocess.Popen], timeout: float) -> list[float | None]:
+    """bench.wait_exit for several processes at once (a thread each): when each one exited."""
+    results: list[float | None] = [None] * len(procs)
+
+    def one(i: int) -> None:
+        results[i] = wait_exit(procs[i], timeout)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(procs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 10)
+    return results
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- the measurements -----------------------------------------------------------------------------
+
+
+def run_hosts(nodes: Nodes, count: int, extra: dict[str, Any]) -> float:
+    bench = nodes.bench
+    ready = Path(tempfile.mkdtemp(prefix=f"hosts{count}-", dir=bench.workdir))
+    token = bench.new_token()
+    argv = [nodes.ddplaunch, "--hosts", nodes.hosts(count), "--nproc", "1", "--env", f"BENCH_TOKEN={token}",
+            str(bench.workdir / "ready_sleep.py"), str(ready)]
+    t0 = time.perf_counter()
+    proc, _ = bench.start(argv, subprocess.DEVNULL, subprocess.PIPE, f"hosts {count}", env=nodes.ssh_env(), token=token)
+    assert proc.stderr is not None
+    watch = StderrWatch(proc.stderr, t0)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while count_files(ready, "ready-") < count:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the head exited {proc.returncode} before all workers ran: {watch.said()}")
+            if time.monotonic() > deadline:
+                raise Timeout(f"{count} hosts: workers not all running after {START_TIMEOUT_S:g} s")
+            time.sleep(POLL_S)
+        elapsed = time.perf_counter() - t0
+        proc.send_signal(signal.SIGTERM)
+        if wait_exit(proc, timeout=30) is None:
+            raise Timeout(f"{count} hosts: the head did not exit within 30 s of SIGTERM")
+        procs, sessions = nodes.left_behind(token)
+        watch.close()
+        for name, at in watch.phases.items():
+            extra.setdefault(f"{name}_s", []).append(at)
+        for name, times in watch.notes.items():
+            extra.setdefault(name, []).append(times)
+        extra.setdefault("exit_code_after_sigterm", []).append(proc.returncode)
+        extra.setdefault("graceful", []).append(count_files(ready, "term-"))
+        extra.setdefault("left_behind", []).append(procs + sessions)
+        if procs or sessions:
+            raise RuntimeError(f"{procs} process(es) and {sessions} SSH session(s) left {LEFTOVER_WAIT_S:g} s "
+                               "after the head exited (killed)")
+        return elapsed
+    finally:
+        finish(proc, token)
+        nodes.kill_sessions()
+        watch.close()
+        shutil.rmtree(ready, ignore_errors=True)
+
+
+def static_argv(nodes: Nodes, tool: str, node_rank: int, port: int, outdir: Path) -> list[str]:
+    common = ["--nnodes", "2", "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    script = [str(nodes.bench.workdir / "crossnode.py"), str(outdir)]
+    if tool == "ddplaunch":
+        return [nodes.ddplaunch, *common, "--nproc", "2", *script]
+    return [nodes.bench.tools["torchrun"], *common, "--rdzv-backend", "static", "--nproc-per-node", "2", *script]
+
+
+def tail(path: Path, lines: int = 3) -> str:
+    try:
+        return " / ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_crossnode(nodes: Nodes, tool: str, extra: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(node 0's workers stopped, node 0's launcher exited), seconds after rank 3 failed; None: not
+    within CROSSNODE_BOUND_S."""
+    bench = nodes.bench
+    outdir = Path(tempfile.mkdtemp(prefix=f"crossnode-{tool}-", dir=bench.workdir))
+    port = free_port()
+    token = bench.new_token()
+    procs: list[subprocess.Popen] = []
+    logs = [outdir / f"node{r}.log" for r in (0, 1)]
+    try:
+        for node_rank, log_path in enumerate(logs):
+            with open(log_path, "wb") as out:
+                argv = static_argv(nodes, tool, node_rank, port, outdir)
+                procs.append(bench.start(argv, out, subprocess.STDOUT, f"crossnode {tool} node {node_rank}",
+                                         token=token)[0])
+        stamp = outdir / "failed"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not stamp.exists():
+            for node_rank, proc in enumerate(procs):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"node {node_rank} exited {proc.returncode} before rank 3 failed: "
+                                       f"{tail(logs[node_rank])}")
+            if time.monotonic() > deadline:
+                raise Timeout(f"rank 3 did not fail within {START_TIMEOUT_S:g} s (the nodes never met?)")
+            time.sleep(POLL_S)
+        failed = read_stamp(stamp)
+        if failed is None:
+            raise RuntimeError("unreadable failure stamp")
+        node0_exit, node1_exit = wait_exits(procs, timeout=max(failed + CROSSNODE_BOUND_S - time.time(), 0.1))
+        stopped = [read_stamp(outdir / f"stopped-{r}") for r in (0, 1)]
+        workers = None if None in stopped else max(s for s in stopped if s is not None) - failed
+        launcher = None if node0_exit is None else node0_exit - failed
+        extra.setdefault("node0_ranks_stopped_s", []).append([None if s is None else s - failed for s in stopped])
+        extra.setdefault("node1_launcher_exit_s", []).append(None if node1_exit is None else node1_exit - failed)
+        extra.setdefault("exit_codes", []).append([p.returncode for p in procs])
+        return workers, launcher
+    finally:
+        for proc in procs:
+            finish(proc, token)
+        shutil.rmtree(outdir, ignore_errors=True)
+
+
+def run_sshlines(nodes: Nodes, mode: str, extra: dict[str, Any]) -> float:
+    bench = nodes.bench
+    token = bench.new_token()
+    script = str(bench.workdir / "lines50k.py")
+    if mode == "ssh":
+        argv = [nodes.ddplaunch, "--hosts", nodes.hosts(SSH_HOSTS), "--nproc", str(SSH_NPROC),
+                "--env", f"BENCH_TOKEN={token}", script]
+        env = nodes.ssh_env()
+    else:
+        argv, env = [nodes.ddplaunch, "--nproc", str(SSH_RANKS), script], None
+    out_path = bench.workdir / f"sshlines-{mode}-{token}.out"
+    err_path = out_path.with_suffix(".err")
+    try:
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            first: list[float] = []  # when the first line reached the file (polled every 10 ms)
+
+            def look() -> None:
+                if not first and os.fstat(out.fileno()).st_size > 0:
+                    first.append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            proc, _ = bench.start(argv, out, err, f"sshlines {mode}", env=env, token=token)
+            try:
+                if wait_exit(proc, timeout=180, on_tick=look, tick=POLL_S) is None:
+                    raise Timeout(f"sshlines {mode}: not done within 180 s")
+                elapsed = time.perf_counter() - t0
+                if mode == "ssh":
+                    procs, sessions = nodes.left_behind(token)
+                    extra.setdefault("left_behind", []).append(procs + sessions)
+            finally:
+                finish(proc, token)
+                if mode == "ssh":
+                    nodes.kill_sessions()
+        counts = count_lines(out_path, DDP_LINE)
+        per_rank = [counts.get(r, 0) for r in range(SSH_RANKS)]
+        extra.setdefault("lost", []).append(SSH_RANKS * SSH_LINES_PER_RANK - sum(per_rank))
+        extra.setdefault("per_rank", []).append(per_rank)
+        extra.setdefault("exit_code", []).append(proc.returncode)
+        extra.setdefault("lines_per_s", []).append(sum(per_rank) / elapsed)
+        extra.setdefault("first_line_s", []).append(first[0] if first else None)
+        if first and elapsed > first[0]:
+            extra.setdefault("streaming_lines_per_s", []).append(sum(per_rank) / (elapsed - first[0]))
+        if proc.returncode != 0:
+            raise RuntimeError(f"sshlines {mode} exited {proc.returncode}: {tail(err_path)}")
+        return elapsed
+    finally:
+        out_path.unlink(missing_ok=True)
+        err_path.unlink(missing_ok=True)
+
+
+# -- running them ---------------------------------------------------------------------------------
+
+ERRORS = (Timeout, RuntimeError, subprocess.SubprocessError, OSError)
+
+
+def sample(row: NodeRow, rep: int, reps: int, name: str, fn: Any, *args: Any) -> Any:
+    """One timed call, its error recorded in the row (None then), its value logged."""
+    try:
+        value = fn(*args)
+    except ERRORS as exc:
+        row.errors.append(f"rep {rep + 1} {name}: {type(exc).__name__}: {exc}")
+        log(f"    ! {row.errors[-1]}")
+        return None
+    if not isinstance(value, tuple):
+        log(f"    rep {rep + 1}/{reps} {name:<9} {value:.4g} s")
+    return value
+
+
+def measure_nodes(bench: Bench, reps: int, selected: set[str]) -> list[NodeRow]:
+    for name, text in WORKERS.items():
+        (bench.workdir / name).write_text(text)
+    nodes = Nodes(bench)
+    rows: list[NodeRow] = []
+    try:
+        if selected & {"hosts", "sshlines"}:
+            t0 = time.perf_counter()
+            nodes.pool = start_sshd_pool(max(HOST_COUNTS), bench.workdir / "sshd",
+                                         first_address=POOL_FIRST_ADDRESS, alias_prefix=POOL_ALIAS)
+            nodes.home = nodes.pool.make_home(bench.workdir / "ssh-home")
+            log(f"sshd pool: {', '.join(f'{s.alias}={s.address}:{s.port}' for s in nodes.pool.servers)} "
+                f"({time.perf_counter() - t0:.2f} s to start)")
+        if "hosts" in selected:
+            rows.append(measure_hosts(nodes, reps))
+        if "crossnode" in selected:
+            rows.extend(measure_crossnode(nodes, reps))
+        if "sshlines" in selected:
+            rows.append(measure_sshlines(nodes, reps))
+    finally:
+        if nodes.pool is not None:
+            nodes.pool.stop()
+    return rows
+
+
+def measure_hosts(nodes: Nodes, reps: int) -> NodeRow:
+    few, many = HOST_COUNTS
+    log(f"hosts: {many} vs {few} hosts over SSH, --nproc 1, until every worker runs")
+    row = HostsRow("hosts", f"hosts: {many} vs {few} hosts to all workers running",
+                   {f"{n} hosts": [] for n in HOST_COUNTS}, {f"{n} hosts": {} for n in HOST_COUNTS})
+    for rep in range(reps):
+        for count in HOST_COUNTS:
+            name = f"{count} hosts"
+            row.series[name].append(sample(row, rep, reps, name, run_hosts, nodes, count, row.extra[name]))
+    row.extra["left_behind"] = [n for name in row.series for n in row.extra[name].get("left_behind", [])]
+    return row
+
+
+def measure_crossnode(nodes: Nodes, reps: int) -> list[NodeRow]:
+    log(f"crossnode: static, 2 nodes x 2 workers, rank 3 fails; node 0 given {CROSSNODE_BOUND_S:g} s")
+    extra: dict[str, dict[str, Any]] = {tool: {} for tool in TOOLS}  # shared by the two rows: one run gives both figures
+    workers = CrossRow("crossnode_workers", "cross-node failure -> other node's workers stopped",
+                       {tool: [] for tool in TOOLS}, extra)
+    launcher = CrossRow("crossnode_exit", "cross-node failure -> other node's launcher exited",
+                        {tool: [] for tool in TOOLS}, extra)
+    for rep in range(reps):
+        for tool in TOOLS:
+            got = sample(workers, rep, reps, tool, run_crossnode, nodes, tool, extra[tool])
+            stopped, exited = got if got is not None else (None, None)
+            extra[tool].setdefault("outcome", []).append(
+                "error" if got is None else "never" if stopped is None else "stopped")
+            workers.series[tool].append(stopped)
+            launcher.series[tool].append(exited)
+            if got is not None:
+                log(f"    rep {rep + 1}/{reps} {tool:<9} workers stopped {show(stopped)}, "
+                    f"launcher exited {show(exited)}")
+    launcher.errors = workers.errors
+    return [workers, launcher]
+
+
+def show(value: float | None) -> str:
+    return f"never (>{CROSSNODE_BOUND_S:g} s)" if value is None else f"{value:.4g} s"
+
+
+def measure_sshlines(nodes: Nodes, reps: int) -> NodeRow:
+    log(f"sshlines: {SSH_HOSTS} hosts x {SSH_NPROC} ranks x {SSH_LINES_PER_RANK:,} lines, against 1 node x {SSH_RANKS}")
+    row = SshLinesRow("sshlines", f"lines through SSH, {SSH_HOSTS} hosts ({SSH_RANKS}x{SSH_LINES_PER_RANK // 1000}k)",
+                      {"ssh": [], "local": []}, {"ssh": {}, "local": {}})
+    for rep in range(reps):
+        for mode in ("ssh", "local"):
+            row.series[mode].append(sample(row, rep, reps, mode, run_sshlines, nodes, mode, row.extra[mode]))
+    row.extra["left_behind"] = row.extra["ssh"].get("left_behind", [])
+    return row
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def render_nodes(rows: Sequence[NodeRow], draw_table: Any) -> list[str]:
+    header = ("multi-node measurement", "ddplaunch (median)", "torchrun (median)", "reference (median)",
+              "ratio", "target", "ok?")
+    body = [(row.label, *row.cells(), row.target(), {True: "yes", False: "NO", None: "?"}[row.ok()]) for row in rows]
+    lines = [(f"# multi-node: the hosts are {max(HOST_COUNTS)} sshd servers on {POOL_FIRST_ADDRESS}+ of this "
+              "one machine (they share its CPUs)")]
+    lines += draw_table(header, body)
+    by_key = {row.key: row for row in rows}
+    if "hosts" in by_key:
+        lines.append("")
+        lines += hosts_notes(by_key["hosts"])
+    if "crossnode_workers" in by_key:
+        row = by_key["crossnode_workers"]
+        lines.append("")
+        for tool in TOOLS:
+            x = row.extra[tool]
+            ranks = [[None if s is None else round(s, 3) for s in pair] for pair in x.get("node0_ranks_stopped_s", [])]
+            lines.append(f"cross-node, {tool:<9}: node 0 ranks 0,1 stopped after {ranks} s per rep; node 0's "
+                         f"launcher exited after {rounded(by_key['crossnode_exit'].series[tool])}; node 1's (where "
+                         f"rank 3 failed) after {rounded(x.get('node1_launcher_exit_s', []))} "
+                         f"(None: not within {CROSSNODE_BOUND_S:g} s, then killed); exit codes {x.get('exit_codes', [])}")
+    if "sshlines" in by_key:
+        row = by_key["sshlines"]
+        lines.append("")
+        for mode in ("ssh", "local"):
+            x = row.extra[mode]
+            per = x.get("per_rank", [])
+            lines.append(f"lines {mode:<5}: {rate(x.get('lines_per_s'))} lines/s over the wall time, "
+                         f"{rate(x.get('streaming_lines_per_s'))} from the first line on (first line after "
+                         f"{rounded(x.get('first_line_s', []))} s); lost of {SSH_RANKS * SSH_LINES_PER_RANK:,} per "
+                         f"rep {x.get('lost', [])}{'' if not per else f'; last run per rank {per[-1]}'}"
+                         + (f"; processes/sessions left {x['left_behind']}" if "left_behind" in x else ""))
+    return lines
+
+
+def rounded(values: list[float | None]) -> list[float | None]:
+    return [None if v is None else round(v, 3) for v in values]
+
+
+def med(values: list[float | None] | None) -> float | None:
+    kept = [v for v in values or [] if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def rate(values: list[float | None] | None) -> str:
+    value = med(values)
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def hosts_notes(row: NodeRow) -> list[str]:
+    lines = []
+    phases: dict[str, tuple[float | None, float | None]] = {}
+    for count in HOST_COUNTS:
+        name = f"{count} hosts"
+        x = row.extra[name]
+        began, connected, ready = (med(x.get(f"{p}_s")) for p in HEAD_PHASES)
+        running = row.median(name)
+        connect = None if began is None or connected is None else connected - began
+        after_go = None if ready is None or running is None else running - ready
+        phases[name] = (connect, after_go)
+        lines.append(
+            f"{name}: {rounded(row.series[name])} s per rep to all workers running. Medians: the head said "
+            f"'connecting' at {secs(began)}, was connected (all SSH sessions, agents started) at "
+            f"{secs(connected)}, had every agent ready at {secs(ready)}; the go to all workers running took "
+            f"{secs(after_go)}.")
+        lines.append(
+            f"  after SIGTERM at the head: exit codes {x.get('exit_code_after_sigterm', [])}; workers that got "
+            f"SIGTERM (not SIGKILL) {x.get('graceful', [])} of {count}; agents that escalated to 'killing all "
+            f"workers now' {x.get('killed_at_once', [])}; hosts the head called lost {x.get('lost_host', [])}; "
+            f"processes/sessions left {x.get('left_behind', [])}")
+    (few_connect, few_go), (many_connect, many_go) = (phases[f"{n} hosts"] for n in HOST_COUNTS)
+    if few_connect and many_connect is not None:
+        lines.append(f"connect phase alone ({HOST_COUNTS[1]}/{HOST_COUNTS[0]} hosts): "
+                     f"{many_connect / few_connect:.2f}; the go to all running: "
+                     + ("n/a" if not few_go or many_go is None else f"{many_go / few_go:.2f}"))
+    return lines
