@@ -36,6 +36,7 @@ from launcher.plan import (
 if TYPE_CHECKING:
     from launcher.logs import Printer
     from launcher.rendezvous import NodeLink
+    from launcher.supervisor import Peers
     from launcher.supervisor import JobResult
 
 SINGLE_NODE_MASTER_ADDR = "127.0.0.1"
@@ -332,7 +333,9 @@ def decide(options: Options, facts: Facts, error_dir: str | None) -> Launch:
         local_rank_arg=options.local_rank_arg,
         error_dir=error_dir,
         job_id=os.urandom(8).hex(),
-        agent_store=nnodes > 1,
+        # Nodes started by hand meet at node 0's store, which the workers reuse. Over SSH the
+        # head links the nodes, and rank 0 hosts the workers' store (env://, as on one node).
+        agent_store=nnodes > 1 and not options.agent,
     )
     shown = parse_ranks(options.ranks, nnodes * nproc) if options.ranks else None
     rank_given = options.node_rank is not None or nnodes == 1
@@ -511,18 +514,23 @@ def run(decided: Launch, options: Options, error_dir: str) -> int:
     from launcher.supervisor import run_job
 
     inputs = replace(decided.inputs, error_dir=error_dir)
+    link: Peers | None = None
     if options.agent:
-        from launcher.agent import follow_head
+        from launcher.agent import HeadLink
 
-        follow_head()
-    link = join_nodes(decided, options) if inputs.nnodes > 1 else None
-    if link is not None:
-        assert link.node_rank is not None
-        inputs = replace(inputs, node_rank=link.node_rank, run_id=link.shape.run_id)
+        master = (inputs.master_addr, inputs.master_port)
+        link = head = HeadLink(inputs.node_rank, inputs.hostname, master, pick_port=options.master_port is None)
+    elif inputs.nnodes > 1:
+        link = node_link = join_nodes(decided, options)
+        assert node_link.node_rank is not None
+        inputs = replace(inputs, node_rank=node_link.node_rank, run_id=node_link.shape.run_id)
 
     def new_plan(restart: int) -> Plan:
-        port = inputs.master_port if decided.port_given else pick_free_port()
-        return build_plan(replace(inputs, restart_count=restart, master_port=port))
+        if options.agent:  # the head's go for this attempt named node 0's address and port
+            where = {"master_addr": head.master_addr, "master_port": head.master_port}
+        else:
+            where = {"master_port": inputs.master_port if decided.port_given else pick_free_port()}
+        return build_plan(replace(inputs, restart_count=restart, **where))  # type: ignore[arg-type]
 
     first = new_plan(0)  # the first attempt's plan; it also sizes the printer and start line
 
@@ -545,8 +553,8 @@ def run(decided: Launch, options: Options, error_dir: str) -> int:
         )
     say = printer.log_event if options.agent else printer.note  # the head sums up for all hosts
     try:
-        if link is not None:
-            say(joined_line(link.hosts))
+        if link is not None and not options.agent:
+            say(joined_line(node_link.hosts))
         say(start_line(first))
         result = run_job(
             plan_for_attempt,

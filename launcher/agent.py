@@ -2,21 +2,29 @@
 
 It is the same supervisor as on one node, with two differences. Its "terminal" is the SSH
 channel back to the head (FramePrinter sends raw worker bytes; the head frames the lines).
-And the head's commands arrive on stdin: a stop becomes the signal it names, sent to
-ourselves, so it takes the one path every stop takes; end of file (the head died, or the
+And the other nodes are reached through the head (HeadLink), not a store, so an agent never
+imports torch. The head's commands arrive on stdin: a stop becomes the signal it names, sent
+to ourselves, so it takes the one path every stop takes; end of file (the head died, or the
 SSH connection dropped) becomes SIGTERM.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from launcher.frames import (
-    BLOCK, DATA, END_OF_STREAM, EVENT, NOTE, encode, encode_exit, encode_ready, parse_command,
+    ATTEMPT_END, BLOCK, DATA, END_OF_STREAM, EVENT, NOTE, OVER, SUCCEEDED, SYNC, encode, encode_exit, encode_ready,
+    parse_command,
 )
 from launcher.logs import Printer, Stream, _write_all
+
+if TYPE_CHECKING:
+    from launcher.rendezvous import AttemptEnd
 
 
 class HeadGone(Exception):
@@ -92,19 +100,105 @@ def _read_line(fd: int) -> str:
     return data.decode()
 
 
-def follow_head(stdin_fd: int = 0) -> threading.Thread:
-    """Turn the head's commands (and its disappearance) into signals to ourselves."""
+class HeadLink:
+    """The other nodes, through the head (launcher.supervisor.Peers): no store, no torch.
 
-    def run() -> None:
+    A node says how its attempt ended (or that its workers all succeeded) in a frame; the
+    head decides the attempt's end for every node, first word wins, and sends it back as
+    "end JSON". Between attempts each node says ready again and waits for the head's go,
+    with node 0's fresh port. A thread reads the head's lines: ends wake the supervisor's
+    loop through a pipe, stops become signals to ourselves, end of file becomes SIGTERM.
+    """
+
+    def __init__(
+        self, node_rank: int, hostname: str, master: tuple[str, int], *, pick_port: bool, stdin_fd: int = 0,
+        out_fd: int = 1,
+    ) -> None:
+        self.node_rank = node_rank
+        self.hostname = hostname
+        self.master_addr, self.master_port = master
+        self._pick_port = pick_port and node_rank == 0
+        self._out_fd = out_fd
+        self.read_fd, self._wake_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self._ends: queue.SimpleQueue[AttemptEnd] = queue.SimpleQueue()
+        self._gos: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._follow, args=(stdin_fd,), name="ddplaunch-head", daemon=True).start()
+
+    @property
+    def fd(self) -> int:
+        return self.read_fd
+
+    def _follow(self, stdin_fd: int) -> None:
+        from launcher.rendezvous import AttemptEnd
+
         while True:
             line = _read_line(stdin_fd)
             if not line:
+                self._gos.put(None)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             command = parse_command(line)
-            if command is not None and command[0] == "stop" and command[1] in signal.Signals.__members__:
-                os.kill(os.getpid(), signal.Signals[command[1]])
+            if command is None:
+                continue
+            verb, argument = command
+            if verb == "stop" and argument in signal.Signals.__members__:
+                os.kill(os.getpid(), signal.Signals[argument])
+            elif verb == "end":
+                self._ends.put(AttemptEnd.from_text(argument))
+                os.write(self._wake_fd, b"!")
+            elif verb == "go":
+                addr, _, port = argument.rpartition(" ")
+                self._gos.put((addr, int(port)))
 
-    thread = threading.Thread(target=run, name="ddplaunch-head", daemon=True)
-    thread.start()
-    return thread
+    def _send(self, data: bytes) -> None:
+        try:
+            _write_all(self._out_fd, data)
+        except OSError:
+            pass  # the head is gone; stdin's end of file stops us
+
+    def local_end(self, kind: str, detail: str, exit_code: int) -> AttemptEnd:
+        from launcher.rendezvous import AttemptEnd
+
+        return AttemptEnd(kind, self.node_rank, self.hostname, detail, exit_code)
+
+    def publish(self, end: AttemptEnd) -> AttemptEnd:
+        self._send(encode(ATTEMPT_END, end.to_text().encode()))
+        return end  # ours for now; the head's verdict arrives through take()
+
+    def report_success(self) -> None:
+        self._send(encode(SUCCEEDED, b""))
+
+    def take(self) -> AttemptEnd | None:
+        try:
+            os.read(self.read_fd, 64)
+        except BlockingIOError:
+            pass
+        try:
+            return self._ends.get_nowait()
+        except queue.Empty:
+            return None
+
+    def end_attempt(self, interrupted: Callable[[], bool]) -> None:
+        self._send(encode(OVER, b""))
+
+    def join(self, attempt: int, interrupted: Callable[[], bool]) -> None:
+        """Ready again (node 0 with a fresh port, unless one was given); wait for the go."""
+        from launcher.ports import pick_free_port
+
+        port = pick_free_port() if self._pick_port else self.master_port
+        self._send(encode_ready(self.master_addr, port)[len(SYNC) :])
+        while True:
+            if interrupted():
+                raise KeyboardInterrupt
+            try:
+                go = self._gos.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if go is None:
+                raise KeyboardInterrupt  # the head is gone
+            self.master_addr, self.master_port = go
+            return
+
+    def close(self) -> None:
+        pass

@@ -3,10 +3,12 @@
 Life cycle: connect to every host at once; start the agents, each of which checks its host
 (working directory, interpreter, script) and says ready, node 0 with its address and a free
 port; only when every host is ready does the head say go, so a bad host starts nothing
-anywhere. Then the agents meet at node 0's store (launcher.rendezvous) and run; their frames
-come back over SSH and one printer shows every rank's lines. Ctrl-C here becomes a stop sent
-to every agent; a host whose connection drops stops its own workers (its agent reads end of
-file) and the head stops the others.
+anywhere. Then the agents run, their frames come back over SSH and one printer shows every
+rank's lines. The head links the nodes (no store, so agents never import torch): the first
+node to report how an attempt ended speaks for all, and the head tells every node at once;
+restarts start when every node is ready again. Ctrl-C here becomes a stop sent to every
+agent; a host whose connection drops stops its own workers (its agent reads end of file)
+and the head ends the attempt for the others.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from collections.abc import Sequence
 
 from launcher.errors import Interrupted, LaunchError
 from launcher.frames import (
-    BLOCK, DATA, END_OF_STREAM, EVENT, EXIT, NOTE, READY, Frame, FrameError, FrameReader, decode_ready, go_line,
+    ATTEMPT_END, BLOCK, DATA, END_OF_STREAM, EVENT, EXIT, NOTE, OVER, READY, SUCCEEDED, Frame, FrameError,
+    FrameReader, decode_ready, end_line, go_line,
 )
 from launcher.hosts import HostSpec, parse_hosts_flag, read_hostfile
 
@@ -128,7 +131,7 @@ def agent_argv(options: Options, host: Host, env: Sequence[tuple[str, str]], nno
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
     argv += [f"--{name.replace('_', '-')}" for name in PASSED_SWITCHES if getattr(options, name)]
-    argv += ["--run-id", options.run_id or ""] if options.run_id else []
+    argv += ["--run-id", options.run_id] if options.run_id else []
     for key, value in env:
         argv += ["--env", f"{key}={value}"]
     return [*argv, options.script, *options.script_args]
@@ -166,8 +169,11 @@ def preflight_problem(host: Host, workdir: str, python: str) -> str:
 def launch_on_hosts(options: Options) -> int:
     from launcher.plan import parse_env_assignments
 
+    from dataclasses import replace
+
     hosts = plan_hosts(options)
     shown_ranks = shown_ranks_of(options, hosts)
+    options = replace(options, run_id=options.run_id or os.urandom(8).hex())  # one id for every node
     env = forwarded_env(dict(os.environ), parse_env_assignments(options.env, gpu_ids_given=options.gpu_ids is not None))
     workdir = options.chdir or os.getcwd()
     if options.dry_run:
@@ -255,6 +261,11 @@ class Head:
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         self._stop_count = 0
+        # The current attempt, as the head decides it for every node: its end (the first
+        # node's word wins), the nodes whose workers all succeeded, the nodes that are over.
+        self._attempt_end: str | None = None
+        self._succeeded: set[int] = set()
+        self._over: set[int] = set()
 
     def run(self) -> int:
         from launcher.supervisor import SignalInbox
@@ -336,12 +347,24 @@ class Head:
                 f"{len(failed)} of {len(self.hosts)} host(s) cannot run the job; nothing was started:\n"
                 + "\n".join(f"  {p}" for p in problems)
             )
+        self._send_go()
+
+    def _send_go(self) -> None:
+        """Every host is ready: start the attempt, at node 0's address and port."""
         first = self.hosts[0].ready
         assert first is not None
         addr = self.options.master_addr or first[0]
         port = self.options.master_port or first[1]
         for host in self.hosts:
-            host.channel.sendall(go_line(addr, port))
+            host.ready = None
+            self._tell(host, go_line(addr, port))
+
+    def _tell(self, host: Host, line: bytes) -> None:
+        if not host.closed:
+            try:
+                host.channel.sendall(line)
+            except OSError:
+                pass  # that host is going; its end reaches us as an event
 
     # -- phase 2: supervise -------------------------------------------------------------------------
 
@@ -387,11 +410,7 @@ class Head:
         else:
             printer.note(f"got {name} again: killing the workers on every host now")
         for host in self.hosts:
-            if not host.closed:
-                try:
-                    host.channel.sendall(f"stop {name}\n".encode())
-                except OSError:
-                    pass
+            self._tell(host, f"stop {name}\n".encode())
 
     def _exit_code(self, printer: Printer) -> int:
         statuses = [h.exit_code for h in self.hosts]
@@ -448,9 +467,14 @@ class Head:
     def _on_frame(self, host: Host, frame: Frame, printer: Printer | None) -> None:
         if frame.kind == READY:
             host.ready = decode_ready(frame)
+            if printer is not None and all(h.ready for h in self.hosts):
+                self._send_go()  # every node is ready for a restart
             return
         if frame.kind == EXIT:
             host.said_exit = int(frame.text)
+            return
+        if frame.kind in (ATTEMPT_END, SUCCEEDED, OVER):
+            self._on_attempt_news(host, frame)
             return
         if printer is None:
             return
@@ -484,12 +508,34 @@ class Head:
             return
         if host.lost and any(not h.closed for h in self.hosts):
             printer.note(f"lost {host.name} (node {host.node_rank}): stopping the workers on every other host")
-            for other in self.hosts:
-                if not other.closed:
-                    try:
-                        other.channel.sendall(b"stop SIGTERM\n")
-                    except OSError:
-                        pass
+            from launcher.rendezvous import AttemptEnd
+
+            why = "its connection or its agent ended without a word (killed, or the network failed)"
+            self._decide_end(AttemptEnd("lost", host.node_rank, host.name, why, 1).to_text())
+
+    # -- the attempt, decided here for every node ------------------------------------------------
+
+    def _on_attempt_news(self, host: Host, frame: Frame) -> None:
+        if frame.kind == ATTEMPT_END:
+            self._decide_end(frame.text)
+        elif frame.kind == SUCCEEDED:
+            self._succeeded.add(host.node_rank)
+            if len(self._succeeded) == len(self.hosts):
+                from launcher.rendezvous import AttemptEnd
+
+                self._decide_end(AttemptEnd("success", host.node_rank, host.name, "", 0).to_text())
+        else:
+            self._over.add(host.node_rank)
+            if len(self._over) == len(self.hosts):  # every node stopped: the next attempt is fresh
+                self._attempt_end, self._succeeded, self._over = None, set(), set()
+
+    def _decide_end(self, text: str) -> None:
+        """The first node to say how the attempt ended speaks for all; tell every node."""
+        if self._attempt_end is not None:
+            return
+        self._attempt_end = text
+        for host in self.hosts:
+            self._tell(host, end_line(text))
 
     # -- the end ------------------------------------------------------------------------------------
 

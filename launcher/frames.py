@@ -1,9 +1,11 @@
 """The byte format a remote node agent speaks to the head over SSH (pure: no I/O).
 
-Agent to head (its stdout): a sync mark, then frames of a 10-byte header (kind, rank, stream, length) and a
-payload. Worker output travels as raw bytes, so the head frames lines exactly as on one node
-and one printer owns the head's terminal. Head to agent (its stdin): text lines, "go ADDR
-PORT", "stop SIGNAME"; end of file means the head is gone, and the agent stops its workers.
+Agent to head (its stdout): a sync mark, then frames of a 10-byte header (kind, rank, stream,
+length) and a payload. Worker output travels as raw bytes, so the head frames lines exactly
+as on one node and one printer owns the head's terminal. Head to agent (its stdin): text
+lines, "go ADDR PORT" (start an attempt), "end JSON" (the attempt's end, decided by the head
+for every node), "stop SIGNAME"; end of file means the head is gone, and the agent stops its
+workers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Literal
 
 HEADER = struct.Struct("!BiBI")
 DATA, END_OF_STREAM, NOTE, EVENT, BLOCK, READY, EXIT = 1, 2, 3, 4, 5, 6, 7
-Kind = Literal[1, 2, 3, 4, 5, 6, 7]
+ATTEMPT_END, SUCCEEDED, OVER = 8, 9, 10  # an attempt's end as this node saw it; all ok here; all gone here
+Kind = Literal[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
 MAX_PAYLOAD = 1 << 24  # a corrupt header must not make the head allocate gigabytes
 # The agent's first bytes. A login shell's rc file may print to stdout before the agent
 # starts (a banner, `conda activate` noise); the head skips everything before this mark.
@@ -67,7 +70,7 @@ class FrameReader:
         frames: list[Frame] = []
         while len(self._buffer) >= HEADER.size:
             kind, rank, stream, length = HEADER.unpack_from(self._buffer)
-            if not DATA <= kind <= EXIT or length > MAX_PAYLOAD:
+            if not DATA <= kind <= OVER or length > MAX_PAYLOAD:
                 raise FrameError(bytes(self._buffer[:200]).decode("utf-8", "replace"))
             end = HEADER.size + length
             if len(self._buffer) < end:
@@ -107,4 +110,8 @@ def go_line(master_addr: str, master_port: int) -> bytes:
 def parse_command(line: str) -> tuple[str, str] | None:
     """A head's command line -> (verb, argument); None for anything else."""
     verb, _, argument = line.strip().partition(" ")
-    return (verb, argument) if verb in ("go", "stop") else None
+    return (verb, argument) if verb in ("go", "stop", "end") else None
+
+
+def end_line(end_text: str) -> bytes:
+    return f"end {end_text}\n".encode()

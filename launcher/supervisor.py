@@ -53,6 +53,8 @@ class Peers(Protocol):
 
     def local_end(self, kind: str, detail: str, exit_code: int) -> AttemptEnd: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass
 class WorkerProcess:
@@ -351,8 +353,7 @@ class Attempt:
         end = self.peers.take()
         if end is None:
             return
-        if self.ended_by is None:
-            self.ended_by = end
+        self.ended_by = end  # the job-wide verdict; over SSH it may differ from what we published
         if end.kind == "success" or self._stopping:
             return
         if self._all_exited():

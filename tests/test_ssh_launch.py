@@ -98,7 +98,7 @@ def test_every_rank_on_every_host_gets_the_torchrun_environment(
     for env_seen in envs:
         assert env_seen["WORLD_SIZE"] == "4" and env_seen["GROUP_WORLD_SIZE"] == "2"
         assert env_seen["MASTER_ADDR"] == "127.0.1.2"  # host1 as the head reached it
-        assert env_seen["TORCHELASTIC_USE_AGENT_STORE"] == "True"
+        assert env_seen["TORCHELASTIC_USE_AGENT_STORE"] == "False"  # rank 0 hosts it, as with env://
         assert env_seen["NCCL_DEBUG"] == "INFO" and env_seen["TORCH_SHOW_CPP_STACKTRACES"] == "1"
         assert env_seen["EXTRA"] == "yes"
         assert "UNRELATED_SECRET" not in env_seen
