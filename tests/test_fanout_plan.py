@@ -1,0 +1,62 @@
+"""The head's pure planning: what each host runs, which variables cross, per-host GPUs."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from cli import Options
+from launcher.errors import LaunchError
+from launcher.fanout import Host, agent_argv, forwarded_env, per_host_nproc, remote_command
+from launcher.hosts import HostSpec, parse_hostfile
+from launcher.ssh import SshTarget
+
+
+def options(**changes: object) -> Options:
+    base = dict(
+        script="train.py", script_args=("--lr", "0.1"), nproc=None, nnodes=None, node_rank=None,
+        master_addr=None, master_port=None, rdzv_endpoint=None, rdzv_backend=None, join_timeout=600.0,
+        standalone=False, gpu_ids=None, module=False, no_python=False, local_rank_arg=False, log_dir=None,
+        ranks=None, max_restarts=0, env=(), dry_run=False, grace=30.0, run_id="rid", no_color=False,
+        hosts="a,b", hostfile=None, ssh_accept_new_host_keys=False, chdir=None, python="/opt/py/bin/python",
+        agent=False, host_name=None,
+    )
+    base.update(changes)
+    return Options(**base)  # type: ignore[arg-type]
+
+
+def host(rank: int, spec: HostSpec, nproc: int | None = None) -> Host:
+    return Host(rank, spec, SshTarget(spec.host, spec.host, 22, "u", ()), nproc, spec.gpus)
+
+
+def test_hostfile_gpus_become_that_hosts_gpu_ids() -> None:
+    specs = parse_hostfile("a slots=2 gpus=0,1\nb slots=2 gpus=1,3\n", "hosts")
+    nproc = per_host_nproc(specs, None)
+    argv = agent_argv(options(hosts=None, hostfile="hosts"), host(1, specs[1], nproc), [], 2)
+    assert argv[argv.index("--gpu-ids") + 1] == "1,3"
+    assert argv[argv.index("--nproc") + 1] == "2"
+    assert argv[argv.index("--node-rank") + 1] == "1" and argv[argv.index("--nnodes") + 1] == "2"
+    assert argv[:4] == ["/opt/py/bin/python", "-m", "launcher", "--agent"]
+    assert argv[-3:] == ["train.py", "--lr", "0.1"]
+
+
+def test_unequal_slots_are_refused() -> None:
+    with pytest.raises(LaunchError, match="same number of workers"):
+        per_host_nproc(parse_hostfile("a slots=2\nb slots=4\n", "hosts"), None)
+
+
+def test_forwarded_environment_is_the_documented_set_and_env_wins() -> None:
+    environ = {"NCCL_DEBUG": "INFO", "TORCH_LOGS": "x", "HOME": "/root", "AWS_SECRET": "s", "OMP_NUM_THREADS": "4",
+               "TORCHELASTIC_RUN_ID": "no"}
+    assert forwarded_env(environ, [("NCCL_DEBUG", "WARN"), ("X", "1")]) == [
+        ("NCCL_DEBUG", "WARN"), ("OMP_NUM_THREADS", "4"), ("TORCH_LOGS", "x"), ("X", "1"),
+    ]
+
+
+def test_the_remote_line_is_one_shell_word_per_argument() -> None:
+    argv = ["/p y/python", "-m", "launcher", "$(id)", "a'b", "ü 🚀", "x\ny"]
+    line = remote_command(argv, "/work dir")
+    assert line.startswith("cd -- '/work dir' 2>/dev/null || exit 120; ")
+    exec_part = line.split("; exec ", 1)[1]
+    assert shlex.split(exec_part) == argv
