@@ -497,10 +497,15 @@ def await_head(decided: Launch, options: Options, facts: Facts) -> Launch | None
     from launcher.agent import HeadGone, handshake, ssh_server_address
     from launcher.ports import pick_free_port
 
+    from launcher.ports import check_port_free
+
     inputs = decided.inputs
     port = inputs.master_port if options.master_port is not None else 0
-    if inputs.node_rank == 0 and not port:
-        port = pick_free_port()
+    if inputs.node_rank == 0:
+        if port:
+            check_port_free(port)  # before ready: a busy port then starts nothing anywhere
+        else:
+            port = pick_free_port()
     try:
         addr, port = handshake(ssh_server_address(facts.environ) or inputs.hostname, port)
     except HeadGone:

@@ -506,12 +506,17 @@ class Head:
         host.exit_status = status
         if printer is None:
             return
-        if host.lost and any(not h.closed for h in self.hosts):
-            printer.note(f"lost {host.name} (node {host.node_rank}): stopping the workers on every other host")
-            from launcher.rendezvous import AttemptEnd
+        if self._attempt_end is not None or all(h.closed for h in self.hosts):
+            return  # an agent ends after its attempt's end is known; anything else is abnormal
+        from launcher.rendezvous import AttemptEnd
 
-            why = "its connection or its agent ended without a word (killed, or the network failed)"
-            self._decide_end(AttemptEnd("lost", host.node_rank, host.name, why, 1).to_text())
+        if host.lost:
+            printer.note(f"lost {host.name} (node {host.node_rank}): stopping the workers on every other host")
+            why, code = "its connection or its agent ended without a word (killed, or the network failed)", 1
+        else:
+            code = host.exit_code or 1
+            why = f"its ddplaunch exited (code {code}) while the others ran"
+        self._decide_end(AttemptEnd("lost", host.node_rank, host.name, why, code).to_text())
 
     # -- the attempt, decided here for every node ------------------------------------------------
 

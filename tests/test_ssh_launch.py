@@ -338,3 +338,20 @@ if attempt == "1":
     ]
     assert "restarting all workers (restart 1 of 1)" in run.err
     nothing_left(token, sshd_pool)
+
+
+def test_a_busy_master_port_on_the_first_host_starts_nothing(
+    launch, tmp_path: Path, token: str, sshd_pool: SshdPool
+) -> None:
+    import socket
+
+    script = write_script(tmp_path / "sleeper.py", SLEEPER)
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = launch("--hosts", "host1,host2", "--master-port", str(port), script)
+        assert run.wait(timeout=60) == 2, run.err
+    assert f"host1: --master-port {port} is already in use" in run.err
+    assert "nothing was started" in run.err and "Traceback" not in run.err
+    nothing_left(token, sshd_pool)
