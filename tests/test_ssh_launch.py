@@ -355,3 +355,13 @@ def test_a_busy_master_port_on_the_first_host_starts_nothing(
     assert f"host1: --master-port {port} is already in use" in run.err
     assert "nothing was started" in run.err and "Traceback" not in run.err
     nothing_left(token, sshd_pool)
+
+
+def test_one_remote_host_is_a_one_node_job(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
+    script = write_script(tmp_path / "dump.py", ENV_DUMP)
+    run = launch("--hosts", "host3", "--nproc", "2", script, str(tmp_path))
+    assert run.wait(timeout=120) == 0, run.err
+    envs = [json.loads((tmp_path / f"rank{r}.json").read_text())["env"] for r in range(2)]
+    assert [(e["RANK"], e["WORLD_SIZE"], e["NODE_RANK"]) for e in envs] == [("0", "2", "0"), ("1", "2", "0")]
+    assert {e["MASTER_ADDR"] for e in envs} == {"127.0.1.4"}
+    nothing_left(token, sshd_pool)
