@@ -159,6 +159,10 @@ def command(**params: object) -> None:
       ddplaunch --nproc 2 --dry-run train.py
     """
     options = Options(**params)  # type: ignore[arg-type]
+    if options.agent:
+        from launcher.agent import say_hello
+
+        say_hello()
     try:
         if options.hosts is not None or options.hostfile is not None:
             from launcher.fanout import launch_on_hosts

@@ -66,6 +66,11 @@ class FramePrinter(Printer):
             self._broken = True  # the head is gone; stdin's end of file stops the workers
 
 
+def say_hello(out_fd: int = 1) -> None:
+    """The agent's first bytes: the mark after which the head reads frames."""
+    _write_all(out_fd, SYNC)
+
+
 def say_exit(code: int, out_fd: int = 1) -> None:
     try:
         _write_all(out_fd, encode_exit(code))
@@ -187,7 +192,7 @@ class HeadLink:
         from launcher.ports import pick_free_port
 
         port = pick_free_port() if self._pick_port else self.master_port
-        self._send(encode_ready(self.master_addr, port)[len(SYNC) :])
+        self._send(encode_ready(self.master_addr, port))
         while True:
             if interrupted():
                 raise KeyboardInterrupt

@@ -46,8 +46,8 @@ def encode(kind: int, payload: bytes, rank: int = -1, stream: int = 0) -> bytes:
 
 
 def encode_ready(master_addr: str, master_port: int) -> bytes:
-    """The agent's first message: the sync mark, then READY with node 0's address and port."""
-    return SYNC + encode(READY, json.dumps({"addr": master_addr, "port": master_port}).encode())
+    """READY, with node 0's address and port (from node 0; the others' are not used)."""
+    return encode(READY, json.dumps({"addr": master_addr, "port": master_port}).encode())
 
 
 def decode_ready(frame: Frame) -> tuple[str, int]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from launcher.frames import (
-    BLOCK, DATA, END_OF_STREAM, NOTE, READY, FrameError, FrameReader, decode_ready, encode, encode_ready,
+    BLOCK, DATA, END_OF_STREAM, NOTE, READY, SYNC, FrameError, FrameReader, decode_ready, encode, encode_ready,
     go_line, parse_command,
 )
 
 STREAM = (
-    encode_ready("10.0.0.1", 29500)
+    SYNC
+    + encode_ready("10.0.0.1", 29500)
     + encode(DATA, b"hello\nwor", 3, 1)
     + encode(DATA, b"ld \xff\xfe\n", 3, 2)
     + encode(END_OF_STREAM, b"", 3, 1)
@@ -50,7 +51,7 @@ def test_login_shell_noise_before_the_first_frame_is_kept_aside() -> None:
 
 def test_garbage_after_the_mark_is_an_error_not_a_huge_allocation() -> None:
     with pytest.raises(FrameError):
-        FrameReader().feed(encode_ready("a", 1) + b"\xff" * 20)
+        FrameReader().feed(SYNC + encode_ready("a", 1) + b"\xff" * 20)
 
 
 @pytest.mark.parametrize(
@@ -76,5 +77,5 @@ def test_go_line_round_trips_an_ipv6_address() -> None:
 def test_exit_frame_carries_the_agents_code() -> None:
     from launcher.frames import EXIT, encode_exit
 
-    (frame,) = FrameReader().feed(encode_ready("a", 1) + encode_exit(143))[1:]
+    (frame,) = FrameReader().feed(SYNC + encode_ready("a", 1) + encode_exit(143))[1:]
     assert (frame.kind, frame.text) == (EXIT, "143")
