@@ -22,6 +22,7 @@ from launcher.frames import (
     parse_command,
 )
 from launcher.logs import Printer, Stream, _write_all
+from launcher.wakepipe import WakePipe
 
 if TYPE_CHECKING:
     from launcher.rendezvous import AttemptEnd
@@ -124,15 +125,14 @@ class HeadLink:
         self.master_addr, self.master_port = master
         self._pick_port = pick_port and node_rank == 0
         self._out_fd = out_fd
-        self.read_fd, self._wake_fd = os.pipe()
-        os.set_blocking(self.read_fd, False)
+        self._wake = WakePipe()
         self._ends: queue.SimpleQueue[AttemptEnd] = queue.SimpleQueue()
         self._gos: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
         threading.Thread(target=self._follow, args=(stdin_fd,), name="ddplaunch-head", daemon=True).start()
 
     @property
     def fd(self) -> int:
-        return self.read_fd
+        return self._wake.read_fd
 
     def _follow(self, stdin_fd: int) -> None:
         from launcher.rendezvous import AttemptEnd
@@ -151,7 +151,7 @@ class HeadLink:
                 os.kill(os.getpid(), signal.Signals[argument])
             elif verb == "end":
                 self._ends.put(AttemptEnd.from_text(argument))
-                os.write(self._wake_fd, b"!")
+                self._wake.ring()
             elif verb == "go":
                 addr, _, port = argument.rpartition(" ")
                 self._gos.put((addr, int(port)))
@@ -175,10 +175,7 @@ class HeadLink:
         self._send(encode(SUCCEEDED, b""))
 
     def take(self) -> AttemptEnd | None:
-        try:
-            os.read(self.read_fd, 64)
-        except BlockingIOError:
-            pass
+        self._wake.drain()
         try:
             return self._ends.get_nowait()
         except queue.Empty:

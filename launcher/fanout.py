@@ -31,6 +31,7 @@ from launcher.frames import (
     FrameReader, decode_ready, end_line, go_line,
 )
 from launcher.hosts import HostSpec, parse_hosts_flag, read_hostfile
+from launcher.wakepipe import WakePipe
 
 if TYPE_CHECKING:
     from cli import Options
@@ -258,8 +259,7 @@ class Head:
         self.workdir = workdir
         self.python = options.python or sys.executable
         self.events: queue.SimpleQueue[tuple[int, str, bytes | int]] = queue.SimpleQueue()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
+        self._wake = WakePipe()
         self._stop_count = 0
         # The current attempt, as the head decides it for every node: its end (the first
         # node's word wins), the nodes whose workers all succeeded, the nodes that are over.
@@ -327,10 +327,7 @@ class Head:
 
     def _post(self, node_rank: int, kind: str, payload: bytes | int) -> None:
         self.events.put((node_rank, kind, payload))
-        try:
-            os.write(self._wake_write, b"!")
-        except BlockingIOError:
-            pass
+        self._wake.ring()
 
     def _await_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -386,7 +383,7 @@ class Head:
         self.printer = printer
         printer.note(f"all {len(self.hosts)} hosts ready: " + ", ".join(f"{h.node_rank} {h.name}" for h in self.hosts))
         selector = selectors.DefaultSelector()
-        selector.register(self._wake_read, selectors.EVENT_READ)
+        selector.register(self._wake.read_fd, selectors.EVENT_READ)
         selector.register(inbox.read_fd, selectors.EVENT_READ)
         try:
             while not all(h.closed for h in self.hosts):
@@ -426,16 +423,12 @@ class Head:
 
     def _wait(self, timeout: float) -> None:
         selector = selectors.DefaultSelector()
-        selector.register(self._wake_read, selectors.EVENT_READ)
+        selector.register(self._wake.read_fd, selectors.EVENT_READ)
         selector.select(max(timeout, 0))
         selector.close()
 
     def _drain(self, printer: Printer | None) -> None:
-        try:
-            while os.read(self._wake_read, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._wake.drain()
         while True:
             try:
                 node_rank, kind, payload = self.events.get_nowait()
@@ -559,8 +552,7 @@ class Head:
         for host in self.hosts:
             if host.client is not None:
                 host.client.close()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        self._wake.close()
 
     @staticmethod
     def _status(text: str) -> Any:

@@ -24,6 +24,7 @@ from typing import Any
 from collections.abc import Callable
 
 from launcher.errors import LaunchError
+from launcher.wakepipe import WakePipe
 
 TCPStore = Any  # torch.distributed.TCPStore, which torch's type hints do not export
 
@@ -433,8 +434,8 @@ class _Watcher:
     def __init__(self, store: TCPStore, pulse: Pulse) -> None:
         self._pulse = pulse
         self._store = store
-        self.read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self.read_fd, False)
+        self._wake = WakePipe()
+        self.read_fd = self._wake.read_fd
         self._stopping = threading.Event()
         self._result: AttemptEnd | None = None
         self._lost: str | None = None
@@ -455,13 +456,11 @@ class _Watcher:
                 continue  # a slice passed with no news
             except RuntimeError as exc:
                 self._lost = _first_line(exc)
-            os.write(self._write_fd, b"!")
+            self._wake.ring()
             return
 
     def take(self) -> AttemptEnd | None:
-        try:
-            os.read(self.read_fd, 64)
-        except BlockingIOError:
+        if not self._wake.drain():
             return None
         if self._result is not None:
             return self._result
@@ -470,8 +469,7 @@ class _Watcher:
     def stop(self) -> None:
         self._stopping.set()
         self._thread.join(timeout=SLICE_S * 8)
-        os.close(self.read_fd)
-        os.close(self._write_fd)
+        self._wake.close()
         del self._store
 
 

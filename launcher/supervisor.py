@@ -21,6 +21,7 @@ from collections.abc import Callable
 from launcher.logs import Printer, Stream
 from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
 from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
+from launcher.wakepipe import WakePipe
 from launcher.watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -117,14 +118,13 @@ class SignalInbox:
 
     def __init__(self) -> None:
         self.pending: deque[int] = deque()
-        self.read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self.read_fd, False)
-        os.set_blocking(self._write_fd, False)
+        self._wake = WakePipe()
+        self.read_fd = self._wake.read_fd
         self._previous: dict[int, object] = {}
         self._previous_wakeup = -1
 
     def __enter__(self) -> SignalInbox:
-        self._previous_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self._previous_wakeup = signal.set_wakeup_fd(self._wake.write_fd, warn_on_full_buffer=False)
         for sig in self.HANDLED:
             self._previous[sig] = signal.signal(sig, self._record)
         return self
@@ -133,11 +133,7 @@ class SignalInbox:
         self.pending.append(signum)
 
     def take(self) -> list[int]:
-        try:
-            while os.read(self.read_fd, 512):
-                pass
-        except BlockingIOError:
-            pass
+        self._wake.drain()
         taken = []
         while self.pending:
             taken.append(self.pending.popleft())
@@ -147,8 +143,7 @@ class SignalInbox:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         signal.set_wakeup_fd(self._previous_wakeup)
-        os.close(self.read_fd)
-        os.close(self._write_fd)
+        self._wake.close()
 
 
 def become_subreaper() -> bool:
