@@ -59,12 +59,17 @@ class FramePrinter(Printer):
         self._send(encode(BLOCK, text.encode("utf-8", "replace")))
 
     def _send(self, data: bytes) -> None:
-        if self._broken:
-            return
-        try:
-            _write_all(self._fd, data)
-        except OSError:
-            self._broken = True  # the head is gone; stdin's end of file stops the workers
+        if not self._broken:
+            self._broken = not send_to_head(data, self._fd)
+
+
+def send_to_head(data: bytes, out_fd: int = 1) -> bool:
+    """Write to the head; False when it is gone (stdin's end of file then stops the workers)."""
+    try:
+        _write_all(out_fd, data)
+        return True
+    except OSError:
+        return False
 
 
 def say_hello(out_fd: int = 1) -> None:
@@ -73,10 +78,7 @@ def say_hello(out_fd: int = 1) -> None:
 
 
 def say_exit(code: int, out_fd: int = 1) -> None:
-    try:
-        _write_all(out_fd, encode_exit(code))
-    except OSError:
-        pass  # the head is gone; it will call this host lost, which it is
+    send_to_head(encode_exit(code), out_fd)  # if the head is gone, it calls this host lost, which it is
 
 
 def ssh_server_address(environ: dict[str, str]) -> str | None:
@@ -157,10 +159,7 @@ class HeadLink:
                 self._gos.put((addr, int(port)))
 
     def _send(self, data: bytes) -> None:
-        try:
-            _write_all(self._out_fd, data)
-        except OSError:
-            pass  # the head is gone; stdin's end of file stops us
+        send_to_head(data, self._out_fd)
 
     def local_end(self, kind: str, detail: str, exit_code: int) -> AttemptEnd:
         from launcher.rendezvous import AttemptEnd

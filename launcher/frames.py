@@ -13,12 +13,10 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import Literal
 
 HEADER = struct.Struct("!BiBI")
 DATA, END_OF_STREAM, NOTE, EVENT, BLOCK, READY, EXIT = 1, 2, 3, 4, 5, 6, 7
 ATTEMPT_END, SUCCEEDED, OVER = 8, 9, 10  # an attempt's end as this node saw it; all ok here; all gone here
-Kind = Literal[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
 MAX_PAYLOAD = 1 << 24  # a corrupt header must not make the head allocate gigabytes
 # The agent's first bytes. A login shell's rc file may print to stdout before the agent
 # starts (a banner, `conda activate` noise); the head skips everything before this mark.

@@ -35,7 +35,6 @@ SUCCEEDED, OVER, ALL_OVER = PREFIX + "succeeded", PREFIX + "over", PREFIX + "all
 SLICE_S = 0.25  # longest a blocking store call may keep us from noticing Ctrl-C or a stop
 RETRY_S = 0.05  # between connection attempts to a store that is not (yet) there
 OVER_WAIT_S = 10.0  # node 0 keeps the store up this long for the others to finish stopping
-DEFAULT_JOIN_TIMEOUT_S = 600.0  # torchrun's rendezvous join timeout
 BEAT_S = 1.0  # every node bumps its heartbeat counter this often while its workers run
 SILENCE_S = 10.0  # node 0 declares a node lost after this long without a beat
 SILENCE_VARIABLE = "DDPLAUNCH_NODE_SILENCE_S"
@@ -170,12 +169,10 @@ class NodeLink:
         self.hostname = hostname
         self.join_timeout = join_timeout
         self.is_host = node_rank == 0
-        self.attempt = 0
         self.hosts: dict[int, str] = {}
         self._dist = _torch_store()
         self._store: TCPStore | None = None
         self._watch: _Watcher | None = None
-        self._published: str | None = None
 
     @property
     def endpoint(self) -> str:
@@ -190,8 +187,6 @@ class NodeLink:
 
     def join(self, attempt: int, interrupted: Callable[[], bool] = lambda: False) -> None:
         """Meet the other nodes for this attempt; raises JoinError if they do not come."""
-        self.attempt = attempt
-        self._published = None
         deadline = time.monotonic() + self.join_timeout
         self._store = self._open_store(attempt, deadline, interrupted)
         store = self._store
@@ -285,8 +280,8 @@ class NodeLink:
 
     def _fail_join(self, why: str) -> None:
         """Tell the others (so they stop waiting) and stop here."""
-        self.publish(AttemptEnd("error", self.node_rank or 0, self.hostname, why, 2))
-        raise JoinError(f"{why}")
+        self.publish(self.local_end("error", why, 2))
+        raise JoinError(why)
 
     def _await(
         self, key: str, deadline: float, interrupted: Callable[[], bool], on_timeout: Callable[[], JoinError]
@@ -318,7 +313,6 @@ class NodeLink:
             standing = store.compare_set(END, "", text).decode()
         except RuntimeError:
             return end  # node 0 is gone: our watcher reports that
-        self._published = text
         return AttemptEnd.from_text(standing)
 
     def local_end(self, kind: str, detail: str, exit_code: int) -> AttemptEnd:
@@ -329,7 +323,7 @@ class NodeLink:
         assert store is not None
         try:
             if int(store.add(SUCCEEDED, 1)) == self.shape.nnodes:
-                self.publish(AttemptEnd("success", self.node_rank or 0, self.hostname, "", 0))
+                self.publish(self.local_end("success", "", 0))
         except RuntimeError:
             pass  # node 0 is gone: our watcher reports that
 
