@@ -31,6 +31,7 @@ from launcher.frames import (
     FrameReader, decode_ready, end_line, go_line,
 )
 from launcher.hosts import HostSpec, parse_hosts_flag, read_hostfile
+from launcher.plan import is_plain_int
 from launcher.wakepipe import WakePipe
 
 if TYPE_CHECKING:
@@ -58,7 +59,6 @@ class Host:
     spec: HostSpec
     target: SshTarget
     nproc: int | None = None
-    gpu_ids: tuple[str, ...] | None = None
     client: Any = None
     channel: Any = None
     frames: FrameReader = field(default_factory=FrameReader)
@@ -75,8 +75,6 @@ class Host:
     @property
     def exit_code(self) -> int | None:
         return self.said_exit if self.said_exit is not None else self.exit_status
-    out_done: bool = False
-    err_done: bool = False
 
     @property
     def name(self) -> str:
@@ -102,9 +100,11 @@ def forwarded_env(environ: dict[str, str], explicit: Sequence[tuple[str, str]]) 
 
 
 def per_host_nproc(specs: Sequence[HostSpec], nproc: str | None) -> int | None:
-    """--nproc wins; else a hostfile's slots, which must agree (RANK = node * nproc + local)."""
+    """Workers per host, where the head can know it: --nproc N wins; else a hostfile's slots,
+    which must agree (RANK = node * nproc + local). None for auto/gpu/cpu, which each agent
+    resolves on its own host."""
     if nproc is not None:
-        return None  # each agent resolves --nproc itself (auto, gpu, cpu, N)
+        return int(nproc) if is_plain_int(nproc.strip()) else None
     slots = {spec.slots or (len(spec.gpus) if spec.gpus else None) for spec in specs}
     slots.discard(None)
     if len(slots) > 1:
@@ -202,7 +202,6 @@ def shown_ranks_of(options: Options, hosts: Sequence[Host]) -> frozenset[int] | 
 
 
 def plan_hosts(options: Options) -> list[Host]:
-    from launcher.plan import is_plain_int
     from launcher.ssh import resolve_target
 
     if options.hosts is not None and options.hostfile is not None:
@@ -216,10 +215,8 @@ def plan_hosts(options: Options) -> list[Host]:
             )
     specs = read_hostfile(options.hostfile) if options.hostfile else parse_hosts_flag(options.hosts or "")
     nproc = per_host_nproc(specs, options.nproc)
-    if options.nproc is not None and is_plain_int(options.nproc.strip()):
-        nproc = int(options.nproc)  # known here too: it sizes the head's rank prefixes
     return [
-        Host(rank, spec, resolve_target(spec.host, spec.user, spec.port), nproc, spec.gpus)
+        Host(rank, spec, resolve_target(spec.host, spec.user, spec.port), nproc)
         for rank, spec in enumerate(specs)
     ]
 
@@ -271,7 +268,7 @@ class Head:
         from launcher.supervisor import SignalInbox
 
         try:
-            with self._status(f"connecting to {len(self.hosts)} host(s)") as status:
+            with _Status(f"connecting to {len(self.hosts)} host(s)") as status:
                 self._connect()
                 self._start_agents()
                 status(f"waiting for {len(self.hosts)} host(s) to be ready")
@@ -447,8 +444,7 @@ class Head:
 
     def _on_stdout(self, host: Host, data: bytes, printer: Printer | None) -> None:
         if not data:
-            host.out_done = True
-            return
+            return  # the exit event follows
         try:
             frames = host.frames.feed(data)
         except FrameError as exc:
@@ -486,7 +482,6 @@ class Head:
 
     def _on_stderr(self, host: Host, data: bytes, printer: Printer | None) -> None:
         if not data:
-            host.err_done = True
             return
         lines = data.decode("utf-8", "replace").splitlines()
         host.stderr_tail = (host.stderr_tail + lines)[-20:]
@@ -553,10 +548,6 @@ class Head:
             if host.client is not None:
                 host.client.close()
         self._wake.close()
-
-    @staticmethod
-    def _status(text: str) -> Any:
-        return _Status(text)
 
 
 class _Status:

@@ -27,7 +27,7 @@ def options(**changes: object) -> Options:
 
 
 def host(rank: int, spec: HostSpec, nproc: int | None = None) -> Host:
-    return Host(rank, spec, SshTarget(spec.host, spec.host, 22, "u", ()), nproc, spec.gpus)
+    return Host(rank, spec, SshTarget(spec.host, spec.host, 22, "u", ()), nproc)
 
 
 def test_hostfile_gpus_become_that_hosts_gpu_ids() -> None:
