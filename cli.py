@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 SINGLE_NODE_MASTER_ADDR = "127.0.0.1"
 MULTI_NODE_DEFAULT_PORT = 29500  # torchrun's default, so existing multi-node recipes carry over
 DEFAULT_GRACE_S = 30.0
+DEFAULT_JOIN_TIMEOUT_S = 600.0  # torchrun's rendezvous join timeout
 DRY_RUN_ERROR_DIR = "$TMPDIR/ddplaunch-<pid>"  # a real run makes a private directory there
 
 CONTEXT = {
@@ -107,8 +108,8 @@ class Options:
 @click.option("--rdzv-backend", "--rdzv_backend", "rdzv_backend", envvar="PET_RDZV_BACKEND",
               type=click.Choice(["static", "c10d"]), hidden=True,
               help="Accepted for torchrun command lines; nodes always meet at node 0's TCPStore.")
-@click.option("--join-timeout", "--join_timeout", "join_timeout", type=float, default=600.0, show_default=True,
-              metavar="SECONDS", help="Across nodes: how long to wait for every node to join.")
+@click.option("--join-timeout", "--join_timeout", "join_timeout", type=float, default=DEFAULT_JOIN_TIMEOUT_S,
+              show_default=True, metavar="SECONDS", help="Across nodes: how long to wait for every node to join.")
 @click.option("--standalone", is_flag=True, envvar="PET_STANDALONE",
               help="One node with a free port (accepted as in torchrun; that is the default here).")
 @click.option("--gpu-ids", "--gpu_ids", "gpu_ids", metavar="IDS",
@@ -480,8 +481,8 @@ def launch(options: Options) -> int:
         for line in note:
             click.echo(line)
         return 0
-    if decided.port_given and decided.node_rank_given and inputs.node_rank == 0:
-        check_port_free(inputs.master_port)
+    if decided.port_given and decided.node_rank_given and inputs.node_rank == 0 and not options.agent:
+        check_port_free(inputs.master_port)  # an agent's was checked before it said ready
     if log_dir is not None:
         _make_dir(log_dir, "--log-dir")
     made_error_dir = None
@@ -499,9 +500,7 @@ def launch(options: Options) -> int:
 def await_head(decided: Launch, options: Options, facts: Facts) -> Launch | None:
     """Agent mode: the checks passed; report ready (node 0: its address and port), await go."""
     from launcher.agent import HeadGone, handshake, ssh_server_address
-    from launcher.ports import pick_free_port
-
-    from launcher.ports import check_port_free
+    from launcher.ports import check_port_free, pick_free_port
 
     inputs = decided.inputs
     port = inputs.master_port if options.master_port is not None else 0
@@ -535,11 +534,12 @@ def run(decided: Launch, options: Options, error_dir: str) -> int:
         inputs = replace(inputs, node_rank=node_link.node_rank, run_id=node_link.shape.run_id)
 
     def new_plan(restart: int) -> Plan:
+        addr, port = inputs.master_addr, inputs.master_port
         if options.agent:  # the head's go for this attempt named node 0's address and port
-            where = {"master_addr": head.master_addr, "master_port": head.master_port}
-        else:
-            where = {"master_port": inputs.master_port if decided.port_given else pick_free_port()}
-        return build_plan(replace(inputs, restart_count=restart, **where))  # type: ignore[arg-type]
+            addr, port = head.master_addr, head.master_port
+        elif not decided.port_given:
+            port = pick_free_port()
+        return build_plan(replace(inputs, restart_count=restart, master_addr=addr, master_port=port))
 
     first = new_plan(0)  # the first attempt's plan; it also sizes the printer and start line
 
