@@ -76,6 +76,17 @@ LINES_PER_RANK = 100_000
 LINES_RANKS = 4
 PAD = "x" * 40  # "rank R line NNNNNN " is 19 bytes; with the pad and "\n": 60 bytes a line
 
+def lines_script(count: int) -> str:
+    """A worker printing `count` lines of the measured format (~60 bytes each)."""
+    return f"""\
+import os
+r = int(os.environ["RANK"])
+pad = {PAD!r}
+for i in range({count}):
+    print(f"rank {{r}} line {{i:06d}} " + pad)
+"""
+
+
 WORKERS = {
     "empty.py": "",
     "teardown.py": """\
@@ -88,13 +99,7 @@ if os.environ["RANK"] == "1":
     os._exit(1)
 time.sleep(60)
 """,
-    "lines.py": f"""\
-import os
-r = int(os.environ["RANK"])
-pad = {PAD!r}
-for i in range({LINES_PER_RANK}):
-    print(f"rank {{r}} line {{i:06d}} " + pad)
-""",
+    "lines.py": lines_script(LINES_PER_RANK),
     "sleep2.py": """\
 import time
 time.sleep(2)
@@ -110,6 +115,7 @@ os.rename(path + ".tmp", path)
 time.sleep(60)
 """,
 }
+
 
 
 # -- finding and running the tools ----------------------------------------------------------

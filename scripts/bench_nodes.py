@@ -27,7 +27,7 @@ reuses bench.py's helpers (bounded waits, BENCH_TOKEN clean-up, the line format)
 The "hosts" are 8 OpenSSH servers (tests/sshd.py) on 127.0.1.40-47 of this one machine,
 reached through a throw-away HOME whose ~/.ssh/config names them bench1..bench8: they
 share this machine's CPUs, so 8 hosts cost 4x the CPU of 2 hosts here (each node agent
-imports torch for the rendezvous store). torchrun has no SSH mode: its column is n/a there.
+is a login shell plus a Python start). torchrun has no SSH mode: its column is n/a there.
 The pool is stopped, with every session it holds, in a finally block.
 """
 
@@ -51,12 +51,12 @@ from typing import IO, Any
 import psutil
 from bench import (
     DDP_LINE,
-    PAD,
     TOOLS,
     Bench,
     Timeout,
     count_lines,
     finish,
+    lines_script,
     log,
     token_processes,
     wait_exit,
@@ -126,13 +126,7 @@ if rank == 3:  # fail once the others are past the barrier, asleep with their ha
     os._exit(1)
 time.sleep(60)
 """,
-    "lines50k.py": f"""\
-import os
-r = int(os.environ["RANK"])
-pad = {PAD!r}
-for i in range({SSH_LINES_PER_RANK}):
-    print(f"rank {{r}} line {{i:06d}} " + pad)
-""",
+    "lines50k.py": lines_script(SSH_LINES_PER_RANK),
 }
 
 
