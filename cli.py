@@ -28,6 +28,7 @@ from launcher.plan import (
     Program,
     build_plan,
     is_plain_int,
+    tcp_port,
     parse_env_assignments,
     resolve_nproc,
     validate_topology,
@@ -427,12 +428,12 @@ def rendezvous_address(options: Options, nnodes: int) -> tuple[str, int | None]:
 def merge_endpoint(endpoint: str, addr: str | None, port: int | None) -> tuple[str, int | None]:
     """--rdzv-endpoint HOST[:PORT], torchrun's spelling; it must agree with --master-addr/port."""
     host, port_text = split_host_port(endpoint)
-    if not host or (port_text is not None and not (is_plain_int(port_text) and 1 <= int(port_text) <= 65535)):
+    endpoint_port = tcp_port(port_text) if port_text is not None else None
+    if not host or (port_text is not None and endpoint_port is None):
         raise LaunchError(
             f"--rdzv-endpoint {endpoint!r} is not HOST or HOST:PORT (port 1-65535), "
             "e.g. --rdzv-endpoint 10.0.0.1:29500."
         )
-    endpoint_port = int(port_text) if port_text is not None else None
     if addr is not None and addr != host:
         raise LaunchError(f"--rdzv-endpoint {endpoint} and --master-addr {addr} disagree; give one of them.")
     if port is not None and endpoint_port is not None and port != endpoint_port:

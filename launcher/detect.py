@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar, TypeAlias
 
 from launcher.errors import LaunchError
-from launcher.plan import is_plain_int
+from launcher.plan import is_plain_int, tcp_port
 
 FORCE_VARIABLE = "DDPLAUNCH_CLUSTER"
 FIELDS = ("nnodes", "node_rank", "master_addr", "master_port")
@@ -434,12 +434,13 @@ def _with_master_overrides(environ: Mapping[str, str], detected: Detected) -> De
         addr, origins["master_addr"] = given_addr, "MASTER_ADDR"
     given_port = _get(environ, "MASTER_PORT")
     if given_port is not None:
-        if not is_plain_int(given_port) or not 1 <= int(given_port) <= 65535:
+        port = tcp_port(given_port)
+        if port is None:
             raise LaunchError(
                 f"MASTER_PORT={given_port!r} is not a TCP port; set it to a number in 1-65535, or unset it "
                 "to let ddplaunch choose."
             )
-        port, origins["master_port"] = int(given_port), "MASTER_PORT"
+        origins["master_port"] = "MASTER_PORT"
     return replace(
         detected,
         master_addr=addr,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from launcher.errors import LaunchError
-from launcher.plan import is_plain_int
+from launcher.plan import is_plain_int, tcp_port
 
 HOSTFILE_LINE = "`HOST [slots=N] [gpus=I,J]`"
 _HOSTS_FORMS = (
@@ -216,9 +216,10 @@ HOROVOD_SLOTS_BELOW = 20
 def _parse_port(text: str) -> int:
     if not text:
         raise _AddressError("the port after ':' is empty")
-    if not is_plain_int(text) or not 1 <= int(text) <= 65535:
+    port = tcp_port(text)
+    if port is None:
         raise _AddressError(f"port {text} is not a TCP port (1-65535)")
-    return int(text)
+    return port
 
 
 def _first_repeat(specs: Sequence[HostSpec]) -> tuple[int, int] | None:

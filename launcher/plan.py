@@ -160,6 +160,11 @@ def is_plain_int(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def tcp_port(text: str) -> int | None:
+    """`text` as a TCP port (plain digits, 1-65535), or None; callers word their own error."""
+    return int(text) if is_plain_int(text) and 1 <= int(text) <= 65535 else None
+
+
 def resolve_nproc(
     text: str | None, *, gpu_ids: tuple[str, ...] | None, gpu_count: int, cpu_count: int
 ) -> int:
