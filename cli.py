@@ -28,17 +28,16 @@ from launcher.plan import (
     Program,
     build_plan,
     is_plain_int,
-    tcp_port,
     parse_env_assignments,
     resolve_nproc,
+    tcp_port,
     validate_topology,
 )
 
 if TYPE_CHECKING:
     from launcher.logs import Printer
     from launcher.rendezvous import NodeLink
-    from launcher.supervisor import Peers
-    from launcher.supervisor import JobResult
+    from launcher.supervisor import JobResult, Peers
 
 SINGLE_NODE_MASTER_ADDR = "127.0.0.1"
 MULTI_NODE_DEFAULT_PORT = 29500  # torchrun's default, so existing multi-node recipes carry over

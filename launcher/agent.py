@@ -18,7 +18,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from launcher.frames import (
-    ATTEMPT_END, BLOCK, DATA, END_OF_STREAM, EVENT, NOTE, OVER, SUCCEEDED, SYNC, encode, encode_exit, encode_ready,
+    ATTEMPT_END,
+    BLOCK,
+    DATA,
+    END_OF_STREAM,
+    EVENT,
+    NOTE,
+    OVER,
+    SUCCEEDED,
+    SYNC,
+    encode,
+    encode_exit,
+    encode_ready,
     parse_command,
 )
 from launcher.logs import Printer, Stream, _write_all

@@ -21,14 +21,28 @@ import shlex
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from collections.abc import Sequence
 
 from launcher.errors import Interrupted, LaunchError
 from launcher.frames import (
-    ATTEMPT_END, BLOCK, DATA, END_OF_STREAM, EVENT, EXIT, NOTE, OVER, READY, SUCCEEDED, Frame, FrameError,
-    FrameReader, decode_ready, end_line, go_line,
+    ATTEMPT_END,
+    BLOCK,
+    DATA,
+    END_OF_STREAM,
+    EVENT,
+    EXIT,
+    NOTE,
+    OVER,
+    READY,
+    SUCCEEDED,
+    Frame,
+    FrameError,
+    FrameReader,
+    decode_ready,
+    end_line,
+    go_line,
 )
 from launcher.hosts import HostSpec, parse_hosts_flag, read_hostfile
 from launcher.plan import is_plain_int
@@ -168,9 +182,9 @@ def preflight_problem(host: Host, workdir: str, python: str) -> str:
 
 
 def launch_on_hosts(options: Options) -> int:
-    from launcher.plan import parse_env_assignments
-
     from dataclasses import replace
+
+    from launcher.plan import parse_env_assignments
 
     hosts = plan_hosts(options)
     shown_ranks = shown_ranks_of(options, hosts)

@@ -7,10 +7,10 @@ port) and passes them in, so every rule here is tested by tables of cases.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
-from collections.abc import Mapping
 
 from launcher.devices import DeviceMap
 from launcher.errors import LaunchError

@@ -18,10 +18,10 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
-from collections.abc import Callable
 
 from launcher.errors import LaunchError
 from launcher.wakepipe import WakePipe

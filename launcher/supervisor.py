@@ -14,9 +14,9 @@ import selectors
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
-from collections.abc import Callable
 
 from launcher.logs import Printer, Stream
 from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
