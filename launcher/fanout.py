@@ -49,7 +49,7 @@ from launcher.plan import is_plain_int
 from launcher.wakepipe import WakePipe
 
 if TYPE_CHECKING:
-    from cli import Options
+    from launcher.options import Options
     from launcher.logs import Printer
     from launcher.ssh import SshTarget
 
@@ -208,7 +208,7 @@ def world_size_of(hosts: Sequence[Host]) -> int | None:
 
 
 def shown_ranks_of(options: Options, hosts: Sequence[Host]) -> frozenset[int] | None:
-    from cli import parse_ranks
+    from launcher.options import parse_ranks
 
     if not options.ranks:
         return None

@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from cli import Options
+from launcher.options import Options
 from launcher.errors import LaunchError
 from launcher.fanout import Host, agent_argv, forwarded_env, per_host_nproc, remote_command
 from launcher.hosts import HostSpec, parse_hostfile
