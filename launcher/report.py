@@ -1,4 +1,5 @@
-"""The failure summary: one root-cause panel, then one line per other worker.
+"""What the launcher says about a job: its start line, and at the end the failure summary
+(one root-cause panel, then one line per other worker).
 
 Drawn with plain text (and ANSI colour on a terminal) rather than rich: importing rich costs
 about 50 ms here, which alone would double the time from a rank's death to the launcher's exit.
@@ -6,11 +7,14 @@ about 50 ms here, which alone would double the time from a rank's death to the l
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from launcher.supervisor import AttemptResult, WorkerProcess, describe_exit, signal_name
+from launcher.supervisor import AttemptResult, JobResult, WorkerProcess, describe_exit, signal_name
+
+if TYPE_CHECKING:
+    from launcher.logs import Printer
+    from launcher.plan import Plan
 
 OOM_HINT = "killed, possibly out of memory (SIGKILL)"
 
@@ -23,10 +27,13 @@ def exit_text(worker: WorkerProcess) -> str:
 
 def read_error_file(path: str | None) -> str | None:
     """The traceback torch's @record wrote to TORCHELASTIC_ERROR_FILE, if any."""
+    import json  # only on a failure: the start line comes from this module too
+
     if path is None:
         return None
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8", errors="replace"))
+        with open(path, encoding="utf-8", errors="replace") as file:
+            data = json.load(file)
     except (OSError, ValueError):
         return None
     message = data.get("message", data) if isinstance(data, dict) else data
@@ -55,6 +62,8 @@ def other_worker_line(worker: WorkerProcess) -> str:
 
 def render_failure(result: AttemptResult, tail: list[str], colour: bool, width: int | None = None) -> str:
     """The report for a failed attempt whose root cause is a worker."""
+    import shutil
+
     cause = result.root_cause
     assert cause is not None
     width = width or min(100, shutil.get_terminal_size((100, 24)).columns)
@@ -83,3 +92,34 @@ def render_failure(result: AttemptResult, tail: list[str], colour: bool, width: 
         lines.extend(f"    {other_worker_line(w)}" for w in others)
     lines.append(f"{red}{'━' * width}{reset}")
     return "\n".join(lines) + "\n"
+
+
+# -- the launcher's own lines around a job ------------------------------------------------------
+
+
+def joined_line(hosts: dict[int, str]) -> str:
+    names = ", ".join(f"{rank} {host}" for rank, host in sorted(hosts.items()))
+    return f"all {len(hosts)} nodes joined (node rank, host: {names})"
+
+
+def start_line(plan: Plan) -> str:
+    ranks = [w.global_rank for w in plan.workers]
+    span = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    text = f"starting {len(ranks)} worker(s), {span} of world size {plan.world_size}"
+    omp = plan.common_env.get("OMP_NUM_THREADS")
+    if omp is not None:
+        text += f"; OMP_NUM_THREADS={omp} per worker (set it to override)"
+    return text
+
+
+def finish(result: JobResult, printer: Printer, say: Callable[[str], None]) -> None:
+    last = result.last
+    if last.elsewhere is not None:
+        say(f"root cause on another node: {last.elsewhere.describe()} (its report is in that node's output)")
+    elif last.root_cause is not None:
+        tail = printer.tail(last.root_cause.spec.global_rank)
+        printer.block(render_failure(last, tail, printer.colour))
+    elif last.stop_signal is not None:
+        say(f"stopped by {signal_name(last.stop_signal)}; all workers ended")
+    if last.exit_code != 0:
+        say(f"exit code {last.exit_code}")
