@@ -1,26 +1,18 @@
-"""ddplaunch's command line: the click declarations, and (for now) running a launch in each node mode."""
+"""ddplaunch's command line: the click declarations, then one call to launcher.job.run_command.
+
+Each option's meaning lives in launcher/: launcher.options (the parsed values and their small
+parsers), launcher.decide (what they mean on this machine), launcher.job (running it).
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import click
 
 from launcher import __version__
-from launcher.decide import Decision, Facts, decide, gather_facts
-from launcher.errors import Interrupted, LaunchError
 from launcher.options import DEFAULT_GRACE_S, DEFAULT_JOIN_TIMEOUT_S, Options
-from launcher.plan import Plan, build_plan
-
-if TYPE_CHECKING:
-    from launcher.logs import Printer
-    from launcher.rendezvous import NodeLink
-    from launcher.supervisor import Peers
-
-DRY_RUN_ERROR_DIR = "$TMPDIR/ddplaunch-<pid>"  # a real run makes a private directory there
 
 CONTEXT = {
     "allow_interspersed_args": False,  # everything after SCRIPT belongs to the script
@@ -100,25 +92,9 @@ def command(**params: object) -> None:
       ddplaunch --gpu-ids 0,2,4,6 train.py
       ddplaunch --nproc 2 --dry-run train.py
     """
-    options = Options(**params)  # type: ignore[arg-type]
-    if options.agent:
-        from launcher.agent import say_hello
+    from launcher.job import run_command
 
-        say_hello()
-    try:
-        if options.hosts is not None or options.hostfile is not None:
-            from launcher.fanout import launch_on_hosts
-
-            code = launch_on_hosts(options)
-        else:
-            code = launch(options)
-    except LaunchError as exc:
-        click.echo(f"ddplaunch: error: {exc}", err=True)
-        code = exc.exit_code
-    if options.agent:
-        from launcher.agent import say_exit
-
-        say_exit(code)
+    code = run_command(Options(**params))  # type: ignore[arg-type]
     if "torch" in sys.modules:
         # A multi-node agent imported torch for its store; the interpreter's teardown of torch
         # costs ~0.5 s and every resource of ours is already released.
@@ -130,184 +106,6 @@ def command(**params: object) -> None:
 
 def main() -> None:
     command.main(prog_name="ddplaunch")
-
-
-# -- from options to a plan ------------------------------------------------------------------
-
-
-def launch(options: Options) -> int:
-    from launcher.ports import check_port_free, pick_free_port
-
-    facts = gather_facts(options)
-    log_dir = options.log_dir or None
-    error_dir = os.path.join(log_dir, "errors") if log_dir else None
-    decided = decide(options, facts, error_dir, head_links_nodes=options.agent)
-    if options.agent:
-        told = await_head(decided, options, facts)
-        if told is None:
-            return 1  # the head went away before saying go: nothing was started
-        decided = told
-    inputs = decided.inputs
-    if options.dry_run:
-        from launcher.dryrun import render_plan
-
-        port = inputs.master_port or pick_free_port()
-        note = () if decided.port_given else ("(port picked free now; a real run picks again)",)
-        shown_dir = error_dir or DRY_RUN_ERROR_DIR
-        plan = build_plan(replace(inputs, master_port=port, error_dir=shown_dir, job_id="<random per run>"))
-        if not decided.node_rank_given:
-            note = (*note, "(node rank shown as 0: without --node-rank, nodes take ranks in order of arrival)")
-        click.echo(render_plan(plan, notes=decided.detected), nl=False)
-        for line in note:
-            click.echo(line)
-        return 0
-    if decided.port_given and decided.node_rank_given and inputs.node_rank == 0 and not options.agent:
-        check_port_free(inputs.master_port)  # an agent's was checked before it said ready
-    if log_dir is not None:
-        _make_dir(log_dir, "--log-dir")
-    made_error_dir = None
-    if error_dir is None:
-        made_error_dir = error_dir = _private_temp_dir()
-    try:
-        return run(decided, options, error_dir)
-    finally:
-        if made_error_dir is not None:
-            import shutil
-
-            shutil.rmtree(made_error_dir, ignore_errors=True)
-
-
-def await_head(decided: Decision, options: Options, facts: Facts) -> Decision | None:
-    """Agent mode: the checks passed; report ready (node 0: its address and port), await go."""
-    from launcher.agent import HeadGone, handshake, ssh_server_address
-    from launcher.ports import check_port_free, pick_free_port
-
-    inputs = decided.inputs
-    port = inputs.master_port if options.master_port is not None else 0
-    if inputs.node_rank == 0:
-        if port:
-            check_port_free(port)  # before ready: a busy port then starts nothing anywhere
-        else:
-            port = pick_free_port()
-    try:
-        addr, port = handshake(ssh_server_address(facts.environ) or inputs.hostname, port)
-    except HeadGone:
-        return None
-    return replace(decided, inputs=replace(inputs, master_addr=addr, master_port=port), port_given=True)
-
-
-def run(decided: Decision, options: Options, error_dir: str) -> int:
-    from launcher.logs import Printer, colour_enabled
-    from launcher.ports import pick_free_port
-    from launcher.report import finish, joined_line, start_line
-    from launcher.supervisor import run_job
-
-    inputs = replace(decided.inputs, error_dir=error_dir)
-    link: Peers | None = None
-    if options.agent:
-        from launcher.agent import HeadLink
-
-        master = (inputs.master_addr, inputs.master_port)
-        link = head = HeadLink(inputs.node_rank, inputs.hostname, master, pick_port=options.master_port is None)
-    elif inputs.nnodes > 1:
-        link = node_link = join_nodes(decided, options)
-        assert node_link.node_rank is not None
-        inputs = replace(inputs, node_rank=node_link.node_rank, run_id=node_link.shape.run_id)
-
-    def new_plan(restart: int) -> Plan:
-        addr, port = inputs.master_addr, inputs.master_port
-        if options.agent:  # the head's go for this attempt named node 0's address and port
-            addr, port = head.master_addr, head.master_port
-        elif not decided.port_given:
-            port = pick_free_port()
-        return build_plan(replace(inputs, restart_count=restart, master_addr=addr, master_port=port))
-
-    first = new_plan(0)  # the first attempt's plan; it also sizes the printer and start line
-
-    def plan_for_attempt(restart: int) -> Plan:
-        return first if restart == 0 else new_plan(restart)
-
-    colour = colour_enabled(options.no_color, os.environ, 1) and colour_enabled(options.no_color, os.environ, 2)
-    printer: Printer
-    if options.agent:
-        from launcher.agent import FramePrinter
-
-        printer = FramePrinter(world_ranks=[w.global_rank for w in first.workers], world_size=first.world_size)
-    else:
-        printer = Printer(
-            world_ranks=[w.global_rank for w in first.workers],
-            world_size=first.world_size,
-            colour=colour,
-            shown_ranks=decided.shown_ranks,
-            log_dir=decided.log_dir,
-        )
-    say = printer.log_event if options.agent else printer.note  # the head sums up for all hosts
-    try:
-        if link is not None and not options.agent:
-            say(joined_line(node_link.hosts))
-        say(start_line(first))
-        result = run_job(
-            plan_for_attempt,
-            printer=printer,
-            grace=options.grace,
-            max_restarts=inputs.max_restarts,
-            job_id=inputs.job_id,
-            peers=link,
-        )
-        finish(result, printer, say)
-        return result.exit_code
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted while waiting for the other nodes; no worker is running.") from None
-    finally:
-        if link is not None:
-            link.close()
-        printer.close()
-
-
-def join_nodes(decided: Decision, options: Options) -> NodeLink:
-    """Meet the other nodes (static multi-node); returns once all have joined."""
-    from launcher.rendezvous import JobShape, NodeLink
-
-    inputs = decided.inputs
-    who = f"node {inputs.node_rank}" if decided.node_rank_given else "this node (rank by arrival)"
-    if not options.agent:  # an agent's head shows its own progress
-        click.echo(
-            f"ddplaunch: {who} is waiting for {inputs.nnodes} nodes at {inputs.master_addr}:"
-            f"{inputs.master_port} (--join-timeout {options.join_timeout:g}s)",
-            err=True,
-        )
-    link = NodeLink(
-        master_addr=inputs.master_addr,
-        master_port=inputs.master_port,
-        shape=JobShape(inputs.nnodes, inputs.nproc, inputs.max_restarts, inputs.run_id),
-        run_id_given=options.run_id is not None,
-        node_rank=inputs.node_rank if decided.node_rank_given else None,
-        hostname=inputs.hostname,
-        join_timeout=options.join_timeout,
-    )
-    try:
-        link.join(0)
-    except KeyboardInterrupt:
-        link.close()
-        raise Interrupted("interrupted while waiting for the other nodes; no worker was started.") from None
-    except BaseException:
-        link.close()
-        raise
-    return link
-
-
-def _make_dir(path: str, flag: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise LaunchError(f"{flag} {path!r}: cannot create it ({exc.strerror}). Pick a writable directory.") from None
-
-
-def _private_temp_dir() -> str:
-    base = os.environ.get("TMPDIR") or "/tmp"
-    path = os.path.join(base, f"ddplaunch-{os.getpid()}-{os.urandom(4).hex()}")
-    os.mkdir(path, 0o700)
-    return path
 
 
 if __name__ == "__main__":

@@ -1,0 +1,200 @@
+"""What differs between a node's three modes, each in one class: the rest of a launch is shared.
+
+- `Local`: one node; nobody else to meet.
+- `StaticNode`: one of several nodes started by hand (or under srun/mpirun); the nodes meet
+  at node 0's TCPStore, which the workers reuse.
+- `NodeAgent`: one node under an SSH head; the head links the nodes (no store, no torch),
+  sends node 0's address with each go, and shows every node's output on its terminal.
+
+A role answers four questions: what to do before the first worker may start (`prepare`),
+who the other nodes are (`connect`), where each attempt meets (`address`), and who shows
+what (`printer`, `say`, `announce`). `launcher.job` asks them and branches on nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import replace
+from typing import TYPE_CHECKING, Protocol
+
+from launcher.decide import Decision, Facts
+from launcher.errors import Interrupted
+from launcher.logs import Printer, colour_enabled
+from launcher.options import Options
+from launcher.plan import Plan, PlanInputs
+from launcher.report import joined_line, start_line
+
+if TYPE_CHECKING:
+    from launcher.agent import HeadLink
+    from launcher.rendezvous import NodeLink
+    from launcher.supervisor import Peers
+
+
+class Role(Protocol):
+    """What a launch asks of a node's mode; see the module's docstring."""
+
+    def prepare(self, facts: Facts) -> Decision | None: ...
+
+    def connect(self, inputs: PlanInputs) -> tuple[Peers | None, PlanInputs]: ...
+
+    def address(self, inputs: PlanInputs) -> tuple[str, int]: ...
+
+    def printer(self, first: Plan) -> Printer: ...
+
+    def say(self, printer: Printer, text: str) -> None: ...
+
+    def announce(self, printer: Printer, first: Plan) -> None: ...
+
+
+class Local:
+    """One node: the launcher owns the terminal and picks a free port per attempt."""
+
+    def __init__(self, options: Options, decision: Decision) -> None:
+        self.options = options
+        self.decision = decision
+
+    def prepare(self, facts: Facts) -> Decision | None:
+        """Checks that need the machine, before anything starts; None: nothing may start."""
+        decision = self.decision
+        inputs = decision.inputs
+        if decision.port_given and decision.node_rank_given and inputs.node_rank == 0:
+            from launcher.ports import check_port_free
+
+            check_port_free(inputs.master_port)
+        return decision
+
+    def connect(self, inputs: PlanInputs) -> tuple[Peers | None, PlanInputs]:
+        return None, inputs
+
+    def address(self, inputs: PlanInputs) -> tuple[str, int]:
+        """Node 0's address and port for the next attempt."""
+        if self.decision.port_given:
+            return inputs.master_addr, inputs.master_port
+        from launcher.ports import pick_free_port
+
+        return inputs.master_addr, pick_free_port()
+
+    def printer(self, first: Plan) -> Printer:
+        no_color = self.options.no_color
+        return Printer(
+            world_ranks=[w.global_rank for w in first.workers],
+            world_size=first.world_size,
+            colour=colour_enabled(no_color, os.environ, 1) and colour_enabled(no_color, os.environ, 2),
+            shown_ranks=self.decision.shown_ranks,
+            log_dir=self.decision.log_dir,
+        )
+
+    def say(self, printer: Printer, text: str) -> None:
+        printer.note(text)
+
+    def announce(self, printer: Printer, first: Plan) -> None:
+        self.say(printer, start_line(first))
+
+
+class StaticNode(Local):
+    """A node started by hand: meet the others at node 0's store before the first worker."""
+
+    def connect(self, inputs: PlanInputs) -> tuple[Peers | None, PlanInputs]:
+        link = self._join(inputs)
+        assert link.node_rank is not None
+        self._hosts = link.hosts
+        return link, replace(inputs, node_rank=link.node_rank, run_id=link.shape.run_id)
+
+    def _join(self, inputs: PlanInputs) -> NodeLink:
+        """Returns once every node has joined; a node that never comes is named."""
+        from launcher.rendezvous import JobShape, NodeLink
+
+        ranked = self.decision.node_rank_given
+        who = f"node {inputs.node_rank}" if ranked else "this node (rank by arrival)"
+        print(
+            f"ddplaunch: {who} is waiting for {inputs.nnodes} nodes at {inputs.master_addr}:"
+            f"{inputs.master_port} (--join-timeout {self.options.join_timeout:g}s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        link = NodeLink(
+            master_addr=inputs.master_addr,
+            master_port=inputs.master_port,
+            shape=JobShape(inputs.nnodes, inputs.nproc, inputs.max_restarts, inputs.run_id),
+            run_id_given=self.options.run_id is not None,
+            node_rank=inputs.node_rank if ranked else None,
+            hostname=inputs.hostname,
+            join_timeout=self.options.join_timeout,
+        )
+        try:
+            link.join(0)
+        except KeyboardInterrupt:
+            link.close()
+            raise Interrupted("interrupted while waiting for the other nodes; no worker was started.") from None
+        except BaseException:
+            link.close()
+            raise
+        return link
+
+    def announce(self, printer: Printer, first: Plan) -> None:
+        self.say(printer, joined_line(self._hosts))
+        super().announce(printer, first)
+
+
+class NodeAgent:
+    """A node under an SSH head: ready/go with the head, frames instead of a terminal."""
+
+    def __init__(self, options: Options, decision: Decision) -> None:
+        self.options = options
+        self.decision = decision
+        self._head: HeadLink | None = None
+
+    def prepare(self, facts: Facts) -> Decision | None:
+        """The checks passed: say ready (node 0: its address and port), await the head's go."""
+        from launcher.agent import HeadGone, handshake, ssh_server_address
+        from launcher.ports import check_port_free, pick_free_port
+
+        decision = self.decision
+        inputs = decision.inputs
+        port = inputs.master_port if self.options.master_port is not None else 0
+        if inputs.node_rank == 0:
+            if port:
+                check_port_free(port)  # before ready: a busy port then starts nothing anywhere
+            else:
+                port = pick_free_port()
+        try:
+            addr, port = handshake(ssh_server_address(facts.environ) or inputs.hostname, port)
+        except HeadGone:
+            return None  # the head went away before saying go: nothing was started
+        told = replace(inputs, master_addr=addr, master_port=port)
+        self.decision = replace(decision, inputs=told, port_given=True)
+        return self.decision
+
+    def connect(self, inputs: PlanInputs) -> tuple[Peers | None, PlanInputs]:
+        from launcher.agent import HeadLink
+
+        master = (inputs.master_addr, inputs.master_port)
+        pick_port = self.options.master_port is None
+        self._head = HeadLink(inputs.node_rank, inputs.hostname, master, pick_port=pick_port)
+        return self._head, inputs
+
+    def address(self, inputs: PlanInputs) -> tuple[str, int]:
+        """The head's go for this attempt named node 0's address and port."""
+        assert self._head is not None
+        return self._head.master_addr, self._head.master_port
+
+    def printer(self, first: Plan) -> Printer:
+        from launcher.agent import FramePrinter
+
+        return FramePrinter(world_ranks=[w.global_rank for w in first.workers], world_size=first.world_size)
+
+    def say(self, printer: Printer, text: str) -> None:
+        printer.log_event(text)  # the head sums up for all hosts
+
+    def announce(self, printer: Printer, first: Plan) -> None:
+        self.say(printer, start_line(first))
+
+
+def role_for(options: Options, decision: Decision) -> Role:
+    """The one place that tells the modes apart."""
+    if options.agent:
+        return NodeAgent(options, decision)
+    if decision.inputs.nnodes > 1:
+        return StaticNode(options, decision)
+    return Local(options, decision)
