@@ -24,7 +24,7 @@ reuses bench.py's helpers (bounded waits, BENCH_TOKEN clean-up, the line format)
              (`ddplaunch --nproc 4`). Wall time, ratio ssh / local, lines per second over the
              wall time and from the first line on (start-up aside). Target: 0 lines lost.
 
-The "hosts" are 8 OpenSSH servers (tests/sshd.py) on 127.0.1.40-47 of this one machine,
+The "hosts" are 8 OpenSSH servers (scripts/sshd.py) on 127.0.1.40-47 of this one machine,
 reached through a throw-away HOME whose ~/.ssh/config names them bench1..bench8: they
 share this machine's CPUs, so 8 hosts cost 4x the CPU of 2 hosts here (each node agent
 is a login shell plus a Python start). torchrun has no SSH mode: its column is n/a there.
@@ -39,7 +39,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -61,9 +60,7 @@ from bench import (
     token_processes,
     wait_exit,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from sshd import SshdPool, SshHome, start_sshd_pool  # tests/ is not a package
+from sshd import SshdPool, SshHome, start_sshd_pool
 
 POOL_FIRST_ADDRESS = "127.0.1.40"  # the test suite's servers use 127.0.1.2-9
 POOL_ALIAS = "bench"

@@ -1,8 +1,10 @@
-"""Real OpenSSH servers on loopback addresses for tests, and fake HOMEs that reach them.
+"""Real OpenSSH servers on loopback addresses, and fake HOMEs that reach them.
 
 Each server is its own `sshd -D` with a throw-away host key, listening on port 22 of its own
 127.0.1.x address (a free port when 22 is taken), so a test sees what a user's cluster looks
-like: several hosts, aliases in ~/.ssh/config, host keys in ~/.ssh/known_hosts.
+like: several hosts, aliases in ~/.ssh/config, host keys in ~/.ssh/known_hosts. The tests use
+them (tests/ssh_fixtures.py; pytest finds this module through `pythonpath` in pyproject.toml)
+and so does the benchmark (scripts/bench_nodes.py).
 """
 
 from __future__ import annotations
