@@ -16,28 +16,19 @@ untimed warm-up launch of each tool comes first, so neither pays for a cold page
 
 What is measured (all worker scripts are written to a fresh temporary directory):
 
-  launch     wall time of the whole command for a worker script that is an empty file,
-             with 4 and with 32 workers.                             target ratio <= 0.08
-  teardown   rank 1 sleeps 1 s, writes time.time() to a file and calls os._exit(1); the
-             other ranks sleep 60 s. Measured: the moment the launcher process has exited
-             (seen through a pidfd, so no polling delay) minus that timestamp.  <= 0.10
-  lines      4 ranks x 100,000 lines of ~60 bytes, printed with print() in a loop.
-             ddplaunch runs with --log-dir and its terminal output redirected to a file;
-             torchrun with `--tee 3 --log-dir DIR` and its output redirected to a file.
-             Wall time, and the lines that reached the redirected stdout, counted per rank
-             by their prefix (`R | ` for ddplaunch, `[defaultR]:` for torchrun). Lines
-             lost = 400,000 minus lines counted.              <= 0.30 with none lost
-  memory     peak RSS (VmHWM from /proc/PID/status, sampled every 20 ms, max kept) of the
-             launcher process itself, not its workers, for 4 workers that sleep 2 s.  <= 0.15
-  orphans    4 workers that each start a child sleeping 60 s, then write a "ready" file.
-             Once all 4 are ready the launcher pid gets SIGKILL; 3 s later the processes
-             still alive that carry this launch's BENCH_TOKEN in their environment are
-             counted (then killed). ddplaunch target: 0 survivors.
+  launch, teardown, lines, memory, orphans   the single-node rows (scripts/bench_local.py
+             describes them): the whole command for 4 and 32 empty workers (<= 0.08), a
+             rank's death to the launcher's exit (<= 0.10), 4 x 100,000 printed lines
+             (<= 0.30, none lost), the launcher's peak RSS (<= 0.15), and what survives a
+             SIGKILL of the launcher (ddplaunch: 0).
   nodes      multi-node rows (scripts/bench_nodes.py describes them): `--hosts` with 8 vs 2
              hosts over real sshd servers on this machine (<= 1.5), a failure on static
              node 1 -> node 0's workers stopped and its launcher exited (<= 2 s; torchrun's
              node 0 never stops), and 4 x 50,000 lines through SSH against one node (0 lost).
              `--only hosts,crossnode,sshlines` picks single ones.
+
+This module is the entry: the options, which rows run, the report. The two row modules
+share their helpers through scripts/benchlib.py and do not import each other.
 
 Every wait is bounded; every process a launch started (found by its BENCH_TOKEN, in its
 environment or, for the SSH agents, as `BENCH_TOKEN=...` in its command line) is killed in a
@@ -47,78 +38,25 @@ finally block, so the benchmark leaves nothing running.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
-import re
-import select
 import shlex
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import psutil
-
-TOOLS = ("ddplaunch", "torchrun")
-LOCAL_KEYS = ("launch", "teardown", "lines", "memory", "orphans")
-NODE_KEYS = ("hosts", "crossnode", "sshlines")  # measured by scripts/bench_nodes.py
-LINES_PER_RANK = 100_000
-LINES_RANKS = 4
-PAD = "x" * 40  # "rank R line NNNNNN " is 19 bytes; with the pad and "\n": 60 bytes a line
-
-def lines_script(count: int) -> str:
-    """A worker printing `count` lines of the measured format (~60 bytes each)."""
-    return f"""\
-import os
-r = int(os.environ["RANK"])
-pad = {PAD!r}
-for i in range({count}):
-    print(f"rank {{r}} line {{i:06d}} " + pad)
-"""
+from bench_local import LOCAL_KEYS, WORKERS, Row, measure_local, render_local, warm_up
+from bench_nodes import NODE_KEYS, NodeRow, measure_nodes, render_nodes
+from benchlib import TOOLS, Bench, kill_token, log
 
 
-WORKERS = {
-    "empty.py": "",
-    "teardown.py": """\
-import os, sys, time
-if os.environ["RANK"] == "1":
-    time.sleep(1.0)
-    with open(sys.argv[1] + ".tmp", "w") as f:
-        f.write(repr(time.time()))
-    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
-    os._exit(1)
-time.sleep(60)
-""",
-    "lines.py": lines_script(LINES_PER_RANK),
-    "sleep2.py": """\
-import time
-time.sleep(2)
-""",
-    "orphans.py": """\
-import os, subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "bench-grandchild"])
-rank = os.environ["RANK"]
-path = os.path.join(sys.argv[1], "ready" + rank)
-with open(path + ".tmp", "w") as f:
-    f.write(str(child.pid))
-os.rename(path + ".tmp", path)
-time.sleep(60)
-""",
-}
-
-
-
-# -- finding and running the tools ----------------------------------------------------------
+# -- finding the tools ------------------------------------------------------------------------
 
 
 def find_tool(name: str) -> str:
@@ -131,519 +69,19 @@ def find_tool(name: str) -> str:
     return found
 
 
-@dataclass
-class Bench:
-    tools: dict[str, str]
-    workdir: Path
-    run_token: str
-    launches: int = 0
-    shown: set[str] = field(default_factory=set)
+# -- the report -------------------------------------------------------------------------------
 
-    def argv(self, tool: str, nproc: int, script: str, *extra: str, tool_opts: tuple[str, ...] = ()) -> list[str]:
-        path = str(self.workdir / script)
-        if tool == "ddplaunch":
-            return [self.tools[tool], "--nproc", str(nproc), *tool_opts, path, *extra]
-        return [self.tools[tool], "--standalone", "--nproc-per-node", str(nproc), *tool_opts, path, *extra]
 
-    def new_token(self) -> str:
-        """A fresh BENCH_TOKEN; main's finally block kills whatever carries any of them."""
-        self.launches += 1
-        return f"{self.run_token}-{self.launches}"
-
-    def start(self, argv: list[str], stdout: int | IO[Any], stderr: int | IO[Any], label: str, *,
-              env: Mapping[str, str] | None = None, token: str | None = None) -> tuple[subprocess.Popen, str]:
-        """Start a launcher with a BENCH_TOKEN (a unique one unless given) that all its
-        descendants inherit; `env` replaces os.environ as the base environment."""
-        token = token or self.new_token()
-        env = dict(os.environ if env is None else env, BENCH_TOKEN=token)
-        env.pop("NO_COLOR", None)
-        if label not in self.shown:
-            self.shown.add(label)
-            log(f"  {label}: {shlex.join(argv)}")
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env)
-        return proc, token
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def wait_exit(proc: subprocess.Popen, timeout: float, on_tick: Callable[[], None] | None = None,
-              tick: float = 0.02) -> float | None:
-    """Wait for proc to exit; return time.time() at the moment it is seen gone, None on timeout.
-
-    A pidfd wakes us the instant the process exits (Popen.wait(timeout) polls with up to
-    50 ms of delay). on_tick, if given, runs every `tick` seconds while we wait.
-    """
-    deadline = time.monotonic() + timeout
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):
-        pidfd = None
-    try:
-        while True:
-            if on_tick is not None:
-                on_tick()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            step = min(left, tick) if on_tick is not None else min(left, 1.0)
-            if pidfd is not None:
-                ready, _, _ = select.select([pidfd], [], [], step)
-                if ready:
-                    now = time.time()
-                    proc.wait(timeout=5)
-                    return now
-            else:
-                try:
-                    proc.wait(timeout=step)
-                    return time.time()
-                except subprocess.TimeoutExpired:
-                    pass
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-
-
-def token_processes(token: str) -> list[psutil.Process]:
-    """Live (non-zombie) processes whose environment carries BENCH_TOKEN=token, or whose
-    command line has the argument BENCH_TOKEN=token (an SSH agent's `--env BENCH_TOKEN=...`)."""
-    found = []
-    me = os.getpid()
-    arg = f"BENCH_TOKEN={token}"
-    for proc in psutil.process_iter():
-        if proc.pid == me:
-            continue
-        try:
-            if proc.environ().get("BENCH_TOKEN") != token and arg not in proc.cmdline():
-                continue
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def kill_token(token: str, timeout: float = 5.0) -> int:
-    """SIGKILL every process of one launch; wait (bounded) until they are gone."""
-    procs = token_processes(token)
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=timeout)
-    return len(procs)
-
-
-def finish(proc: subprocess.Popen, token: str) -> None:
-    """finally-block cleanup of one launch: the launcher and everything it started."""
-    if proc.poll() is None:
-        try:
-            proc.kill()
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-    kill_token(token)
-
-
-class Timeout(Exception):
-    pass
-
-
-# -- the measurements: each returns one number per call -------------------------------------
-
-
-def run_launch(bench: Bench, tool: str, nproc: int) -> float:
-    argv = bench.argv(tool, nproc, "empty.py")
-    t0 = time.perf_counter()
-    proc, token = bench.start(argv, subprocess.DEVNULL, subprocess.DEVNULL, f"launch {tool} n{nproc}")
-    try:
-        if wait_exit(proc, timeout=120) is None:
-            raise Timeout(f"{tool} launch nproc {nproc}")
-        elapsed = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"{tool} launch nproc {nproc} exited {proc.returncode}")
-        return elapsed
-    finally:
-        finish(proc, token)
-
-
-def run_bare(bench: Bench, nproc: int) -> float:
-    """No launcher: the same nproc `python -u empty.py` posix_spawn'ed at once. The floor for launch."""
-    argv = [sys.executable, "-u", str(bench.workdir / "empty.py")]
-    token = bench.new_token()
-    env = dict(os.environ, BENCH_TOKEN=token)
-    pids: list[int] = []
-    devnull = os.open(os.devnull, os.O_RDWR)
-    actions = [(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)]
-    try:
-        t0 = time.perf_counter()
-        for _ in range(nproc):
-            pids.append(os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True))
-        deadline = time.monotonic() + 120
-        waiting = set(pids)
-        while waiting:
-            if time.monotonic() > deadline:
-                raise Timeout(f"bare launch nproc {nproc}")
-            for pid in list(waiting):
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    waiting.discard(pid)
-            if waiting:
-                time.sleep(0.002)
-        elapsed = time.perf_counter() - t0
-        pids.clear()
-        log(f"    floor: {nproc} bare interpreters {elapsed:.4g} s")
-        return elapsed
-    finally:
-        os.close(devnull)
-        for pid in pids:  # only left on an error: kill and reap
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
-        kill_token(token)
-
-
-def run_teardown(bench: Bench, tool: str) -> float:
-    stamp = bench.workdir / f"stamp-{uuid.uuid4().hex}"
-    argv = bench.argv(tool, 4, "teardown.py", str(stamp))
-    proc, token = bench.start(argv, subprocess.DEVNULL, subprocess.DEVNULL, f"teardown {tool}")
-    try:
-        exited = wait_exit(proc, timeout=90)
-        if exited is None:
-            raise Timeout(f"{tool} teardown")
-        if not stamp.exists():
-            raise RuntimeError(f"{tool} teardown: rank 1 wrote no timestamp (exit {proc.returncode})")
-        return exited - float(stamp.read_text())
-    finally:
-        finish(proc, token)
-        stamp.unlink(missing_ok=True)
-
-
-DDP_LINE = re.compile(rb"^ *(\d+) \| rank (\d+) line \d{6} x+$", re.MULTILINE)
-TORCH_LINE = re.compile(rb"^\[default(\d+)\]:rank (\d+) line \d{6} x+$", re.MULTILINE)
-
-
-def count_lines(path: Path, pattern: re.Pattern[bytes]) -> dict[int, int]:
-    """Lines per rank whose prefix rank matches the rank inside the text."""
-    counts: dict[int, int] = {}
-    data = path.read_bytes()
-    for prefix_rank, text_rank in pattern.findall(data):
-        if prefix_rank == text_rank:
-            rank = int(prefix_rank)
-            counts[rank] = counts.get(rank, 0) + 1
-    return counts
-
-
-def run_lines(bench: Bench, tool: str, extra: dict) -> float:
-    tag = uuid.uuid4().hex[:8]
-    logdir = bench.workdir / f"logs-{tool}-{tag}"
-    out_path = bench.workdir / f"out-{tool}-{tag}.txt"
-    err_path = bench.workdir / f"err-{tool}-{tag}.txt"
-    opts = ("--log-dir", str(logdir)) if tool == "ddplaunch" else ("--tee", "3", "--log-dir", str(logdir))
-    argv = bench.argv(tool, LINES_RANKS, "lines.py", tool_opts=opts)
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        t0 = time.perf_counter()
-        proc, token = bench.start(argv, out, err, f"lines {tool}")
-        try:
-            if wait_exit(proc, timeout=180) is None:
-                raise Timeout(f"{tool} lines")
-            elapsed = time.perf_counter() - t0
-        finally:
-            finish(proc, token)
-    try:
-        pattern = DDP_LINE if tool == "ddplaunch" else TORCH_LINE
-        counts = count_lines(out_path, pattern)
-        arrived = sum(counts.get(r, 0) for r in range(LINES_RANKS))
-        extra.setdefault("lost", []).append(LINES_RANKS * LINES_PER_RANK - arrived)
-        extra.setdefault("per_rank", []).append([counts.get(r, 0) for r in range(LINES_RANKS)])
-        extra.setdefault("exit_code", []).append(proc.returncode)
-        in_files = 0  # the per-rank log files, for comparison: rankN.log / <run>/attempt_0/N/stdout.log
-        for r in range(LINES_RANKS):
-            if tool == "ddplaunch":
-                paths = [logdir / f"rank{r}.log"]
-            else:
-                paths = list(logdir.glob(f"*/attempt_0/{r}/stdout.log"))
-            for path in paths:
-                if path.is_file():
-                    in_files += len(re.findall(rb"^rank %d line \d{6} x+$" % r, path.read_bytes(), re.MULTILINE))
-        extra.setdefault("lost_in_files", []).append(LINES_RANKS * LINES_PER_RANK - in_files)
-        return elapsed
-    finally:
-        shutil.rmtree(logdir, ignore_errors=True)
-        out_path.unlink(missing_ok=True)
-        err_path.unlink(missing_ok=True)
-
-
-def read_hwm_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None  # gone, or a zombie (its memory is released, VmHWM no longer shown)
-
-
-def run_memory(bench: Bench, tool: str) -> float:
-    argv = bench.argv(tool, 4, "sleep2.py")
-    proc, token = bench.start(argv, subprocess.DEVNULL, subprocess.DEVNULL, f"memory {tool}")
-    peak = [0]
-
-    def sample() -> None:
-        kib = read_hwm_kib(proc.pid)
-        if kib is not None and kib > peak[0]:
-            peak[0] = kib
-
-    try:
-        if wait_exit(proc, timeout=90, on_tick=sample, tick=0.02) is None:
-            raise Timeout(f"{tool} memory")
-        if peak[0] == 0:
-            raise RuntimeError(f"{tool} memory: no VmHWM sample")
-        return peak[0] / 1024.0  # MiB
-    finally:
-        finish(proc, token)
-
-
-def run_orphans(bench: Bench, tool: str, extra: dict) -> float:
-    ready = Path(tempfile.mkdtemp(prefix=f"ready-{tool}-", dir=bench.workdir))
-    argv = bench.argv(tool, 4, "orphans.py", str(ready))
-    proc, token = bench.start(argv, subprocess.DEVNULL, subprocess.DEVNULL, f"orphans {tool}")
-    try:
-        deadline = time.monotonic() + 90
-        while len([p for p in ready.iterdir() if p.name.startswith("ready") and not p.name.endswith(".tmp")]) < 4:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{tool} orphans: launcher exited {proc.returncode} before all workers were ready")
-            if time.monotonic() > deadline:
-                raise Timeout(f"{tool} orphans: workers not ready")
-            time.sleep(0.02)
-        before = len(token_processes(token)) - 1  # everything but the launcher itself
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        time.sleep(3.0)
-        survivors = token_processes(token)
-        kinds = {"worker": 0, "grandchild": 0, "other": 0}
-        for p in survivors:
-            try:
-                cmd = p.cmdline()
-            except psutil.Error:
-                cmd = []
-            if "bench-grandchild" in cmd:
-                kinds["grandchild"] += 1
-            elif any(arg.endswith("orphans.py") for arg in cmd):
-                kinds["worker"] += 1
-            else:
-                kinds["other"] += 1
-        extra.setdefault("before_kill", []).append(before)
-        extra.setdefault("kinds", []).append(kinds)
-        extra.setdefault("cleaned_up", []).append(kill_token(token))
-        return float(len(survivors))
-    finally:
-        finish(proc, token)
-        shutil.rmtree(ready, ignore_errors=True)
-
-
-# -- running reps, alternating --------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    key: str
-    label: str
-    unit: str
-    target: float | None  # ratio target; None: judged otherwise
-    samples: dict[str, list[float | None]] = field(default_factory=lambda: {t: [] for t in TOOLS})
-    extra: dict[str, dict] = field(default_factory=lambda: {t: {} for t in TOOLS})
-    errors: list[str] = field(default_factory=list)
-    baseline: list[float] = field(default_factory=list)  # launch rows: no launcher at all
-
-    def median(self, tool: str) -> float | None:
-        values = [v for v in self.samples[tool] if v is not None]
-        return statistics.median(values) if values else None
-
-    def ratio(self) -> float | None:
-        d, t = self.median("ddplaunch"), self.median("torchrun")
-        if d is None or not t:
-            return None
-        return d / t
-
-
-def alternate(row: Row, reps: int, one: Callable[[str, dict], float],
-              after_rep: Callable[[Row], None] | None = None) -> Row:
-    for rep in range(reps):
-        for tool in TOOLS:
-            try:
-                value = one(tool, row.extra[tool])
-            except (Timeout, RuntimeError, subprocess.SubprocessError, OSError) as exc:
-                row.errors.append(f"rep {rep + 1} {tool}: {type(exc).__name__}: {exc}")
-                log(f"    ! {row.errors[-1]}")
-                value = None
-            row.samples[tool].append(value)
-            shown = "-" if value is None else f"{value:.4g}"
-            log(f"    rep {rep + 1}/{reps} {tool:<9} {shown} {row.unit}")
-        if after_rep is not None:
-            after_rep(row)
-    return row
-
-
-def measure_all(bench: Bench, reps: int, only: set[str]) -> list[Row]:
-    rows: list[Row] = []
-
-    def want(name: str) -> bool:
-        return not only or name in only
-
-    if want("launch"):
-        for nproc in (4, 32):
-            log(f"launch, nproc {nproc}")
-            one: Callable[[str, dict], float] = functools.partial(launch_one, bench, nproc)
-            floor: Callable[[Row], None] = functools.partial(add_floor, bench, nproc=nproc)
-            rows.append(alternate(Row(f"launch_{nproc}", f"launch, nproc {nproc}", "s", 0.08), reps, one, floor))
-    if want("teardown"):
-        log("teardown, nproc 4")
-        rows.append(alternate(Row("teardown", "teardown after rank death", "s", 0.10), reps,
-                              lambda tool, _x: run_teardown(bench, tool)))
-    if want("lines"):
-        log(f"lines, {LINES_RANKS} x {LINES_PER_RANK:,}")
-        rows.append(alternate(Row("lines", f"lines {LINES_RANKS}x{LINES_PER_RANK // 1000}k, wall", "s", 0.30), reps,
-                              lambda tool, x: run_lines(bench, tool, x)))
-    if want("memory"):
-        log("memory, nproc 4")
-        rows.append(alternate(Row("memory", "launcher peak RSS", "MiB", 0.15), reps,
-                              lambda tool, _x: run_memory(bench, tool)))
-    if want("orphans"):
-        log("orphans after SIGKILL of the launcher, nproc 4")
-        rows.append(alternate(Row("orphans", "survivors of SIGKILL", "procs", None), reps,
-                              lambda tool, x: run_orphans(bench, tool, x)))
-    return rows
-
-
-def launch_one(bench: Bench, nproc: int, tool: str, _extra: dict) -> float:
-    return run_launch(bench, tool, nproc)
-
-
-def add_floor(bench: Bench, row: Row, nproc: int) -> None:
-    try:
-        row.baseline.append(run_bare(bench, nproc))
-    except (Timeout, OSError) as exc:
-        row.errors.append(f"floor: {exc}")
-
-
-def warm_up(bench: Bench) -> None:
-    log("warm-up (untimed): one launch of each tool")
-    for tool in TOOLS:
-        try:
-            run_launch(bench, tool, 1)
-        except (Timeout, RuntimeError, OSError) as exc:
-            log(f"    ! warm-up {tool}: {exc}")
-
-
-# -- verdicts and output --------------------------------------------------------------------
-
-
-def verdict(row: Row) -> tuple[str, bool | None]:
-    """(target text, ok?) for one row."""
-    ratio = row.ratio()
-    if row.key == "orphans":
-        d = row.samples["ddplaunch"]
-        ok = bool(d) and all(v == 0 for v in d)
-        return "ddplaunch 0", ok
-    assert row.target is not None
-    if ratio is None:
-        return f"<= {row.target:g}", None
-    ok = ratio <= row.target
-    if row.key == "lines":
-        lost = row.extra["ddplaunch"].get("lost", [])
-        ok = ok and bool(lost) and all(n == 0 for n in lost)
-        return f"<= {row.target:g}, 0 lost", ok
-    return f"<= {row.target:g}", ok
-
-
-def fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "n/a"
-    if unit == "s":
-        return f"{value:.3f} s"
-    if unit == "MiB":
-        return f"{value:.1f} MiB"
-    return f"{value:g}"
-
-
-def draw_table(header: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> list[str]:
-    table = [header, *body]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = []
-    for i, r in enumerate(table):
-        lines.append(" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        if i == 0:
-            lines.append("-+-".join("-" * w for w in widths))
-    return lines
-
-
-def render(rows: list[Row], node_rows: Sequence[Any] = ()) -> str:
-    header = ("measurement", "ddplaunch (median)", "torchrun (median)", "ratio", "target", "ok?")
-    table = []
-    for row in rows:
-        target, ok = verdict(row)
-        ratio = row.ratio()
-        table.append((
-            row.label,
-            fmt(row.median("ddplaunch"), row.unit),
-            fmt(row.median("torchrun"), row.unit),
-            "n/a" if ratio is None or row.key == "orphans" else f"{ratio:.3f}",
-            target,
-            {True: "yes", False: "NO", None: "?"}[ok],
-        ))
-    lines = draw_table(header, table) if rows else []
-    by_key = {r.key: r for r in rows}
-    floors = [r for r in rows if r.baseline]
-    if floors:
-        lines.append("")
-        for row in floors:
-            floor = statistics.median(row.baseline)
-            d, t = row.median("ddplaunch"), row.median("torchrun")
-            text = f"floor for {row.label}: the same workers started bare, no launcher: {floor:.3f} s median"
-            if t:
-                text += f" (= ratio {floor / t:.3f} of torchrun)"
-            if d is not None:
-                text += f"; ddplaunch's own share {d - floor:+.3f} s"
-            lines.append(text)
-    if "lines" in by_key:
-        row = by_key["lines"]
-        lines.append("")
-        total = LINES_RANKS * LINES_PER_RANK
-        for tool in TOOLS:
-            lost = row.extra[tool].get("lost", [])
-            per = row.extra[tool].get("per_rank", [])
-            in_files = row.extra[tool].get("lost_in_files", [])
-            lines.append(f"lines lost on stdout ({total:,} expected per run), {tool:<9}: per rep {lost}"
-                         f"{'' if not per else f'; last run per rank {per[-1]}'}"
-                         f"; lost in its --log-dir files: {in_files}")
-    if "orphans" in by_key:
-        row = by_key["orphans"]
-        lines.append("")
-        for tool in TOOLS:
-            counts = [None if v is None else int(v) for v in row.samples[tool]]
-            kinds = row.extra[tool].get("kinds", [])
-            before = row.extra[tool].get("before_kill", [])
-            lines.append(f"orphans surviving 3 s after SIGKILL, {tool:<9}: per rep {counts}"
-                         f" (of {before} token processes besides the launcher before the kill)"
-                         f"{'' if not kinds else f'; last run {kinds[-1]}'} - all killed afterwards")
+def render(rows: list[Row], node_rows: Sequence[NodeRow] = ()) -> str:
+    lines = render_local(rows)
     if node_rows:
-        from bench_nodes import render_nodes
-
         if lines:
             lines.append("")
-        lines.extend(render_nodes(node_rows, draw_table))
+        lines.extend(render_nodes(node_rows))
     errors: list[str] = []
     seen: list[list[str]] = []
-    for r in [*rows, *node_rows]:
+    every: list[Row | NodeRow] = [*rows, *node_rows]
+    for r in every:
         if not any(r.errors is s for s in seen):  # the two cross-node rows share one list
             seen.append(r.errors)
             errors.extend(f"  {r.key}: {e}" for e in r.errors)
@@ -654,25 +92,16 @@ def render(rows: list[Row], node_rows: Sequence[Any] = ()) -> str:
     return "\n".join(lines)
 
 
-def to_json(rows: list[Row], meta: dict, node_rows: Sequence[Any] = ()) -> dict:
+def to_json(rows: list[Row], meta: dict, node_rows: Sequence[NodeRow] = ()) -> dict:
     out: dict[str, Any] = {"meta": meta, "results": {}}
     for node_row in node_rows:
         out["results"][node_row.key] = node_row.as_json()
     for row in rows:
-        target, ok = verdict(row)
-        out["results"][row.key] = {
-            "label": row.label,
-            "unit": row.unit,
-            "samples": row.samples,
-            "median": {t: row.median(t) for t in TOOLS},
-            "ratio": row.ratio(),
-            "target": target,
-            "ok": ok,
-            "extra": row.extra,
-            "errors": row.errors,
-            "baseline_no_launcher": row.baseline or None,
-        }
+        out["results"][row.key] = row.as_json()
     return out
+
+
+# -- the entry --------------------------------------------------------------------------------
 
 
 def main() -> int:
@@ -715,11 +144,9 @@ def main() -> int:
         try:
             if not args.no_warmup:
                 warm_up(bench)
-            rows = measure_all(bench, reps, selected)
-            node_rows: list[Any] = []
+            rows = measure_local(bench, reps, selected)
+            node_rows: list[NodeRow] = []
             if selected & set(NODE_KEYS):
-                from bench_nodes import measure_nodes
-
                 node_rows = measure_nodes(bench, reps, selected)
         finally:
             for n in range(1, bench.launches + 1):  # nothing of ours may outlive the benchmark
@@ -745,7 +172,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # Run as the module `bench`, so that bench_nodes (which imports bench) shares its classes.
-    import bench
-
-    sys.exit(bench.main())
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """The multi-node rows of scripts/bench.py: `--hosts` over real sshd servers, and static nodes.
 
-bench.py imports this module when a multi-node row is selected (all are, by default); it
-reuses bench.py's helpers (bounded waits, BENCH_TOKEN clean-up, the line format).
+scripts/bench.py runs these rows when a multi-node row is selected (all are, by default);
+the helpers they share with the single-node rows (bench_local.py) live in benchlib.py
+(bounded waits, BENCH_TOKEN clean-up, the line format).
 
   hosts      `ddplaunch --hosts` with 8 hosts and with 2 hosts, --nproc 1 (alternating).
              Each worker writes `ready-<RANK>` into a directory and sleeps. Measured: from
@@ -19,7 +20,7 @@ reuses bench.py's helpers (bounded waits, BENCH_TOKEN clean-up, the line format)
              has exited (pidfd). torchrun's node 0 is given CROSSNODE_BOUND_S, then killed.
                                                                      target <= 2 s
   sshlines   `ddplaunch --hosts h1,h2 --nproc 2`, each rank printing 50,000 lines of ~60
-             bytes (bench.py's line format), stdout redirected to a file, lines counted per
+             bytes (benchlib's line format), stdout redirected to a file, lines counted per
              rank by their `R | ` prefix; against the same 4 x 50,000 lines on one node
              (`ddplaunch --nproc 4`). Wall time, ratio ssh / local, lines per second over the
              wall time and from the first line on (start-up aside). Target: 0 lines lost.
@@ -48,12 +49,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import psutil
-from bench import (
+from benchlib import (
     DDP_LINE,
     TOOLS,
     Bench,
     Timeout,
     count_lines,
+    draw_table,
     finish,
     lines_script,
     log,
@@ -62,6 +64,7 @@ from bench import (
 )
 from sshd import SshdPool, SshHome, start_sshd_pool
 
+NODE_KEYS = ("hosts", "crossnode", "sshlines")
 POOL_FIRST_ADDRESS = "127.0.1.40"  # the test suite's servers use 127.0.1.2-9
 POOL_ALIAS = "bench"
 HOST_COUNTS = (2, 8)
@@ -282,7 +285,7 @@ class Nodes:
         """Wait (bounded) until no process of this launch and no SSH session is left.
 
         Returns (processes, sessions) still there at the deadline: workers carry BENCH_TOKEN
-        in their environment (--env), agents in their command line (bench.token_processes
+        in their environment (--env), agents in their command line (benchlib.token_processes
         matches both).
         """
         assert self.pool is not None
@@ -356,7 +359,7 @@ def read_stamp(path: Path) -> float | None:
 
 
 def wait_exits(procs: list[subprocess.Popen], timeout: float) -> list[float | None]:
-    """bench.wait_exit for several processes at once (a thread each): when each one exited."""
+    """benchlib.wait_exit for several processes at once (a thread each): when each one exited."""
     results: list[float | None] = [None] * len(procs)
 
     def one(i: int) -> None:
@@ -624,7 +627,7 @@ def measure_sshlines(nodes: Nodes, reps: int) -> NodeRow:
 # -- output ---------------------------------------------------------------------------------------
 
 
-def render_nodes(rows: Sequence[NodeRow], draw_table: Any) -> list[str]:
+def render_nodes(rows: Sequence[NodeRow]) -> list[str]:
     header = ("multi-node measurement", "ddplaunch (median)", "torchrun (median)", "reference (median)",
               "ratio", "target", "ok?")
     body = [(row.label, *row.cells(), row.target(), {True: "yes", False: "NO", None: "?"}[row.ok()]) for row in rows]

@@ -1,0 +1,193 @@
+"""What the benchmark's row modules share: launching a tool, bounded waits, clean-up, the line format.
+
+scripts/bench_local.py (the single-node rows) and scripts/bench_nodes.py (the multi-node
+rows) both import this module and neither imports the other; scripts/bench.py, the entry,
+runs them and prints the report. Every launch carries a BENCH_TOKEN in its environment, so
+that `finish` and `kill_token` find all it started, however it ended.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+TOOLS = ("ddplaunch", "torchrun")
+
+# -- the line format: what the lines workers print, and how each tool prefixes it --------------
+
+PAD = "x" * 40  # "rank R line NNNNNN " is 19 bytes; with the pad and "\n": 60 bytes a line
+
+
+def lines_script(count: int) -> str:
+    """A worker printing `count` lines of the measured format (~60 bytes each)."""
+    return f"""\
+import os
+r = int(os.environ["RANK"])
+pad = {PAD!r}
+for i in range({count}):
+    print(f"rank {{r}} line {{i:06d}} " + pad)
+"""
+
+
+DDP_LINE = re.compile(rb"^ *(\d+) \| rank (\d+) line \d{6} x+$", re.MULTILINE)
+TORCH_LINE = re.compile(rb"^\[default(\d+)\]:rank (\d+) line \d{6} x+$", re.MULTILINE)
+
+
+def count_lines(path: Path, pattern: re.Pattern[bytes]) -> dict[int, int]:
+    """Lines per rank whose prefix rank matches the rank inside the text."""
+    counts: dict[int, int] = {}
+    data = path.read_bytes()
+    for prefix_rank, text_rank in pattern.findall(data):
+        if prefix_rank == text_rank:
+            rank = int(prefix_rank)
+            counts[rank] = counts.get(rank, 0) + 1
+    return counts
+
+
+# -- running the tools ------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    tools: dict[str, str]
+    workdir: Path
+    run_token: str
+    launches: int = 0
+    shown: set[str] = field(default_factory=set)
+
+    def argv(self, tool: str, nproc: int, script: str, *extra: str, tool_opts: tuple[str, ...] = ()) -> list[str]:
+        path = str(self.workdir / script)
+        if tool == "ddplaunch":
+            return [self.tools[tool], "--nproc", str(nproc), *tool_opts, path, *extra]
+        return [self.tools[tool], "--standalone", "--nproc-per-node", str(nproc), *tool_opts, path, *extra]
+
+    def new_token(self) -> str:
+        """A fresh BENCH_TOKEN; main's finally block kills whatever carries any of them."""
+        self.launches += 1
+        return f"{self.run_token}-{self.launches}"
+
+    def start(self, argv: list[str], stdout: int | IO[Any], stderr: int | IO[Any], label: str, *,
+              env: Mapping[str, str] | None = None, token: str | None = None) -> tuple[subprocess.Popen, str]:
+        """Start a launcher with a BENCH_TOKEN (a unique one unless given) that all its
+        descendants inherit; `env` replaces os.environ as the base environment."""
+        token = token or self.new_token()
+        env = dict(os.environ if env is None else env, BENCH_TOKEN=token)
+        env.pop("NO_COLOR", None)
+        if label not in self.shown:
+            self.shown.add(label)
+            log(f"  {label}: {shlex.join(argv)}")
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env)
+        return proc, token
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float, on_tick: Callable[[], None] | None = None,
+              tick: float = 0.02) -> float | None:
+    """Wait for proc to exit; return time.time() at the moment it is seen gone, None on timeout.
+
+    A pidfd wakes us the instant the process exits (Popen.wait(timeout) polls with up to
+    50 ms of delay). on_tick, if given, runs every `tick` seconds while we wait.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        while True:
+            if on_tick is not None:
+                on_tick()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            step = min(left, tick) if on_tick is not None else min(left, 1.0)
+            if pidfd is not None:
+                ready, _, _ = select.select([pidfd], [], [], step)
+                if ready:
+                    now = time.time()
+                    proc.wait(timeout=5)
+                    return now
+            else:
+                try:
+                    proc.wait(timeout=step)
+                    return time.time()
+                except subprocess.TimeoutExpired:
+                    pass
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def token_processes(token: str) -> list[psutil.Process]:
+    """Live (non-zombie) processes whose environment carries BENCH_TOKEN=token, or whose
+    command line has the argument BENCH_TOKEN=token (an SSH agent's `--env BENCH_TOKEN=...`)."""
+    found = []
+    me = os.getpid()
+    arg = f"BENCH_TOKEN={token}"
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get("BENCH_TOKEN") != token and arg not in proc.cmdline():
+                continue
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def kill_token(token: str, timeout: float = 5.0) -> int:
+    """SIGKILL every process of one launch; wait (bounded) until they are gone."""
+    procs = token_processes(token)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+    return len(procs)
+
+
+def finish(proc: subprocess.Popen, token: str) -> None:
+    """finally-block cleanup of one launch: the launcher and everything it started."""
+    if proc.poll() is None:
+        try:
+            proc.kill()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    kill_token(token)
+
+
+class Timeout(Exception):
+    pass
+
+
+def draw_table(header: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> list[str]:
+    table = [header, *body]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = []
+    for i, r in enumerate(table):
+        lines.append(" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return lines
