@@ -48,12 +48,16 @@ from benchlib import (
     TORCH_LINE,
     Bench,
     Timeout,
-    count_lines,
+    attempt,
     draw_table,
     finish,
     kill_token,
     lines_script,
     log,
+    median_of,
+    ok_mark,
+    result_json,
+    tally_lines,
     token_processes,
     wait_exit,
 )
@@ -181,10 +185,7 @@ def run_lines(bench: Bench, tool: str, extra: dict) -> float:
             finish(proc, token)
     try:
         pattern = DDP_LINE if tool == "ddplaunch" else TORCH_LINE
-        counts = count_lines(out_path, pattern)
-        arrived = sum(counts.get(r, 0) for r in range(LINES_RANKS))
-        extra.setdefault("lost", []).append(LINES_RANKS * LINES_PER_RANK - arrived)
-        extra.setdefault("per_rank", []).append([counts.get(r, 0) for r in range(LINES_RANKS)])
+        tally_lines(extra, out_path, pattern, LINES_RANKS, LINES_PER_RANK)
         extra.setdefault("exit_code", []).append(proc.returncode)
         in_files = 0  # the per-rank log files, for comparison: rankN.log / <run>/attempt_0/N/stdout.log
         for r in range(LINES_RANKS):
@@ -287,8 +288,7 @@ class Row:
     baseline: list[float] = field(default_factory=list)  # launch rows: no launcher at all
 
     def median(self, tool: str) -> float | None:
-        values = [v for v in self.samples[tool] if v is not None]
-        return statistics.median(values) if values else None
+        return median_of(self.samples[tool])
 
     def ratio(self) -> float | None:
         d, t = self.median("ddplaunch"), self.median("torchrun")
@@ -299,15 +299,8 @@ class Row:
     def as_json(self) -> dict[str, Any]:
         target, ok = verdict(self)
         return {
-            "label": self.label,
-            "unit": self.unit,
-            "samples": self.samples,
-            "median": {t: self.median(t) for t in TOOLS},
-            "ratio": self.ratio(),
-            "target": target,
-            "ok": ok,
-            "extra": self.extra,
-            "errors": self.errors,
+            **result_json(label=self.label, unit=self.unit, samples=self.samples, ratio=self.ratio(),
+                          target=target, ok=ok, extra=self.extra, errors=self.errors),
             "baseline_no_launcher": self.baseline or None,
         }
 
@@ -316,12 +309,7 @@ def alternate(row: Row, reps: int, one: Callable[[str, dict], float],
               after_rep: Callable[[Row], None] | None = None) -> Row:
     for rep in range(reps):
         for tool in TOOLS:
-            try:
-                value = one(tool, row.extra[tool])
-            except (Timeout, RuntimeError, subprocess.SubprocessError, OSError) as exc:
-                row.errors.append(f"rep {rep + 1} {tool}: {type(exc).__name__}: {exc}")
-                log(f"    ! {row.errors[-1]}")
-                value = None
+            value = attempt(row.errors, rep, tool, one, tool, row.extra[tool])
             row.samples[tool].append(value)
             shown = "-" if value is None else f"{value:.4g}"
             log(f"    rep {rep + 1}/{reps} {tool:<9} {shown} {row.unit}")
@@ -426,7 +414,7 @@ def render_local(rows: list[Row]) -> list[str]:
             fmt(row.median("torchrun"), row.unit),
             "n/a" if ratio is None or row.key == "orphans" else f"{ratio:.3f}",
             target,
-            {True: "yes", False: "NO", None: "?"}[ok],
+            ok_mark(ok),
         ))
     lines = draw_table(header, table) if rows else []
     by_key = {r.key: r for r in rows}

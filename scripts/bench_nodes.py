@@ -38,7 +38,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import tempfile
 import threading
@@ -54,11 +53,15 @@ from benchlib import (
     TOOLS,
     Bench,
     Timeout,
-    count_lines,
+    attempt,
     draw_table,
     finish,
     lines_script,
     log,
+    median_of,
+    ok_mark,
+    result_json,
+    tally_lines,
     token_processes,
     wait_exit,
 )
@@ -144,8 +147,7 @@ class NodeRow:
     errors: list[str] = field(default_factory=list)
 
     def median(self, name: str) -> float | None:
-        values = [v for v in self.series[name] if v is not None]
-        return statistics.median(values) if values else None
+        return median_of(self.series[name])
 
     def ratio(self) -> float | None:
         return None
@@ -164,17 +166,8 @@ class NodeRow:
         return all(n == 0 for n in self.extra.get("left_behind", []))
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "unit": "s",
-            "samples": self.series,
-            "median": {name: self.median(name) for name in self.series},
-            "ratio": self.ratio(),
-            "target": self.target(),
-            "ok": self.ok(),
-            "extra": self.extra,
-            "errors": self.errors,
-        }
+        return result_json(label=self.label, unit="s", samples=self.series, ratio=self.ratio(),
+                           target=self.target(), ok=self.ok(), extra=self.extra, errors=self.errors)
 
 
 def secs(value: float | None) -> str:
@@ -514,10 +507,7 @@ def run_sshlines(nodes: Nodes, mode: str, extra: dict[str, Any]) -> float:
                 finish(proc, token)
                 if mode == "ssh":
                     nodes.kill_sessions()
-        counts = count_lines(out_path, DDP_LINE)
-        per_rank = [counts.get(r, 0) for r in range(SSH_RANKS)]
-        extra.setdefault("lost", []).append(SSH_RANKS * SSH_LINES_PER_RANK - sum(per_rank))
-        extra.setdefault("per_rank", []).append(per_rank)
+        per_rank = tally_lines(extra, out_path, DDP_LINE, SSH_RANKS, SSH_LINES_PER_RANK)
         extra.setdefault("exit_code", []).append(proc.returncode)
         extra.setdefault("lines_per_s", []).append(sum(per_rank) / elapsed)
         extra.setdefault("first_line_s", []).append(first[0] if first else None)
@@ -533,18 +523,10 @@ def run_sshlines(nodes: Nodes, mode: str, extra: dict[str, Any]) -> float:
 
 # -- running them ---------------------------------------------------------------------------------
 
-ERRORS = (Timeout, RuntimeError, subprocess.SubprocessError, OSError)
-
-
 def sample(row: NodeRow, rep: int, reps: int, name: str, fn: Any, *args: Any) -> Any:
     """One timed call, its error recorded in the row (None then), its value logged."""
-    try:
-        value = fn(*args)
-    except ERRORS as exc:
-        row.errors.append(f"rep {rep + 1} {name}: {type(exc).__name__}: {exc}")
-        log(f"    ! {row.errors[-1]}")
-        return None
-    if not isinstance(value, tuple):
+    value = attempt(row.errors, rep, name, fn, *args)
+    if value is not None and not isinstance(value, tuple):
         log(f"    rep {rep + 1}/{reps} {name:<9} {value:.4g} s")
     return value
 
@@ -630,7 +612,7 @@ def measure_sshlines(nodes: Nodes, reps: int) -> NodeRow:
 def render_nodes(rows: Sequence[NodeRow]) -> list[str]:
     header = ("multi-node measurement", "ddplaunch (median)", "torchrun (median)", "reference (median)",
               "ratio", "target", "ok?")
-    body = [(row.label, *row.cells(), row.target(), {True: "yes", False: "NO", None: "?"}[row.ok()]) for row in rows]
+    body = [(row.label, *row.cells(), row.target(), ok_mark(row.ok())) for row in rows]
     lines = [(f"# multi-node: the hosts are {max(HOST_COUNTS)} sshd servers on {POOL_FIRST_ADDRESS}+ of this "
               "one machine (they share its CPUs)")]
     lines += draw_table(header, body)
@@ -666,13 +648,8 @@ def rounded(values: list[float | None]) -> list[float | None]:
     return [None if v is None else round(v, 3) for v in values]
 
 
-def med(values: list[float | None] | None) -> float | None:
-    kept = [v for v in values or [] if v is not None]
-    return statistics.median(kept) if kept else None
-
-
 def rate(values: list[float | None] | None) -> str:
-    value = med(values)
+    value = median_of(values or [])
     return "n/a" if value is None else f"{value:,.0f}"
 
 
@@ -682,7 +659,7 @@ def hosts_notes(row: NodeRow) -> list[str]:
     for count in HOST_COUNTS:
         name = f"{count} hosts"
         x = row.extra[name]
-        began, connected, ready = (med(x.get(f"{p}_s")) for p in HEAD_PHASES)
+        began, connected, ready = (median_of(x.get(f"{p}_s", [])) for p in HEAD_PHASES)
         running = row.median(name)
         connect = None if began is None or connected is None else connected - began
         after_go = None if ready is None or running is None else running - ready

@@ -12,16 +12,18 @@ import os
 import re
 import select
 import shlex
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import psutil
 
+T = TypeVar("T")
 TOOLS = ("ddplaunch", "torchrun")
 
 # -- the line format: what the lines workers print, and how each tool prefixes it --------------
@@ -40,18 +42,21 @@ for i in range({count}):
 """
 
 
+# Group 1: the rank in the tool's prefix (`R | `, `[defaultR]:`); group 2: the rank printed.
 DDP_LINE = re.compile(rb"^ *(\d+) \| rank (\d+) line \d{6} x+$", re.MULTILINE)
 TORCH_LINE = re.compile(rb"^\[default(\d+)\]:rank (\d+) line \d{6} x+$", re.MULTILINE)
 
 
-def count_lines(path: Path, pattern: re.Pattern[bytes]) -> dict[int, int]:
-    """Lines per rank whose prefix rank matches the rank inside the text."""
-    counts: dict[int, int] = {}
-    data = path.read_bytes()
-    for prefix_rank, text_rank in pattern.findall(data):
-        if prefix_rank == text_rank:
-            rank = int(prefix_rank)
-            counts[rank] = counts.get(rank, 0) + 1
+def tally_lines(extra: dict[str, Any], path: Path, pattern: re.Pattern[bytes], ranks: int,
+                lines_per_rank: int) -> list[int]:
+    """Count each rank's lines in `path` (those whose prefix rank is the rank in the text) and
+    note in `extra` the lines lost of ranks x lines_per_rank, and the counts per rank."""
+    counts = [0] * ranks
+    for prefix_rank, text_rank in pattern.findall(path.read_bytes()):
+        if prefix_rank == text_rank and int(prefix_rank) < ranks:
+            counts[int(prefix_rank)] += 1
+    extra.setdefault("lost", []).append(ranks * lines_per_rank - sum(counts))
+    extra.setdefault("per_rank", []).append(counts)
     return counts
 
 
@@ -60,6 +65,8 @@ def count_lines(path: Path, pattern: re.Pattern[bytes]) -> dict[int, int]:
 
 @dataclass
 class Bench:
+    """The tools, the folder of worker scripts, and the tokens of every launch so far."""
+
     tools: dict[str, str]
     workdir: Path
     run_token: str
@@ -179,10 +186,40 @@ def finish(proc: subprocess.Popen, token: str) -> None:
 
 
 class Timeout(Exception):
-    pass
+    """A bounded wait ran out."""
+
+
+# -- one sample -------------------------------------------------------------------------------
+
+# What one failed sample raises; the row notes it and goes on with the next.
+ERRORS = (Timeout, RuntimeError, subprocess.SubprocessError, OSError)
+
+
+def attempt(errors: list[str], rep: int, name: str, fn: Callable[..., T], *args: Any) -> T | None:
+    """fn(*args), or None with the error noted in `errors` (and logged) if it raised one of ERRORS."""
+    try:
+        return fn(*args)
+    except ERRORS as exc:
+        errors.append(f"rep {rep + 1} {name}: {type(exc).__name__}: {exc}")
+        log(f"    ! {errors[-1]}")
+        return None
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def median_of(values: Iterable[float | None]) -> float | None:
+    """The median of the samples that exist (None: failed or never), None if there are none."""
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def ok_mark(ok: bool | None) -> str:
+    return {True: "yes", False: "NO", None: "?"}[ok]
 
 
 def draw_table(header: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> list[str]:
+    """Columns padded to their widest cell, a rule under the header."""
     table = [header, *body]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = []
@@ -191,3 +228,19 @@ def draw_table(header: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> list
         if i == 0:
             lines.append("-+-".join("-" * w for w in widths))
     return lines
+
+
+def result_json(*, label: str, unit: str, samples: Mapping[str, list[float | None]], ratio: float | None,
+                target: str, ok: bool | None, extra: Any, errors: list[str]) -> dict[str, Any]:
+    """One row of the JSON results; the single-node and the multi-node rows write the same keys."""
+    return {
+        "label": label,
+        "unit": unit,
+        "samples": samples,
+        "median": {name: median_of(values) for name, values in samples.items()},
+        "ratio": ratio,
+        "target": target,
+        "ok": ok,
+        "extra": extra,
+        "errors": errors,
+    }
