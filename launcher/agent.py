@@ -15,7 +15,6 @@ import queue
 import signal
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from launcher.frames import (
     ATTEMPT_END,
@@ -27,16 +26,15 @@ from launcher.frames import (
     OVER,
     SUCCEEDED,
     SYNC,
+    decode_go,
     encode,
     encode_exit,
     encode_ready,
     parse_command,
 )
 from launcher.logs import Printer, Stream, _write_all
+from launcher.protocol import AttemptEnd, EndKind
 from launcher.wakepipe import WakePipe
-
-if TYPE_CHECKING:
-    from launcher.rendezvous import AttemptEnd
 
 
 class HeadGone(Exception):
@@ -105,8 +103,7 @@ def handshake(master_addr: str, master_port: int, stdin_fd: int = 0, out_fd: int
     command = parse_command(line)
     if command is None or command[0] != "go":
         raise HeadGone
-    addr, _, port = command[1].rpartition(" ")
-    return addr, int(port)
+    return decode_go(command[1])
 
 
 def _read_line(fd: int) -> str:
@@ -120,7 +117,7 @@ def _read_line(fd: int) -> str:
 
 
 class HeadLink:
-    """The other nodes, through the head (launcher.supervisor.Peers): no store, no torch.
+    """The other nodes, through the head (launcher.protocol.Peers): no store, no torch.
 
     A node says how its attempt ended (or that its workers all succeeded) in a frame; the
     head decides the attempt's end for every node, first word wins, and sends it back as
@@ -148,8 +145,6 @@ class HeadLink:
         return self._wake.read_fd
 
     def _follow(self, stdin_fd: int) -> None:
-        from launcher.rendezvous import AttemptEnd
-
         while True:
             line = _read_line(stdin_fd)
             if not line:
@@ -166,15 +161,12 @@ class HeadLink:
                 self._ends.put(AttemptEnd.from_text(argument))
                 self._wake.ring()
             elif verb == "go":
-                addr, _, port = argument.rpartition(" ")
-                self._gos.put((addr, int(port)))
+                self._gos.put(decode_go(argument))
 
     def _send(self, data: bytes) -> None:
         send_to_head(data, self._out_fd)
 
-    def local_end(self, kind: str, detail: str, exit_code: int) -> AttemptEnd:
-        from launcher.rendezvous import AttemptEnd
-
+    def local_end(self, kind: EndKind, detail: str, exit_code: int) -> AttemptEnd:
         return AttemptEnd(kind, self.node_rank, self.hostname, detail, exit_code)
 
     def publish(self, end: AttemptEnd) -> AttemptEnd:

@@ -46,6 +46,7 @@ from launcher.frames import (
 )
 from launcher.hosts import HostSpec, parse_hosts_flag, read_hostfile
 from launcher.plan import is_plain_int
+from launcher.protocol import Referee, job_exit_code
 from launcher.wakepipe import WakePipe
 
 if TYPE_CHECKING:
@@ -272,11 +273,7 @@ class Head:
         self.events: queue.SimpleQueue[tuple[int, str, bytes | int]] = queue.SimpleQueue()
         self._wake = WakePipe()
         self._stop_count = 0
-        # The current attempt, as the head decides it for every node: its end (the first
-        # node's word wins), the nodes whose workers all succeeded, the nodes that are over.
-        self._attempt_end: str | None = None
-        self._succeeded: set[int] = set()
-        self._over: set[int] = set()
+        self._referee = Referee(len(hosts))  # the current attempt, decided here for every node
 
     def run(self) -> int:
         from launcher.supervisor import SignalInbox
@@ -425,7 +422,7 @@ class Head:
         lost = [h for h in self.hosts if h.lost]
         for host in lost:
             printer.note(f"lost {host.name} (node {host.node_rank}): its connection or agent ended without an exit status")
-        code = next((s for s in statuses if s not in (0, -1, None)), 1 if lost else 0)
+        code = job_exit_code(statuses, any_lost=bool(lost))
         if code != 0:
             printer.note(f"exit code {code}")
         return code
@@ -508,41 +505,30 @@ class Head:
         host.exit_status = status
         if printer is None:
             return
-        if self._attempt_end is not None or all(h.closed for h in self.hosts):
-            return  # an agent ends after its attempt's end is known; anything else is abnormal
-        from launcher.rendezvous import AttemptEnd
-
+        end = self._referee.host_ended(
+            host.node_rank, host.name, lost=host.lost, exit_code=host.exit_code,
+            every_host_closed=all(h.closed for h in self.hosts),
+        )
+        if end is None:
+            return
         if host.lost:
             printer.note(f"lost {host.name} (node {host.node_rank}): stopping the workers on every other host")
-            why, code = "its connection or its agent ended without a word (killed, or the network failed)", 1
-        else:
-            code = host.exit_code or 1
-            why = f"its ddplaunch exited (code {code}) while the others ran"
-        self._decide_end(AttemptEnd("lost", host.node_rank, host.name, why, code).to_text())
+        self._tell_every_host(end)
 
-    # -- the attempt, decided here for every node ------------------------------------------------
+    # -- the attempt, decided by the referee for every node --------------------------------------
 
     def _on_attempt_news(self, host: Host, frame: Frame) -> None:
         if frame.kind == ATTEMPT_END:
-            self._decide_end(frame.text)
+            self._tell_every_host(self._referee.node_ended(frame.text))
         elif frame.kind == SUCCEEDED:
-            self._succeeded.add(host.node_rank)
-            if len(self._succeeded) == len(self.hosts):
-                from launcher.rendezvous import AttemptEnd
-
-                self._decide_end(AttemptEnd("success", host.node_rank, host.name, "", 0).to_text())
+            self._tell_every_host(self._referee.node_succeeded(host.node_rank, host.name))
         else:
-            self._over.add(host.node_rank)
-            if len(self._over) == len(self.hosts):  # every node stopped: the next attempt is fresh
-                self._attempt_end, self._succeeded, self._over = None, set(), set()
+            self._referee.node_over(host.node_rank)
 
-    def _decide_end(self, text: str) -> None:
-        """The first node to say how the attempt ended speaks for all; tell every node."""
-        if self._attempt_end is not None:
-            return
-        self._attempt_end = text
-        for host in self.hosts:
-            self._tell(host, end_line(text))
+    def _tell_every_host(self, end: str | None) -> None:
+        if end is not None:
+            for host in self.hosts:
+                self._tell(host, end_line(end))
 
     # -- the end ------------------------------------------------------------------------------------
 

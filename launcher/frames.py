@@ -105,6 +105,13 @@ def go_line(master_addr: str, master_port: int) -> bytes:
     return f"go {master_addr} {master_port}\n".encode()
 
 
+def decode_go(argument: str) -> tuple[str, int]:
+    """A go command's argument -> (address, port). The port is the last word: an IPv6
+    address has colons but no spaces."""
+    addr, _, port = argument.rpartition(" ")
+    return addr, int(port)
+
+
 def parse_command(line: str) -> tuple[str, str] | None:
     """A head's command line -> (verb, argument); None for anything else."""
     verb, _, argument = line.strip().partition(" ")

@@ -24,6 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 from launcher.errors import LaunchError
+from launcher.protocol import AttemptEnd, EndKind
 from launcher.wakepipe import WakePipe
 
 TCPStore = Any  # torch.distributed.TCPStore, which torch's type hints do not export
@@ -79,30 +80,6 @@ def shape_mismatch(mine: JobShape, host: JobShape, run_id_given: bool) -> str | 
     if run_id_given and mine.run_id != host.run_id:
         return f"this node has --run-id {mine.run_id} but node 0 has {host.run_id}; use the same id everywhere."
     return None
-
-
-@dataclass(frozen=True)
-class AttemptEnd:
-    """Why an attempt ended, as the first node to say so wrote it."""
-
-    kind: str  # "success", "failed", "stopped" or "error"
-    node_rank: int
-    host: str
-    detail: str
-    exit_code: int = 1
-
-    def to_text(self) -> str:
-        return json.dumps([self.kind, self.node_rank, self.host, self.detail, self.exit_code])
-
-    @staticmethod
-    def from_text(text: str) -> AttemptEnd:
-        kind, node_rank, host, detail, exit_code = json.loads(text)
-        return AttemptEnd(str(kind), int(node_rank), str(host), str(detail), int(exit_code))
-
-    def describe(self) -> str:
-        if self.kind == "success":
-            return "every node's workers finished"
-        return f"node {self.node_rank} ({self.host}): {self.detail}"
 
 
 def missing_ranks(nnodes: int, present: Callable[[int], bool]) -> list[int]:
@@ -315,7 +292,7 @@ class NodeLink:
             return end  # node 0 is gone: our watcher reports that
         return AttemptEnd.from_text(standing)
 
-    def local_end(self, kind: str, detail: str, exit_code: int) -> AttemptEnd:
+    def local_end(self, kind: EndKind, detail: str, exit_code: int) -> AttemptEnd:
         return AttemptEnd(kind, self.node_rank or 0, self.hostname, detail, exit_code)
 
     def report_success(self) -> None:

@@ -16,16 +16,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from launcher.logs import Printer, Stream
 from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
 from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
+from launcher.protocol import Peers as Peers  # re-exported: cli.py imports it from here
 from launcher.wakepipe import WakePipe
 from launcher.watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from launcher.rendezvous import AttemptEnd
+    from launcher.protocol import AttemptEnd, EndKind
 
 READ_CHUNK = 1 << 16
 DRAIN_AFTER_DEATH_S = 1.0  # output still in flight when every process of the tree is gone
@@ -34,27 +35,6 @@ GROUP_POLL_S = 0.02  # only while waiting for a tree with no SIGCHLD to tell us 
 STOP_SIGNALS = tuple(signal.Signals[name] for name in FORWARDED_SIGNALS.split(","))
 RELAYED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # e.g. Slurm's checkpoint-before-preemption
 PEERS = "peers"  # the selector's mark for news from the other nodes
-
-
-class Peers(Protocol):
-    """The other nodes of a multi-node job (launcher.rendezvous.NodeLink)."""
-
-    @property
-    def fd(self) -> int: ...
-
-    def publish(self, end: AttemptEnd) -> AttemptEnd: ...
-
-    def report_success(self) -> None: ...
-
-    def take(self) -> AttemptEnd | None: ...
-
-    def join(self, attempt: int, interrupted: Callable[[], bool]) -> None: ...
-
-    def end_attempt(self, interrupted: Callable[[], bool]) -> None: ...
-
-    def local_end(self, kind: str, detail: str, exit_code: int) -> AttemptEnd: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -335,7 +315,7 @@ class Attempt:
 
     # -- the other nodes --------------------------------------------------------------------------
 
-    def _tell_peers(self, kind: str, detail: str, exit_code: int) -> None:
+    def _tell_peers(self, kind: EndKind, detail: str, exit_code: int) -> None:
         if self.peers is None or self.ended_by is not None:
             return
         mine = self.peers.local_end(kind, detail, exit_code)

@@ -6,7 +6,7 @@ import pytest
 
 from launcher.frames import (
     BLOCK, DATA, END_OF_STREAM, NOTE, READY, SYNC, FrameError, FrameReader, decode_ready, encode, encode_ready,
-    go_line, parse_command,
+    decode_go, go_line, parse_command,
 )
 
 STREAM = (
@@ -69,9 +69,8 @@ def test_head_commands(line: str, parsed: tuple[str, str] | None) -> None:
 
 def test_go_line_round_trips_an_ipv6_address() -> None:
     command = parse_command(go_line("fd00::1", 29500).decode())
-    assert command is not None
-    addr, _, port = command[1].rpartition(" ")
-    assert (addr, int(port)) == ("fd00::1", 29500)
+    assert command is not None and command[0] == "go"
+    assert decode_go(command[1]) == ("fd00::1", 29500)  # the agent's own parser
 
 
 def test_exit_frame_carries_the_agents_code() -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from launcher.protocol import AttemptEnd
 from launcher.rendezvous import (
-    AttemptEnd, JobShape, Pulse, join_timeout_message, missing_ranks, shape_mismatch, silence_limit,
+    JobShape, Pulse, join_timeout_message, missing_ranks, shape_mismatch, silence_limit,
 )
 
 BASE = JobShape(nnodes=2, nproc=4, max_restarts=1, run_id="abc")

@@ -1,0 +1,118 @@
+"""The attempt protocol every multi-node mode shares (pure: no I/O, no torch).
+
+How an attempt ended (AttemptEnd), the other nodes as one node's supervisor sees them
+(Peers: a TCPStore in launcher.rendezvous, the SSH head in launcher.agent), and the SSH
+head's referee, which decides each attempt's end for every node from what the nodes say.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, get_args
+
+EndKind = Literal["success", "failed", "stopped", "error", "lost"]
+END_KINDS: tuple[EndKind, ...] = get_args(EndKind)
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """Why an attempt ended, as the first node to say so wrote it."""
+
+    kind: EndKind
+    node_rank: int
+    host: str
+    detail: str
+    exit_code: int = 1
+
+    def to_text(self) -> str:
+        return json.dumps([self.kind, self.node_rank, self.host, self.detail, self.exit_code])
+
+    @staticmethod
+    def from_text(text: str) -> AttemptEnd:
+        """The end another node wrote; ValueError for text that is not one (a kind we do not know)."""
+        kind, node_rank, host, detail, exit_code = json.loads(text)
+        if kind not in END_KINDS:
+            raise ValueError(f"not an attempt's end: unknown kind {kind!r}")
+        return AttemptEnd(kind, int(node_rank), str(host), str(detail), int(exit_code))
+
+    def describe(self) -> str:
+        if self.kind == "success":
+            return "every node's workers finished"
+        return f"node {self.node_rank} ({self.host}): {self.detail}"
+
+
+class Peers(Protocol):
+    """The other nodes of a multi-node job (launcher.rendezvous.NodeLink, launcher.agent.HeadLink)."""
+
+    @property
+    def fd(self) -> int: ...
+
+    def publish(self, end: AttemptEnd) -> AttemptEnd: ...
+
+    def report_success(self) -> None: ...
+
+    def take(self) -> AttemptEnd | None: ...
+
+    def join(self, attempt: int, interrupted: Callable[[], bool]) -> None: ...
+
+    def end_attempt(self, interrupted: Callable[[], bool]) -> None: ...
+
+    def local_end(self, kind: EndKind, detail: str, exit_code: int) -> AttemptEnd: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Referee:
+    """The SSH head's call on how the current attempt ended, made once for every node.
+
+    Each method takes one piece of news and returns the end every host must now be told (its
+    text), or None when there is nothing to tell. The referee only decides; the head talks.
+    """
+
+    nnodes: int
+    # The current attempt: its end (the first word, as written), the nodes whose workers all
+    # succeeded, the nodes that are over.
+    end: str | None = None
+    succeeded: set[int] = field(default_factory=set)
+    over: set[int] = field(default_factory=set)
+
+    def node_ended(self, end_text: str) -> str | None:
+        """A node says how the attempt ended: the first node to say so speaks for all."""
+        if self.end is not None:
+            return None
+        self.end = end_text
+        return end_text
+
+    def node_succeeded(self, node_rank: int, host: str) -> str | None:
+        self.succeeded.add(node_rank)
+        if len(self.succeeded) < self.nnodes:
+            return None
+        return self.node_ended(AttemptEnd("success", node_rank, host, "", 0).to_text())
+
+    def node_over(self, node_rank: int) -> None:
+        self.over.add(node_rank)
+        if len(self.over) == self.nnodes:  # every node stopped: the next attempt is fresh
+            self.end, self.succeeded, self.over = None, set(), set()
+
+    def host_ended(
+        self, node_rank: int, host: str, *, lost: bool, exit_code: int | None, every_host_closed: bool
+    ) -> str | None:
+        """A host's agent ended. After its attempt's end is known that is routine; anything
+        else is abnormal, and ends the attempt for the others as "lost"."""
+        if self.end is not None or every_host_closed:
+            return None
+        if lost:
+            why, code = "its connection or its agent ended without a word (killed, or the network failed)", 1
+        else:
+            code = exit_code or 1
+            why = f"its ddplaunch exited (code {code}) while the others ran"
+        return self.node_ended(AttemptEnd("lost", node_rank, host, why, code).to_text())
+
+
+def job_exit_code(exit_codes: Sequence[int | None], any_lost: bool) -> int:
+    """The head's exit code: the first host's failing code (-1 or None: no code came), else 1
+    when a host was lost, else 0."""
+    return next((code for code in exit_codes if code not in (0, -1, None)), 1 if any_lost else 0)
