@@ -1,7 +1,8 @@
 """The remote end of an SSH launch: a node agent that reports to the head in frames.
 
 It is the same supervisor as on one node, with two differences. Its "terminal" is the SSH
-channel back to the head (FramePrinter sends raw worker bytes; the head frames the lines).
+channel back to the head (FramePrinter sends raw worker bytes; the head frames the lines, and
+replay, the head's side of it, turns each frame back into the printer call that sent it).
 And the other nodes are reached through the head (HeadLink), not a store, so an agent never
 imports torch. The head's commands arrive on stdin: a stop becomes the signal it names, sent
 to ourselves, so it takes the one path every stop takes; end of file (the head died, or the
@@ -26,6 +27,7 @@ from launcher.frames import (
     OVER,
     SUCCEEDED,
     SYNC,
+    Frame,
     decode_go,
     encode,
     encode_exit,
@@ -70,6 +72,22 @@ class FramePrinter(Printer):
     def _send(self, data: bytes) -> None:
         if not self._broken:
             self._broken = not send_to_head(data, self._fd)
+
+
+def replay(frame: Frame, printer: Printer, host_name: str) -> None:
+    """The head's side of FramePrinter: a frame becomes the printer call that sent it."""
+    if frame.kind == DATA:
+        printer.add_ranks([frame.rank])
+        printer.feed(frame.rank, frame.stream, frame.payload)  # type: ignore[arg-type]
+    elif frame.kind == END_OF_STREAM:
+        printer.add_ranks([frame.rank])
+        printer.end_of_stream(frame.rank, frame.stream)  # type: ignore[arg-type]
+    elif frame.kind == NOTE:
+        printer.note(f"{host_name}: {frame.text}")
+    elif frame.kind == EVENT:
+        printer.log_event(f"{host_name}: {frame.text}")
+    elif frame.kind == BLOCK:
+        printer.block(frame.text)
 
 
 def send_to_head(data: bytes, out_fd: int = 1) -> bool:

@@ -221,6 +221,22 @@ class Printer:
         self._launcher_log = None
 
 
+def terminal_printer(
+    *,
+    no_color: bool,
+    world_ranks: list[int],
+    world_size: int,
+    shown_ranks: frozenset[int] | None,
+    log_dir: str | None,
+) -> Printer:
+    """The printer of a launcher that owns this terminal: in colour only when both stdout and
+    stderr are terminals, and --no-color and NO_COLOR are not set."""
+    colour = colour_enabled(no_color, os.environ, 1) and colour_enabled(no_color, os.environ, 2)
+    return Printer(
+        world_ranks=world_ranks, world_size=world_size, colour=colour, shown_ranks=shown_ranks, log_dir=log_dir
+    )
+
+
 def _open_append(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
 

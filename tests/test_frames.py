@@ -78,3 +78,40 @@ def test_exit_frame_carries_the_agents_code() -> None:
 
     (frame,) = FrameReader().feed(SYNC + encode_ready("a", 1) + encode_exit(143))[1:]
     assert (frame.kind, frame.text) == (EXIT, "143")
+
+
+class Recorder:
+    """Stands in for the head's printer: the calls it gets."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def add_ranks(self, ranks: list[int]) -> None:
+        self.calls.append(("add_ranks", *ranks))
+
+    def __getattr__(self, name: str):  # feed, end_of_stream, note, log_event, block
+        return lambda *args: self.calls.append((name, *args))
+
+
+def test_printer_calls_cross_to_the_head_as_the_same_calls() -> None:
+    import os
+
+    from launcher.agent import FramePrinter, replay
+
+    read_fd, write_fd = os.pipe()
+    sender = FramePrinter(world_ranks=[4], world_size=8, out_fd=write_fd)
+    sender.feed(4, 2, b"tqdm 10%\r")
+    sender.end_of_stream(4, 2)
+    sender.note("restarting")
+    sender.log_event("started rank 4")
+    sender.block("Root Cause\n")
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        frames = FrameReader().feed(SYNC + pipe.read())
+    head = Recorder()
+    for frame in frames:
+        replay(frame, head, "gpu-b")  # type: ignore[arg-type]
+    assert head.calls == [
+        ("add_ranks", 4), ("feed", 4, 2, b"tqdm 10%\r"), ("add_ranks", 4), ("end_of_stream", 4, 2),
+        ("note", "gpu-b: restarting"), ("log_event", "gpu-b: started rank 4"), ("block", "Root Cause\n"),
+    ]

@@ -128,6 +128,7 @@ def test_from_text_rejects_what_is_not_an_end(text: str) -> None:
 
 
 def test_the_ssh_path_does_not_import_the_store_rendezvous() -> None:
-    code = "import sys, launcher.agent, launcher.fanout; print('launcher.rendezvous' in sys.modules)"
+    modules = "launcher.agent, launcher.fanout, launcher.head, launcher.channel"
+    code = f"import sys, {modules}; print('launcher.rendezvous' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr

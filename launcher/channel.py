@@ -1,0 +1,134 @@
+"""One host's agent over SSH, in fabric's Remote shape: start, pump, tell, shut, close, and what became of it.
+
+Two pump threads per channel post one typed event each time they read (ChannelEvent) onto
+the head's queue; everything else runs on the head's thread, in the order the events came,
+so a channel is closed only after every byte it sent before its exit has been read.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from launcher.frames import EXIT, Frame, FrameError, FrameReader
+
+READ_BYTES = 1 << 16
+STDERR_TAIL = 20  # lines of the agent's stderr kept to explain an agent that never said ready
+
+
+@dataclass(frozen=True)
+class ChannelEvent:
+    """What a pump saw: bytes from the agent's stdout ("out") or stderr ("err"), b"" when that
+    stream ended; or, after stdout's end, the SSH exit status ("exit"; -1 when none came)."""
+
+    node_rank: int
+    kind: Literal["out", "err", "exit"]
+    data: bytes = b""
+    status: int = -1
+
+
+class AgentChannel:
+    """The line to one host's agent: its SSH session, and what the agent said about itself."""
+
+    def __init__(self, node_rank: int, client: Any, post: Callable[[ChannelEvent], None]) -> None:
+        self.node_rank = node_rank
+        self._client = client  # a connected paramiko.SSHClient
+        self._post = post
+        self._channel: Any = None
+        self.frames = FrameReader()
+        self.stderr_tail: list[str] = []
+        self.exit_status: int | None = None  # SSH's, -1 when none came
+        self.said_exit: int | None = None  # the agent's own EXIT frame
+
+    # -- the transport ------------------------------------------------------------------------
+
+    def start(self, command: str) -> None:
+        channel = self._client.get_transport().open_session()
+        channel.exec_command(command)
+        self._channel = channel
+        for stream in ("out", "err"):
+            threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: Literal["out", "err"]) -> None:
+        """A thread per channel stream: bytes and the end go on the head's queue."""
+        channel = self._channel
+        recv = channel.recv if stream == "out" else channel.recv_stderr
+        while True:
+            try:
+                data = recv(READ_BYTES)
+            except OSError:
+                data = b""
+            self._post(ChannelEvent(self.node_rank, stream, data))
+            if not data:
+                break
+        if stream == "out":
+            self._post(ChannelEvent(self.node_rank, "exit", status=channel.recv_exit_status()))
+
+    def tell(self, line: bytes) -> None:
+        if self.running:
+            try:
+                self._channel.sendall(line)
+            except OSError:
+                pass  # the agent is going; its end reaches the head as an event
+
+    def shutdown_write(self) -> None:
+        """Closing our side is the agent's signal to stop (end of file)."""
+        if self.running:
+            try:
+                self._channel.shutdown_write()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- the agent's events, taken on the head's thread ----------------------------------------
+
+    def read_out(self, data: bytes) -> list[Frame]:
+        """The frames completed by this piece of the agent's stdout, less its own EXIT, kept here."""
+        if not data:
+            return []  # the exit event follows
+        try:
+            frames = self.frames.feed(data)
+        except FrameError as exc:
+            self.stderr_tail.append(str(exc))
+            return []
+        for frame in frames:
+            if frame.kind == EXIT:
+                self.said_exit = int(frame.text)
+        return [frame for frame in frames if frame.kind != EXIT]
+
+    def read_err(self, data: bytes) -> list[str]:
+        if not data:
+            return []
+        lines = data.decode("utf-8", "replace").splitlines()
+        self.stderr_tail = (self.stderr_tail + lines)[-STDERR_TAIL:]
+        return lines
+
+    def exited(self, status: int) -> None:
+        self.exit_status = status
+
+    def said_outside_frames(self) -> list[str]:
+        """What the agent, or the shell before it, printed that is not frames: stderr, then stdout."""
+        return self.stderr_tail + self.frames.noise.decode("utf-8", "replace").splitlines()
+
+    # -- what became of it --------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._channel is not None and not self.closed
+
+    @property
+    def closed(self) -> bool:
+        return self.exit_status is not None
+
+    @property
+    def lost(self) -> bool:
+        """Ended without its agent saying how: killed, or the connection dropped."""
+        return self.closed and self.said_exit is None and self.exit_status in (-1, None)
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.said_exit if self.said_exit is not None else self.exit_status

@@ -1,0 +1,285 @@
+"""The head of an SSH launch: one command starts a node agent on every host and shows them all.
+
+Life cycle: connect to every host at once; start the agents, each of which checks its host
+(working directory, interpreter, script) and says ready, node 0 with its address and a free
+port; only when every host is ready does the head say go, so a bad host starts nothing
+anywhere. Then the agents run, their frames come back over SSH and one printer shows every
+rank's lines. The head links the nodes (no store, so agents never import torch): the first
+node to report how an attempt ended speaks for all (launcher.protocol.Referee decides), and
+the head tells every node at once; restarts start when every node is ready again. Ctrl-C
+here becomes a stop sent to every agent; a host whose connection drops stops its own
+workers (its agent reads end of file) and the head ends the attempt for the others.
+"""
+
+from __future__ import annotations
+
+import queue
+import selectors
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from launcher.agent import replay
+from launcher.channel import AgentChannel, ChannelEvent
+from launcher.errors import Interrupted, LaunchError
+from launcher.fanout import Host, agent_argv, preflight_problem, remote_command, world_size_of
+from launcher.frames import ATTEMPT_END, OVER, READY, SUCCEEDED, Frame, decode_ready, end_line, go_line
+from launcher.protocol import Referee, job_exit_code
+from launcher.wakepipe import WakePipe
+
+if TYPE_CHECKING:
+    from launcher.logs import Printer
+    from launcher.options import Options
+    from launcher.supervisor import SignalInbox
+
+READY_TIMEOUT_S = 60.0  # from connected to "ready": a Python start and a few checks
+CLOSE_TIMEOUT_S = 10.0
+
+
+class Head:
+    """Connects, starts the agents, says go, relays their frames to one printer, and stops them all."""
+
+    def __init__(
+        self,
+        options: Options,
+        hosts: list[Host],
+        env: Sequence[tuple[str, str]],
+        workdir: str,
+        shown_ranks: frozenset[int] | None = None,
+    ) -> None:
+        self.options = options
+        self.shown_ranks = shown_ranks
+        self.hosts = hosts
+        self.env = env
+        self.workdir = workdir
+        self.python = options.python or sys.executable
+        self.agents: list[AgentChannel] = []  # by node rank, once every host is connected
+        self.events: queue.SimpleQueue[ChannelEvent] = queue.SimpleQueue()
+        self._wake = WakePipe()
+        self._ready: dict[int, tuple[str, int]] = {}  # node rank -> the address and port it said
+        self._stop_count = 0
+        self._referee = Referee(len(hosts))  # the current attempt, decided there for every node
+
+    def run(self) -> int:
+        from launcher.supervisor import SignalInbox
+
+        try:
+            with _Status(f"connecting to {len(self.hosts)} host(s)") as status:
+                accept_new = self.options.ssh_accept_new_host_keys
+                self.agents = connect(self.hosts, self._post, accept_new_host_keys=accept_new)
+                self._start_agents()
+                status(f"waiting for {len(self.hosts)} host(s) to be ready")
+                self._await_ready()
+            with SignalInbox() as inbox:
+                return self._supervise(inbox)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted while connecting; no worker was started.") from None
+        finally:
+            self._close()
+
+    # -- phase 1: connect, start, ready, go ---------------------------------------------------------
+
+    def _start_agents(self) -> None:
+        for host, agent in zip(self.hosts, self.agents):
+            agent.start(remote_command(agent_argv(self.options, host, self.env, len(self.hosts)), self.workdir))
+
+    def _post(self, event: ChannelEvent) -> None:
+        """From the pump threads: one queue, and a pipe that wakes the loop."""
+        self.events.put(event)
+        self._wake.ring()
+
+    def _await_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while self._unanswered():
+            if time.monotonic() > deadline:
+                slow = ", ".join(h.name for h in self._unanswered())
+                raise LaunchError(f"no answer from the agent on {slow} within {READY_TIMEOUT_S:g}s; nothing was started.")
+            _wait_readable(self._wake.read_fd, deadline - time.monotonic())
+            self._drain(printer=None)
+        failed = [(h, self.agents[h.node_rank]) for h in self.hosts if h.node_rank not in self._ready]
+        if failed:
+            problems = [preflight_problem(h.name, a.exit_status, a.said_outside_frames(), self.workdir, self.python)
+                        for h, a in failed]
+            raise LaunchError(
+                f"{len(failed)} of {len(self.hosts)} host(s) cannot run the job; nothing was started:\n"
+                + "\n".join(f"  {p}" for p in problems)
+            )
+        self._send_go()
+
+    def _unanswered(self) -> list[Host]:
+        return [h for h in self.hosts if h.node_rank not in self._ready and not self.agents[h.node_rank].closed]
+
+    def _send_go(self) -> None:
+        """Every host is ready: start the attempt, at node 0's address and port."""
+        addr = self.options.master_addr or self._ready[0][0]
+        port = self.options.master_port or self._ready[0][1]
+        self._ready.clear()
+        for agent in self.agents:
+            agent.tell(go_line(addr, port))
+
+    # -- phase 2: supervise -------------------------------------------------------------------------
+
+    def _supervise(self, inbox: SignalInbox) -> int:
+        from launcher.logs import terminal_printer
+        from launcher.supervisor import STOP_SIGNALS
+
+        printer = terminal_printer(
+            no_color=self.options.no_color,
+            world_ranks=[],
+            world_size=world_size_of(self.hosts) or 100,  # only sizes the rank prefixes
+            shown_ranks=self.shown_ranks,
+            log_dir=self.options.log_dir,
+        )
+        printer.note(f"all {len(self.hosts)} hosts ready: " + ", ".join(f"{h.node_rank} {h.name}" for h in self.hosts))
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake.read_fd, selectors.EVENT_READ)
+        selector.register(inbox.read_fd, selectors.EVENT_READ)
+        try:
+            while not all(a.closed for a in self.agents):
+                selector.select()
+                for sig in inbox.take():
+                    if sig in STOP_SIGNALS:
+                        self._stop_all(sig, printer)
+                self._drain(printer)
+        finally:
+            selector.close()
+            printer.close()
+        return self._exit_code(printer)
+
+    def _stop_all(self, sig: int, printer: Printer) -> None:
+        import signal
+
+        name = signal.Signals(sig).name
+        self._stop_count += 1
+        if self._stop_count == 1:
+            printer.note(f"got {name}: stopping the workers on every host (again to kill at once)")
+        else:
+            printer.note(f"got {name} again: killing the workers on every host now")
+        for agent in self.agents:
+            agent.tell(f"stop {name}\n".encode())
+
+    def _exit_code(self, printer: Printer) -> int:
+        lost = [h for h in self.hosts if self.agents[h.node_rank].lost]
+        for host in lost:
+            printer.note(f"lost {host.name} (node {host.node_rank}): its connection or agent ended without an exit status")
+        code = job_exit_code([a.exit_code for a in self.agents], any_lost=bool(lost))
+        if code != 0:
+            printer.note(f"exit code {code}")
+        return code
+
+    # -- events: what the agents said, in the order they said it ---------------------------------
+
+    def _drain(self, printer: Printer | None) -> None:
+        self._wake.drain()
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            host, agent = self.hosts[event.node_rank], self.agents[event.node_rank]
+            if event.kind == "out":
+                for frame in agent.read_out(event.data):
+                    self._on_frame(host, frame, printer)
+            elif event.kind == "err":
+                for line in agent.read_err(event.data):
+                    if printer is not None and line.strip():
+                        printer.note(f"{host.name}: {line}")
+            else:
+                agent.exited(event.status)
+                if printer is not None:
+                    self._on_exit(host, agent, printer)
+
+    def _on_frame(self, host: Host, frame: Frame, printer: Printer | None) -> None:
+        if frame.kind == READY:
+            self._ready[host.node_rank] = decode_ready(frame)
+            if printer is not None and len(self._ready) == len(self.hosts):
+                self._send_go()  # every node is ready for a restart
+        elif frame.kind == ATTEMPT_END:
+            self._tell_every_host(self._referee.node_ended(frame.text))
+        elif frame.kind == SUCCEEDED:
+            self._tell_every_host(self._referee.node_succeeded(host.node_rank, host.name))
+        elif frame.kind == OVER:
+            self._referee.node_over(host.node_rank)
+        elif printer is not None:
+            replay(frame, printer, host.name)
+
+    def _on_exit(self, host: Host, agent: AgentChannel, printer: Printer) -> None:
+        end = self._referee.host_ended(
+            host.node_rank, host.name, lost=agent.lost, exit_code=agent.exit_code,
+            every_host_closed=all(a.closed for a in self.agents),
+        )
+        if end is None:
+            return
+        if agent.lost:
+            printer.note(f"lost {host.name} (node {host.node_rank}): stopping the workers on every other host")
+        self._tell_every_host(end)
+
+    def _tell_every_host(self, end: str | None) -> None:
+        if end is not None:
+            for agent in self.agents:
+                agent.tell(end_line(end))
+
+    # -- the end ------------------------------------------------------------------------------------
+
+    def _close(self) -> None:
+        """Closing our side is the agents' signal to stop (end of file); wait for them, bounded."""
+        for agent in self.agents:
+            agent.shutdown_write()
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        while any(a.running for a in self.agents) and time.monotonic() < deadline:
+            _wait_readable(self._wake.read_fd, deadline - time.monotonic())
+            self._drain(printer=None)
+        for agent in self.agents:
+            agent.close()
+        self._wake.close()
+
+
+def connect(
+    hosts: Sequence[Host], post: Callable[[ChannelEvent], None], *, accept_new_host_keys: bool
+) -> list[AgentChannel]:
+    """Every host at once, or none (launcher.ssh.connect_all); one channel per host, by node rank."""
+    from launcher.ssh import connect_all
+
+    added: list[str] = []
+    try:
+        clients = connect_all([h.target for h in hosts], accept_new_host_keys=accept_new_host_keys, added_keys=added)
+    finally:
+        for line in added:  # as OpenSSH says "Permanently added ..."
+            print(f"ddplaunch: {line}", file=sys.stderr, flush=True)
+    return [AgentChannel(h.node_rank, client, post) for h, client in zip(hosts, clients)]
+
+
+def _wait_readable(fd: int, timeout: float) -> None:
+    selector = selectors.DefaultSelector()
+    selector.register(fd, selectors.EVENT_READ)
+    selector.select(max(timeout, 0))
+    selector.close()
+
+
+class _Status:
+    """A rich spinner on a terminal while hosts connect; nothing when stderr is not one."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._live: Any = None
+
+    def __enter__(self) -> Any:
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            self._live = Console(stderr=True).status(self._text)
+            self._live.__enter__()
+        else:
+            print(f"ddplaunch: {self._text}", file=sys.stderr, flush=True)
+        return self.update
+
+    def update(self, text: str) -> None:
+        if self._live is not None:
+            self._live.update(text)
+        else:
+            print(f"ddplaunch: {text}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
