@@ -13,14 +13,13 @@ what (`printer`, `say`, `announce`). `launcher.job` asks them and branches on no
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 from launcher.decide import Decision, Facts
 from launcher.errors import Interrupted
-from launcher.logs import Printer, colour_enabled
+from launcher.logs import Printer, terminal_printer
 from launcher.options import Options
 from launcher.plan import Plan, PlanInputs
 from launcher.report import joined_line, start_line
@@ -28,7 +27,7 @@ from launcher.report import joined_line, start_line
 if TYPE_CHECKING:
     from launcher.agent import HeadLink
     from launcher.rendezvous import NodeLink
-    from launcher.supervisor import Peers
+    from launcher.protocol import Peers
 
 
 class Role(Protocol):
@@ -76,11 +75,10 @@ class Local:
         return inputs.master_addr, pick_free_port()
 
     def printer(self, first: Plan) -> Printer:
-        no_color = self.options.no_color
-        return Printer(
+        return terminal_printer(
+            no_color=self.options.no_color,
             world_ranks=[w.global_rank for w in first.workers],
             world_size=first.world_size,
-            colour=colour_enabled(no_color, os.environ, 1) and colour_enabled(no_color, os.environ, 2),
             shown_ranks=self.decision.shown_ranks,
             log_dir=self.decision.log_dir,
         )

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from launcher.logs import Printer, Stream
 from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
 from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
-from launcher.protocol import Peers as Peers  # re-exported: cli.py imports it from here
+from launcher.protocol import Peers
 from launcher.wakepipe import WakePipe
 from launcher.watchdog import Watchdog
 
