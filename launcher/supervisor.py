@@ -15,7 +15,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from launcher.logs import Printer, Stream
@@ -23,6 +23,8 @@ from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
 from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from launcher.wakepipe import WakePipe
 from launcher.watchdog import Watchdog
+from launcher.workers import WorkerTree
+from launcher.workers import WorkerProcess as WorkerProcess  # re-exported: report.py reads it here
 
 if TYPE_CHECKING:
     from launcher.rendezvous import AttemptEnd
@@ -55,25 +57,6 @@ class Peers(Protocol):
     def local_end(self, kind: str, detail: str, exit_code: int) -> AttemptEnd: ...
 
     def close(self) -> None: ...
-
-
-@dataclass
-class WorkerProcess:
-    """A started worker and what became of it."""
-
-    spec: Worker
-    pid: int
-    started: float
-    exit_code: int | None = None  # shell convention: 128+N when killed by signal N
-    term_signal: int | None = None
-    ended: float | None = None
-    after_stop: bool = False  # it ended after the launcher began stopping workers
-    group_gone: bool = False
-    signals_sent: set[int] = field(default_factory=set)  # what the launcher sent its group
-
-    @property
-    def runtime(self) -> float:
-        return (self.ended or time.monotonic()) - self.started
 
 
 @dataclass(frozen=True)
@@ -162,7 +145,6 @@ class Attempt:
     watchdog: Watchdog | None
     peers: Peers | None = None
     clock: Callable[[], float] = time.monotonic
-    workers: list[WorkerProcess] = field(default_factory=list)
     stop_signal: int | None = None
     root_cause: WorkerProcess | None = None
     spawn_error: str | None = None
@@ -170,11 +152,12 @@ class Attempt:
     _kill_at: float | None = None
     _killed: bool = False
     _drain_until: float | None = None
-    _has_children: bool = True
     _stop_sig: int = signal.SIGTERM
-    _strays_sig: int | None = None  # the last signal sent to descendants outside worker groups
     ended_by: AttemptEnd | None = None
     _told_success: bool = False
+
+    def __post_init__(self) -> None:
+        self.tree = WorkerTree(self.watchdog, self.clock)
 
     def run(self) -> AttemptResult:
         self.selector = selectors.DefaultSelector()
@@ -191,7 +174,7 @@ class Attempt:
             self._close_pipes()
             self.selector.close()
         return AttemptResult(
-            tuple(self.workers), self.root_cause, self.stop_signal, self.spawn_error, self.ended_by,
+            tuple(self.tree.workers), self.root_cause, self.stop_signal, self.spawn_error, self.ended_by,
             self.plan.node_rank,
         )
 
@@ -215,35 +198,10 @@ class Attempt:
             self._handle_signals(self.inbox.take())
 
     def _spawn(self, spec: Worker) -> None:
-        out_read, out_write = os.pipe()
-        err_read, err_write = os.pipe()
-        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            pid = os.posix_spawnp(
-                spec.argv[0],
-                list(spec.argv),
-                self.plan.environment_of(spec),
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, devnull, 0),
-                    (os.POSIX_SPAWN_DUP2, out_write, 1),
-                    (os.POSIX_SPAWN_DUP2, err_write, 2),
-                ],
-                setsid=True,
-            )
-        except OSError:
-            for fd in (out_read, err_read):
-                os.close(fd)
-            raise
-        finally:
-            for fd in (out_write, err_write, devnull):
-                os.close(fd)
-        worker = WorkerProcess(spec=spec, pid=pid, started=self.clock())
-        self.workers.append(worker)
-        if self.watchdog is not None:
-            self.watchdog.watch(pid)
-        for fd, stream in ((out_read, 1), (err_read, 2)):
+        worker, pipes = self.tree.spawn(spec, self.plan.environment_of(spec))
+        for fd, stream in ((pipes.stdout, 1), (pipes.stderr, 2)):
             self.selector.register(fd, selectors.EVENT_READ, (spec.global_rank, stream))
-        self.printer.log_event(f"started rank {spec.global_rank} pid {pid}: {' '.join(spec.argv)}")
+        self.printer.log_event(f"started rank {spec.global_rank} pid {worker.pid}: {' '.join(spec.argv)}")
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -257,7 +215,7 @@ class Attempt:
     def _timeout(self) -> float | None:
         now = self.clock()
         waits = [t - now for t in (self._kill_at, self._drain_until) if t is not None]
-        if self._all_exited() and self._groups_alive():
+        if self.tree.all_exited() and self.tree.groups_alive():
             waits.append(GROUP_POLL_S)  # a tree may end without a SIGCHLD reaching us
         return max(0.0, min(waits)) if waits else None
 
@@ -279,7 +237,7 @@ class Attempt:
                 self._reap()
             elif sig in RELAYED_SIGNALS:
                 self.printer.log_event(f"relaying {signal.Signals(sig).name} to the workers")
-                self._signal_tree(sig)
+                self.tree.signal(sig)
             elif sig in STOP_SIGNALS:
                 self._on_stop_signal(sig)
 
@@ -304,33 +262,19 @@ class Attempt:
         self._begin_stop(sig)
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self._has_children = False
-                return
-            if pid == 0:
-                self._has_children = True
-                return
-            worker = next((w for w in self.workers if w.pid == pid and w.exit_code is None), None)
-            if worker is not None:
-                self._on_worker_exit(worker, status)
+        for worker, exit_code in self.tree.reap():
+            self._on_worker_exit(worker, exit_code)
 
-    def _on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
-        code = os.waitstatus_to_exitcode(status)
-        worker.ended = self.clock()
+    def _on_worker_exit(self, worker: WorkerProcess, exit_code: int) -> None:
         worker.after_stop = self._stopping
-        worker.term_signal = -code if code < 0 else None
-        worker.exit_code = 128 - code if code < 0 else code
         self.printer.log_event(f"rank {worker.spec.global_rank} pid {worker.pid} exited {describe_exit(worker)}")
-        if worker.exit_code != 0 and not self._stopping:
+        if exit_code != 0 and not self._stopping:
             self.root_cause = worker
             self.printer.note(
                 f"rank {worker.spec.global_rank} failed ({describe_exit(worker)}): stopping the other workers"
             )
             self._tell_peers("failed", f"rank {worker.spec.global_rank} failed ({describe_exit(worker)})",
-                             worker.exit_code)
+                             exit_code)
             self._begin_stop(signal.SIGTERM)
 
     # -- the other nodes --------------------------------------------------------------------------
@@ -351,7 +295,7 @@ class Attempt:
         self.ended_by = end  # the job-wide verdict; over SSH it may differ from what we published
         if end.kind == "success" or self._stopping:
             return
-        if self._all_exited():
+        if self.tree.all_exited():
             self.printer.note(f"the job failed on another node: {end.describe()}")
         else:
             self.printer.note(f"stopping this node's workers: {end.describe()}")
@@ -374,80 +318,35 @@ class Attempt:
         self._stopping = True
         self._stop_sig = sig
         self._kill_at = self.clock() + self.grace
-        self._signal_tree(sig)
+        self.tree.signal(sig)
 
     def _kill_now(self) -> None:
         self._stopping = True
         self._killed = True
         self._kill_at = None
-        self._signal_tree(signal.SIGKILL)
+        self.tree.signal(signal.SIGKILL)
 
     def _enforce_deadlines(self) -> None:
         if self._kill_at is not None and self.clock() >= self._kill_at:
             self.printer.note(f"workers still running {self.grace:g}s after the stop signal: sending SIGKILL")
             self._kill_now()
-        if not self._all_exited() or not self._tree_alive():
+        if not self.tree.all_exited() or not self._tree_alive():
             return
         if not self._stopping:
             self.printer.log_event("workers exited but left processes behind: stopping them")
             self._begin_stop(signal.SIGTERM)
-        elif self._has_children:
+        elif self.tree.has_children:
             # They left their group, so the group signal missed them: send what the rest got.
-            self._signal_strays(signal.SIGKILL if self._killed else self._stop_sig)
-
-    def _signal_tree(self, sig: int) -> None:
-        for worker in self.workers:
-            if not worker.group_gone:
-                if worker.exit_code is None:
-                    worker.signals_sent.add(sig)
-                try:
-                    os.killpg(worker.pid, sig)
-                except ProcessLookupError:
-                    self._mark_group_gone(worker)
-        if self._has_children and self._all_exited():
-            self._signal_strays(sig)
-
-    def _signal_strays(self, sig: int) -> None:
-        """Descendants that left their worker's process group (setsid), adopted by us."""
-        if self._strays_sig == sig:
-            return
-        self._strays_sig = sig
-        import psutil
-
-        groups = {w.pid for w in self.workers}
-        for child in psutil.Process().children(recursive=True):
-            try:
-                if os.getpgid(child.pid) not in groups:
-                    child.send_signal(sig)
-            except (ProcessLookupError, psutil.Error):
-                pass
+            self.tree.signal_strays(signal.SIGKILL if self._killed else self._stop_sig)
 
     # -- the end --------------------------------------------------------------------------------
 
-    def _all_exited(self) -> bool:
-        return all(w.exit_code is not None for w in self.workers)
-
-    def _groups_alive(self) -> bool:
-        for worker in self.workers:
-            if not worker.group_gone:
-                try:
-                    os.killpg(worker.pid, 0)
-                except ProcessLookupError:
-                    self._mark_group_gone(worker)
-        return not all(w.group_gone for w in self.workers)
-
-    def _mark_group_gone(self, worker: WorkerProcess) -> None:
-        if not worker.group_gone and worker.exit_code is not None:
-            worker.group_gone = True  # never signal this id again: it may be reused
-            if self.watchdog is not None:
-                self.watchdog.unwatch(worker.pid)
-
     def _tree_alive(self) -> bool:
         self._reap()
-        return self._groups_alive() or self._has_children
+        return self.tree.alive()
 
     def _finished(self) -> bool:
-        if not self._all_exited() or self._tree_alive():
+        if not self.tree.all_exited() or self._tree_alive():
             return False
         if self._awaiting_peers():
             return False
