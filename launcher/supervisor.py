@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from launcher.logs import Printer, Stream
 from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
 from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
+from launcher.teardown import Teardown
 from launcher.wakepipe import WakePipe
 from launcher.watchdog import Watchdog
 from launcher.workers import WorkerTree
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from launcher.rendezvous import AttemptEnd
 
 READ_CHUNK = 1 << 16
-DRAIN_AFTER_DEATH_S = 1.0  # output still in flight when every process of the tree is gone
 GROUP_POLL_S = 0.02  # only while waiting for a tree with no SIGCHLD to tell us it ended
 # The workers are told this list (TORCHELASTIC_SIGNALS_TO_HANDLE); one source for both.
 STOP_SIGNALS = tuple(signal.Signals[name] for name in FORWARDED_SIGNALS.split(","))
@@ -61,11 +61,11 @@ class Peers(Protocol):
 
 @dataclass(frozen=True)
 class AttemptResult:
-    """How one attempt ended: its workers, the first failure, the launcher's own signal."""
+    """How one attempt ended: its workers, the first failure, the stop signal the launcher got."""
 
     workers: tuple[WorkerProcess, ...]
     root_cause: WorkerProcess | None
-    stop_signal: int | None
+    stop_signal: int | None  # received; what the launcher sent is each worker's signals_sent
     spawn_error: str | None = None
     ended_by: AttemptEnd | None = None  # multi-node: why the attempt ended, job-wide
     node_rank: int = 0
@@ -145,19 +145,15 @@ class Attempt:
     watchdog: Watchdog | None
     peers: Peers | None = None
     clock: Callable[[], float] = time.monotonic
-    stop_signal: int | None = None
+    signal_received: int | None = None  # the first stop signal that reached the launcher
     root_cause: WorkerProcess | None = None
     spawn_error: str | None = None
-    _stopping: bool = False
-    _kill_at: float | None = None
-    _killed: bool = False
-    _drain_until: float | None = None
-    _stop_sig: int = signal.SIGTERM
     ended_by: AttemptEnd | None = None
     _told_success: bool = False
 
     def __post_init__(self) -> None:
         self.tree = WorkerTree(self.watchdog, self.clock)
+        self.teardown = Teardown(self.grace, self.clock)
 
     def run(self) -> AttemptResult:
         self.selector = selectors.DefaultSelector()
@@ -174,7 +170,7 @@ class Attempt:
             self._close_pipes()
             self.selector.close()
         return AttemptResult(
-            tuple(self.tree.workers), self.root_cause, self.stop_signal, self.spawn_error, self.ended_by,
+            tuple(self.tree.workers), self.root_cause, self.signal_received, self.spawn_error, self.ended_by,
             self.plan.node_rank,
         )
 
@@ -185,7 +181,7 @@ class Attempt:
         for folder in {os.path.dirname(w.error_file) for w in self.plan.workers if w.error_file}:
             os.makedirs(folder, exist_ok=True)
         for spec in self.plan.workers:
-            if self._stopping:
+            if self.teardown.stopping:
                 return  # a signal or a failure arrived while we were still starting
             try:
                 self._spawn(spec)
@@ -213,11 +209,11 @@ class Attempt:
                 self._read_pipe(key.fd, *key.data)
 
     def _timeout(self) -> float | None:
-        now = self.clock()
-        waits = [t - now for t in (self._kill_at, self._drain_until) if t is not None]
+        due = self.teardown.due_in()
         if self.tree.all_exited() and self.tree.groups_alive():
-            waits.append(GROUP_POLL_S)  # a tree may end without a SIGCHLD reaching us
-        return max(0.0, min(waits)) if waits else None
+            # a tree may end without a SIGCHLD reaching us
+            return GROUP_POLL_S if due is None else min(due, GROUP_POLL_S)
+        return due
 
     def _read_pipe(self, fd: int, rank: int, stream: Stream) -> None:
         try:
@@ -249,12 +245,12 @@ class Attempt:
         still give its workers their grace to checkpoint.
         """
         name = signal.Signals(sig).name
-        if self.stop_signal is not None:
+        if self.signal_received is not None:
             self.printer.note(f"got {name} again: killing all workers now")
             self._kill_now()
             return
-        self.stop_signal = sig  # no restart after this, whatever else failed
-        if self._stopping:
+        self.signal_received = sig  # no restart after this, whatever else failed
+        if self.teardown.stopping:
             self.printer.note(f"got {name}: already stopping all workers (again to kill at once)")
             return
         self.printer.note(f"got {name}: stopping all workers (again to kill at once)")
@@ -266,9 +262,9 @@ class Attempt:
             self._on_worker_exit(worker, exit_code)
 
     def _on_worker_exit(self, worker: WorkerProcess, exit_code: int) -> None:
-        worker.after_stop = self._stopping
+        worker.after_stop = self.teardown.stopping
         self.printer.log_event(f"rank {worker.spec.global_rank} pid {worker.pid} exited {describe_exit(worker)}")
-        if exit_code != 0 and not self._stopping:
+        if exit_code != 0 and not self.teardown.stopping:
             self.root_cause = worker
             self.printer.note(
                 f"rank {worker.spec.global_rank} failed ({describe_exit(worker)}): stopping the other workers"
@@ -293,7 +289,7 @@ class Attempt:
         if end is None:
             return
         self.ended_by = end  # the job-wide verdict; over SSH it may differ from what we published
-        if end.kind == "success" or self._stopping:
+        if end.kind == "success" or self.teardown.stopping:
             return
         if self.tree.all_exited():
             self.printer.note(f"the job failed on another node: {end.describe()}")
@@ -305,7 +301,7 @@ class Attempt:
         """Our workers all succeeded; the attempt ends when every node says so (or one fails)."""
         if self.peers is None or self.ended_by is not None:
             return False
-        if not self._told_success and not self._stopping:
+        if not self._told_success and not self.teardown.stopping:
             self._told_success = True
             self.peers.report_success()
         return True
@@ -313,31 +309,26 @@ class Attempt:
     # -- stopping: one path, safe to enter twice -------------------------------------------------
 
     def _begin_stop(self, sig: int) -> None:
-        if self._stopping:
-            return
-        self._stopping = True
-        self._stop_sig = sig
-        self._kill_at = self.clock() + self.grace
-        self.tree.signal(sig)
+        if self.teardown.begin(sig):
+            self.tree.signal(sig)
 
     def _kill_now(self) -> None:
-        self._stopping = True
-        self._killed = True
-        self._kill_at = None
+        self.teardown.kill_now()
         self.tree.signal(signal.SIGKILL)
 
     def _enforce_deadlines(self) -> None:
-        if self._kill_at is not None and self.clock() >= self._kill_at:
+        if self.teardown.kill_due():
             self.printer.note(f"workers still running {self.grace:g}s after the stop signal: sending SIGKILL")
             self._kill_now()
         if not self.tree.all_exited() or not self._tree_alive():
             return
-        if not self._stopping:
+        sent = self.teardown.signal_sent
+        if sent is None:
             self.printer.log_event("workers exited but left processes behind: stopping them")
             self._begin_stop(signal.SIGTERM)
         elif self.tree.has_children:
             # They left their group, so the group signal missed them: send what the rest got.
-            self.tree.signal_strays(signal.SIGKILL if self._killed else self._stop_sig)
+            self.tree.signal_strays(sent)
 
     # -- the end --------------------------------------------------------------------------------
 
@@ -352,9 +343,8 @@ class Attempt:
             return False
         if not self._open_pipes():
             return True
-        if self._drain_until is None:
-            self._drain_until = self.clock() + DRAIN_AFTER_DEATH_S
-        return self.clock() >= self._drain_until
+        self.teardown.tree_gone()
+        return self.teardown.drain_over()
 
     def _open_pipes(self) -> list[int]:
         return [key.fd for key in self.selector.get_map().values() if isinstance(key.data, tuple)]
