@@ -35,7 +35,6 @@ GROUP_POLL_S = 0.02  # only while waiting for a tree with no SIGCHLD to tell us 
 # The workers are told this list (TORCHELASTIC_SIGNALS_TO_HANDLE); one source for both.
 STOP_SIGNALS = tuple(signal.Signals[name] for name in FORWARDED_SIGNALS.split(","))
 RELAYED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # e.g. Slurm's checkpoint-before-preemption
-PEERS = "peers"  # the selector's mark for news from the other nodes
 
 
 class Peers(Protocol):
@@ -129,6 +128,27 @@ class SignalInbox:
         self._wake.close()
 
 
+@dataclass(frozen=True)
+class SignalWake:
+    """The selector's key for the inbox's wake-up pipe: the loop takes the inbox every round."""
+
+
+@dataclass(frozen=True)
+class PeerNews:
+    """The selector's key for news from the other nodes."""
+
+
+@dataclass(frozen=True)
+class WorkerOutput:
+    """The selector's key for one worker's stdout or stderr."""
+
+    rank: int
+    stream: Stream
+
+
+Source = SignalWake | PeerNews | WorkerOutput  # what woke the loop
+
+
 def become_subreaper() -> bool:
     """Orphaned grandchildren come to us (Linux), so we can reap them and know they are gone."""
     return prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -157,9 +177,9 @@ class Attempt:
 
     def run(self) -> AttemptResult:
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self.inbox.read_fd, selectors.EVENT_READ, None)
+        self.selector.register(self.inbox.read_fd, selectors.EVENT_READ, SignalWake())
         if self.peers is not None:
-            self.selector.register(self.peers.fd, selectors.EVENT_READ, PEERS)
+            self.selector.register(self.peers.fd, selectors.EVENT_READ, PeerNews())
         try:
             self._spawn_all()
             while not self._finished():
@@ -195,18 +215,22 @@ class Attempt:
 
     def _spawn(self, spec: Worker) -> None:
         worker, pipes = self.tree.spawn(spec, self.plan.environment_of(spec))
-        for fd, stream in ((pipes.stdout, 1), (pipes.stderr, 2)):
-            self.selector.register(fd, selectors.EVENT_READ, (spec.global_rank, stream))
+        self.selector.register(pipes.stdout, selectors.EVENT_READ, WorkerOutput(spec.global_rank, 1))
+        self.selector.register(pipes.stderr, selectors.EVENT_READ, WorkerOutput(spec.global_rank, 2))
         self.printer.log_event(f"started rank {spec.global_rank} pid {worker.pid}: {' '.join(spec.argv)}")
 
     # -- the loop ---------------------------------------------------------------------------
 
     def _wait_for_events(self) -> None:
         for key, _ in self.selector.select(self._timeout()):
-            if key.data == PEERS:
-                self._on_peer_news()
-            elif key.data is not None:
-                self._read_pipe(key.fd, *key.data)
+            source: Source = key.data
+            match source:
+                case WorkerOutput():
+                    self._read_pipe(key.fd, source)
+                case PeerNews():
+                    self._on_peer_news()
+                case SignalWake():
+                    pass  # the signals are taken after every wait
 
     def _timeout(self) -> float | None:
         due = self.teardown.due_in()
@@ -215,17 +239,17 @@ class Attempt:
             return GROUP_POLL_S if due is None else min(due, GROUP_POLL_S)
         return due
 
-    def _read_pipe(self, fd: int, rank: int, stream: Stream) -> None:
+    def _read_pipe(self, fd: int, output: WorkerOutput) -> None:
         try:
             data = os.read(fd, READ_CHUNK)
         except InterruptedError:
             return
         if data:
-            self.printer.feed(rank, stream, data)
+            self.printer.feed(output.rank, output.stream, data)
             return
         self.selector.unregister(fd)
         os.close(fd)
-        self.printer.end_of_stream(rank, stream)
+        self.printer.end_of_stream(output.rank, output.stream)
 
     def _handle_signals(self, signals: list[int]) -> None:
         for sig in signals:
@@ -346,15 +370,14 @@ class Attempt:
         self.teardown.tree_gone()
         return self.teardown.drain_over()
 
-    def _open_pipes(self) -> list[int]:
-        return [key.fd for key in self.selector.get_map().values() if isinstance(key.data, tuple)]
+    def _open_pipes(self) -> dict[int, WorkerOutput]:
+        return {key.fd: key.data for key in self.selector.get_map().values() if isinstance(key.data, WorkerOutput)}
 
     def _close_pipes(self) -> None:
-        for fd in self._open_pipes():
-            rank, stream = self.selector.get_key(fd).data
+        for fd, output in self._open_pipes().items():
             self.selector.unregister(fd)
             os.close(fd)
-            self.printer.end_of_stream(rank, stream)
+            self.printer.end_of_stream(output.rank, output.stream)
 
 
 def describe_exit(worker: WorkerProcess) -> str:
