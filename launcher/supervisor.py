@@ -5,12 +5,13 @@ terminal's Ctrl-C reaches only the launcher, which forwards it). The launcher ma
 child subreaper, so a worker's orphaned children are reparented to it: it reaps them, and
 "no child left" means the whole tree is gone. The loop wakes on pipe output and on signals
 (SIGCHLD included, through the wakeup fd), never on a polling timer while workers run.
+Here the loop decides; the processes are a WorkerTree's (launcher.workers), the stop's
+deadlines a Teardown's (launcher.teardown) and what the loop waits on is launcher.inputs'.
 """
 
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import time
 from collections import deque
@@ -18,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from launcher.logs import Printer, Stream
+from launcher.inputs import Inputs, PeerNews, SignalWake, WorkerOutput
+from launcher.logs import Printer
 from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
 from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from launcher.teardown import Teardown
@@ -30,7 +32,6 @@ from launcher.workers import WorkerProcess as WorkerProcess  # re-exported: repo
 if TYPE_CHECKING:
     from launcher.rendezvous import AttemptEnd
 
-READ_CHUNK = 1 << 16
 GROUP_POLL_S = 0.02  # only while waiting for a tree with no SIGCHLD to tell us it ended
 # The workers are told this list (TORCHELASTIC_SIGNALS_TO_HANDLE); one source for both.
 STOP_SIGNALS = tuple(signal.Signals[name] for name in FORWARDED_SIGNALS.split(","))
@@ -128,27 +129,6 @@ class SignalInbox:
         self._wake.close()
 
 
-@dataclass(frozen=True)
-class SignalWake:
-    """The selector's key for the inbox's wake-up pipe: the loop takes the inbox every round."""
-
-
-@dataclass(frozen=True)
-class PeerNews:
-    """The selector's key for news from the other nodes."""
-
-
-@dataclass(frozen=True)
-class WorkerOutput:
-    """The selector's key for one worker's stdout or stderr."""
-
-    rank: int
-    stream: Stream
-
-
-Source = SignalWake | PeerNews | WorkerOutput  # what woke the loop
-
-
 def become_subreaper() -> bool:
     """Orphaned grandchildren come to us (Linux), so we can reap them and know they are gone."""
     return prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -176,10 +156,7 @@ class Attempt:
         self.teardown = Teardown(self.grace, self.clock)
 
     def run(self) -> AttemptResult:
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.inbox.read_fd, selectors.EVENT_READ, SignalWake())
-        if self.peers is not None:
-            self.selector.register(self.peers.fd, selectors.EVENT_READ, PeerNews())
+        self.inputs = Inputs(self.printer, self.inbox.read_fd, None if self.peers is None else self.peers.fd)
         try:
             self._spawn_all()
             while not self._finished():
@@ -187,8 +164,7 @@ class Attempt:
                 self._handle_signals(self.inbox.take())
                 self._enforce_deadlines()
         finally:
-            self._close_pipes()
-            self.selector.close()
+            self.inputs.close()
         return AttemptResult(
             tuple(self.tree.workers), self.root_cause, self.signal_received, self.spawn_error, self.ended_by,
             self.plan.node_rank,
@@ -215,18 +191,16 @@ class Attempt:
 
     def _spawn(self, spec: Worker) -> None:
         worker, pipes = self.tree.spawn(spec, self.plan.environment_of(spec))
-        self.selector.register(pipes.stdout, selectors.EVENT_READ, WorkerOutput(spec.global_rank, 1))
-        self.selector.register(pipes.stderr, selectors.EVENT_READ, WorkerOutput(spec.global_rank, 2))
+        self.inputs.add_worker(spec.global_rank, pipes)
         self.printer.log_event(f"started rank {spec.global_rank} pid {worker.pid}: {' '.join(spec.argv)}")
 
     # -- the loop ---------------------------------------------------------------------------
 
     def _wait_for_events(self) -> None:
-        for key, _ in self.selector.select(self._timeout()):
-            source: Source = key.data
+        for fd, source in self.inputs.select(self._timeout()):
             match source:
                 case WorkerOutput():
-                    self._read_pipe(key.fd, source)
+                    self.inputs.read(fd, source)
                 case PeerNews():
                     self._on_peer_news()
                 case SignalWake():
@@ -238,18 +212,6 @@ class Attempt:
             # a tree may end without a SIGCHLD reaching us
             return GROUP_POLL_S if due is None else min(due, GROUP_POLL_S)
         return due
-
-    def _read_pipe(self, fd: int, output: WorkerOutput) -> None:
-        try:
-            data = os.read(fd, READ_CHUNK)
-        except InterruptedError:
-            return
-        if data:
-            self.printer.feed(output.rank, output.stream, data)
-            return
-        self.selector.unregister(fd)
-        os.close(fd)
-        self.printer.end_of_stream(output.rank, output.stream)
 
     def _handle_signals(self, signals: list[int]) -> None:
         for sig in signals:
@@ -365,19 +327,10 @@ class Attempt:
             return False
         if self._awaiting_peers():
             return False
-        if not self._open_pipes():
+        if not self.inputs.pipes_open():
             return True
         self.teardown.tree_gone()
         return self.teardown.drain_over()
-
-    def _open_pipes(self) -> dict[int, WorkerOutput]:
-        return {key.fd: key.data for key in self.selector.get_map().values() if isinstance(key.data, WorkerOutput)}
-
-    def _close_pipes(self) -> None:
-        for fd, output in self._open_pipes().items():
-            self.selector.unregister(fd)
-            os.close(fd)
-            self.printer.end_of_stream(output.rank, output.stream)
 
 
 def describe_exit(worker: WorkerProcess) -> str:
