@@ -170,8 +170,6 @@ class Attempt:
             self.plan.node_rank,
         )
 
-    # -- starting ---------------------------------------------------------------------------
-
     def _spawn_all(self) -> None:
         # torch's @record writes each rank's error file but makes no directory; one per attempt
         for folder in {os.path.dirname(w.error_file) for w in self.plan.workers if w.error_file}:
@@ -194,15 +192,13 @@ class Attempt:
         self.inputs.add_worker(spec.global_rank, pipes)
         self.printer.log_event(f"started rank {spec.global_rank} pid {worker.pid}: {' '.join(spec.argv)}")
 
-    # -- the loop ---------------------------------------------------------------------------
-
     def _wait_for_events(self) -> None:
         for fd, source in self.inputs.select(self._timeout()):
             match source:
                 case WorkerOutput():
                     self.inputs.read(fd, source)
                 case PeerNews():
-                    self._on_peer_news()
+                    self._handle_peer_news()
                 case SignalWake():
                     pass  # the signals are taken after every wait
 
@@ -218,12 +214,15 @@ class Attempt:
             if sig == signal.SIGCHLD:
                 self._reap()
             elif sig in RELAYED_SIGNALS:
-                self.printer.log_event(f"relaying {signal.Signals(sig).name} to the workers")
-                self.tree.signal(sig)
+                self._handle_relayed(sig)
             elif sig in STOP_SIGNALS:
-                self._on_stop_signal(sig)
+                self._handle_stop(sig)
 
-    def _on_stop_signal(self, sig: int) -> None:
+    def _handle_relayed(self, sig: int) -> None:
+        self.printer.log_event(f"relaying {signal.Signals(sig).name} to the workers")
+        self.tree.signal(sig)
+
+    def _handle_stop(self, sig: int) -> None:
         """The first stop signal stops gracefully; only a second one kills at once.
 
         A stop already under way for a failure (here or on another node) does not count as
@@ -245,18 +244,16 @@ class Attempt:
 
     def _reap(self) -> None:
         for worker, exit_code in self.tree.reap():
-            self._on_worker_exit(worker, exit_code)
+            self._handle_exit(worker, exit_code)
 
-    def _on_worker_exit(self, worker: WorkerProcess, exit_code: int) -> None:
+    def _handle_exit(self, worker: WorkerProcess, exit_code: int) -> None:
         worker.after_stop = self.teardown.stopping
         self.printer.log_event(f"rank {worker.spec.global_rank} pid {worker.pid} exited {describe_exit(worker)}")
         if exit_code != 0 and not self.teardown.stopping:
             self.root_cause = worker
-            self.printer.note(
-                f"rank {worker.spec.global_rank} failed ({describe_exit(worker)}): stopping the other workers"
-            )
-            self._tell_peers("failed", f"rank {worker.spec.global_rank} failed ({describe_exit(worker)})",
-                             exit_code)
+            failed = f"rank {worker.spec.global_rank} failed ({describe_exit(worker)})"
+            self.printer.note(f"{failed}: stopping the other workers")
+            self._tell_peers("failed", failed, exit_code)
             self._begin_stop(signal.SIGTERM)
 
     # -- the other nodes --------------------------------------------------------------------------
@@ -269,7 +266,7 @@ class Attempt:
         if self.ended_by != mine:
             self.printer.note(f"the job had already ended on another node: {self.ended_by.describe()}")
 
-    def _on_peer_news(self) -> None:
+    def _handle_peer_news(self) -> None:
         assert self.peers is not None
         end = self.peers.take()
         if end is None:
@@ -315,8 +312,6 @@ class Attempt:
         elif self.tree.has_children:
             # They left their group, so the group signal missed them: send what the rest got.
             self.tree.signal_strays(sent)
-
-    # -- the end --------------------------------------------------------------------------------
 
     def _tree_alive(self) -> bool:
         self._reap()
