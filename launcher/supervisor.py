@@ -5,64 +5,47 @@ terminal's Ctrl-C reaches only the launcher, which forwards it). The launcher ma
 child subreaper, so a worker's orphaned children are reparented to it: it reaps them, and
 "no child left" means the whole tree is gone. The loop wakes on pipe output and on signals
 (SIGCHLD included, through the wakeup fd), never on a polling timer while workers run.
+Here the loop decides; the processes are a WorkerTree's (launcher.workers), the stop's
+deadlines a Teardown's (launcher.teardown) and what the loop waits on is launcher.inputs'.
 """
 
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from launcher.logs import Printer, Stream
+from launcher.inputs import Inputs, PeerNews, SignalWake, WorkerOutput
+from launcher.logs import Printer
 from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
 from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from launcher.protocol import Peers
+from launcher.teardown import Teardown
 from launcher.wakepipe import WakePipe
 from launcher.watchdog import Watchdog
+from launcher.workers import WorkerTree
+from launcher.workers import WorkerProcess as WorkerProcess  # re-exported: report.py reads it here
 
 if TYPE_CHECKING:
     from launcher.protocol import AttemptEnd, EndKind
 
-READ_CHUNK = 1 << 16
-DRAIN_AFTER_DEATH_S = 1.0  # output still in flight when every process of the tree is gone
 GROUP_POLL_S = 0.02  # only while waiting for a tree with no SIGCHLD to tell us it ended
 # The workers are told this list (TORCHELASTIC_SIGNALS_TO_HANDLE); one source for both.
 STOP_SIGNALS = tuple(signal.Signals[name] for name in FORWARDED_SIGNALS.split(","))
 RELAYED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # e.g. Slurm's checkpoint-before-preemption
-PEERS = "peers"  # the selector's mark for news from the other nodes
-
-
-@dataclass
-class WorkerProcess:
-    """A started worker and what became of it."""
-
-    spec: Worker
-    pid: int
-    started: float
-    exit_code: int | None = None  # shell convention: 128+N when killed by signal N
-    term_signal: int | None = None
-    ended: float | None = None
-    after_stop: bool = False  # it ended after the launcher began stopping workers
-    group_gone: bool = False
-    signals_sent: set[int] = field(default_factory=set)  # what the launcher sent its group
-
-    @property
-    def runtime(self) -> float:
-        return (self.ended or time.monotonic()) - self.started
 
 
 @dataclass(frozen=True)
 class AttemptResult:
-    """How one attempt ended: its workers, the first failure, the launcher's own signal."""
+    """How one attempt ended: its workers, the first failure, the stop signal the launcher got."""
 
     workers: tuple[WorkerProcess, ...]
     root_cause: WorkerProcess | None
-    stop_signal: int | None
+    stop_signal: int | None  # received; what the launcher sent is each worker's signals_sent
     spawn_error: str | None = None
     ended_by: AttemptEnd | None = None  # multi-node: why the attempt ended, job-wide
     node_rank: int = 0
@@ -142,25 +125,18 @@ class Attempt:
     watchdog: Watchdog | None
     peers: Peers | None = None
     clock: Callable[[], float] = time.monotonic
-    workers: list[WorkerProcess] = field(default_factory=list)
-    stop_signal: int | None = None
+    signal_received: int | None = None  # the first stop signal that reached the launcher
     root_cause: WorkerProcess | None = None
     spawn_error: str | None = None
-    _stopping: bool = False
-    _kill_at: float | None = None
-    _killed: bool = False
-    _drain_until: float | None = None
-    _has_children: bool = True
-    _stop_sig: int = signal.SIGTERM
-    _strays_sig: int | None = None  # the last signal sent to descendants outside worker groups
     ended_by: AttemptEnd | None = None
     _told_success: bool = False
 
+    def __post_init__(self) -> None:
+        self.tree = WorkerTree(self.watchdog, self.clock)
+        self.teardown = Teardown(self.grace, self.clock)
+
     def run(self) -> AttemptResult:
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.inbox.read_fd, selectors.EVENT_READ, None)
-        if self.peers is not None:
-            self.selector.register(self.peers.fd, selectors.EVENT_READ, PEERS)
+        self.inputs = Inputs(self.printer, self.inbox.read_fd, None if self.peers is None else self.peers.fd)
         try:
             self._spawn_all()
             while not self._finished():
@@ -168,21 +144,18 @@ class Attempt:
                 self._handle_signals(self.inbox.take())
                 self._enforce_deadlines()
         finally:
-            self._close_pipes()
-            self.selector.close()
+            self.inputs.close()
         return AttemptResult(
-            tuple(self.workers), self.root_cause, self.stop_signal, self.spawn_error, self.ended_by,
+            tuple(self.tree.workers), self.root_cause, self.signal_received, self.spawn_error, self.ended_by,
             self.plan.node_rank,
         )
-
-    # -- starting ---------------------------------------------------------------------------
 
     def _spawn_all(self) -> None:
         # torch's @record writes each rank's error file but makes no directory; one per attempt
         for folder in {os.path.dirname(w.error_file) for w in self.plan.workers if w.error_file}:
             os.makedirs(folder, exist_ok=True)
         for spec in self.plan.workers:
-            if self._stopping:
+            if self.teardown.stopping:
                 return  # a signal or a failure arrived while we were still starting
             try:
                 self._spawn(spec)
@@ -195,75 +168,41 @@ class Attempt:
             self._handle_signals(self.inbox.take())
 
     def _spawn(self, spec: Worker) -> None:
-        out_read, out_write = os.pipe()
-        err_read, err_write = os.pipe()
-        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            pid = os.posix_spawnp(
-                spec.argv[0],
-                list(spec.argv),
-                self.plan.environment_of(spec),
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, devnull, 0),
-                    (os.POSIX_SPAWN_DUP2, out_write, 1),
-                    (os.POSIX_SPAWN_DUP2, err_write, 2),
-                ],
-                setsid=True,
-            )
-        except OSError:
-            for fd in (out_read, err_read):
-                os.close(fd)
-            raise
-        finally:
-            for fd in (out_write, err_write, devnull):
-                os.close(fd)
-        worker = WorkerProcess(spec=spec, pid=pid, started=self.clock())
-        self.workers.append(worker)
-        if self.watchdog is not None:
-            self.watchdog.watch(pid)
-        for fd, stream in ((out_read, 1), (err_read, 2)):
-            self.selector.register(fd, selectors.EVENT_READ, (spec.global_rank, stream))
-        self.printer.log_event(f"started rank {spec.global_rank} pid {pid}: {' '.join(spec.argv)}")
-
-    # -- the loop ---------------------------------------------------------------------------
+        worker, pipes = self.tree.spawn(spec, self.plan.environment_of(spec))
+        self.inputs.add_worker(spec.global_rank, pipes)
+        self.printer.log_event(f"started rank {spec.global_rank} pid {worker.pid}: {' '.join(spec.argv)}")
 
     def _wait_for_events(self) -> None:
-        for key, _ in self.selector.select(self._timeout()):
-            if key.data == PEERS:
-                self._on_peer_news()
-            elif key.data is not None:
-                self._read_pipe(key.fd, *key.data)
+        for fd, source in self.inputs.select(self._timeout()):
+            match source:
+                case WorkerOutput():
+                    self.inputs.read(fd, source)
+                case PeerNews():
+                    self._handle_peer_news()
+                case SignalWake():
+                    pass  # the signals are taken after every wait
 
     def _timeout(self) -> float | None:
-        now = self.clock()
-        waits = [t - now for t in (self._kill_at, self._drain_until) if t is not None]
-        if self._all_exited() and self._groups_alive():
-            waits.append(GROUP_POLL_S)  # a tree may end without a SIGCHLD reaching us
-        return max(0.0, min(waits)) if waits else None
-
-    def _read_pipe(self, fd: int, rank: int, stream: Stream) -> None:
-        try:
-            data = os.read(fd, READ_CHUNK)
-        except InterruptedError:
-            return
-        if data:
-            self.printer.feed(rank, stream, data)
-            return
-        self.selector.unregister(fd)
-        os.close(fd)
-        self.printer.end_of_stream(rank, stream)
+        due = self.teardown.due_in()
+        if self.tree.all_exited() and self.tree.groups_alive():
+            # a tree may end without a SIGCHLD reaching us
+            return GROUP_POLL_S if due is None else min(due, GROUP_POLL_S)
+        return due
 
     def _handle_signals(self, signals: list[int]) -> None:
         for sig in signals:
             if sig == signal.SIGCHLD:
                 self._reap()
             elif sig in RELAYED_SIGNALS:
-                self.printer.log_event(f"relaying {signal.Signals(sig).name} to the workers")
-                self._signal_tree(sig)
+                self._handle_relayed(sig)
             elif sig in STOP_SIGNALS:
-                self._on_stop_signal(sig)
+                self._handle_stop(sig)
 
-    def _on_stop_signal(self, sig: int) -> None:
+    def _handle_relayed(self, sig: int) -> None:
+        self.printer.log_event(f"relaying {signal.Signals(sig).name} to the workers")
+        self.tree.signal(sig)
+
+    def _handle_stop(self, sig: int) -> None:
         """The first stop signal stops gracefully; only a second one kills at once.
 
         A stop already under way for a failure (here or on another node) does not count as
@@ -271,12 +210,12 @@ class Attempt:
         still give its workers their grace to checkpoint.
         """
         name = signal.Signals(sig).name
-        if self.stop_signal is not None:
+        if self.signal_received is not None:
             self.printer.note(f"got {name} again: killing all workers now")
             self._kill_now()
             return
-        self.stop_signal = sig  # no restart after this, whatever else failed
-        if self._stopping:
+        self.signal_received = sig  # no restart after this, whatever else failed
+        if self.teardown.stopping:
             self.printer.note(f"got {name}: already stopping all workers (again to kill at once)")
             return
         self.printer.note(f"got {name}: stopping all workers (again to kill at once)")
@@ -284,33 +223,17 @@ class Attempt:
         self._begin_stop(sig)
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self._has_children = False
-                return
-            if pid == 0:
-                self._has_children = True
-                return
-            worker = next((w for w in self.workers if w.pid == pid and w.exit_code is None), None)
-            if worker is not None:
-                self._on_worker_exit(worker, status)
+        for worker, exit_code in self.tree.reap():
+            self._handle_exit(worker, exit_code)
 
-    def _on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
-        code = os.waitstatus_to_exitcode(status)
-        worker.ended = self.clock()
-        worker.after_stop = self._stopping
-        worker.term_signal = -code if code < 0 else None
-        worker.exit_code = 128 - code if code < 0 else code
+    def _handle_exit(self, worker: WorkerProcess, exit_code: int) -> None:
+        worker.after_stop = self.teardown.stopping
         self.printer.log_event(f"rank {worker.spec.global_rank} pid {worker.pid} exited {describe_exit(worker)}")
-        if worker.exit_code != 0 and not self._stopping:
+        if exit_code != 0 and not self.teardown.stopping:
             self.root_cause = worker
-            self.printer.note(
-                f"rank {worker.spec.global_rank} failed ({describe_exit(worker)}): stopping the other workers"
-            )
-            self._tell_peers("failed", f"rank {worker.spec.global_rank} failed ({describe_exit(worker)})",
-                             worker.exit_code)
+            failed = f"rank {worker.spec.global_rank} failed ({describe_exit(worker)})"
+            self.printer.note(f"{failed}: stopping the other workers")
+            self._tell_peers("failed", failed, exit_code)
             self._begin_stop(signal.SIGTERM)
 
     # -- the other nodes --------------------------------------------------------------------------
@@ -323,15 +246,15 @@ class Attempt:
         if self.ended_by != mine:
             self.printer.note(f"the job had already ended on another node: {self.ended_by.describe()}")
 
-    def _on_peer_news(self) -> None:
+    def _handle_peer_news(self) -> None:
         assert self.peers is not None
         end = self.peers.take()
         if end is None:
             return
         self.ended_by = end  # the job-wide verdict; over SSH it may differ from what we published
-        if end.kind == "success" or self._stopping:
+        if end.kind == "success" or self.teardown.stopping:
             return
-        if self._all_exited():
+        if self.tree.all_exited():
             self.printer.note(f"the job failed on another node: {end.describe()}")
         else:
             self.printer.note(f"stopping this node's workers: {end.describe()}")
@@ -341,7 +264,7 @@ class Attempt:
         """Our workers all succeeded; the attempt ends when every node says so (or one fails)."""
         if self.peers is None or self.ended_by is not None:
             return False
-        if not self._told_success and not self._stopping:
+        if not self._told_success and not self.teardown.stopping:
             self._told_success = True
             self.peers.report_success()
         return True
@@ -349,103 +272,40 @@ class Attempt:
     # -- stopping: one path, safe to enter twice -------------------------------------------------
 
     def _begin_stop(self, sig: int) -> None:
-        if self._stopping:
-            return
-        self._stopping = True
-        self._stop_sig = sig
-        self._kill_at = self.clock() + self.grace
-        self._signal_tree(sig)
+        if self.teardown.begin(sig):
+            self.tree.signal(sig)
 
     def _kill_now(self) -> None:
-        self._stopping = True
-        self._killed = True
-        self._kill_at = None
-        self._signal_tree(signal.SIGKILL)
+        self.teardown.kill_now()
+        self.tree.signal(signal.SIGKILL)
 
     def _enforce_deadlines(self) -> None:
-        if self._kill_at is not None and self.clock() >= self._kill_at:
+        if self.teardown.kill_due():
             self.printer.note(f"workers still running {self.grace:g}s after the stop signal: sending SIGKILL")
             self._kill_now()
-        if not self._all_exited() or not self._tree_alive():
+        if not self.tree.all_exited() or not self._tree_alive():
             return
-        if not self._stopping:
+        sent = self.teardown.signal_sent
+        if sent is None:
             self.printer.log_event("workers exited but left processes behind: stopping them")
             self._begin_stop(signal.SIGTERM)
-        elif self._has_children:
+        elif self.tree.has_children:
             # They left their group, so the group signal missed them: send what the rest got.
-            self._signal_strays(signal.SIGKILL if self._killed else self._stop_sig)
-
-    def _signal_tree(self, sig: int) -> None:
-        for worker in self.workers:
-            if not worker.group_gone:
-                if worker.exit_code is None:
-                    worker.signals_sent.add(sig)
-                try:
-                    os.killpg(worker.pid, sig)
-                except ProcessLookupError:
-                    self._mark_group_gone(worker)
-        if self._has_children and self._all_exited():
-            self._signal_strays(sig)
-
-    def _signal_strays(self, sig: int) -> None:
-        """Descendants that left their worker's process group (setsid), adopted by us."""
-        if self._strays_sig == sig:
-            return
-        self._strays_sig = sig
-        import psutil
-
-        groups = {w.pid for w in self.workers}
-        for child in psutil.Process().children(recursive=True):
-            try:
-                if os.getpgid(child.pid) not in groups:
-                    child.send_signal(sig)
-            except (ProcessLookupError, psutil.Error):
-                pass
-
-    # -- the end --------------------------------------------------------------------------------
-
-    def _all_exited(self) -> bool:
-        return all(w.exit_code is not None for w in self.workers)
-
-    def _groups_alive(self) -> bool:
-        for worker in self.workers:
-            if not worker.group_gone:
-                try:
-                    os.killpg(worker.pid, 0)
-                except ProcessLookupError:
-                    self._mark_group_gone(worker)
-        return not all(w.group_gone for w in self.workers)
-
-    def _mark_group_gone(self, worker: WorkerProcess) -> None:
-        if not worker.group_gone and worker.exit_code is not None:
-            worker.group_gone = True  # never signal this id again: it may be reused
-            if self.watchdog is not None:
-                self.watchdog.unwatch(worker.pid)
+            self.tree.signal_strays(sent)
 
     def _tree_alive(self) -> bool:
         self._reap()
-        return self._groups_alive() or self._has_children
+        return self.tree.alive()
 
     def _finished(self) -> bool:
-        if not self._all_exited() or self._tree_alive():
+        if not self.tree.all_exited() or self._tree_alive():
             return False
         if self._awaiting_peers():
             return False
-        if not self._open_pipes():
+        if not self.inputs.pipes_open():
             return True
-        if self._drain_until is None:
-            self._drain_until = self.clock() + DRAIN_AFTER_DEATH_S
-        return self.clock() >= self._drain_until
-
-    def _open_pipes(self) -> list[int]:
-        return [key.fd for key in self.selector.get_map().values() if isinstance(key.data, tuple)]
-
-    def _close_pipes(self) -> None:
-        for fd in self._open_pipes():
-            rank, stream = self.selector.get_key(fd).data
-            self.selector.unregister(fd)
-            os.close(fd)
-            self.printer.end_of_stream(rank, stream)
+        self.teardown.tree_gone()
+        return self.teardown.drain_over()
 
 
 def describe_exit(worker: WorkerProcess) -> str:

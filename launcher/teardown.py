@@ -1,0 +1,58 @@
+"""When an attempt's workers are stopped, with which signal, and how long to wait: no I/O.
+
+One stop at a time: a graceful signal, then SIGKILL for what is left once the grace is over
+(or at once, on a second Ctrl-C). After the whole tree is gone, output still in flight gets a
+short drain. The supervisor sends the signals this machine decides; the clock is injected.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+
+DRAIN_AFTER_DEATH_S = 1.0  # output still in flight when every process of the tree is gone
+
+
+class Teardown:
+    """The stop of one attempt: begun or not, the signal sent, the kill and drain deadlines."""
+
+    def __init__(self, grace: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.grace = grace
+        self.signal_sent: int | None = None  # to the workers; SIGKILL once killed
+        self._clock = clock
+        self._kill_at: float | None = None
+        self._drain_until: float | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self.signal_sent is not None
+
+    def begin(self, sig: int) -> bool:
+        """Stop gracefully with `sig`, SIGKILL due after the grace; False if already stopping."""
+        if self.stopping:
+            return False
+        self.signal_sent = sig
+        self._kill_at = self._clock() + self.grace
+        return True
+
+    def kill_now(self) -> None:
+        """SIGKILL is sent now, so it is no longer due later."""
+        self.signal_sent = signal.SIGKILL
+        self._kill_at = None
+
+    def kill_due(self) -> bool:
+        return self._kill_at is not None and self._clock() >= self._kill_at
+
+    def tree_gone(self) -> None:
+        """Every process of the tree has ended: the drain starts now, once."""
+        if self._drain_until is None:
+            self._drain_until = self._clock() + DRAIN_AFTER_DEATH_S
+
+    def drain_over(self) -> bool:
+        return self._drain_until is not None and self._clock() >= self._drain_until
+
+    def due_in(self) -> float | None:
+        """Seconds until the next deadline (0 if one has passed); None if none is set."""
+        deadlines = [t for t in (self._kill_at, self._drain_until) if t is not None]
+        return max(0.0, min(deadlines) - self._clock()) if deadlines else None

@@ -1,0 +1,163 @@
+"""The process tree of one attempt's workers: start them, signal them, reap them, tell if any live.
+
+Each worker runs in its own session, so its whole tree shares one process group, which is
+signalled as one. The launcher is a child subreaper (`become_subreaper`): a worker's orphaned
+descendants are reparented to it, so it reaps them, and "no child left" means the whole tree
+is gone. What to send and when is not decided here (launcher.teardown, launcher.supervisor).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from launcher.plan import Worker
+from launcher.watchdog import Watchdog
+
+
+@dataclass
+class WorkerProcess:
+    """A started worker and what became of it."""
+
+    spec: Worker
+    pid: int
+    started: float
+    exit_code: int | None = None  # shell convention: 128+N when killed by signal N
+    term_signal: int | None = None
+    ended: float | None = None
+    after_stop: bool = False  # it ended after the launcher began stopping workers
+    group_gone: bool = False
+    signals_sent: set[int] = field(default_factory=set)  # what the launcher sent its group
+
+    @property
+    def runtime(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+
+@dataclass(frozen=True)
+class Pipes:
+    """The launcher's read ends of a started worker's stdout and stderr."""
+
+    stdout: int
+    stderr: int
+
+
+class WorkerTree:
+    """The started workers, their process groups and the descendants that left those groups.
+
+    The guard (`watchdog`) is told each group as it starts and forgets it once it is gone.
+    """
+
+    def __init__(self, watchdog: Watchdog | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.workers: list[WorkerProcess] = []
+        self.has_children = True  # until waitpid says otherwise
+        self._watchdog = watchdog
+        self._clock = clock
+        self._strays_sig: int | None = None  # the last signal sent to descendants outside worker groups
+
+    def spawn(self, spec: Worker, environment: Mapping[str, str]) -> tuple[WorkerProcess, Pipes]:
+        """Start one worker in its own session, stdin from /dev/null, stdout and stderr to pipes."""
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pid = os.posix_spawnp(
+                spec.argv[0],
+                list(spec.argv),
+                environment,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, devnull, 0),
+                    (os.POSIX_SPAWN_DUP2, out_write, 1),
+                    (os.POSIX_SPAWN_DUP2, err_write, 2),
+                ],
+                setsid=True,
+            )
+        except OSError:
+            for fd in (out_read, err_read):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (out_write, err_write, devnull):
+                os.close(fd)
+        worker = WorkerProcess(spec=spec, pid=pid, started=self._clock())
+        self.workers.append(worker)
+        if self._watchdog is not None:
+            self._watchdog.watch(pid)
+        return worker, Pipes(out_read, err_read)
+
+    def signal(self, sig: int) -> None:
+        """Every worker's process group; once all workers exited, also the strays they left."""
+        for worker in self.workers:
+            if not worker.group_gone:
+                if worker.exit_code is None:
+                    worker.signals_sent.add(sig)
+                try:
+                    os.killpg(worker.pid, sig)
+                except ProcessLookupError:
+                    self._mark_group_gone(worker)
+        if self.has_children and self.all_exited():
+            self.signal_strays(sig)
+
+    def signal_strays(self, sig: int) -> None:
+        """Descendants that left their worker's process group (setsid), adopted by us."""
+        if self._strays_sig == sig:
+            return
+        self._strays_sig = sig
+        import psutil
+
+        groups = {w.pid for w in self.workers}
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if os.getpgid(child.pid) not in groups:
+                    child.send_signal(sig)
+            except (ProcessLookupError, psutil.Error):
+                pass
+
+    def reap(self) -> Iterator[tuple[WorkerProcess, int]]:
+        """Collect every child that ended; yield each worker among them and its exit code.
+
+        Lazy on purpose: the caller may signal the tree between two workers' exits.
+        """
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.has_children = False
+                return
+            if pid == 0:
+                self.has_children = True
+                return
+            worker = next((w for w in self.workers if w.pid == pid and w.exit_code is None), None)
+            if worker is not None:
+                yield worker, self._record_exit(worker, status)
+
+    def _record_exit(self, worker: WorkerProcess, status: int) -> int:
+        code = os.waitstatus_to_exitcode(status)
+        worker.ended = self._clock()
+        worker.term_signal = -code if code < 0 else None
+        worker.exit_code = 128 - code if code < 0 else code
+        return worker.exit_code
+
+    def all_exited(self) -> bool:
+        return all(w.exit_code is not None for w in self.workers)
+
+    def groups_alive(self) -> bool:
+        for worker in self.workers:
+            if not worker.group_gone:
+                try:
+                    os.killpg(worker.pid, 0)
+                except ProcessLookupError:
+                    self._mark_group_gone(worker)
+        return not all(w.group_gone for w in self.workers)
+
+    def alive(self) -> bool:
+        """Any process of the tree, as of the last `reap`."""
+        return self.groups_alive() or self.has_children
+
+    def _mark_group_gone(self, worker: WorkerProcess) -> None:
+        if not worker.group_gone and worker.exit_code is not None:
+            worker.group_gone = True  # never signal this id again: it may be reused
+            if self._watchdog is not None:
+                self._watchdog.unwatch(worker.pid)
