@@ -15,7 +15,7 @@ from pathlib import Path
 import paramiko
 import psutil
 import pytest
-from conftest import wait_until
+from helpers_cli import wait_until
 from sshd import SshdPool, SshHome, SshServer, new_user_key, start_sshd_pool
 
 from launcher import known_hosts as kh
