@@ -38,6 +38,7 @@ GPUS2 = fake_gpus(2)
 # -- parse_nvidia_smi --------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("output", "expected"),
     [
@@ -55,6 +56,7 @@ def test_parse_nvidia_smi_ok(output: str, expected: tuple[Gpu, ...]) -> None:
     assert parse_nvidia_smi(output) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "output",
     [
@@ -80,6 +82,7 @@ def test_parse_nvidia_smi_broken(output: str) -> None:
 # -- parse_gpu_ids -----------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -97,6 +100,7 @@ def test_parse_gpu_ids_ok(text: str, expected: tuple[str, ...]) -> None:
     assert parse_gpu_ids(text) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "says"),
     [
@@ -125,6 +129,7 @@ def test_parse_gpu_ids_bad(text: str, says: str) -> None:
 # -- visible_gpus ------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("cvd", "expected_indices"),
     [
@@ -149,11 +154,13 @@ def test_visible_gpus(cvd: str | None, expected_indices: list[int]) -> None:
     assert [g.index for g in visible_gpus(GPUS8, cvd)] == expected_indices
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cvd", ["4,4,5", "4,5,4"])
 def test_visible_gpus_repeated_id_hides_everything(cvd: str) -> None:
     assert visible_gpus(GPUS8, cvd) == ()
 
 
+@pytest.mark.unit
 def test_visible_gpus_uuid_prefix() -> None:
     gpus = (Gpu(0, "GPU-1234abcd"), Gpu(1, "GPU-5678ef01"))
     assert visible_gpus(gpus, "GPU-5678") == (gpus[1],)
@@ -163,6 +170,7 @@ def test_visible_gpus_uuid_prefix() -> None:
 # -- map_gpu_ids -------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("requested", "gpus", "cvd", "expected"),
     [
@@ -185,6 +193,7 @@ def test_map_gpu_ids_ok(requested, gpus, cvd, expected: DeviceMap) -> None:
     assert len(devices.physical) == len(requested)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("requested", "gpus", "cvd", "says"),
     [
@@ -212,6 +221,7 @@ def test_map_gpu_ids_errors(requested, gpus, cvd, says: str) -> None:
 # -- default_device_map ------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("nproc", "gpus", "cvd", "physical"),
     [

@@ -170,23 +170,27 @@ FRAMER_CASES = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("sample", "expected"), FRAMER_CASES)
 def test_framer_whole_sample(sample: bytes, expected: list[bytes]) -> None:
     assert frame([sample]) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("sample", "expected"), FRAMER_CASES)
 def test_framer_every_split_point(sample: bytes, expected: list[bytes]) -> None:
     for chunks in every_split(sample):
         assert frame(chunks) == expected, chunks
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("sample", "expected"), FRAMER_CASES)
 def test_framer_random_chunkings(sample: bytes, expected: list[bytes]) -> None:
     for chunks in random_chunkings(sample):
         assert frame(chunks) == expected, chunks
 
 
+@pytest.mark.unit
 def test_framer_crlf_split_across_two_feeds() -> None:
     framer = LineFramer()
     first = framer.feed(b"a\r")
@@ -195,6 +199,7 @@ def test_framer_crlf_split_across_two_feeds() -> None:
     assert framer.flush() == []
 
 
+@pytest.mark.unit
 def test_framer_tqdm_lines_come_out_as_they_move() -> None:
     framer = LineFramer()
     assert framer.feed(b"\r 10%|#   |") == []  # not ended yet: could still grow
@@ -204,6 +209,7 @@ def test_framer_tqdm_lines_come_out_as_they_move() -> None:
     assert framer.flush() == []
 
 
+@pytest.mark.unit
 def test_framer_whole_lines_returned_at_once_partial_waits() -> None:
     framer = LineFramer()
     assert framer.feed(b"one\ntwo\nthr") == [b"one", b"two"]
@@ -212,6 +218,7 @@ def test_framer_whole_lines_returned_at_once_partial_waits() -> None:
     assert framer.flush() == []  # flushed once only
 
 
+@pytest.mark.unit
 def test_framer_utf8_character_split_across_feeds_arrives_intact() -> None:
     text = "✓日本語é"
     data = (text + "\n").encode()
@@ -223,6 +230,7 @@ def test_framer_utf8_character_split_across_feeds_arrives_intact() -> None:
     assert lines[0].decode("utf-8") == text
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("length", "chunk"),
     [
@@ -242,6 +250,7 @@ def test_framer_long_line_cut_into_pieces(length: int, chunk: int) -> None:
     assert len(lines) == -(-length // MAX_LINE_BYTES)
 
 
+@pytest.mark.unit
 def test_framer_long_partial_line_cut_before_newline() -> None:
     framer = LineFramer()
     lines = framer.feed(b"z" * (MAX_LINE_BYTES + 10))  # no newline yet: memory stays bounded
@@ -249,20 +258,24 @@ def test_framer_long_partial_line_cut_before_newline() -> None:
     assert framer.feed(b"\n") == [b"z" * 10]
 
 
+@pytest.mark.unit
 def test_framer_line_of_exactly_max_is_not_cut() -> None:
     assert frame([b"q" * MAX_LINE_BYTES + b"\n"]) == [b"q" * MAX_LINE_BYTES]
 
 
+@pytest.mark.unit
 def test_framer_line_of_exactly_max_with_crlf_split_across_reads() -> None:
     framer = LineFramer()
     assert framer.feed(b"q" * MAX_LINE_BYTES + b"\r") == []
     assert framer.feed(b"\n") == [b"q" * MAX_LINE_BYTES]
 
 
+@pytest.mark.unit
 def test_framer_cr_before_crlf_is_one_line() -> None:
     assert frame([b"a\r\r\n", b"b\n"]) == [b"a", b"b"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "chunks",
     [
@@ -282,6 +295,7 @@ def test_framer_long_line_cut_whatever_the_chunking(chunks) -> None:
 # =============================================================================================
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("world_size", "rank", "out_prefix", "err_prefix"),
     [
@@ -305,6 +319,7 @@ def test_printer_prefix_and_padding(pipes: Pipes, world_size, rank, out_prefix, 
     assert pipes.err() == err_prefix + b"oops\n"
 
 
+@pytest.mark.unit
 def test_printer_partial_line_waits_for_newline_or_end(pipes: Pipes) -> None:
     printer = make_printer(pipes)
     printer.feed(0, 1, b"par")
@@ -318,6 +333,7 @@ def test_printer_partial_line_waits_for_newline_or_end(pipes: Pipes) -> None:
     printer.close()
 
 
+@pytest.mark.unit
 def test_printer_streams_framed_separately(pipes: Pipes) -> None:
     printer = make_printer(pipes)
     printer.feed(0, 1, b"out-")
@@ -329,6 +345,7 @@ def test_printer_streams_framed_separately(pipes: Pipes) -> None:
     assert pipes.err() == b"0 ! err-line\n"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("rank", "out_prefix", "err_prefix"),
     [
@@ -346,6 +363,7 @@ def test_printer_colour_on(pipes: Pipes, rank, out_prefix, err_prefix) -> None:
     assert pipes.err() == err_prefix + b"b\n" + b"\x1b[2mddplaunch:\x1b[0m hi\n"
 
 
+@pytest.mark.unit
 def test_printer_colour_off_has_no_ansi(pipes: Pipes) -> None:
     printer = make_printer(pipes, world_ranks=list(range(12)), world_size=12, colour=False)
     for rank in range(12):
@@ -359,12 +377,14 @@ def test_printer_colour_off_has_no_ansi(pipes: Pipes) -> None:
     assert err.endswith(b"11 ! b\nddplaunch: hi\n")
 
 
+@pytest.mark.unit
 def test_rank_prefixes_colours_differ_per_rank() -> None:
     prefixes = {rank_prefixes(rank, 8, True)[0] for rank in range(8)}
     assert len(prefixes) == 8
     assert rank_prefixes(3, 8, False) == (b"3 | ", b"3 ! ")
 
 
+@pytest.mark.unit
 def test_printer_note_plain(pipes: Pipes) -> None:
     printer = make_printer(pipes)
     printer.note("something happened")
@@ -373,6 +393,7 @@ def test_printer_note_plain(pipes: Pipes) -> None:
     assert pipes.out() == b""
 
 
+@pytest.mark.unit
 def test_printer_shown_ranks_filter(pipes: Pipes, tmp_path: Path) -> None:
     printer = make_printer(
         pipes, world_ranks=[0, 1, 2, 3], world_size=4, shown_ranks=frozenset({0, 3}), log_dir=tmp_path
@@ -387,6 +408,7 @@ def test_printer_shown_ranks_filter(pipes: Pipes, tmp_path: Path) -> None:
         assert (tmp_path / f"rank{rank}.log").read_bytes() == f"out {rank}\nerr {rank}\n".encode()
 
 
+@pytest.mark.unit
 def test_printer_log_dir_gets_raw_lines(pipes: Pipes, tmp_path: Path) -> None:
     log_dir = tmp_path / "logs" / "nested"
     printer = make_printer(pipes, world_ranks=[0, 1], world_size=2, colour=True, log_dir=log_dir)
@@ -409,6 +431,7 @@ def test_printer_log_dir_gets_raw_lines(pipes: Pipes, tmp_path: Path) -> None:
     assert b"a note" in err and b"\x1b[31mreport\x1b[0m\n" in err
 
 
+@pytest.mark.unit
 def test_printer_log_dir_appends(pipes: Pipes, tmp_path: Path) -> None:
     for text in (b"first\n", b"second\n"):
         printer = make_printer(pipes, log_dir=tmp_path)
@@ -417,6 +440,7 @@ def test_printer_log_dir_appends(pipes: Pipes, tmp_path: Path) -> None:
     assert (tmp_path / "rank0.log").read_bytes() == b"first\nsecond\n"
 
 
+@pytest.mark.unit
 def test_printer_tail_keeps_last_lines_decoded(pipes: Pipes) -> None:
     printer = make_printer(pipes)
     for i in range(30):
@@ -428,6 +452,7 @@ def test_printer_tail_keeps_last_lines_decoded(pipes: Pipes) -> None:
     assert tail == [f"line {i}" for i in range(11, 30)] + ["bad \ufffd\ufffd end"]
 
 
+@pytest.mark.unit
 def test_printer_tail_keeps_last_lines_of_one_big_feed(pipes: Pipes) -> None:
     printer = make_printer(pipes)
     printer.feed(0, 1, b"".join(f"{i}\n".encode() for i in range(100)))
@@ -436,6 +461,7 @@ def test_printer_tail_keeps_last_lines_of_one_big_feed(pipes: Pipes) -> None:
     assert make_printer(pipes, world_ranks=[5], world_size=6).tail(5) == []
 
 
+@pytest.mark.unit
 def test_printer_closed_reader_does_not_raise(pipes: Pipes, tmp_path: Path) -> None:
     printer = make_printer(pipes, log_dir=tmp_path)
     os.close(pipes.out_r)
@@ -452,6 +478,7 @@ def test_printer_closed_reader_does_not_raise(pipes: Pipes, tmp_path: Path) -> N
     assert log.startswith(b"out 0\nerr 0\n") and log.count(b"\n") == 9
 
 
+@pytest.mark.unit
 def test_printer_closed_reader_signal_default_sigpipe_ignored(pipes: Pipes) -> None:
     # Python ignores SIGPIPE; a write to a closed pipe is EPIPE, which silences the sink.
     assert signal.getsignal(signal.SIGPIPE) in (signal.SIG_IGN, signal.Handlers.SIG_IGN)
@@ -476,6 +503,7 @@ def tty_fd():
     os.close(slave)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("flag", "environ", "expected"),
     [
@@ -491,11 +519,13 @@ def test_colour_enabled_on_a_tty(tty_fd: int, flag: bool, environ: dict, expecte
     assert colour_enabled(flag, environ, tty_fd) is expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("flag", [False, True])
 def test_colour_enabled_not_on_a_pipe(pipes: Pipes, flag: bool) -> None:
     assert colour_enabled(flag, {}, pipes.out_w) is False
 
 
+@pytest.mark.unit
 def test_colour_enabled_regular_file_and_bad_fd(tmp_path: Path) -> None:
     with open(tmp_path / "f", "wb") as f:
         assert colour_enabled(False, {}, f.fileno()) is False

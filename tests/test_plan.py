@@ -23,6 +23,8 @@ from launcher.plan import (
     worker_argv,
 )
 
+pytestmark = pytest.mark.unit
+
 PY = "/usr/bin/python3"
 CPU_DEVICES_4 = DeviceMap(cuda_visible_devices=None, physical=("",) * 4)
 

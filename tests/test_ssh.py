@@ -44,6 +44,7 @@ Host *
 NODE1_KEYS = ("{home}/keys/node1_key", "/abs/second_key")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("host", "user", "port", "expected"),
     [
@@ -69,6 +70,7 @@ def test_resolve_target_applies_the_config_and_explicit_values_win(
     assert resolve_target(host, user, port, config_path=str(config)) == want
 
 
+@pytest.mark.unit
 def test_resolve_target_reads_the_users_config_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     assert resolve_target("node1", None, None) == SshTarget("node1", "node1", 22, getpass.getuser(), ())
@@ -77,6 +79,7 @@ def test_resolve_target_reads_the_users_config_by_default(tmp_path: Path, monkey
     assert resolve_target("node1", None, None).hostname == "10.0.0.1"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("config", "needle"),
     [
