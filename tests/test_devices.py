@@ -3,6 +3,7 @@ run against a fake nvidia-smi placed first on PATH."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -305,12 +306,15 @@ def test_dry_run_nproc_auto_uses_all_gpus(fake_smi, script: Path) -> None:
     assert "world size 8" in result.stdout
 
 
-def test_dry_run_nproc_auto_without_gpu_uses_cpus(fake_smi, script: Path) -> None:
-    import os
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, cpusets); the CLI it starts inherits them."""
+    return len(os.sched_getaffinity(0))
 
+
+def test_dry_run_nproc_auto_without_gpu_uses_cpus(fake_smi, script: Path) -> None:
     result = run_cli(["--dry-run", "--nproc", "auto", str(script)], fake_smi("nogpu"))
     assert result.code == 0, result.output
-    assert len(table_rows(result.stdout)) == (os.cpu_count() or 1)
+    assert len(table_rows(result.stdout)) == usable_cpus()
     assert set(table_column(result.stdout, "device")) == {"cpu"}
 
 
@@ -426,15 +430,13 @@ def test_nproc_gpu_counts_only_visible_gpus(fake_smi, script: Path, nproc: str) 
 
 @pytest.mark.parametrize("cvd", ["", "-1"])
 def test_nproc_with_every_gpu_hidden(fake_smi, script: Path, cvd: str) -> None:
-    import os
-
     env = fake_smi("8gpu", CUDA_VISIBLE_DEVICES=cvd)
     gpu = run_cli(["--dry-run", "--nproc", "gpu", str(script)], env)
     assert gpu.code == 2, gpu.output
     assert "--nproc gpu" in gpu.stderr and "Traceback" not in gpu.output
     auto = run_cli(["--dry-run", "--nproc", "auto", str(script)], env)
     assert auto.code == 0, auto.output
-    assert len(table_rows(auto.stdout)) == (os.cpu_count() or 1)  # no visible GPU: one per CPU
+    assert len(table_rows(auto.stdout)) == usable_cpus()  # no visible GPU: one per usable CPU
     assert set(table_column(auto.stdout, "device")) == {"cpu"}
 
 
