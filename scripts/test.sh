@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command on a fresh machine: set up the virtualenv and run the whole test suite.
-# Extra arguments go to pytest, e.g. scripts/test.sh -k supervisor -x
+# Extra arguments go to pytest, e.g. scripts/test.sh -k supervisor -x; scripts/test.sh -m unit runs
+# only the pure tests (no process, no sshd, no torch) in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup-venv.sh

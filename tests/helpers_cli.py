@@ -1,22 +1,222 @@
-"""Shared helpers for the CLI-level tests: fake nvidia-smi scripts and running `python -m launcher`.
+"""The one way tests run the real CLI: its command line, its environment, a run to the end or
+in the background, and the processes a run leaves; also fake nvidia-smi scripts.
 
+A plain module, not conftest.py: pytest loads conftest.py as a plugin and does not mean it to
+be imported, so conftest.py only wraps these helpers in fixtures (token, job_env, start).
 Nothing here touches the test process's os.environ: every subprocess gets its own env dict.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import stat
 import subprocess
 import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 30
+POLL_S = 0.02
+TOKEN_VARIABLE = "DDPLAUNCH_TEST_TOKEN"  # marks every process of one test's job
 
-# Variables from the caller's shell that would change what the launcher decides.
-_SCRUBBED = ("CUDA_VISIBLE_DEVICES", "NO_COLOR", "OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+# Variables from the caller's shell that would change what the launcher decides. PET_* are
+# torchrun's spellings of the flags (click reads them); SLURM_*, OMPI_* and MASTER_* are what
+# the cluster detection reads, so a test that turns it back on sees only its own.
+_SCRUBBED = (
+    "CUDA_VISIBLE_DEVICES",
+    "NO_COLOR",
+    "OMP_NUM_THREADS",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "DDPLAUNCH_NODE_SILENCE_S",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+_SCRUBBED_PREFIXES = ("PET_", "SLURM_", "OMPI_")
+
+
+# -- the command line and its environment ----------------------------------------------------
+
+
+def launcher_argv(*args: str, interpreter_options: Sequence[str] = ()) -> list[str]:
+    """`python -m launcher ARGS` with this venv's Python (options such as -X importtime first)."""
+    return [sys.executable, *interpreter_options, "-m", "launcher", *args]
+
+
+def cli_env(bin_dir: Path | None = None, *, only_bin_dir: bool = False, **extra: str) -> dict[str, str]:
+    """A copy of os.environ for the CLI: decision-changing variables out, cluster detection off.
+
+    bin_dir goes first on PATH; only_bin_dir=True makes it all of PATH, which hides any real
+    nvidia-smi (the CLI and the workers are started through absolute paths, so they need
+    nothing from PATH). `extra` comes last: a test of the detection sets DDPLAUNCH_CLUSTER.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith(_SCRUBBED_PREFIXES)}
+    env["DDPLAUNCH_CLUSTER"] = "none"  # a CI runner inside a Slurm job must not change the plans
+    if bin_dir is not None:
+        env["PATH"] = str(bin_dir) if only_bin_dir else str(bin_dir) + os.pathsep + env.get("PATH", "")
+    env.update(extra)
+    return env
+
+
+def write_script(path: Path, body: str) -> str:
+    """Write a worker script (its indentation removed) and return its path as the CLI takes it."""
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+# -- a run to its end ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CliResult:
+    code: int
+    out: bytes
+    err: bytes
+
+    @property
+    def stdout(self) -> str:
+        return self.out.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.err.decode("utf-8", "replace")
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_cli(
+    args: Sequence[str],
+    env: dict[str, str],
+    *,
+    cwd: Path = REPO,
+    timeout: float = CLI_TIMEOUT_S,
+    interpreter_options: Sequence[str] = (),
+) -> CliResult:
+    """Run the CLI to its end with both outputs captured (read together: no pipe fills up)."""
+    argv = launcher_argv(*args, interpreter_options=interpreter_options)
+    try:
+        done = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # the launcher was SIGKILLed; its guard stops the rest
+        tail = (exc.stderr or b"")[-2000:]
+        raise AssertionError(f"launcher still running after {timeout}s; its stderr ends {tail!r}") from None
+    return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+# -- a run in the background ----------------------------------------------------------------
+
+
+class Run:
+    """A launcher started in the background; its output lines arrive on queues (events)."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            launcher_argv(*args),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.lines: dict[str, queue.Queue[str]] = {"out": queue.Queue(), "err": queue.Queue()}
+        self.seen: dict[str, list[str]] = {"out": [], "err": []}
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, "out"), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, "err"), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _pump(self, pipe: IO[bytes], name: str) -> None:
+        for raw in iter(pipe.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.seen[name].append(line)
+            self.lines[name].put(line)
+
+    def wait_line(self, needle: str, timeout: float = 20.0, stream: str = "out") -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line with {needle!r} within {timeout}s; got {self.seen}")
+            try:
+                line = self.lines[stream].get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if needle in line:
+                return line
+
+    def wait_lines(self, needle: str, count: int, timeout: float = 20.0) -> None:
+        for _ in range(count):
+            self.wait_line(needle, timeout)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        code = self.proc.wait(timeout=timeout)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        return code
+
+    @property
+    def out(self) -> str:
+        return "\n".join(self.seen["out"])
+
+    @property
+    def err(self) -> str:
+        return "\n".join(self.seen["err"])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a condition that has no event to wait on (a process disappearing), bounded."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+# -- what a run leaves behind ---------------------------------------------------------------
+
+
+def processes_with_token(token: str, *, in_command_line: bool = False) -> list[psutil.Process]:
+    """Live processes whose environment carries this test's token: the job's whole tree.
+
+    in_command_line=True also counts those that only name it in their command line: an SSH
+    head and its agents, which pass the token on to the workers with --env.
+    """
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get(TOKEN_VARIABLE) == token or (in_command_line and token in " ".join(proc.cmdline())):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill_token(token: str) -> None:
+    """SIGKILL whatever is left of a job, wherever it carries the token."""
+    for proc in processes_with_token(token, in_command_line=True):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+# -- a fake nvidia-smi ----------------------------------------------------------------------
 
 
 def gpu_uuid(index: int) -> str:
@@ -58,41 +258,7 @@ def install_fake_nvidia_smi(bin_dir: Path, variant: str | None) -> Path:
     return bin_dir
 
 
-def cli_env(bin_dir: Path, *, only_bin_dir: bool = False, **extra: str) -> dict[str, str]:
-    """A copy of os.environ with bin_dir first on PATH (or alone on it) and `extra` added.
-
-    only_bin_dir=True hides any real nvidia-smi on this machine (the CLI and the workers are
-    started through absolute paths, so they need nothing from PATH).
-    """
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("PET_")}
-    env["PATH"] = str(bin_dir) if only_bin_dir else str(bin_dir) + os.pathsep + env.get("PATH", "")
-    env["DDPLAUNCH_CLUSTER"] = "none"  # a CI runner inside a Slurm job must not change the plans
-    env.update(extra)
-    return env
-
-
-@dataclass
-class CliResult:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-
-def run_cli(args: list[str], env: dict[str, str], *, cwd: Path = REPO, timeout: float = CLI_TIMEOUT_S) -> CliResult:
-    done = subprocess.run(
-        [sys.executable, "-m", "launcher", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-    return CliResult(done.returncode, done.stdout, done.stderr)
+# -- the dry-run table ----------------------------------------------------------------------
 
 
 def table_rows(dry_run_output: str) -> list[list[str]]:

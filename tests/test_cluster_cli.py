@@ -38,7 +38,7 @@ def script(tmp_path: Path) -> str:
 
 
 def dry_run(tmp_path: Path, env: dict[str, str], *args: str):
-    return run_cli(["--dry-run", *args], cli_env(tmp_path, **env), cwd=tmp_path)
+    return run_cli(["--dry-run", *args], {**cli_env(), **env}, cwd=tmp_path)
 
 
 def test_srun_task_gets_its_node_rank_and_node_zero_from_slurm(tmp_path: Path, script: str) -> None:
@@ -124,7 +124,7 @@ def test_rdzv_endpoint_is_torchruns_spelling_of_the_address(
     ],
 )
 def test_bad_rendezvous_flags_are_named(tmp_path: Path, script: str, args: list[str], needle: str) -> None:
-    done = run_cli(["--nnodes", "2", *args, script], cli_env(tmp_path), cwd=tmp_path)
+    done = run_cli(["--nnodes", "2", *args, script], cli_env(), cwd=tmp_path)
     assert done.code == 2, done.output
     assert needle in done.stderr and "Traceback" not in done.stderr
 

@@ -19,6 +19,8 @@ from launcher.detect import (
 )
 from launcher.errors import LaunchError
 
+pytestmark = pytest.mark.unit
+
 # -- expand_hostlist / first_host ----------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ run against a fake nvidia-smi placed first on PATH."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -38,6 +39,7 @@ GPUS2 = fake_gpus(2)
 # -- parse_nvidia_smi --------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("output", "expected"),
     [
@@ -55,6 +57,7 @@ def test_parse_nvidia_smi_ok(output: str, expected: tuple[Gpu, ...]) -> None:
     assert parse_nvidia_smi(output) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "output",
     [
@@ -80,6 +83,7 @@ def test_parse_nvidia_smi_broken(output: str) -> None:
 # -- parse_gpu_ids -----------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -97,6 +101,7 @@ def test_parse_gpu_ids_ok(text: str, expected: tuple[str, ...]) -> None:
     assert parse_gpu_ids(text) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "says"),
     [
@@ -125,6 +130,7 @@ def test_parse_gpu_ids_bad(text: str, says: str) -> None:
 # -- visible_gpus ------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("cvd", "expected_indices"),
     [
@@ -149,11 +155,13 @@ def test_visible_gpus(cvd: str | None, expected_indices: list[int]) -> None:
     assert [g.index for g in visible_gpus(GPUS8, cvd)] == expected_indices
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cvd", ["4,4,5", "4,5,4"])
 def test_visible_gpus_repeated_id_hides_everything(cvd: str) -> None:
     assert visible_gpus(GPUS8, cvd) == ()
 
 
+@pytest.mark.unit
 def test_visible_gpus_uuid_prefix() -> None:
     gpus = (Gpu(0, "GPU-1234abcd"), Gpu(1, "GPU-5678ef01"))
     assert visible_gpus(gpus, "GPU-5678") == (gpus[1],)
@@ -163,6 +171,7 @@ def test_visible_gpus_uuid_prefix() -> None:
 # -- map_gpu_ids -------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("requested", "gpus", "cvd", "expected"),
     [
@@ -185,6 +194,7 @@ def test_map_gpu_ids_ok(requested, gpus, cvd, expected: DeviceMap) -> None:
     assert len(devices.physical) == len(requested)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("requested", "gpus", "cvd", "says"),
     [
@@ -212,6 +222,7 @@ def test_map_gpu_ids_errors(requested, gpus, cvd, says: str) -> None:
 # -- default_device_map ------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("nproc", "gpus", "cvd", "physical"),
     [
@@ -295,12 +306,15 @@ def test_dry_run_nproc_auto_uses_all_gpus(fake_smi, script: Path) -> None:
     assert "world size 8" in result.stdout
 
 
-def test_dry_run_nproc_auto_without_gpu_uses_cpus(fake_smi, script: Path) -> None:
-    import os
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, cpusets); the CLI it starts inherits them."""
+    return len(os.sched_getaffinity(0))
 
+
+def test_dry_run_nproc_auto_without_gpu_uses_cpus(fake_smi, script: Path) -> None:
     result = run_cli(["--dry-run", "--nproc", "auto", str(script)], fake_smi("nogpu"))
     assert result.code == 0, result.output
-    assert len(table_rows(result.stdout)) == (os.cpu_count() or 1)
+    assert len(table_rows(result.stdout)) == usable_cpus()
     assert set(table_column(result.stdout, "device")) == {"cpu"}
 
 
@@ -416,15 +430,13 @@ def test_nproc_gpu_counts_only_visible_gpus(fake_smi, script: Path, nproc: str) 
 
 @pytest.mark.parametrize("cvd", ["", "-1"])
 def test_nproc_with_every_gpu_hidden(fake_smi, script: Path, cvd: str) -> None:
-    import os
-
     env = fake_smi("8gpu", CUDA_VISIBLE_DEVICES=cvd)
     gpu = run_cli(["--dry-run", "--nproc", "gpu", str(script)], env)
     assert gpu.code == 2, gpu.output
     assert "--nproc gpu" in gpu.stderr and "Traceback" not in gpu.output
     auto = run_cli(["--dry-run", "--nproc", "auto", str(script)], env)
     assert auto.code == 0, auto.output
-    assert len(table_rows(auto.stdout)) == (os.cpu_count() or 1)  # no visible GPU: one per CPU
+    assert len(table_rows(auto.stdout)) == usable_cpus()  # no visible GPU: one per usable CPU
     assert set(table_column(auto.stdout, "device")) == {"cpu"}
 
 

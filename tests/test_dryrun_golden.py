@@ -89,12 +89,14 @@ def check_golden(name: str, actual: str) -> None:
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden(name: str) -> None:
     text = render_plan(build_plan(CASES[name]()))
     check_golden(name, text)
 
 
+@pytest.mark.unit
 def test_golden_content_sanity() -> None:
     """A few facts about the rendered cases that must hold whatever the golden files say."""
     cpu = render_plan(build_plan(case_cpu_nproc2()))

@@ -12,6 +12,8 @@ from launcher.fanout import Host, agent_argv, forwarded_env, per_host_nproc, rem
 from launcher.hosts import HostSpec, parse_hostfile
 from launcher.ssh import SshTarget
 
+pytestmark = pytest.mark.unit
+
 
 def options(**changes: object) -> Options:
     base = dict(

@@ -9,6 +9,8 @@ from launcher.frames import (
     decode_go, go_line, parse_command,
 )
 
+pytestmark = pytest.mark.unit
+
 STREAM = (
     SYNC
     + encode_ready("10.0.0.1", 29500)

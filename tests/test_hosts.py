@@ -10,6 +10,8 @@ import pytest
 from launcher.errors import LaunchError
 from launcher.hosts import HostSpec, parse_hostfile, parse_hosts_flag, read_hostfile
 
+pytestmark = pytest.mark.unit
+
 # -- --hosts -------------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ def test_host_list_mistakes(tmp_path: Path, args: list[str], hostfile: str | Non
     if hostfile is not None:
         path.write_text(hostfile)
     argv = [a.replace("{hostfile}", str(path)).replace("{dir}", str(tmp_path)) for a in args]
-    done = run_cli([*argv, str(script)], cli_env(tmp_path), cwd=tmp_path)
+    done = run_cli([*argv, str(script)], cli_env(), cwd=tmp_path)
     assert done.code == 2, done.output
     assert needle in done.stderr and "Traceback" not in done.stderr
     assert "connecting" not in done.stderr

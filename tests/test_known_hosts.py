@@ -10,6 +10,8 @@ import pytest
 
 from launcher import known_hosts as kh
 
+pytestmark = pytest.mark.unit
+
 
 def _blob(key_type: str, body: bytes) -> bytes:
     return struct.pack(">I", len(key_type)) + key_type.encode() + body

@@ -7,25 +7,21 @@ from __future__ import annotations
 
 import os
 import pty
-import queue
 import random
 import re
 import select
 import signal
 import subprocess
-import sys
-import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers_cli import cli_env, launcher_argv, run_cli, write_script
 from launcher.logs import MAX_LINE_BYTES, TAIL_LINES, LineFramer, Printer, colour_enabled, rank_prefixes
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 40
 ANSI = b"\x1b["
 
@@ -114,23 +110,11 @@ def make_printer(pipes: Pipes, **kwargs) -> Printer:
     return Printer(stdout_fd=pipes.out_w, stderr_fd=pipes.err_w, **kwargs)
 
 
-def write_script(tmp_path: Path, body: str, name: str = "worker.py") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(body))
-    return path
+def worker_args(script: str, nproc: int, *flags: str) -> list[str]:
+    return ["--nproc", str(nproc), "--grace", "5", *flags, script]
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "PET_LOG_DIR", "PET_NPROC_PER_NODE")}
-    env.update(extra)
-    return env
-
-
-def launcher_argv(script: Path, nproc: int, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "launcher", "--nproc", str(nproc), "--grace", "5", *flags, str(script)]
-
-
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen[bytes]) -> None:
     """Bounded teardown of a launcher that overran: SIGTERM (it forwards), then SIGKILL."""
     if proc.poll() is not None:
         return
@@ -142,21 +126,12 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def launch(tmp_path: Path, script: Path, nproc: int, *flags: str, env: dict[str, str] | None = None,
-           timeout: float = RUN_TIMEOUT_S) -> tuple[int, bytes, bytes]:
-    """Run the real CLI to its end; stdout and stderr go to files (no pipe can fill up)."""
-    out_path, err_path = tmp_path / "launcher.out", tmp_path / "launcher.err"
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(
-            launcher_argv(script, nproc, *flags), cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-            env=env if env is not None else clean_env(),
-        )
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            stop(proc)
-            pytest.fail(f"launcher still running after {timeout}s; stderr: {err_path.read_bytes()[-2000:]!r}")
-    return code, out_path.read_bytes(), err_path.read_bytes()
+def launch(
+    tmp_path: Path, script: str, nproc: int, *flags: str, env: dict[str, str] | None = None
+) -> tuple[int, bytes, bytes]:
+    """Run the real CLI to its end: its exit code, stdout and stderr."""
+    result = run_cli(worker_args(script, nproc, *flags), env or cli_env(), cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    return result.code, result.out, result.err
 
 
 def lines_of(data: bytes) -> list[bytes]:
@@ -195,23 +170,27 @@ FRAMER_CASES = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("sample", "expected"), FRAMER_CASES)
 def test_framer_whole_sample(sample: bytes, expected: list[bytes]) -> None:
     assert frame([sample]) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("sample", "expected"), FRAMER_CASES)
 def test_framer_every_split_point(sample: bytes, expected: list[bytes]) -> None:
     for chunks in every_split(sample):
         assert frame(chunks) == expected, chunks
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("sample", "expected"), FRAMER_CASES)
 def test_framer_random_chunkings(sample: bytes, expected: list[bytes]) -> None:
     for chunks in random_chunkings(sample):
         assert frame(chunks) == expected, chunks
 
 
+@pytest.mark.unit
 def test_framer_crlf_split_across_two_feeds() -> None:
     framer = LineFramer()
     first = framer.feed(b"a\r")
@@ -220,6 +199,7 @@ def test_framer_crlf_split_across_two_feeds() -> None:
     assert framer.flush() == []
 
 
+@pytest.mark.unit
 def test_framer_tqdm_lines_come_out_as_they_move() -> None:
     framer = LineFramer()
     assert framer.feed(b"\r 10%|#   |") == []  # not ended yet: could still grow
@@ -229,6 +209,7 @@ def test_framer_tqdm_lines_come_out_as_they_move() -> None:
     assert framer.flush() == []
 
 
+@pytest.mark.unit
 def test_framer_whole_lines_returned_at_once_partial_waits() -> None:
     framer = LineFramer()
     assert framer.feed(b"one\ntwo\nthr") == [b"one", b"two"]
@@ -237,6 +218,7 @@ def test_framer_whole_lines_returned_at_once_partial_waits() -> None:
     assert framer.flush() == []  # flushed once only
 
 
+@pytest.mark.unit
 def test_framer_utf8_character_split_across_feeds_arrives_intact() -> None:
     text = "✓日本語é"
     data = (text + "\n").encode()
@@ -248,6 +230,7 @@ def test_framer_utf8_character_split_across_feeds_arrives_intact() -> None:
     assert lines[0].decode("utf-8") == text
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("length", "chunk"),
     [
@@ -267,6 +250,7 @@ def test_framer_long_line_cut_into_pieces(length: int, chunk: int) -> None:
     assert len(lines) == -(-length // MAX_LINE_BYTES)
 
 
+@pytest.mark.unit
 def test_framer_long_partial_line_cut_before_newline() -> None:
     framer = LineFramer()
     lines = framer.feed(b"z" * (MAX_LINE_BYTES + 10))  # no newline yet: memory stays bounded
@@ -274,20 +258,24 @@ def test_framer_long_partial_line_cut_before_newline() -> None:
     assert framer.feed(b"\n") == [b"z" * 10]
 
 
+@pytest.mark.unit
 def test_framer_line_of_exactly_max_is_not_cut() -> None:
     assert frame([b"q" * MAX_LINE_BYTES + b"\n"]) == [b"q" * MAX_LINE_BYTES]
 
 
+@pytest.mark.unit
 def test_framer_line_of_exactly_max_with_crlf_split_across_reads() -> None:
     framer = LineFramer()
     assert framer.feed(b"q" * MAX_LINE_BYTES + b"\r") == []
     assert framer.feed(b"\n") == [b"q" * MAX_LINE_BYTES]
 
 
+@pytest.mark.unit
 def test_framer_cr_before_crlf_is_one_line() -> None:
     assert frame([b"a\r\r\n", b"b\n"]) == [b"a", b"b"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "chunks",
     [
@@ -307,6 +295,7 @@ def test_framer_long_line_cut_whatever_the_chunking(chunks) -> None:
 # =============================================================================================
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("world_size", "rank", "out_prefix", "err_prefix"),
     [
@@ -330,6 +319,7 @@ def test_printer_prefix_and_padding(pipes: Pipes, world_size, rank, out_prefix, 
     assert pipes.err() == err_prefix + b"oops\n"
 
 
+@pytest.mark.unit
 def test_printer_partial_line_waits_for_newline_or_end(pipes: Pipes) -> None:
     printer = make_printer(pipes)
     printer.feed(0, 1, b"par")
@@ -343,6 +333,7 @@ def test_printer_partial_line_waits_for_newline_or_end(pipes: Pipes) -> None:
     printer.close()
 
 
+@pytest.mark.unit
 def test_printer_streams_framed_separately(pipes: Pipes) -> None:
     printer = make_printer(pipes)
     printer.feed(0, 1, b"out-")
@@ -354,6 +345,7 @@ def test_printer_streams_framed_separately(pipes: Pipes) -> None:
     assert pipes.err() == b"0 ! err-line\n"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("rank", "out_prefix", "err_prefix"),
     [
@@ -371,6 +363,7 @@ def test_printer_colour_on(pipes: Pipes, rank, out_prefix, err_prefix) -> None:
     assert pipes.err() == err_prefix + b"b\n" + b"\x1b[2mddplaunch:\x1b[0m hi\n"
 
 
+@pytest.mark.unit
 def test_printer_colour_off_has_no_ansi(pipes: Pipes) -> None:
     printer = make_printer(pipes, world_ranks=list(range(12)), world_size=12, colour=False)
     for rank in range(12):
@@ -384,12 +377,14 @@ def test_printer_colour_off_has_no_ansi(pipes: Pipes) -> None:
     assert err.endswith(b"11 ! b\nddplaunch: hi\n")
 
 
+@pytest.mark.unit
 def test_rank_prefixes_colours_differ_per_rank() -> None:
     prefixes = {rank_prefixes(rank, 8, True)[0] for rank in range(8)}
     assert len(prefixes) == 8
     assert rank_prefixes(3, 8, False) == (b"3 | ", b"3 ! ")
 
 
+@pytest.mark.unit
 def test_printer_note_plain(pipes: Pipes) -> None:
     printer = make_printer(pipes)
     printer.note("something happened")
@@ -398,6 +393,7 @@ def test_printer_note_plain(pipes: Pipes) -> None:
     assert pipes.out() == b""
 
 
+@pytest.mark.unit
 def test_printer_shown_ranks_filter(pipes: Pipes, tmp_path: Path) -> None:
     printer = make_printer(
         pipes, world_ranks=[0, 1, 2, 3], world_size=4, shown_ranks=frozenset({0, 3}), log_dir=tmp_path
@@ -412,6 +408,7 @@ def test_printer_shown_ranks_filter(pipes: Pipes, tmp_path: Path) -> None:
         assert (tmp_path / f"rank{rank}.log").read_bytes() == f"out {rank}\nerr {rank}\n".encode()
 
 
+@pytest.mark.unit
 def test_printer_log_dir_gets_raw_lines(pipes: Pipes, tmp_path: Path) -> None:
     log_dir = tmp_path / "logs" / "nested"
     printer = make_printer(pipes, world_ranks=[0, 1], world_size=2, colour=True, log_dir=log_dir)
@@ -434,6 +431,7 @@ def test_printer_log_dir_gets_raw_lines(pipes: Pipes, tmp_path: Path) -> None:
     assert b"a note" in err and b"\x1b[31mreport\x1b[0m\n" in err
 
 
+@pytest.mark.unit
 def test_printer_log_dir_appends(pipes: Pipes, tmp_path: Path) -> None:
     for text in (b"first\n", b"second\n"):
         printer = make_printer(pipes, log_dir=tmp_path)
@@ -442,6 +440,7 @@ def test_printer_log_dir_appends(pipes: Pipes, tmp_path: Path) -> None:
     assert (tmp_path / "rank0.log").read_bytes() == b"first\nsecond\n"
 
 
+@pytest.mark.unit
 def test_printer_tail_keeps_last_lines_decoded(pipes: Pipes) -> None:
     printer = make_printer(pipes)
     for i in range(30):
@@ -453,6 +452,7 @@ def test_printer_tail_keeps_last_lines_decoded(pipes: Pipes) -> None:
     assert tail == [f"line {i}" for i in range(11, 30)] + ["bad \ufffd\ufffd end"]
 
 
+@pytest.mark.unit
 def test_printer_tail_keeps_last_lines_of_one_big_feed(pipes: Pipes) -> None:
     printer = make_printer(pipes)
     printer.feed(0, 1, b"".join(f"{i}\n".encode() for i in range(100)))
@@ -461,6 +461,7 @@ def test_printer_tail_keeps_last_lines_of_one_big_feed(pipes: Pipes) -> None:
     assert make_printer(pipes, world_ranks=[5], world_size=6).tail(5) == []
 
 
+@pytest.mark.unit
 def test_printer_closed_reader_does_not_raise(pipes: Pipes, tmp_path: Path) -> None:
     printer = make_printer(pipes, log_dir=tmp_path)
     os.close(pipes.out_r)
@@ -477,6 +478,7 @@ def test_printer_closed_reader_does_not_raise(pipes: Pipes, tmp_path: Path) -> N
     assert log.startswith(b"out 0\nerr 0\n") and log.count(b"\n") == 9
 
 
+@pytest.mark.unit
 def test_printer_closed_reader_signal_default_sigpipe_ignored(pipes: Pipes) -> None:
     # Python ignores SIGPIPE; a write to a closed pipe is EPIPE, which silences the sink.
     assert signal.getsignal(signal.SIGPIPE) in (signal.SIG_IGN, signal.Handlers.SIG_IGN)
@@ -501,6 +503,7 @@ def tty_fd():
     os.close(slave)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("flag", "environ", "expected"),
     [
@@ -516,11 +519,13 @@ def test_colour_enabled_on_a_tty(tty_fd: int, flag: bool, environ: dict, expecte
     assert colour_enabled(flag, environ, tty_fd) is expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("flag", [False, True])
 def test_colour_enabled_not_on_a_pipe(pipes: Pipes, flag: bool) -> None:
     assert colour_enabled(flag, {}, pipes.out_w) is False
 
 
+@pytest.mark.unit
 def test_colour_enabled_regular_file_and_bad_fd(tmp_path: Path) -> None:
     with open(tmp_path / "f", "wb") as f:
         assert colour_enabled(False, {}, f.fileno()) is False
@@ -545,7 +550,7 @@ for i in range({MANY_LINES}):
 
 @pytest.mark.parametrize("with_log_dir", [False, True], ids=["terminal", "terminal+log-dir"])
 def test_e2e_many_lines_arrive_whole_and_in_order(tmp_path: Path, with_log_dir: bool) -> None:
-    script = write_script(tmp_path, MANY_LINES_WORKER)
+    script = write_script(tmp_path / "worker.py", MANY_LINES_WORKER)
     log_dir = tmp_path / "logs"
     flags = ("--log-dir", str(log_dir)) if with_log_dir else ()
     code, out, err = launch(tmp_path, script, 4, *flags)
@@ -573,7 +578,7 @@ def test_e2e_many_lines_arrive_whole_and_in_order(tmp_path: Path, with_log_dir: 
 
 def test_e2e_sigkill_after_printing_keeps_last_lines(tmp_path: Path) -> None:
     script = write_script(
-        tmp_path,
+        tmp_path / "worker.py",
         """
         import os, signal
         for i in range(1000):
@@ -592,7 +597,7 @@ def test_e2e_sigkill_after_printing_keeps_last_lines(tmp_path: Path) -> None:
 
 def test_e2e_partial_final_line_then_exit_code(tmp_path: Path) -> None:
     script = write_script(
-        tmp_path,
+        tmp_path / "worker.py",
         """
         import os, sys
         print("before")
@@ -609,7 +614,7 @@ def test_e2e_partial_final_line_then_exit_code(tmp_path: Path) -> None:
 
 def test_e2e_long_line(tmp_path: Path) -> None:
     script = write_script(
-        tmp_path,
+        tmp_path / "worker.py",
         """
         import sys
         sys.stdout.write("L" * 2_000_000)
@@ -631,7 +636,7 @@ def test_e2e_long_line(tmp_path: Path) -> None:
 
 def test_e2e_line_just_over_max_is_cut(tmp_path: Path) -> None:
     script = write_script(
-        tmp_path,
+        tmp_path / "worker.py",
         f"""
         import sys
         sys.stdout.buffer.write(b"L" * {MAX_LINE_BYTES + 10} + b"\\n")
@@ -644,7 +649,7 @@ def test_e2e_line_just_over_max_is_cut(tmp_path: Path) -> None:
 
 def test_e2e_progress_bar(tmp_path: Path) -> None:
     script = write_script(
-        tmp_path,
+        tmp_path / "worker.py",
         """
         import sys, time
         for pct in (0, 25, 50, 75, 100):
@@ -672,7 +677,7 @@ def test_e2e_progress_bar(tmp_path: Path) -> None:
 
 def test_e2e_utf8_byte_by_byte_and_invalid_utf8(tmp_path: Path) -> None:
     script = write_script(
-        tmp_path,
+        tmp_path / "worker.py",
         """
         import sys
         for byte in "héllo wörld ✓ 日本語\\n".encode("utf-8"):
@@ -684,7 +689,7 @@ def test_e2e_utf8_byte_by_byte_and_invalid_utf8(tmp_path: Path) -> None:
         sys.stderr.buffer.flush()
         """,
     )
-    code, out, err = launch(tmp_path, script, 1, env=clean_env(PYTHONIOENCODING="utf-8"))
+    code, out, err = launch(tmp_path, script, 1, env=cli_env(PYTHONIOENCODING="utf-8"))
     assert code == 0, err[-2000:]
     assert out == "0 | héllo wörld ✓ 日本語\n".encode() + b"0 | bad \xff\xfe bytes\n"
     assert b"0 ! err \xc3 half\n" in err
@@ -692,7 +697,7 @@ def test_e2e_utf8_byte_by_byte_and_invalid_utf8(tmp_path: Path) -> None:
 
 def test_e2e_stderr_lines_distinguishable(tmp_path: Path) -> None:
     script = write_script(
-        tmp_path,
+        tmp_path / "worker.py",
         """
         import os, sys
         rank = os.environ["RANK"]
@@ -720,7 +725,7 @@ def test_e2e_stderr_lines_distinguishable(tmp_path: Path) -> None:
 
 def test_e2e_ranks_filter_terminal_but_files_complete(tmp_path: Path) -> None:
     script = write_script(
-        tmp_path,
+        tmp_path / "worker.py",
         """
         import os, sys
         rank = os.environ["RANK"]
@@ -749,48 +754,21 @@ def test_e2e_ranks_filter_terminal_but_files_complete(tmp_path: Path) -> None:
     assert (log_dir / "launcher.log").is_file()
 
 
-def test_e2e_print_without_flush_arrives_while_worker_alive(tmp_path: Path) -> None:
+def test_e2e_print_without_flush_arrives_while_worker_alive(start, tmp_path: Path) -> None:
     script = write_script(
-        tmp_path,
+        tmp_path / "worker.py",
         """
         import time
         print("ready")
         time.sleep(30)
         """,
     )
-    err_path = tmp_path / "launcher.err"
-    lines: queue.Queue[bytes] = queue.Queue()
-    with open(err_path, "wb") as err_file:
-        proc = subprocess.Popen(
-            launcher_argv(script, 1), cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=err_file, env=clean_env(),
-        )
-        reader = threading.Thread(target=lambda: [lines.put(l) for l in iter(proc.stdout.readline, b"")], daemon=True)
-        try:
-            started = time.monotonic()
-            reader.start()
-            got = []
-            deadline = started + 5
-            while time.monotonic() < deadline:
-                try:
-                    line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                got.append(line)
-                if line == b"0 | ready\n":
-                    break
-            elapsed = time.monotonic() - started
-            assert b"0 | ready\n" in got, f"no 'ready' within 5 s (got {got!r}); stderr: {err_path.read_bytes()!r}"
-            assert proc.poll() is None, "launcher ended early: the worker should still be sleeping"
-            assert elapsed < 5
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=10)
-        finally:
-            stop(proc)
-            reader.join(timeout=5)
-            proc.stdout.close()
-    assert code == 128 + signal.SIGTERM
-    assert b"got SIGTERM" in err_path.read_bytes()
+    run = start(*worker_args(script, 1))
+    assert run.wait_line("0 | ready", timeout=5) == "0 | ready"
+    assert run.proc.poll() is None, "launcher ended early: the worker should still be sleeping"
+    run.signal(signal.SIGTERM)
+    assert run.wait(timeout=10) == 128 + signal.SIGTERM
+    assert "got SIGTERM" in run.err
 
 
 COLOUR_WORKER = """
@@ -809,20 +787,20 @@ print("to stderr", file=sys.stderr)
     ],
 )
 def test_e2e_piped_output_has_no_colour(tmp_path: Path, env_extra: dict, flags: tuple) -> None:
-    script = write_script(tmp_path, COLOUR_WORKER)
-    code, out, err = launch(tmp_path, script, 2, *flags, env=clean_env(**env_extra))
+    script = write_script(tmp_path / "worker.py", COLOUR_WORKER)
+    code, out, err = launch(tmp_path, script, 2, *flags, env=cli_env(**env_extra))
     assert code == 0, err[-2000:]
     assert ANSI not in out and ANSI not in err
     assert b"0 | to stdout\n" in out and b"1 ! to stderr\n" in err
 
 
-def run_on_pty(tmp_path: Path, script: Path, nproc: int, *flags: str, env: dict[str, str]) -> tuple[int, bytes]:
+def run_on_pty(tmp_path: Path, script: str, nproc: int, *flags: str, env: dict[str, str]) -> tuple[int, bytes]:
     """The launcher with stdout and stderr on one pseudo-terminal; everything read, with deadlines."""
     master, slave = pty.openpty()
     try:
         proc = subprocess.Popen(
-            launcher_argv(script, nproc, *flags), cwd=REPO, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-            env=env,
+            launcher_argv(*worker_args(script, nproc, *flags)), cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=slave,
+            stderr=slave, env=env,
         )
         os.close(slave)
         slave = -1
@@ -860,8 +838,8 @@ def run_on_pty(tmp_path: Path, script: Path, nproc: int, *flags: str, env: dict[
     ],
 )
 def test_e2e_colour_on_a_terminal(tmp_path: Path, env_extra: dict, flags: tuple, coloured: bool) -> None:
-    script = write_script(tmp_path, COLOUR_WORKER)
-    code, data = run_on_pty(tmp_path, script, 2, *flags, env=clean_env(**env_extra))
+    script = write_script(tmp_path / "worker.py", COLOUR_WORKER)
+    code, data = run_on_pty(tmp_path, script, 2, *flags, env=cli_env(**env_extra))
     assert code == 0, data[-2000:]
     assert b"to stdout" in data and b"to stderr" in data
     if coloured:

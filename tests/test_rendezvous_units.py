@@ -9,6 +9,8 @@ from launcher.rendezvous import (
     JobShape, Pulse, join_timeout_message, missing_ranks, shape_mismatch, silence_limit,
 )
 
+pytestmark = pytest.mark.unit
+
 BASE = JobShape(nnodes=2, nproc=4, max_restarts=1, run_id="abc")
 
 

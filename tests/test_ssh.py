@@ -15,7 +15,7 @@ from pathlib import Path
 import paramiko
 import psutil
 import pytest
-from conftest import wait_until
+from helpers_cli import wait_until
 from sshd import SshdPool, SshHome, SshServer, new_user_key, start_sshd_pool
 
 from launcher import known_hosts as kh
@@ -44,6 +44,7 @@ Host *
 NODE1_KEYS = ("{home}/keys/node1_key", "/abs/second_key")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("host", "user", "port", "expected"),
     [
@@ -69,6 +70,7 @@ def test_resolve_target_applies_the_config_and_explicit_values_win(
     assert resolve_target(host, user, port, config_path=str(config)) == want
 
 
+@pytest.mark.unit
 def test_resolve_target_reads_the_users_config_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     assert resolve_target("node1", None, None) == SshTarget("node1", "node1", 22, getpass.getuser(), ())
@@ -77,6 +79,7 @@ def test_resolve_target_reads_the_users_config_by_default(tmp_path: Path, monkey
     assert resolve_target("node1", None, None).hostname == "10.0.0.1"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("config", "needle"),
     [
@@ -212,21 +215,26 @@ def test_unknown_host_key_is_refused_and_nothing_is_written(ssh_home: SshHome, s
     _assert_all_closed(sshd_pool)
 
 
-def test_accepting_a_new_key_records_it_for_paramiko_and_openssh(ssh_home: SshHome, sshd_pool: SshdPool) -> None:
-    ssh_home.write_known_hosts(omit={"host3"})
-    connect(_target(ssh_home, "host3"), accept_new_host_keys=True).close()
-    added = ssh_home.known_hosts.read_text().splitlines()[-1]
-    assert added.startswith("|1|") and added.endswith(sshd_pool.server("host3").host_public_key)
-    connect(_target(ssh_home, "host3"), accept_new_host_keys=False).close()
-    ssh = subprocess.run(
-        ["ssh", "-F", str(ssh_home.config), "-o", "StrictHostKeyChecking=yes", "host3", "true"],
-        env=ssh_home.env(),
+def _openssh_strict(home: SshHome, alias: str) -> subprocess.CompletedProcess[str]:
+    """OpenSSH's own client runs `true` on the alias and accepts only keys in known_hosts."""
+    return subprocess.run(
+        ["ssh", "-F", str(home.config), "-o", "StrictHostKeyChecking=yes", alias, "true"],
+        env=home.env(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=20,
         check=False,
     )
+
+
+def test_accepting_a_new_key_records_it_for_paramiko_and_openssh(ssh_home: SshHome, sshd_pool: SshdPool) -> None:
+    ssh_home.write_known_hosts(omit={"host3"})
+    connect(_target(ssh_home, "host3"), accept_new_host_keys=True).close()
+    added = ssh_home.known_hosts.read_text().splitlines()[-1]
+    assert added.startswith("|1|") and added.endswith(sshd_pool.server("host3").host_public_key)
+    connect(_target(ssh_home, "host3"), accept_new_host_keys=False).close()
+    ssh = _openssh_strict(ssh_home, "host3")
     assert ssh.returncode == 0, ssh.stderr
     assert len(ssh_home.known_hosts.read_text().splitlines()) == len(sshd_pool.servers)
 
@@ -255,15 +263,7 @@ def test_non_default_port_uses_the_bracketed_known_hosts_name(
     entries = kh.read_known_hosts([str(home.known_hosts)])
     check = kh.check_host_key(entries, f"[127.0.2.2]:{server.port}", "ssh-ed25519", _blob(server))
     assert check.verdict == "known"
-    ssh = subprocess.run(
-        ["ssh", "-F", str(home.config), "-o", "StrictHostKeyChecking=yes", "odd1", "true"],
-        env=home.env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
+    ssh = _openssh_strict(home, "odd1")
     assert ssh.returncode == 0, ssh.stderr
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, Run, processes_with_token, wait_until, write_script
+from helpers_cli import REPO, TOKEN_VARIABLE, Run, kill_token, processes_with_token, wait_until, write_script
 from sshd import SshdPool, SshHome
 
 ENV_DUMP = """
@@ -40,38 +40,23 @@ time.sleep(600)
 """
 
 
-def job_processes(token: str) -> list[psutil.Process]:
-    """Workers (token in their environment) and agents (token in their command line)."""
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
-                continue
-            if token in " ".join(proc.cmdline()) or proc.environ().get("DDPLAUNCH_TEST_TOKEN") == token:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
 def nothing_left(token: str, pool: SshdPool) -> None:
-    wait_until(lambda: not job_processes(token), 15, "no worker or agent of the job left")
+    # Workers carry the token in their environment, the head and the agents in their command line.
+    wait_until(lambda: not processes_with_token(token, in_command_line=True), 15, "no worker or agent of the job left")
     wait_until(lambda: not pool.session_processes(), 15, "no SSH session left on any host")
 
 
 @pytest.fixture
 def launch(start, ssh_home: SshHome, job_env: dict[str, str], token: str, sshd_pool: SshdPool):
-    """launch(*args): ddplaunch with the test HOME; workers get the token through --env."""
+    """launch(*args): ddplaunch with the test HOME; workers get the token through --env.
+
+    The token fixture kills what is left, head and agents included (they name the token).
+    """
 
     def _launch(*args: str, env: dict[str, str] | None = None) -> Run:
-        return start("--env", f"DDPLAUNCH_TEST_TOKEN={token}", *args, env=ssh_home.env(env or job_env))
+        return start("--env", f"{TOKEN_VARIABLE}={token}", *args, env=ssh_home.env(env or job_env))
 
-    yield _launch
-    for proc in job_processes(token):
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
+    return _launch
 
 
 def test_two_hosts_train_ddp_and_replicas_end_identical(launch, token: str, sshd_pool: SshdPool) -> None:
@@ -229,7 +214,7 @@ def test_a_killed_remote_agent_stops_the_job_everywhere(
     run = launch("--hosts", "host1,host2", "--nproc", "2", script)
     _wait_all_up(run, 4)
     agents = [
-        p for p in job_processes(token)
+        p for p in processes_with_token(token, in_command_line=True)
         if "--agent" in p.cmdline() and "host2" in p.cmdline() and p.name() != "ddplaunch-guard"
     ]
     assert len(agents) == 1
@@ -268,7 +253,7 @@ def test_two_jobs_on_the_same_hosts_leave_each_other_alone(
     script = write_script(tmp_path / "sleeper.py", SLEEPER)
     tokens = ["first-" + os.urandom(4).hex(), "second-" + os.urandom(4).hex()]
     runs = [
-        start("--env", f"DDPLAUNCH_TEST_TOKEN={t}", "--hosts", "host1,host2", "--nproc", "1", script,
+        start("--env", f"{TOKEN_VARIABLE}={t}", "--hosts", "host1,host2", "--nproc", "1", script,
               env=ssh_home.env(job_env))
         for t in tokens
     ]
@@ -277,7 +262,7 @@ def test_two_jobs_on_the_same_hosts_leave_each_other_alone(
             _wait_all_up(run, 2)
         runs[0].signal(signal.SIGTERM)
         assert runs[0].wait(timeout=30) == 143
-        wait_until(lambda: not job_processes(tokens[0]), 15, "the first job's processes gone")
+        wait_until(lambda: not processes_with_token(tokens[0], in_command_line=True), 15, "the first job's processes gone")
         time.sleep(0.5)  # give a wrong kill the chance to land before we look (no event exists for it)
         assert len(processes_with_token(tokens[1])) == 2  # its two workers, untouched
         assert runs[1].proc.poll() is None
@@ -285,8 +270,7 @@ def test_two_jobs_on_the_same_hosts_leave_each_other_alone(
         assert runs[1].wait(timeout=30) == 143
     finally:
         for t in tokens:
-            for proc in job_processes(t):
-                proc.kill()
+            kill_token(t)
     nothing_left(tokens[1], sshd_pool)
 
 

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import psutil
-from conftest import wait_until
+from helpers_cli import wait_until
 from sshd import SshdPool, SshHome, start_sshd_pool
 
 

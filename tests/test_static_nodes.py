@@ -10,7 +10,7 @@ import json
 import signal
 from pathlib import Path
 
-from conftest import processes_with_token, wait_until, write_script
+from helpers_cli import processes_with_token, wait_until, write_script
 from launcher.ports import pick_free_port
 
 ENV_DUMP = """

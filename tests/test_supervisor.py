@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-
-from conftest import launcher_argv, processes_with_token, wait_until, write_script
+from helpers_cli import kill_token, launcher_argv, processes_with_token, run_cli, wait_until, write_script
 
 # Each worker prints "ready <rank>" once its own children are up, so tests wait on that line.
 TREE_WORKER = """
@@ -169,8 +168,6 @@ def test_two_jobs_side_by_side_leave_each_other_alone(start, tmp_path: Path, job
         first.signal(signal.SIGTERM)
         assert first.wait() == 143
     finally:
-        from conftest import kill_token
-
         kill_token(token + "-other")
 
 
@@ -248,15 +245,10 @@ def test_module_no_python_and_local_rank_arg(start, tmp_path: Path) -> None:
     assert sorted(run.seen["out"]) == ["0 | shell rank 0", "1 | shell rank 1"]
 
 
-def test_launcher_imports_neither_torch_nor_rich_on_one_node(tmp_path: Path) -> None:
+def test_launcher_imports_neither_torch_nor_rich_on_one_node(tmp_path: Path, job_env: dict[str, str]) -> None:
     script = write_script(tmp_path / "noop.py", "")
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", *launcher_argv("--nproc", "2", script)[1:]],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_cli(["--nproc", "2", script], job_env, cwd=tmp_path, timeout=60, interpreter_options=("-X", "importtime"))
+    assert done.code == 0, done.stderr
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "import time:" in line}
     assert "torch" not in imported
     assert "rich" not in imported
@@ -274,10 +266,12 @@ def test_worker_environment_passes_through_and_env_flag_adds(start, tmp_path: Pa
     assert run.out == "0 | from shell a b=c 3"
 
 
-def test_launcher_exit_is_not_held_by_a_closed_stdout(tmp_path: Path) -> None:
-    script = write_script(tmp_path / "many.py", "for i in range(20000):\n    print(i)\n")
-    shell = f"{' '.join(launcher_argv('--nproc', '2', script))} | head -n 3"
-    done = subprocess.run(["bash", "-c", f"set -o pipefail; {shell}"], capture_output=True, text=True, timeout=60)
+def test_launcher_exit_is_not_held_by_a_closed_stdout(tmp_path: Path, job_env: dict[str, str]) -> None:
+    """`ddplaunch ... | head -n 3`: stdout closes early; the launcher goes on and exits with its workers' 0."""
+    script = write_script(tmp_path / "many.py", "for i in range(20000):\n    print(i)\n")  # far more than a pipe holds
+    shell = f'{shlex.join(launcher_argv("--nproc", "2", script))} | head -n 3; exit "${{PIPESTATUS[0]}}"'
+    done = subprocess.run(["bash", "-c", shell], cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr  # the launcher's exit code: PIPESTATUS[0], not head's
     assert len(done.stdout.splitlines()) == 3
     assert "Traceback" not in done.stderr
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, processes_with_token, write_script
+from helpers_cli import REPO, launcher_argv, processes_with_token, write_script
 
 ENV_DUMP = """
 import json, os, sys
@@ -78,7 +78,7 @@ def test_workers_see_what_torchrun_gives(tmp_path: Path, job_env: dict[str, str]
     script = write_script(tmp_path / "dump.py", ENV_DUMP)
     torchrun = str(Path(sys.executable).parent / "torchrun")
     theirs = _dump_env([torchrun, "--standalone", "--nproc-per-node", "2", script], tmp_path / "torchrun", job_env)
-    ours = _dump_env([sys.executable, "-m", "launcher", "--nproc", "2", script], tmp_path / "ours", job_env)
+    ours = _dump_env(launcher_argv("--nproc", "2", script), tmp_path / "ours", job_env)
     assert sorted(theirs) == sorted(ours) == [0, 1]
     for rank in (0, 1):
         added_by_torchrun = set(theirs[rank]) - set(job_env)

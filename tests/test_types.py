@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers_cli import REPO
 
 
 def test_mypy_strict_is_clean() -> None:
