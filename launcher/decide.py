@@ -21,7 +21,7 @@ from launcher.devices import (
     visible_gpus,
 )
 from launcher.errors import GpuDiscoveryError, LaunchError
-from launcher.options import Options, parse_nnodes, parse_ranks, split_host_port
+from launcher.options import Options, parse_nnodes, parse_ranks, parse_stdin, split_host_port
 from launcher.plan import PlanInputs, Program, parse_env_assignments, resolve_nproc, tcp_port, validate_topology
 
 SINGLE_NODE_MASTER_ADDR = "127.0.0.1"
@@ -149,6 +149,7 @@ def decide(options: Options, facts: Facts, error_dir: str | None, *, head_links_
         # Nodes started by hand meet at node 0's store, which the workers reuse. Over SSH the
         # head links the nodes, and rank 0 hosts the workers' store (env://, as on one node).
         agent_store=nnodes > 1 and not head_links_nodes,
+        stdin_rank=parse_stdin(options.stdin, nnodes * nproc),
     )
     shown = parse_ranks(options.ranks, nnodes * nproc) if options.ranks else None
     rank_given = options.node_rank is not None or nnodes == 1

@@ -43,6 +43,7 @@ class Options:
     ssh_accept_new_host_keys: bool
     chdir: str | None
     python: str | None
+    stdin: str
     agent: bool
     host_name: str | None
 
@@ -77,6 +78,24 @@ def parse_ranks(text: str, world_size: int) -> frozenset[int]:
             )
         ranks.update(span)
     return frozenset(ranks)
+
+
+def parse_stdin(text: str, world_size: int) -> int | None:
+    """--stdin RANK|none: the global rank that reads the launcher's stdin; None for none."""
+    value = text.strip()
+    if value.lower() == "none":
+        return None
+    if not is_plain_int(value):
+        raise LaunchError(
+            f"--stdin {text!r} is not a rank. Give the global rank that reads this terminal's "
+            "input (default 0), or none to give every rank /dev/null."
+        )
+    if int(value) >= world_size:
+        raise LaunchError(
+            f"--stdin {value} names a rank outside 0..{world_size - 1} (world size {world_size}). "
+            "Give a rank of the job, or none."
+        )
+    return int(value)
 
 
 

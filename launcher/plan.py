@@ -92,6 +92,7 @@ class PlanInputs:
     error_dir: str | None = None
     job_id: str | None = None
     agent_store: bool = False  # multi-node: node 0's agent hosts the TCPStore at MASTER_PORT
+    stdin_rank: int | None = 0  # the global rank that reads the launcher's stdin; None: no rank
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,12 @@ class Plan:
     max_restarts: int
     common_env: Mapping[str, str]
     base_env: Mapping[str, str]
+    stdin_rank: int | None = 0  # job-wide; it may be on another node
+
+    @property
+    def stdin_worker(self) -> Worker | None:
+        """This node's worker that reads the launcher's stdin; the others read /dev/null."""
+        return next((w for w in self.workers if w.global_rank == self.stdin_rank), None)
 
     def environment_of(self, worker: Worker) -> dict[str, str]:
         """The full environment of one worker: the user's, then what the launcher adds."""
@@ -317,4 +324,5 @@ def build_plan(inputs: PlanInputs) -> Plan:
         max_restarts=inputs.max_restarts,
         common_env=MappingProxyType(shared),
         base_env=MappingProxyType(dict(inputs.base_env)),
+        stdin_rank=inputs.stdin_rank,
     )

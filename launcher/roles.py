@@ -6,9 +6,10 @@
 - `NodeAgent`: one node under an SSH head; the head links the nodes (no store, no torch),
   sends node 0's address with each go, and shows every node's output on its terminal.
 
-A role answers four questions: what to do before the first worker may start (`prepare`),
-who the other nodes are (`connect`), where each attempt meets (`address`), and who shows
-what (`printer`, `say`, `announce`). `launcher.job` asks them and branches on nothing.
+A role answers five questions: what to do before the first worker may start (`prepare`),
+who the other nodes are (`connect`), where each attempt meets (`address`), what the --stdin
+rank reads (`stdin`), and who shows what (`printer`, `say`, `announce`). `launcher.job` asks
+them and branches on nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Role(Protocol):
     def connect(self, inputs: PlanInputs) -> tuple[Peers | None, PlanInputs]: ...
 
     def address(self, inputs: PlanInputs) -> tuple[str, int]: ...
+
+    def stdin(self, printer: Printer, first: Plan) -> int | None: ...
 
     def printer(self, first: Plan) -> Printer: ...
 
@@ -73,6 +76,14 @@ class Local:
         from launcher.ports import pick_free_port
 
         return inputs.master_addr, pick_free_port()
+
+    def stdin(self, printer: Printer, first: Plan) -> int | None:
+        """The launcher's own stdin, when the --stdin rank is on this node (else /dev/null)."""
+        if first.stdin_worker is None:
+            return None
+        from launcher.stdin import launcher_stdin
+
+        return launcher_stdin(first.stdin_worker.global_rank, printer.note)
 
     def printer(self, first: Plan) -> Printer:
         return terminal_printer(
@@ -176,6 +187,10 @@ class NodeAgent:
         """The head's go for this attempt named node 0's address and port."""
         assert self._head is not None
         return self._head.master_addr, self._head.master_port
+
+    def stdin(self, printer: Printer, first: Plan) -> int | None:
+        """Our own stdin is the head's commands: every rank reads /dev/null."""
+        return None
 
     def printer(self, first: Plan) -> Printer:
         from launcher.agent import FramePrinter

@@ -22,7 +22,7 @@ def options(**changes: object) -> Options:
         standalone=False, gpu_ids=None, module=False, no_python=False, local_rank_arg=False, log_dir=None,
         ranks=None, max_restarts=0, env=(), dry_run=False, grace=30.0, run_id="rid", no_color=False,
         hosts="a,b", hostfile=None, ssh_accept_new_host_keys=False, chdir=None, python="/opt/py/bin/python",
-        agent=False, host_name=None,
+        stdin="0", agent=False, host_name=None,
     )
     base.update(changes)
     return Options(**base)  # type: ignore[arg-type]
