@@ -28,7 +28,7 @@ FORWARDED_PREFIXES = ("NCCL_", "TORCH_", "PYTORCH_", "GLOO_", "UCX_", "FI_", "HF
 FORWARDED_NAMES = ("OMP_NUM_THREADS", "PYTHONPATH", "CUDA_LAUNCH_BLOCKING")
 NO_DIR, NO_PYTHON = 120, 121  # exit codes of the remote preflight shell line
 # Flags the head hands to every agent unchanged (value-taking ones, then switches).
-PASSED_OPTIONS = ("max_restarts", "grace", "join_timeout", "master_port")
+PASSED_OPTIONS = ("max_restarts", "grace", "join_timeout", "master_port", "stdin")
 PASSED_SWITCHES = ("module", "no_python", "local_rank_arg")
 
 
@@ -131,15 +131,17 @@ def launch_on_hosts(options: Options) -> int:
     from dataclasses import replace
 
     from launcher.head import Head
+    from launcher.options import parse_stdin
     from launcher.plan import parse_env_assignments
 
     hosts = plan_hosts(options)
     shown_ranks = shown_ranks_of(options, hosts)
+    stdin_rank = parse_stdin(options.stdin, world_size_of(hosts) or 1 << 30)  # else each agent checks it
     options = replace(options, run_id=options.run_id or os.urandom(8).hex())  # one id for every node
     env = forwarded_env(dict(os.environ), parse_env_assignments(options.env, gpu_ids_given=options.gpu_ids is not None))
     workdir = options.chdir or os.getcwd()
     if options.dry_run:
-        print(render_hosts(options, hosts, env, workdir), end="")
+        print(render_hosts(options, hosts, env, workdir, stdin_rank), end="")
         return 0
     return Head(options, hosts, env, workdir, shown_ranks).run()
 
@@ -182,12 +184,16 @@ def plan_hosts(options: Options) -> list[Host]:
     ]
 
 
-def render_hosts(options: Options, hosts: Sequence[Host], env: Sequence[tuple[str, str]], workdir: str) -> str:
+def render_hosts(
+    options: Options, hosts: Sequence[Host], env: Sequence[tuple[str, str]], workdir: str, stdin_rank: int | None
+) -> str:
     lines = [
         "ddplaunch dry run: nothing was started, no host was contacted.",
         f"job: {len(hosts)} host(s); node rank follows host order; MASTER_ADDR: "
         f"{options.master_addr or 'the first host, as the head reaches it'}; MASTER_PORT: "
         f"{options.master_port or 'picked free on the first host'}",
+        "stdin: none (--stdin none): every rank reads /dev/null" if stdin_rank is None else
+        f"stdin: forwarded from here to rank {stdin_rank} on its host; the other ranks read /dev/null",
         "",
         "node  host  ssh",
     ]

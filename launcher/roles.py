@@ -189,8 +189,11 @@ class NodeAgent:
         return self._head.master_addr, self._head.master_port
 
     def stdin(self, printer: Printer, first: Plan) -> int | None:
-        """Our own stdin is the head's commands: every rank reads /dev/null."""
-        return None
+        """Our own stdin is the head's commands: the head forwards its stdin, into a pipe."""
+        if first.stdin_worker is None:
+            return None
+        assert self._head is not None
+        return self._head.open_stdin(first.stdin_worker.global_rank)
 
     def printer(self, first: Plan) -> Printer:
         from launcher.agent import FramePrinter

@@ -43,6 +43,15 @@ def test_hostfile_gpus_become_that_hosts_gpu_ids() -> None:
     assert argv[-3:] == ["train.py", "--lr", "0.1"]
 
 
+@pytest.mark.parametrize("stdin", ["0", "3", "none"])
+def test_every_agent_is_told_which_rank_reads_stdin(stdin: str) -> None:
+    """Each agent checks whether the rank is its own; only that one asks the head for stdin."""
+    spec = parse_hostfile("a slots=2\nb slots=2\n", "hosts")[1]
+    argv = agent_argv(options(stdin=stdin), host(1, spec, 2), [], 2)
+    assert argv[argv.index("--stdin") + 1] == stdin
+    assert argv.index("--stdin") < argv.index("train.py")
+
+
 def test_unequal_slots_are_refused() -> None:
     with pytest.raises(LaunchError, match="same number of workers"):
         per_host_nproc(parse_hostfile("a slots=2\nb slots=4\n", "hosts"), None)

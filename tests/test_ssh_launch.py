@@ -53,8 +53,8 @@ def launch(start, ssh_home: SshHome, job_env: dict[str, str], token: str, sshd_p
     The token fixture kills what is left, head and agents included (they name the token).
     """
 
-    def _launch(*args: str, env: dict[str, str] | None = None) -> Run:
-        return start("--env", f"{TOKEN_VARIABLE}={token}", *args, env=ssh_home.env(env or job_env))
+    def _launch(*args: str, env: dict[str, str] | None = None, input: bytes | None = None) -> Run:
+        return start("--env", f"{TOKEN_VARIABLE}={token}", *args, env=ssh_home.env(env or job_env), input=input)
 
     return _launch
 
@@ -285,6 +285,7 @@ def test_hostfile_with_slots_and_dry_run_shows_the_forwarded_environment(
     assert "NCCL_SOCKET_IFNAME=lo" in run.out
     assert "host1" in run.out and "host2" in run.out
     assert "--nproc 2" in run.out
+    assert "stdin: forwarded from here to rank 0 on its host; the other ranks read /dev/null" in run.out
 
 
 def test_ranks_filter_and_log_dir_on_the_head(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
@@ -350,3 +351,45 @@ def test_one_remote_host_is_a_one_node_job(launch, tmp_path: Path, token: str, s
     assert [(e["RANK"], e["WORLD_SIZE"], e["NODE_RANK"]) for e in envs] == [("0", "2", "0"), ("1", "2", "0")]
     assert {e["MASTER_ADDR"] for e in envs} == {"127.0.1.4"}
     nothing_left(token, sshd_pool)
+
+
+# -- --stdin: the head forwards its stdin to the chosen rank's host ---------------------------------
+
+STDIN_DIGEST = """
+import hashlib, os, sys
+data = sys.stdin.buffer.read()  # returns at the end of file only
+print(f"rank {os.environ['RANK']} read {len(data)} bytes {hashlib.sha256(data).hexdigest()[:16]}", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("flags", "reader"), [([], 0), (["--stdin", "1"], 1)], ids=["rank-0-on-host1", "rank-1-on-host2"])
+def test_stdin_reaches_the_chosen_rank_on_its_host_and_its_end_closes_it(
+    launch, tmp_path: Path, token: str, sshd_pool: SshdPool, flags: list[str], reader: int
+) -> None:
+    import hashlib
+
+    data = bytes(range(256)) * 1200 + b"no newline at the end"  # 300 kB: several pieces, every byte value
+    script = write_script(tmp_path / "digest.py", STDIN_DIGEST)
+    run = launch("--hosts", "host1,host2", "--nproc", "1", *flags, script, input=data)
+    assert run.wait(timeout=60) == 0, run.err
+    for rank in (0, 1):
+        seen = data if rank == reader else b""  # the other rank reads /dev/null
+        assert f"{rank} | rank {rank} read {len(seen)} bytes {hashlib.sha256(seen).hexdigest()[:16]}" in run.out
+    nothing_left(token, sshd_pool)
+
+
+def test_pdb_on_rank_0_over_ssh_reads_the_heads_stdin(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
+    script = write_script(tmp_path / "bp.py", """
+        import os
+        x = 41
+        if os.environ["RANK"] == "0":
+            breakpoint()
+        print("done")
+    """)
+    run = launch("--hosts", "host1,host2", "--nproc", "1", script, input=b"p x+1\nc\n")
+    assert run.wait(timeout=60) == 0, run.err
+    answers = sorted(line for line in run.seen["out"] if line.endswith(("42", "done")))
+    assert answers == ["0 | (Pdb) 42", "0 | (Pdb) done", "1 | done"], run.out
+    assert "BdbQuit" not in run.err
+    nothing_left(token, sshd_pool)
+

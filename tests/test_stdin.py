@@ -16,7 +16,9 @@ import pytest
 from helpers_cli import TerminalRun, processes_with_token, run_cli, table_column, wait_until, write_script
 from launcher.dryrun import stdin_line
 from launcher.errors import LaunchError
+from launcher.frames import STDIN_EOF_LINE, decode_stdin
 from launcher.options import parse_stdin
+from launcher.stdin import PIECE_BYTES, PIECES_IN_FLIGHT, ForwardedStdin, StdinPipe
 
 BREAKPOINT = """
 x = 41
@@ -189,3 +191,104 @@ def test_dry_run_stdin_line(nnodes: int, node_rank: int, stdin_rank: int | None,
         node_rank=node_rank, stdin_rank=stdin_rank,
     )
     assert stdin_line(build_plan(inputs)) == line
+
+
+# -- over SSH, each side on its own (the whole path: tests/test_ssh_launch.py) ----------------------
+
+
+class Told:
+    """Stands in for the agent's channel: the lines the head tells it."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def tell(self, line: bytes) -> None:
+        self.lines.append(line)
+
+
+def head_forwards(fd: int, asks: int) -> list[bytes]:
+    """What the head tells the agent of stdin `fd`: `asks` asks first, then one more for each
+    piece told (it went into the rank's pipe), as the agent does."""
+    import selectors
+
+    agent = Told()
+    with selectors.DefaultSelector() as selector:
+        stdin = ForwardedStdin(selector, lambda text: None, fd)
+        for _ in range(asks):
+            stdin.want(agent, 0)  # type: ignore[arg-type]
+        answered = 0
+        while STDIN_EOF_LINE not in agent.lines:
+            if len(agent.lines) == asks + answered:  # every piece asked for is told
+                assert fd not in selector.get_map(), "reads on, beyond what the agent asked for"
+            if len(agent.lines) > answered:
+                answered += 1
+                stdin.want(agent, 0)  # type: ignore[arg-type]
+                continue
+            events = selector.select(timeout=5)  # the head's loop, waiting for stdin to be readable
+            assert events, "stdin never became readable"
+            for key, _ in events:
+                key.data.forward()
+    return agent.lines
+
+
+def open_source(kind: str, data: bytes, tmp_path: Path) -> int:
+    """The head's stdin as a pipe (fed by a thread), a regular file (which epoll refuses) or /dev/null."""
+    import os
+    import threading
+
+    if kind == "file":
+        (tmp_path / "input").write_bytes(data)
+        return os.open(tmp_path / "input", os.O_RDONLY)
+    if kind == "devnull":
+        return os.open(os.devnull, os.O_RDONLY)
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with open(write_fd, "wb") as pipe:
+            try:
+                pipe.write(data)
+            except BrokenPipeError:
+                pass  # the test failed and closed the other end
+
+    threading.Thread(target=feed, daemon=True).start()
+    return read_fd
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("kind", "size", "asks"),
+    [("pipe", 300_000, 1), ("pipe", 300_000, 3), ("pipe", 0, 1), ("file", 300_000, 2), ("devnull", 0, 1)],
+    ids=["pipe", "pipe-3-asks", "empty-pipe", "file", "devnull"],
+)
+def test_the_head_forwards_its_stdin_a_piece_per_ask_then_its_end(
+    kind: str, size: int, asks: int, tmp_path: Path
+) -> None:
+    import os
+
+    data = bytes(range(256)) * (size // 256) + b"tail"[: size % 256]
+    fd = open_source(kind, data, tmp_path)
+    try:
+        lines = head_forwards(fd, asks)
+    finally:
+        os.close(fd)
+    *pieces, last = lines
+    assert last == STDIN_EOF_LINE
+    assert all(line.startswith(b"stdin ") for line in pieces)
+    decoded = [decode_stdin(line.split()[1].decode()) for line in pieces]
+    assert b"".join(decoded) == data
+    assert all(0 < len(piece) <= PIECE_BYTES for piece in decoded)
+
+
+@pytest.mark.unit
+def test_the_agents_pipe_writes_the_pieces_in_order_asks_after_each_and_closes_at_the_end() -> None:
+    import queue
+
+    pieces = [b"a" * 100_000, b"b\n", b"\x00c"]  # the first fills the pipe: the writer waits for us
+    queued: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    for piece in [*pieces, None]:  # the head's lines may come before the pipe is made
+        queued.put(piece)
+    asks: list[int] = []
+    pipe = StdinPipe(queued, lambda: asks.append(1))
+    with open(pipe.read_fd, "rb") as rank_stdin:
+        assert rank_stdin.read() == b"".join(pieces)  # read() returns at the end of file: closed
+    assert len(asks) == PIECES_IN_FLIGHT + len(pieces)  # a few at the start, then one after each piece
