@@ -240,7 +240,14 @@ class HeadLink:
             if go is None:
                 raise KeyboardInterrupt  # the head is gone
             self.master_addr, self.master_port = go
+            self._forget_ends()
             return
+
+    def _forget_ends(self) -> None:
+        """The head's word on the last attempt, if this node's attempt ended before it came (on
+        its own news): it was sent before this go, so it is queued by now, and it is stale."""
+        while not self._ends.empty():
+            self._ends.get_nowait()
 
     def close(self) -> None:
         pass

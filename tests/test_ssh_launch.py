@@ -393,3 +393,23 @@ def test_pdb_on_rank_0_over_ssh_reads_the_heads_stdin(launch, tmp_path: Path, to
     assert "BdbQuit" not in run.err
     nothing_left(token, sshd_pool)
 
+
+def test_a_restarted_rank_on_another_host_reads_on_from_the_same_stdin(
+    launch, tmp_path: Path, token: str, sshd_pool: SshdPool
+) -> None:
+    script = write_script(tmp_path / "restart.py", """
+        import os, sys
+        attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+        print(f"attempt {attempt} read {os.read(0, 6)!r}", flush=True)
+        sys.exit(3 if attempt == "0" and os.environ["RANK"] == "1" else 0)
+    """)
+    run = launch("--hosts", "host1,host2", "--nproc", "1", "--stdin", "1", "--max-restarts", "1", script,
+                 input=b"first\nsecnd\n")
+    assert run.wait(timeout=60) == 0, run.err
+    assert sorted(line for line in run.seen["out"] if line.startswith("1 |")) == [
+        "1 | attempt 0 read b'first\\n'", "1 | attempt 1 read b'secnd\\n'",
+    ]
+    # rank 0 reads /dev/null (in attempt 0 it may be stopped before it says so)
+    assert "0 | attempt 1 read b''" in run.seen["out"]
+    assert all(line.endswith("read b''") for line in run.seen["out"] if line.startswith("0 |"))
+    nothing_left(token, sshd_pool)
