@@ -7,7 +7,7 @@ And the other nodes are reached through the head (HeadLink), not a store, so an 
 imports torch. The head's commands arrive on stdin: a stop becomes the signal it names, sent
 to ourselves, so it takes the one path every stop takes; end of file (the head died, or the
 SSH connection dropped) becomes SIGTERM. The agent of the --stdin rank also gets the head's
-stdin there, a piece at a time (launcher.stdin.StdinPipe).
+stdin there, a piece at a time (launcher.stdin_relay).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ class HeadLink:
 
     def open_stdin(self, rank: int) -> int:
         """The pipe that `rank` reads in every attempt, fed with the head's stdin."""
-        from launcher.stdin import StdinPipe
+        from launcher.stdin_relay import StdinPipe
 
         return StdinPipe(self._stdin, lambda: self._send(encode(WANT_STDIN, b"", rank))).read_fd
 

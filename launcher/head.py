@@ -9,7 +9,7 @@ node to report how an attempt ended speaks for all (launcher.protocol.Referee de
 the head tells every node at once; restarts start when every node is ready again. Ctrl-C
 here becomes a stop sent to every agent; a host whose connection drops stops its own
 workers (its agent reads end of file) and the head ends the attempt for the others. The
-head's stdin goes to the --stdin rank's agent, a piece each time it asks (launcher.stdin).
+head's stdin goes to the --stdin rank's agent, a piece each time it asks (launcher.stdin_relay).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from launcher.frames import (
     ATTEMPT_END, OVER, READY, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, go_line,
 )
 from launcher.protocol import Referee, job_exit_code
-from launcher.stdin import ForwardedStdin
+from launcher.stdin_relay import ForwardedStdin
 from launcher.wakepipe import WakePipe
 
 if TYPE_CHECKING:

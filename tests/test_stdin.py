@@ -18,7 +18,7 @@ from launcher.dryrun import stdin_line
 from launcher.errors import LaunchError
 from launcher.frames import STDIN_EOF_LINE, decode_stdin
 from launcher.options import parse_stdin
-from launcher.stdin import PIECE_BYTES, PIECES_IN_FLIGHT, ForwardedStdin, StdinPipe
+from launcher.stdin_relay import PIECE_BYTES, PIECES_IN_FLIGHT, ForwardedStdin, StdinPipe
 
 BREAKPOINT = """
 x = 41
