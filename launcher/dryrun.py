@@ -17,7 +17,7 @@ def render_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> li
 def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
     """The table users know from tutorials, then the command and the environment added."""
     cvd = plan.common_env.get("CUDA_VISIBLE_DEVICES", plan.base_env.get("CUDA_VISIBLE_DEVICES", "(unset)"))
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             str(w.node_rank),
             w.host,
@@ -29,7 +29,11 @@ def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
         )
         for w in plan.workers
     ]
-    header = ("node", "host", "local rank", "global rank", "physical GPU", "device", "CUDA_VISIBLE_DEVICES")
+    header: tuple[str, ...] = (
+        "node", "host", "local rank", "global rank", "physical GPU", "device", "CUDA_VISIBLE_DEVICES"
+    )
+    if any(w.cpus is not None for w in plan.workers):
+        header, rows = with_cpus_column(plan, header, rows)
     first = plan.workers[0]
     out = [
         "ddplaunch dry run: nothing was started.",
@@ -53,6 +57,16 @@ def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
         assignments = " ".join(f"{k}={worker.env_added[k]}" for k in PER_WORKER_KEYS if k in worker.env_added)
         out.append(f"  rank {worker.global_rank}: {assignments}")
     return "\n".join(out) + "\n"
+
+
+def with_cpus_column(
+    plan: Plan, header: tuple[str, ...], rows: list[tuple[str, ...]]
+) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """--numa-binding: the CPUs each worker starts bound to, in taskset's spelling."""
+    from launcher.numa import format_cpulist
+
+    cells = [format_cpulist(w.cpus) if w.cpus is not None else "-" for w in plan.workers]
+    return (*header, "CPUs"), [(*row, cell) for row, cell in zip(rows, cells)]
 
 
 def _shell_quote(arg: str) -> str:

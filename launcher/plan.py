@@ -92,6 +92,7 @@ class PlanInputs:
     error_dir: str | None = None
     job_id: str | None = None
     agent_store: bool = False  # multi-node: node 0's agent hosts the TCPStore at MASTER_PORT
+    cpus: tuple[frozenset[int], ...] = ()  # --numa-binding: per local rank, the CPUs to run on
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class Worker:
     argv: tuple[str, ...]
     env_added: Mapping[str, str]
     error_file: str | None
+    cpus: frozenset[int] | None = None  # started bound to these CPUs; None: the launcher's own
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,7 @@ def build_worker(inputs: PlanInputs, shared: Mapping[str, str], local_rank: int)
         argv=worker_argv(inputs, local_rank),
         env_added=MappingProxyType({**per_worker, **shared}),
         error_file=error_file,
+        cpus=inputs.cpus[local_rank] if inputs.cpus else None,
     )
 
 

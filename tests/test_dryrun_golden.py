@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,12 @@ def case_gpu_ids_0246() -> PlanInputs:
     )
 
 
+def case_numa_exclusive_gpu_ids_0246() -> PlanInputs:
+    """--numa-binding exclusive on two sockets of 8 cores x 2 threads, GPUs 0,2 on the first."""
+    halves = [frozenset([*range(first, first + 4), *range(first + 16, first + 20)]) for first in (0, 4, 8, 12)]
+    return replace(case_gpu_ids_0246(), cpus=tuple(halves))
+
+
 def case_two_nodes_local_rank_arg() -> PlanInputs:
     return PlanInputs(
         program=Program("script", "train.py", ("--data", "/data/my set", "--lr", "0.1")),
@@ -70,6 +77,7 @@ def case_two_nodes_local_rank_arg() -> PlanInputs:
 CASES = {
     "cpu_nproc2": case_cpu_nproc2,
     "gpu_ids_0246": case_gpu_ids_0246,
+    "numa_exclusive_gpu_ids_0246": case_numa_exclusive_gpu_ids_0246,
     "two_nodes_local_rank_arg": case_two_nodes_local_rank_arg,
 }
 

@@ -1,19 +1,25 @@
 """--numa-binding: torch's rules on fake sysfs trees (tables, then torch's own code as the
-judge) and its errors."""
+judge), its errors, and real workers started bound to the sets."""
 
 from __future__ import annotations
 
 import os
+import select
 import shutil
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from launcher.devices import Gpu, parse_nvidia_smi, visible_gpus
+from launcher.devices import DeviceMap, Gpu, parse_nvidia_smi, visible_gpus
+from launcher.dryrun import render_plan
 from launcher.errors import LaunchError
 from launcher.numa import Sysfs, cpus_for_workers, format_cpulist, parse_cpulist, parse_mode
+from launcher.plan import PlanInputs, Program, build_plan
+from launcher.workers import WorkerTree
 from numa_fakes import DUAL, FLAT, GRACE, SNC, TWO_CPUS, Box, build_sysfs, gpus_of, sysfs_address
 
 MODES = ("node", "socket", "exclusive", "core-complex")
@@ -289,3 +295,78 @@ def test_parse_cpulist_bad(text: str) -> None:
 )
 def test_format_cpulist(cpus: set[int], text: str) -> None:
     assert format_cpulist(cpus) == text
+
+
+# -- the plan carries the sets; the dry run shows them ----------------------------------------
+
+
+def plan_inputs(cpus: tuple[frozenset[int], ...], nproc: int = 2, program: Program | None = None) -> PlanInputs:
+    return PlanInputs(
+        program=program or Program("script", "train.py"),
+        nproc=nproc,
+        master_addr="127.0.0.1",
+        master_port=29500,
+        run_id="numa",
+        python=sys.executable,
+        hostname="node0",
+        cpu_count=2,
+        devices=DeviceMap(None, ("0", "1")[:nproc]),
+        cpus=cpus,
+    )
+
+
+@pytest.mark.unit
+def test_plan_gives_each_worker_its_set() -> None:
+    plan = build_plan(plan_inputs((frozenset({0, 2}), frozenset({1, 3}))))
+    assert [w.cpus for w in plan.workers] == [{0, 2}, {1, 3}]
+    assert [w.cpus for w in build_plan(plan_inputs(())).workers] == [None, None]
+
+
+@pytest.mark.unit
+def test_dry_run_shows_a_cpus_column_only_when_bound() -> None:
+    from helpers_cli import table_column, table_header
+
+    bound = render_plan(build_plan(plan_inputs((span(0, 7) | span(16, 23), span(8, 15)))))
+    assert table_column(bound, "CPUs") == ["0-7,16-23", "8-15"]
+    assert "CPUs" not in table_header(render_plan(build_plan(plan_inputs(()))))
+
+
+# -- real workers, started bound --------------------------------------------------------------
+
+SHOW_AFFINITY = Program("exec", sys.executable, ("-c", "import os; print(sorted(os.sched_getaffinity(0)))"))
+
+
+def output_of(fd: int, timeout: float = 20.0) -> str:
+    """Everything a worker writes to this pipe until it closes it, within the deadline."""
+    deadline, chunks = time.monotonic() + timeout, []
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no end of output within {timeout}s"
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return b"".join(chunks).decode()
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def test_workers_start_bound_to_the_sets(tmp_path: Path) -> None:
+    """The sets for this 2-CPU machine described as two NUMA nodes, each with one GPU; each
+    worker reports its own affinity from inside."""
+    own = frozenset(os.sched_getaffinity(0))
+    if not {0, 1} <= own:
+        pytest.skip(f"needs CPUs 0 and 1; this process may use {sorted(own)}")
+    cpus = bind(tmp_path, TWO_CPUS, "node", 2, usable=own)
+    assert cpus == ({0}, {1})
+    plan = build_plan(plan_inputs(cpus, program=SHOW_AFFINITY))
+    unbound = build_plan(plan_inputs((), nproc=1, program=SHOW_AFFINITY)).workers[0]
+    tree = WorkerTree(watchdog=None)
+    seen = []
+    for spec in (*plan.workers, unbound):
+        worker, pipes = tree.spawn(spec, dict(os.environ))
+        assert frozenset(os.sched_getaffinity(0)) == own  # the launcher got its own mask back
+        os.close(pipes.stderr)
+        seen.append(output_of(pipes.stdout).strip())
+        assert os.waitpid(worker.pid, 0)[1] == 0
+    assert seen == ["[0]", "[1]", str(sorted(own))]
