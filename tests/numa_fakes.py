@@ -8,6 +8,7 @@ as ranges, the way the kernel writes them, without the code under test.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,32 @@ def nvidia_smi_output(box: Box) -> str:
 def gpus_of(box: Box) -> tuple[Gpu, ...]:
     """The GPUs as the launcher reads them from nvidia-smi (its parser turns the bus ids into sysfs form)."""
     return parse_nvidia_smi(nvidia_smi_output(box))
+
+
+def install_fake_machine(folder: Path, box: Box) -> tuple[Path, Path]:
+    """A fake nvidia-smi for this box in folder/bin and its sysfs tree in folder/sys: (bin, sys).
+
+    The fake answers as the real one does: the columns asked for, bus ids only if asked.
+    The CLI's tests put bin first on PATH (helpers_cli.cli_env) and point the binding at sys.
+    """
+    three = nvidia_smi_output(box).splitlines()
+    two = [line.rpartition(",")[0] for line in three]
+    script = (
+        '#!/bin/sh\ncase "$1" in\n'
+        f"--query-gpu=index,uuid,pci.bus_id) {_printf(three)} ;;\n"
+        f"--query-gpu=index,uuid) {_printf(two)} ;;\n"
+        '*) echo "fake nvidia-smi: not a query it knows: $*" >&2; exit 2 ;;\nesac\n'
+    )
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    exe = bin_dir / "nvidia-smi"
+    exe.write_text(script)
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return bin_dir, build_sysfs(folder / "sys", box)
+
+
+def _printf(lines: list[str]) -> str:
+    return "printf '%s\\n' " + " ".join(f"'{line}'" for line in lines)
 
 
 def write(path: Path, text: str) -> None:

@@ -20,7 +20,7 @@ from launcher.errors import LaunchError
 from launcher.numa import Sysfs, cpus_for_workers, format_cpulist, parse_cpulist, parse_mode
 from launcher.plan import PlanInputs, Program, build_plan
 from launcher.workers import WorkerTree
-from numa_fakes import DUAL, FLAT, GRACE, SNC, TWO_CPUS, Box, build_sysfs, gpus_of, sysfs_address
+from numa_fakes import DUAL, FLAT, GRACE, SNC, TWO_CPUS, Box, build_sysfs, gpus_of, install_fake_machine, sysfs_address
 
 MODES = ("node", "socket", "exclusive", "core-complex")
 
@@ -329,6 +329,17 @@ def test_dry_run_shows_a_cpus_column_only_when_bound() -> None:
     bound = render_plan(build_plan(plan_inputs((span(0, 7) | span(16, 23), span(8, 15)))))
     assert table_column(bound, "CPUs") == ["0-7,16-23", "8-15"]
     assert "CPUs" not in table_header(render_plan(build_plan(plan_inputs(()))))
+
+
+def test_discovery_reads_the_bus_ids_a_fake_nvidia_smi_prints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The query the launcher really runs, answered by the fake the CLI tests use."""
+    from launcher.devices import discover_gpus
+
+    bin_dir, root = install_fake_machine(tmp_path, DUAL)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    gpus = discover_gpus()
+    assert [g.pci_address for g in gpus] == [sysfs_address(i) for i in range(8)]
+    assert cpus_for_workers("node", 8, gpus, None, sysfs=str(root), usable=all_cpus(DUAL)) == (D0,) * 4 + (D1,) * 4
 
 
 # -- real workers, started bound --------------------------------------------------------------
