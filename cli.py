@@ -26,10 +26,11 @@ class Command(click.Command):
     option is another launcher's (DeepSpeed, horovodrun, mpirun, accelerate)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        typed_args = list(args)  # click's parser consumes the list it is given
         try:
             return super().parse_args(ctx, args)
         except click.NoSuchOption as exc:
-            typed = _typed_option(exc.option_name, args)
+            typed = _typed_option(exc.option_name, typed_args)
             hint = foreign_option_hint(typed)
             if hint is None:
                 raise
