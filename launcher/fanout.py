@@ -198,9 +198,7 @@ def plan_hosts(options: Options) -> list[Host]:
 
     if options.hosts is not None and options.hostfile is not None:
         raise LaunchError("--hosts and --hostfile both name the hosts; give one of them.")
-    for name, why in NOT_WITH_HOSTS.items():
-        if getattr(options, name):
-            raise LaunchError(f"{why}. Drop it, or start each node by hand.")
+    check_for_hosts(options)
     for flag, given in (("--nnodes", options.nnodes), ("--node-rank", options.node_rank),
                         ("--rdzv-endpoint", options.rdzv_endpoint)):
         if given is not None:
@@ -214,6 +212,13 @@ def plan_hosts(options: Options) -> list[Host]:
         Host(rank, spec, resolve_target(spec.host, spec.user, spec.port), nproc)
         for rank, spec in enumerate(specs)
     ]
+
+
+def check_for_hosts(options: Options) -> None:
+    """The options the head cannot honour yet are refused before any host is contacted."""
+    for name, why in NOT_WITH_HOSTS.items():
+        if getattr(options, name):
+            raise LaunchError(f"{why}. Drop it, or start each node by hand.")
 
 
 def render_hosts(options: Options, hosts: Sequence[Host], env: Sequence[tuple[str, str]], workdir: str) -> str:

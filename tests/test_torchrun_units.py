@@ -23,6 +23,8 @@ from launcher.decide import (
 from launcher.devices import DeviceMap, Gpu, default_device_map, map_gpu_ids
 from launcher.dryrun import render_plan, terminal_line
 from launcher.errors import LaunchError
+from launcher.fanout import Host, agent_argv, check_for_hosts, shown_ranks_of
+from launcher.hosts import HostSpec
 from launcher.logs import Printer
 from launcher.modules import find_module, worker_sys_path
 from launcher.options import (
@@ -39,6 +41,7 @@ from launcher.options import (
     seconds,
 )
 from launcher.plan import RUN_PATH_CODE, PlanInputs, Program, build_plan
+from launcher.ssh import SshTarget
 from launcher.supervisor import RELAYED_SIGNALS, STOP_SIGNALS, SignalPlan
 
 pytestmark = pytest.mark.unit
@@ -518,3 +521,47 @@ def test_no_copy_file_for_a_stream_without_filters(tmp_path: Path) -> None:
                              shows=TerminalFilter(1).shows)
     printer.close()
     assert (tmp_path / "filtered_stdout.log").exists() and not (tmp_path / "filtered_stderr.log").exists()
+
+
+# -- over SSH: what the head passes on, and what it refuses ---------------------------------------
+
+
+def ssh_hosts(count: int, nproc: int | None) -> list[Host]:
+    return [Host(i, HostSpec(f"h{i}", f"h{i}"), SshTarget(f"h{i}", f"h{i}", 22, "u", ()), nproc) for i in range(count)]
+
+
+def test_the_head_passes_torchruns_worker_options_to_every_agent() -> None:
+    given = options(role="trainer", signals_to_handle="SIGTERM,SIGUSR1", numa_binding="node", grace=5.0,
+                    virtual_local_rank=True, run_path=True, force=True, hosts="h0,h1")
+    argv = agent_argv(given, ssh_hosts(2, 2)[1], [], 2)
+    for flag, value in [("--role", "trainer"), ("--signals-to-handle", "SIGTERM,SIGUSR1"), ("--numa-binding", "node"),
+                        ("--grace", "5")]:
+        assert argv[argv.index(flag) + 1] == value
+    for switch in ("--virtual-local-rank", "--run-path", "--force"):
+        assert switch in argv
+    plain = agent_argv(options(hosts="h0,h1"), ssh_hosts(2, 2)[1], [], 2)
+    assert "--role" not in plain and "--force" not in plain and "--signals-to-handle" not in plain
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [(dict(local_ranks_filter="0"), {0, 2, 4}), (dict(local_ranks_filter="1", ranks="0-3"), {1, 3}),
+     (dict(ranks="4"), {4}), (dict(tee="3"), None), (dict(redirects="3", tee="3"), None)],
+)
+def test_the_head_shows_the_global_ranks_of_the_local_ranks_filter(changes: dict[str, object], expected: set[int] | None) -> None:
+    shown = shown_ranks_of(options(hosts="h0,h1,h2", **changes), ssh_hosts(3, 2))
+    assert shown == (None if expected is None else frozenset(expected))
+
+
+@pytest.mark.parametrize(
+    ("changes", "nproc", "message"),
+    [(dict(redirects="2"), 2, r"--redirects with --hosts: the head cannot keep single streams"),
+     (dict(local_ranks_filter="0"), None, r"--local-ranks-filter with --hosts need the workers per host: give --nproc N"),
+     (dict(local_addr="10.0.0.5"), 2, r"--local-addr names one node"),
+     (dict(duplicate_stdout_filters="loss"), 2, r"--duplicate-stdout-filters does not work with --hosts")],
+)
+def test_what_the_head_cannot_do_is_refused(changes: dict[str, object], nproc: int | None, message: str) -> None:
+    given = options(hosts="h0,h1", **changes)
+    with pytest.raises(LaunchError, match=message):
+        check_for_hosts(given)
+        shown_ranks_of(given, ssh_hosts(2, nproc))
