@@ -24,6 +24,7 @@ from helpers_cli import (
     write_script,
 )
 from test_cli_errors import assert_usage_error
+from test_ssh_launch import launch, nothing_left  # noqa: F401  (launch is a fixture)
 
 # torchrun's dest -> ours, where the names differ
 OUR_NAME = {"nproc_per_node": "nproc", "rdzv_id": "run_id", "shutdown_timeout": "grace"}
@@ -148,6 +149,22 @@ def test_pet_variables_drive_a_run(mypkg: Path) -> None:
     (logs,) = mypkg.glob("ddplaunch-logs-*")
     assert f"every rank's output is in {logs}/rankN.log" in result.stderr
     assert "stderr of 0" in (logs / "rank0.log").read_text()
+
+
+def test_torchruns_worker_options_cross_ssh(launch, tmp_path: Path, token: str, sshd_pool) -> None:  # noqa: F811
+    script = write_script(
+        tmp_path / "show.py",
+        """
+        import os
+        keys = ("RANK", "LOCAL_RANK", "ROLE_NAME", "TORCHELASTIC_SIGNALS_TO_HANDLE", "CUDA_VISIBLE_DEVICES")
+        print(*(os.environ[k] for k in keys))
+        """,
+    )
+    run = launch("--hosts", "host1,host2", "--nproc", "2", "--local-ranks-filter", "0", "--role", "rank",
+                 "--signals-to-handle", "SIGTERM,SIGUSR1", "--virtual-local-rank", script)
+    assert run.wait(timeout=60) == 0, run.err
+    assert sorted(run.seen["out"]) == ["0 | 0 0 rank SIGTERM,SIGUSR1 0", "2 | 2 0 rank SIGTERM,SIGUSR1 0"]
+    nothing_left(token, sshd_pool)
 
 
 # -- output: --redirects, --duplicate-*-filters ---------------------------------------------------
