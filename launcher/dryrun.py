@@ -70,4 +70,4 @@ def terminal_line(plan: Plan, shows: Callable[[int, int], bool]) -> str | None:
     if all(len(streams) == len(STREAMS) for streams in shown.values()):
         return None
     parts = [f"rank {rank} {'+'.join(streams) or 'nothing'}" for rank, streams in shown.items()]
-    return "on the terminal: " + ", ".join(parts) + " (the --log-dir files get every line)"
+    return "on the terminal: " + ", ".join(parts) + " (log files, when written, get every line)"

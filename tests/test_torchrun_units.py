@@ -408,7 +408,7 @@ def test_dry_run_shows_each_workers_own_gpu_and_what_the_terminal_shows() -> Non
     assert "rank 1: LOCAL_RANK=0 RANK=1 ROLE_RANK=1 CUDA_VISIBLE_DEVICES=5" in text
     terminal = TerminalFilter(2, local_ranks=frozenset({0}), redirects=StdSpec(2))
     assert terminal_line(plan, terminal.shows) == (
-        "on the terminal: rank 0 stdout, rank 1 nothing (the --log-dir files get every line)"
+        "on the terminal: rank 0 stdout, rank 1 nothing (log files, when written, get every line)"
     )
     assert terminal_line(plan, TerminalFilter(2).shows) is None
 
