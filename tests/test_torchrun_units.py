@@ -13,7 +13,9 @@ import pytest
 from launcher.copies import CopyingPrinter
 from launcher.decide import (
     C10D_DEFAULT_PORT,
+    Facts,
     check_capacity,
+    decide,
     files_wanted,
     grace_of,
     join_timeout_of,
@@ -565,3 +567,16 @@ def test_what_the_head_cannot_do_is_refused(changes: dict[str, object], nproc: i
     with pytest.raises(LaunchError, match=message):
         check_for_hosts(given)
         shown_ranks_of(given, ssh_hosts(2, nproc))
+
+
+@pytest.mark.parametrize(
+    ("changes", "hostname", "master_addr"),
+    [(dict(), "machine", "127.0.0.1"), (dict(local_addr="10.0.0.5"), "10.0.0.5", "10.0.0.5"),
+     (dict(local_addr="10.0.0.5", nnodes="2", master_addr="10.0.0.1"), "10.0.0.5", "10.0.0.1")],
+)
+def test_local_addr_names_this_node_and_is_master_addr_on_one_node(
+    changes: dict[str, object], hostname: str, master_addr: str
+) -> None:
+    facts = Facts(environ={}, cpu_count=4, hostname="machine", gpus=())
+    inputs = decide(options(script=__file__, **changes), facts, None).inputs
+    assert (inputs.hostname, inputs.master_addr) == (hostname, master_addr)
