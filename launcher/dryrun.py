@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from launcher.plan import Plan
 
-PER_WORKER_KEYS = ("LOCAL_RANK", "RANK", "ROLE_RANK", "TORCHELASTIC_ERROR_FILE")
+# CUDA_VISIBLE_DEVICES is per worker only with --virtual-local-rank
+PER_WORKER_KEYS = ("LOCAL_RANK", "RANK", "ROLE_RANK", "CUDA_VISIBLE_DEVICES", "TORCHELASTIC_ERROR_FILE")
+STREAMS = ((1, "stdout"), (2, "stderr"))
 
 
 def render_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
@@ -25,7 +27,7 @@ def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
             str(w.global_rank),
             w.physical_gpu or "-",
             w.device,
-            cvd,
+            w.env_added.get("CUDA_VISIBLE_DEVICES", cvd),
         )
         for w in plan.workers
     ]
@@ -54,7 +56,8 @@ def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
         "environment added per worker:",
     ]
     for worker in plan.workers:
-        assignments = " ".join(f"{k}={worker.env_added[k]}" for k in PER_WORKER_KEYS if k in worker.env_added)
+        own = [k for k in PER_WORKER_KEYS if k in worker.env_added and k not in plan.common_env]
+        assignments = " ".join(f"{k}={worker.env_added[k]}" for k in own)
         out.append(f"  rank {worker.global_rank}: {assignments}")
     return "\n".join(out) + "\n"
 
@@ -73,3 +76,12 @@ def _shell_quote(arg: str) -> str:
     import shlex
 
     return shlex.quote(arg)
+
+
+def terminal_line(plan: Plan, shows: Callable[[int, int], bool]) -> str | None:
+    """What reaches the terminal, when --ranks, --local-ranks-filter or --redirects hold some back."""
+    shown = {w.global_rank: [name for stream, name in STREAMS if shows(w.global_rank, stream)] for w in plan.workers}
+    if all(len(streams) == len(STREAMS) for streams in shown.values()):
+        return None
+    parts = [f"rank {rank} {'+'.join(streams) or 'nothing'}" for rank, streams in shown.items()]
+    return "on the terminal: " + ", ".join(parts) + " (log files, when written, get every line)"

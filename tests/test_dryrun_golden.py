@@ -74,11 +74,27 @@ def case_two_nodes_local_rank_arg() -> PlanInputs:
     )
 
 
+def case_torchrun_options() -> PlanInputs:
+    """--gpu-ids 1,3 --virtual-local-rank --role rank --signals-to-handle ...,SIGUSR1 --run-path."""
+    gpu_ids = parse_gpu_ids("1,3")
+    return PlanInputs(
+        program=Program("run-path", "/abs/train.py", ("--job.config_file", "x.toml")),
+        nproc=len(gpu_ids),
+        master_addr="127.0.0.1",
+        devices=map_gpu_ids(gpu_ids, FAKE_GPUS, None),
+        role="rank",
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        virtual_local_rank=True,
+        **COMMON,  # type: ignore[arg-type]
+    )
+
+
 CASES = {
     "cpu_nproc2": case_cpu_nproc2,
     "gpu_ids_0246": case_gpu_ids_0246,
     "numa_exclusive_gpu_ids_0246": case_numa_exclusive_gpu_ids_0246,
     "two_nodes_local_rank_arg": case_two_nodes_local_rank_arg,
+    "torchrun_options": case_torchrun_options,
 }
 
 

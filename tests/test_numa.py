@@ -381,3 +381,35 @@ def test_workers_start_bound_to_the_sets(tmp_path: Path) -> None:
         seen.append(output_of(pipes.stdout).strip())
         assert os.waitpid(worker.pid, 0)[1] == 0
     assert seen == ["[0]", "[1]", str(sorted(own))]
+
+
+# -- through the command line ---------------------------------------------------------------------
+
+
+def test_the_cli_starts_each_worker_bound_near_its_gpu(tmp_path: Path) -> None:
+    """`ddplaunch --numa-binding node` on this 2-CPU machine described as two NUMA nodes with
+    one GPU each: each rank reports its own affinity; the dry run shows the same sets."""
+    from helpers_cli import cli_env, run_cli
+
+    if not {0, 1} <= frozenset(os.sched_getaffinity(0)):
+        pytest.skip("needs CPUs 0 and 1")
+    bin_dir, sys_dir = install_fake_machine(tmp_path, TWO_CPUS)
+    env = cli_env(bin_dir, DDPLAUNCH_SYSFS=str(sys_dir))
+    script = tmp_path / "show.py"
+    script.write_text("import os\nprint('cpus', sorted(os.sched_getaffinity(0)))\n")
+    run = run_cli(["--numa-binding", "node", "--nproc", "2", str(script)], env, cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert sorted(line for line in run.stdout.splitlines() if "cpus" in line) == ["0 | cpus [0]", "1 | cpus [1]"]
+    dry = run_cli(["--numa-binding", "node", "--nproc", "2", "--dry-run", str(script)], env, cwd=tmp_path)
+    assert dry.code == 0 and "CPUs" in dry.stdout, dry.stderr
+
+
+def test_the_cli_without_gpus_refuses_numa_binding(tmp_path: Path) -> None:
+    from helpers_cli import cli_env, install_fake_nvidia_smi, run_cli
+
+    script = tmp_path / "s.py"
+    script.write_text("print('ran')\n")
+    env = cli_env(install_fake_nvidia_smi(tmp_path / "bin", "nogpu"))
+    run = run_cli(["--numa-binding", "node", str(script)], env, cwd=tmp_path)
+    assert run.code == 2 and "--numa-binding" in run.stderr and "ran" not in run.stdout
+    assert "Traceback" not in run.stderr
