@@ -11,6 +11,7 @@ import errno
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Literal
 
 Stream = Literal[1, 2]  # the worker's stdout or stderr, as file descriptor numbers
@@ -123,10 +124,10 @@ class _Sink:
 class _RankOutput:
     """Per rank: a framer per stream, the last lines (for the failure report), its log file."""
 
-    def __init__(self, prefixes: tuple[bytes, bytes], shown: bool, log_fd: int | None) -> None:
+    def __init__(self, prefixes: tuple[bytes, bytes], shown: dict[int, bool], log_fd: int | None) -> None:
         self.framers = {1: LineFramer(), 2: LineFramer()}
         self.prefixes = prefixes
-        self.shown = shown
+        self.shown = shown  # per stream: whether its lines reach the terminal
         self.log_fd = log_fd
         self.tail: deque[bytes] = deque(maxlen=TAIL_LINES)
 
@@ -144,11 +145,15 @@ class Printer:
         log_dir: str | None = None,
         stdout_fd: int = 1,
         stderr_fd: int = 2,
+        shows: Callable[[int, int], bool] | None = None,
     ) -> None:
+        """`shows(rank, stream)`: whether that stream of that rank reaches the terminal (on top
+        of `shown_ranks`); the files get every line whatever it says."""
         self.colour = colour
         self._out = {1: _Sink(stdout_fd), 2: _Sink(stderr_fd)}
         self._world_size = world_size
         self._shown_ranks = shown_ranks
+        self._shows = shows
         self._log_dir = log_dir
         self._launcher_log: int | None = None
         if log_dir is not None:
@@ -163,9 +168,10 @@ class Printer:
         for rank in world_ranks:
             if rank in self._ranks:
                 continue
+            rank_shown = self._shown_ranks is None or rank in self._shown_ranks
             self._ranks[rank] = _RankOutput(
                 rank_prefixes(rank, self._world_size, self.colour),
-                self._shown_ranks is None or rank in self._shown_ranks,
+                {s: rank_shown and (self._shows is None or self._shows(rank, s)) for s in (1, 2)},
                 _open_append(os.path.join(log_dir, f"rank{rank}.log")) if log_dir is not None else None,
             )
 
@@ -185,7 +191,7 @@ class Printer:
         output.tail.extend(lines[-TAIL_LINES:])
         if output.log_fd is not None:
             _write_all(output.log_fd, b"\n".join(lines) + b"\n")
-        if output.shown:
+        if output.shown[stream]:
             prefix = output.prefixes[stream - 1]
             self._out[stream].write(prefix + (b"\n" + prefix).join(lines) + b"\n")
 
@@ -228,12 +234,14 @@ def terminal_printer(
     world_size: int,
     shown_ranks: frozenset[int] | None,
     log_dir: str | None,
+    shows: Callable[[int, int], bool] | None = None,
 ) -> Printer:
     """The printer of a launcher that owns this terminal: in colour only when both stdout and
     stderr are terminals, and --no-color and NO_COLOR are not set."""
     colour = colour_enabled(no_color, os.environ, 1) and colour_enabled(no_color, os.environ, 2)
     return Printer(
-        world_ranks=world_ranks, world_size=world_size, colour=colour, shown_ranks=shown_ranks, log_dir=log_dir
+        world_ranks=world_ranks, world_size=world_size, colour=colour, shown_ranks=shown_ranks, log_dir=log_dir,
+        shows=shows,
     )
 
 
