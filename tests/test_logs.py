@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from helpers_cli import cli_env, launcher_argv, run_cli, write_script
+from helpers_screen import Terminal, set_size
+from launcher.live import PARTIAL_IDLE_S
 from launcher.logs import MAX_LINE_BYTES, TAIL_LINES, LineFramer, Printer, colour_enabled, rank_prefixes
 
 pytestmark = pytest.mark.timeout(60)
@@ -156,10 +158,15 @@ FRAMER_CASES = [
     pytest.param(b"a\r\nb\r\n", [b"a", b"b"], id="crlf"),
     pytest.param(b"a\r\nb\nc\r\n", [b"a", b"b", b"c"], id="mixed-endings"),
     pytest.param(b"\n\nx\n\n", [b"", b"", b"x", b""], id="empty-lf-lines-kept"),
-    pytest.param(TQDM, [b" 10%|#   |", b" 20%|##  |", b"100%|####|"], id="tqdm-cr"),
-    pytest.param(b"a\r\r\rb\n", [b"a", b"b"], id="empty-cr-segments-dropped"),
-    pytest.param(b"10%\r20%\r30%\r\n", [b"10%", b"20%", b"30%"], id="trailing-cr-then-crlf"),
-    pytest.param(b"start\n\r 50%\r100%\ndone\n", [b"start", b" 50%", b"100%", b"done"], id="progress-between-lines"),
+    # a bare \r goes back to the line's start: a finished line shows its last non-empty part
+    pytest.param(TQDM, [b"100%|####|"], id="tqdm-cr-one-line"),
+    pytest.param(b"a\r\r\rb\n", [b"b"], id="empty-cr-parts-skipped"),
+    pytest.param(b"10%\r20%\r30%\r\n", [b"30%"], id="trailing-cr-then-crlf"),
+    pytest.param(b"start\n\r 50%\r100%\ndone\n", [b"start", b"100%", b"done"], id="progress-between-lines"),
+    pytest.param(b"\r 10%\r 20%", [b" 20%"], id="unfinished-bar-last-state-at-end"),
+    pytest.param(b"\r 50%\r     \r", [], id="bar-cleared-with-blanks-is-no-line"),
+    pytest.param(b"\r 50%\r     \rnext\n", [b"next"], id="cleared-bar-then-line"),
+    pytest.param(b"a\r\nb\r\r\n\r\n", [b"a", b"b", b""], id="crlf-and-empty-crlf"),
     pytest.param(b"partial", [b"partial"], id="partial-only"),
     pytest.param(b"a\nlast", [b"a", b"last"], id="partial-final-line"),
     pytest.param(b"a\nlast\r", [b"a", b"last"], id="partial-final-line-trailing-cr"),
@@ -199,14 +206,44 @@ def test_framer_crlf_split_across_two_feeds() -> None:
     assert framer.flush() == []
 
 
+# feed -> (whole lines, what the unfinished line shows, its newest complete update, a progress line?)
+UPDATE_STEPS = [
+    (b"\r  0%|", [], b"  0%|", None, True),  # the text after the last \r may still grow
+    (b"   |", [], b"  0%|   |", None, True),
+    (b"\r 10%|#  |", [], b" 10%|#  |", b"  0%|   |", True),
+    (b"\r 20%|## |\r 30%|###|", [], b" 30%|###|", b" 20%|## |", True),  # only the newest
+    (b"", [], b" 30%|###|", None, True),  # taken once
+    (b"\r", [], b" 30%|###|", None, True),  # maybe half of \r\n: no update yet
+    (b"\r40%", [], b"40%", b" 30%|###|", True),
+    (b"\nnext", [b"40%"], b"next", None, False),  # the line ended: its updates are done
+    (b"\r", [], b"next", None, False),
+    (b"\n", [b"next"], b"", None, False),
+    (b"\r\r\r", [], b"", None, True),  # empty parts: no update, nothing to show
+    (b"x\r\ry", [], b"y", b"x", True),
+]
+
+
 @pytest.mark.unit
-def test_framer_tqdm_lines_come_out_as_they_move() -> None:
+def test_framer_tells_the_unfinished_line_and_its_updates() -> None:
     framer = LineFramer()
-    assert framer.feed(b"\r 10%|#   |") == []  # not ended yet: could still grow
-    assert framer.feed(b"\r 20%|##  |") == [b" 10%|#   |"]
-    assert framer.feed(b"\r100%|####|") == [b" 20%|##  |"]
-    assert framer.feed(b"\n") == [b"100%|####|"]
-    assert framer.flush() == []
+    for data, lines, display, update, carriage_return in UPDATE_STEPS:
+        assert framer.feed(data) == lines, data
+        assert (framer.display, framer.take_update(), framer.carriage_return) == (display, update, carriage_return), data
+    assert framer.flush() == [b"y"]
+    assert (framer.display, framer.take_update(), framer.carriage_return) == (b"", None, False)
+    framer.feed(b"\r 5%\r 6%")  # an update left untaken ...
+    assert framer.feed(b"\n") == [b" 6%"]
+    assert framer.take_update() is None  # ... is gone with its line: the line itself says more
+
+
+@pytest.mark.unit
+def test_framer_long_bar_stays_small() -> None:
+    """An hour of updates keeps only the newest: memory stays bounded, no 1 MiB pieces of updates."""
+    framer = LineFramer()
+    for i in range(50_000):
+        assert framer.feed(f"\r{i:6d}/50000 |{'#' * 40}|".encode()) == []
+    assert framer.display == b" 49999/50000 |" + b"#" * 40 + b"|"
+    assert framer.feed(b"\n") == [b" 49999/50000 |" + b"#" * 40 + b"|"]
 
 
 @pytest.mark.unit
@@ -420,7 +457,8 @@ def test_printer_log_dir_gets_raw_lines(pipes: Pipes, tmp_path: Path) -> None:
     printer.log_event("only in the file")
     printer.block("\x1b[31mreport\x1b[0m\n")
     printer.close()
-    assert (log_dir / "rank1.log").read_bytes() == b"plain\n 50%\n100%\nbad \xff\nno newline\n"
+    # raw, \r included; a stream that ended without a newline gets one (the next run appends)
+    assert (log_dir / "rank1.log").read_bytes() == b"plain\r\n\r 50%\r100%\nbad \xff\nno newline\n"
     assert (log_dir / "rank0.log").read_bytes() == b""
     launcher_log = (log_dir / "launcher.log").read_text()
     assert re.search(r"^\S+ a note$", launcher_log, re.M)
@@ -488,6 +526,159 @@ def test_printer_closed_reader_signal_default_sigpipe_ignored(pipes: Pipes) -> N
     printer.feed(0, 2, b"b\n")  # stderr still works
     printer.close()
     assert pipes.err() == b"0 ! b\n"
+
+
+# =============================================================================================
+# A. Printer: progress lines, off a terminal and at one
+# =============================================================================================
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def bar(step: int, total: int = 300) -> bytes:
+    return f"{100 * step // total:3d}%|{step}/{total}|".encode()
+
+
+@pytest.mark.unit
+def test_printer_off_terminal_thins_updates_per_rank_and_stream(pipes: Pipes) -> None:
+    """Updates every 0.1 s for 12 s: one at the start, one per THIN_S, then the last state."""
+    clock = Clock()
+    printer = make_printer(pipes, world_ranks=[0, 1], world_size=2, clock=clock)
+    for step in range(121):
+        for rank in (0, 1):
+            printer.feed(rank, 2, b"\r" + bar(step, 120))
+        if step % 40 == 0:
+            printer.feed(0, 1, f"step {step}\n".encode())  # whole lines: every one
+        clock.now += 0.1
+    for rank in (0, 1):
+        printer.feed(rank, 2, b"\n")
+    printer.close()
+    assert pipes.out() == b"".join(f"0 | step {step}\n".encode() for step in (0, 40, 80, 120))
+    shown = [step for step in (0, 50, 100)]  # t = 0, 5.0, 10.0 (each the newest complete update)
+    expected = [b"%d ! " % rank + bar(step, 120) for step in shown for rank in (0, 1)]
+    expected += [b"%d ! " % rank + bar(120, 120) for rank in (0, 1)]
+    assert lines_of(pipes.err()) == expected
+
+
+@pytest.mark.unit
+def test_printer_off_terminal_bar_cut_by_its_stream_ending(pipes: Pipes) -> None:
+    clock = Clock()
+    printer = make_printer(pipes, clock=clock)
+    for step in range(5):
+        printer.feed(0, 2, b"\r" + bar(step))
+    printer.end_of_stream(0, 2)
+    assert pipes.err() == b"0 ! " + bar(0) + b"\n0 ! " + bar(4) + b"\n"
+    assert printer.tail(0) == [bar(4).decode()]  # the report shows where it stopped, once
+    printer.close()
+
+
+@pytest.mark.unit
+def test_printer_rank_log_holds_raw_bytes_lines_whole(pipes: Pipes, tmp_path: Path) -> None:
+    printer = make_printer(pipes, log_dir=tmp_path)
+    printer.feed(0, 2, b"\r 0%|")
+    printer.feed(0, 1, b"out ")  # stdout and stderr share the file: no line is cut by the other
+    printer.feed(0, 2, b"\r 50%|\r100%|")
+    printer.feed(0, 1, b"line\n")
+    printer.feed(0, 2, b"\n")
+    printer.feed(0, 1, b"no newline")
+    printer.end_of_stream(0, 1)
+    printer.feed(0, 1, b"the next attempt\n")  # appends to the same file
+    printer.close()
+    log = (tmp_path / "rank0.log").read_bytes()
+    assert log == b"out line\n\r 0%|\r 50%|\r100%|\nno newline\nthe next attempt\n"
+
+
+@pytest.fixture
+def pty_pair():
+    master, slave = pty.openpty()
+    set_size(slave, 60, 12)
+    yield master, slave
+    os.close(master)
+    os.close(slave)
+
+
+def pty_printer(slave: int, clock: Clock, **kwargs) -> Printer:
+    kwargs.setdefault("world_ranks", [0, 1])
+    kwargs.setdefault("world_size", 2)
+    return Printer(colour=False, stdout_fd=slave, stderr_fd=slave, clock=clock, **kwargs)
+
+
+@pytest.mark.unit
+def test_printer_at_a_terminal_bars_live_lines_above(pty_pair) -> None:
+    """stdout and stderr on one terminal: one live area; 2 bars x 100 updates leave 2 lines."""
+    master, slave = pty_pair
+    clock = Clock()
+    printer = pty_printer(slave, clock)
+    screen = Terminal(60, 12)
+    for step in range(101):
+        for rank in (0, 1):
+            printer.feed(rank, 2, b"\r" + bar(step, 100))
+        if step % 50 == 0:
+            printer.feed(1, 1, f"step {step}\n".encode())
+            printer.note(f"note {step}")
+        clock.now += 0.01
+        printer.tick()
+        screen.feed(read_available(master))
+    clock.now += 1
+    printer.tick()
+    screen.feed(read_available(master))
+    assert screen.rows() == [
+        "1 | step 0", "ddplaunch: note 0", "1 | step 50", "ddplaunch: note 50", "1 | step 100",
+        "ddplaunch: note 100", "0 ! 100%|100/100|", "1 ! 100%|100/100|",
+    ]
+    printer.end_of_stream(1, 2)  # rank 1's bar ends: its last state scrolls up, once
+    printer.feed(0, 1, b"after\n")
+    clock.now += 1
+    printer.tick()
+    screen.feed(read_available(master))
+    assert screen.rows()[-4:] == ["ddplaunch: note 100", "1 ! 100%|100/100|", "0 | after", "0 ! 100%|100/100|"]
+    printer.close()  # rank 0's bar never ended (a lost host): it comes out as a line too
+    screen.feed(read_available(master))
+    assert screen.rows()[-4:] == ["ddplaunch: note 100", "1 ! 100%|100/100|", "0 | after", "0 ! 100%|100/100|"]
+
+
+@pytest.mark.unit
+def test_printer_terminal_stderr_piped_stdout(pty_pair, pipes: Pipes) -> None:
+    """Only stderr is a terminal: its bars are live; stdout (a pipe) gets plain lines, no codes."""
+    master, slave = pty_pair
+    clock = Clock()
+    printer = Printer(world_ranks=[0], world_size=1, colour=False, stdout_fd=pipes.out_w, stderr_fd=slave, clock=clock)
+    screen = Terminal(60, 12)
+    for step in range(3):
+        printer.feed(0, 2, b"\r" + bar(step))
+        printer.feed(0, 1, b"\rout %d" % step)  # a \r line on the pipe: thinned, not drawn
+        clock.now += 1
+        printer.tick()
+    printer.feed(0, 1, b"\n")
+    screen.feed(read_available(master))
+    assert screen.rows() == ["0 ! " + bar(2).decode()]
+    assert pipes.out() == b"0 | out 0\n0 | out 2\n"
+    printer.close()
+
+
+@pytest.mark.unit
+def test_printer_at_a_terminal_prompt_shows_after_idle(pty_pair) -> None:
+    master, slave = pty_pair
+    clock = Clock()
+    printer = pty_printer(slave, clock)
+    screen = Terminal(60, 12)
+    printer.feed(0, 1, b"> /tmp/train.py(3)<module>()\n(Pdb) ")
+    screen.feed(read_available(master))
+    assert screen.rows() == ["0 | > /tmp/train.py(3)<module>()"]
+    due = printer.due_in()
+    assert due == pytest.approx(PARTIAL_IDLE_S)
+    clock.now += due
+    printer.tick()
+    screen.feed(read_available(master))
+    assert screen.rows() == ["0 | > /tmp/train.py(3)<module>()", "0 | (Pdb)"]
+    assert screen.cursor == (len("0 | (Pdb) "), 1)
+    printer.close()
 
 
 # =============================================================================================
@@ -664,14 +855,8 @@ def test_e2e_progress_bar(tmp_path: Path) -> None:
     )
     code, out, err = launch(tmp_path, script, 1)
     assert code == 0, err[-2000:]
-    assert lines_of(out) == [
-        b"0 |   0%|    |",
-        b"0 |  25%|#   |",
-        b"0 |  50%|##  |",
-        b"0 |  75%|### |",
-        b"0 | 100%|####|",
-        b"0 | done",
-    ]
+    # off a terminal: the first update, then none for THIN_S, then the bar's last state
+    assert lines_of(out) == [b"0 |   0%|    |", b"0 | 100%|####|", b"0 | done"]
     assert b"\r" not in out
 
 

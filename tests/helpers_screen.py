@@ -1,0 +1,46 @@
+"""What stays on a terminal: bytes replayed through pyte, a VT100 emulator, as rows of text.
+
+A plain module (not conftest.py) for the tests of the live area and of progress bars at a
+terminal. Rows scrolled off the top are kept (pyte's history), so "what a user can scroll
+back to" is countable, not only the visible screen.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import struct
+import termios
+
+import pyte
+
+
+class Terminal:
+    """A terminal of `columns` x `lines` fed with bytes; `rows()` is everything left on it."""
+
+    def __init__(self, columns: int, lines: int, *, onlcr: bool = False) -> None:
+        self.columns = columns
+        self._screen = pyte.HistoryScreen(columns, lines, history=100_000)
+        self._stream = pyte.ByteStream(self._screen)
+        self._onlcr = onlcr  # bytes written to a tty arrive with \n as \r\n; pyte needs that done
+
+    def feed(self, data: bytes) -> None:
+        self._stream.feed(data.replace(b"\n", b"\r\n") if self._onlcr else data)
+
+    def rows(self) -> list[str]:
+        """Scrolled-off rows, then the screen's, right-stripped, without the empty rows at the end."""
+        width = range(self.columns)
+        rows = ["".join(line[x].data for x in width).rstrip() for line in self._screen.history.top]
+        rows += [line.rstrip() for line in self._screen.display]
+        while rows and not rows[-1]:
+            rows.pop()
+        return rows
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        """(column, row on the screen) of the cursor."""
+        return self._screen.cursor.x, self._screen.cursor.y
+
+
+def set_size(fd: int, columns: int, lines: int) -> None:
+    """Give a pseudo-terminal a size, as a terminal emulator does for its shell."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
