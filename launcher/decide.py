@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from launcher.devices import (
@@ -22,7 +23,15 @@ from launcher.devices import (
 )
 from launcher.errors import GpuDiscoveryError, LaunchError
 from launcher.options import Options, parse_nnodes, parse_ranks, split_host_port
-from launcher.plan import PlanInputs, Program, parse_env_assignments, resolve_nproc, tcp_port, validate_topology
+from launcher.plan import (
+    PlanInputs,
+    Program,
+    Terminal,
+    parse_env_assignments,
+    resolve_nproc,
+    tcp_port,
+    validate_topology,
+)
 
 SINGLE_NODE_MASTER_ADDR = "127.0.0.1"
 MULTI_NODE_DEFAULT_PORT = 29500  # torchrun's default, so existing multi-node recipes carry over
@@ -37,6 +46,7 @@ class Facts:
     cpu_count: int
     hostname: str
     gpus: tuple[Gpu, ...]
+    terminal: Terminal | None = None
 
 
 def program_of(options: Options) -> Program:
@@ -83,7 +93,25 @@ def gather_facts(options: Options) -> Facts:
         # what socket.gethostname() returns, without importing socket; an agent uses the head's name
         hostname=options.host_name or os.uname().nodename,
         gpus=gpus,
+        terminal=None if options.agent else read_terminal(options.no_color, os.environ),
     )
+
+
+def read_terminal(no_color: bool, environ: Mapping[str, str]) -> Terminal | None:
+    """The terminal our output reaches (stderr's, where progress bars go, else stdout's), if any."""
+    from launcher.logs import colour_enabled
+
+    for fd in (2, 1):
+        try:
+            if os.isatty(fd):
+                columns, lines = os.get_terminal_size(fd)
+                break
+        except OSError:
+            continue
+    else:
+        return None
+    colour = colour_enabled(no_color, environ, 1) and colour_enabled(no_color, environ, 2)
+    return Terminal(columns or 80, lines or 24, colour)
 
 
 def usable_cpus() -> int:
@@ -149,6 +177,7 @@ def decide(options: Options, facts: Facts, error_dir: str | None, *, head_links_
         # Nodes started by hand meet at node 0's store, which the workers reuse. Over SSH the
         # head links the nodes, and rank 0 hosts the workers' store (env://, as on one node).
         agent_store=nnodes > 1 and not head_links_nodes,
+        terminal=facts.terminal,
     )
     shown = parse_ranks(options.ranks, nnodes * nproc) if options.ranks else None
     rank_given = options.node_rank is not None or nnodes == 1

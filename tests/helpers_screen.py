@@ -8,8 +8,16 @@ back to" is countable, not only the visible screen.
 from __future__ import annotations
 
 import fcntl
+import os
+import pty
+import select
+import signal
 import struct
+import subprocess
 import termios
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import pyte
 
@@ -44,3 +52,54 @@ class Terminal:
 def set_size(fd: int, columns: int, lines: int) -> None:
     """Give a pseudo-terminal a size, as a terminal emulator does for its shell."""
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
+
+
+def run_on_terminal(
+    argv: Sequence[str], *, cwd: Path, env: dict[str, str], size: tuple[int, int], timeout: float
+) -> tuple[int, bytes]:
+    """A command with stdout and stderr on one pseudo-terminal of `size` (columns, lines):
+    its exit code and every byte it wrote there, read with a deadline."""
+    master, slave = pty.openpty()
+    set_size(slave, *size)
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        slave = -1
+        try:
+            data = _read_until_closed(master, proc, time.monotonic() + timeout)
+            return proc.wait(timeout=10), data
+        finally:
+            _stop(proc)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
+def _read_until_closed(master: int, proc: subprocess.Popen[bytes], deadline: float) -> bytes:
+    data = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not chunk:
+                break
+            data += chunk
+        elif proc.poll() is not None:
+            break
+    return data
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Bounded teardown of a command that overran: SIGTERM (the launcher forwards it), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=8)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)

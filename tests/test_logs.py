@@ -9,7 +9,6 @@ import os
 import pty
 import random
 import re
-import select
 import signal
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers_cli import cli_env, launcher_argv, run_cli, write_script
-from helpers_screen import Terminal, set_size
+from helpers_screen import Terminal, run_on_terminal, set_size
 from launcher.live import PARTIAL_IDLE_S
 from launcher.logs import MAX_LINE_BYTES, TAIL_LINES, LineFramer, Printer, colour_enabled, rank_prefixes
 
@@ -979,39 +978,12 @@ def test_e2e_piped_output_has_no_colour(tmp_path: Path, env_extra: dict, flags: 
     assert b"0 | to stdout\n" in out and b"1 ! to stderr\n" in err
 
 
-def run_on_pty(tmp_path: Path, script: str, nproc: int, *flags: str, env: dict[str, str]) -> tuple[int, bytes]:
-    """The launcher with stdout and stderr on one pseudo-terminal; everything read, with deadlines."""
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            launcher_argv(*worker_args(script, nproc, *flags)), cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=slave,
-            stderr=slave, env=env,
-        )
-        os.close(slave)
-        slave = -1
-        data = b""
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        try:
-            while time.monotonic() < deadline:
-                ready, _, _ = select.select([master], [], [], 0.2)
-                if ready:
-                    try:
-                        chunk = os.read(master, 1 << 16)
-                    except OSError:  # EIO: every writer has closed the terminal
-                        break
-                    if not chunk:
-                        break
-                    data += chunk
-                elif proc.poll() is not None:
-                    break
-            code = proc.wait(timeout=10)
-        finally:
-            stop(proc)
-        return code, data
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
+def run_on_pty(
+    tmp_path: Path, script: str, nproc: int, *flags: str, env: dict[str, str], size: tuple[int, int] = (100, 30)
+) -> tuple[int, bytes]:
+    """The launcher with stdout and stderr on one pseudo-terminal of `size` (columns, lines)."""
+    argv = launcher_argv(*worker_args(script, nproc, *flags))
+    return run_on_terminal(argv, cwd=tmp_path, env=env, size=size, timeout=RUN_TIMEOUT_S)
 
 
 @pytest.mark.parametrize(
@@ -1033,3 +1005,83 @@ def test_e2e_colour_on_a_terminal(tmp_path: Path, env_extra: dict, flags: tuple,
     else:
         assert ANSI not in data
         assert b"0 | to stdout" in data and b"1 ! to stderr" in data
+
+
+# =============================================================================================
+# B. Progress bars and colour in workers' own output, at a terminal and off one
+# =============================================================================================
+
+TQDM_WORKER = """
+import os, time
+from tqdm import tqdm
+rank = int(os.environ["RANK"])
+print(f"hello from {rank}")
+for i in tqdm(range(300), mininterval=0.01):
+    time.sleep(0.004)
+    if i % 100 == 50:
+        print(f"rank {rank} step {i}")
+print(f"bye from {rank}")
+"""
+
+
+def test_e2e_tqdm_at_a_terminal_leaves_one_full_width_bar_per_rank(tmp_path: Path) -> None:
+    """What stays on screen (scrollback included), replayed through a VT100 emulator: under
+    torchrun 2 bar lines, under plain python 1; before this, 65 here, each 10 columns wide."""
+    script = write_script(tmp_path / "worker.py", TQDM_WORKER)
+    columns = 100
+    code, data = run_on_pty(tmp_path, script, 2, env=cli_env(), size=(columns, 30))
+    assert code == 0, data[-2000:]
+    screen = Terminal(columns, 30)
+    screen.feed(data)
+    rows = screen.rows()
+    bars = [row for row in rows if "/300" in row]
+    assert [bar[:9] for bar in sorted(bars)] == ["0 ! 100%|", "1 ! 100%|"], rows
+    assert all(columns - 3 <= len(bar) <= columns for bar in bars), bars  # as wide as the terminal allows
+    for rank in (0, 1):  # the whole lines, in their order, above
+        mine = [row for row in rows if row.startswith(f"{rank} | ")]
+        assert mine == [f"{rank} | hello from {rank}"] + [f"{rank} | rank {rank} step {i}" for i in (50, 150, 250)] + [
+            f"{rank} | bye from {rank}"
+        ]
+
+
+def test_e2e_tqdm_through_a_pipe_is_thinned_and_logged_raw(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "worker.py", TQDM_WORKER)
+    log_dir = tmp_path / "logs"
+    code, out, err = launch(tmp_path, script, 2, "--log-dir", str(log_dir))
+    assert code == 0, err[-2000:]
+    for rank in (0, 1):
+        bars = [line for line in lines_of(err) if line.startswith(b"%d ! " % rank)]
+        # the first update, maybe one more (THIN_S apart), the last state: not 300
+        assert 2 <= len(bars) <= 3 and b"300/300" in bars[-1], bars
+        assert len(bars[-1]) < 100  # no terminal: no width given, tqdm's own default
+        raw = (log_dir / f"rank{rank}.log").read_bytes()
+        assert raw.count(b"\r") >= 100 and b"300/300" in raw  # every update, as written
+    assert b"\r" not in out + err
+
+
+RICH_WORKER = """
+import os
+from rich.console import Console
+Console().print("[red]red text[/red]")
+print("COLUMNS=" + os.environ.get("COLUMNS", "-"), "FORCE_COLOR=" + os.environ.get("FORCE_COLOR", "-"))
+"""
+
+
+@pytest.mark.parametrize(
+    ("env_extra", "flags", "coloured"),
+    [
+        pytest.param({}, (), True, id="tty"),
+        pytest.param({"NO_COLOR": "1"}, (), False, id="tty+NO_COLOR=1"),
+        pytest.param({}, ("--no-color",), False, id="tty+--no-color"),
+    ],
+)
+def test_e2e_workers_colour_at_a_terminal(tmp_path: Path, env_extra: dict, flags: tuple, coloured: bool) -> None:
+    """rich in a worker colours at a terminal, as under torchrun, though it writes to a pipe."""
+    script = write_script(tmp_path / "worker.py", RICH_WORKER)
+    code, data = run_on_pty(tmp_path, script, 1, *flags, env=cli_env(**env_extra), size=(90, 30))
+    assert code == 0, data[-2000:]
+    assert b"COLUMNS=86 " in data  # the terminal's width less the prefix
+    if coloured:
+        assert b"\x1b[31mred text\x1b[0m" in data and b"FORCE_COLOR=1" in data
+    else:
+        assert b"0 | red text" in data and b"FORCE_COLOR=-" in data
