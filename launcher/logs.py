@@ -35,14 +35,14 @@ class LineFramer:
     (only those: the text after the last `\\r` may still be arriving).
     """
 
-    __slots__ = ("_partial", "_held", "_update")
+    __slots__ = ("_partial", "_held", "update")
 
     def __init__(self) -> None:
         # The unfinished line, kept short: its newest complete update, `\\r`, and the text after
         # it (or just that text while the line has had no `\\r`). A bar an hour long stays small.
         self._partial = b""
         self._held = False  # the stream's last byte was `\\r`: maybe half of `\\r\\n`, decide next read
-        self._update: bytes | None = None
+        self.update: bytes | None = None  # read it with take_update(); here for a cheap `is None`
 
     def feed(self, data: bytes) -> list[bytes]:
         data = self._partial + b"\r" + data if self._held else self._partial + data
@@ -65,11 +65,11 @@ class LineFramer:
         segments = data.replace(b"\r\n", b"\n").split(b"\n")
         parts = segments.pop().split(b"\r")  # the unfinished line, by carriage returns
         if segments:
-            self._update = None  # the line it belonged to has ended
+            self.update = None  # the line it belonged to has ended
         old_parts = 0 if segments else self._partial.count(b"\r")  # complete before this read
         fresh = _last_content(parts[old_parts:-1])
         if fresh:
-            self._update = fresh
+            self.update = fresh
         self._partial = _last_content(parts[:-1]) + b"\r" + parts[-1] if len(parts) > 1 else parts[-1]
         return [_last_content(segment.split(b"\r")) for segment in segments]
 
@@ -86,13 +86,13 @@ class LineFramer:
 
     def take_update(self) -> bytes | None:
         """The newest complete update of the unfinished line, once; None when there is no new one."""
-        update, self._update = self._update, None
+        update, self.update = self.update, None
         return update
 
     def flush(self) -> list[bytes]:
         """The last line of a stream that ended without a newline (a cleared bar is no line)."""
         text, cleared = self.display, self.carriage_return or self._held
-        self._partial, self._held, self._update = b"", False, None
+        self._partial, self._held, self.update = b"", False, None
         if not text or (cleared and text.isspace()):
             return []
         return [text]
@@ -162,36 +162,35 @@ class _RankLog:
     (stdout and stderr share the file, so a line waits for its newline before it goes in)."""
 
     def __init__(self, path: str) -> None:
-        self.fd: int | None = _open_append(path)
+        self.fd = _open_append(path)
         self._partial = {1: b"", 2: b""}
 
     def write(self, stream: Stream, data: bytes) -> None:
-        if self._partial[stream]:
-            data = self._partial[stream] + data
+        pending = self._partial[stream]
+        if pending:
+            data = pending + data
         end = data.rfind(b"\n") + 1
-        if end == 0 and len(data) <= MAX_LINE_BYTES:
+        if end == len(data):  # the read ended with a line: the common case
+            self._partial[stream] = b""
+        elif end == 0 and len(data) <= MAX_LINE_BYTES:
             self._partial[stream] = data
             return
-        end = end or len(data)  # a line past the limit goes in as it comes
-        self._partial[stream] = data[end:]
-        self._write(data[:end] if end < len(data) else data)
+        else:
+            end = end or len(data)  # a line past the limit goes in as it comes
+            self._partial[stream] = data[end:]
+            data = data[:end]
+        _write_all(self.fd, data)
 
     def end(self, stream: Stream) -> None:
         """The stream ended: its last line goes in, with the newline it lacked."""
         if self._partial[stream]:
-            self._write(self._partial[stream] + b"\n")
+            _write_all(self.fd, self._partial[stream] + b"\n")
             self._partial[stream] = b""
 
     def close(self) -> None:
         for stream in STREAMS:
             self.end(stream)
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def _write(self, data: bytes) -> None:
-        if self.fd is not None:
-            _write_all(self.fd, data)
+        os.close(self.fd)
 
 
 class _RankOutput:
@@ -274,9 +273,8 @@ class Printer:
         if area is None:
             if lines:
                 self._emit(output, stream, lines)
-            update = framer.take_update()
-            if update is not None and output.shown:
-                self._thinned(output, stream, update)
+            if framer.update is not None:  # a progress line moved on
+                self._thinned(output, stream, framer.take_update())
             return
         if output.shown:  # the area learns the new unfinished line before the lines go above it
             area.pending((rank, stream), output.prefixes[stream - 1], framer.display, framer.carriage_return)
@@ -301,12 +299,17 @@ class Printer:
         output.tail.extend(lines[-TAIL_LINES:])
         if output.shown:
             prefix = output.prefixes[stream - 1]
-            self._write(stream, prefix + (b"\n" + prefix).join(lines) + b"\n")
+            data = prefix + (b"\n" + prefix).join(lines) + b"\n"
+            area = self._live[stream]
+            if area is None:
+                self._out[stream].write(data)
+            else:
+                area.above(data, self._out[stream].write)
 
-    def _thinned(self, output: _RankOutput, stream: Stream, update: bytes) -> None:
+    def _thinned(self, output: _RankOutput, stream: Stream, update: bytes | None) -> None:
         """Off a terminal: a progress update, unless one of this stream went out under THIN_S ago."""
         now = self._clock()
-        if now - output.updated[stream] >= THIN_S:
+        if update is not None and output.shown and now - output.updated[stream] >= THIN_S:
             output.updated[stream] = now
             self._out[stream].write(output.prefixes[stream - 1] + update + b"\n")
 
@@ -366,6 +369,7 @@ class Printer:
                 self._emit(output, stream, output.framers[stream].flush())
             if output.log is not None:
                 output.log.close()
+                output.log = None
         for area in self._areas():
             area.close()
         if self._launcher_log is not None:
