@@ -55,10 +55,17 @@ def set_size(fd: int, columns: int, lines: int) -> None:
 
 
 def run_on_terminal(
-    argv: Sequence[str], *, cwd: Path, env: dict[str, str], size: tuple[int, int], timeout: float
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    size: tuple[int, int],
+    timeout: float,
+    until: bytes | None = None,
 ) -> tuple[int, bytes]:
     """A command with stdout and stderr on one pseudo-terminal of `size` (columns, lines):
-    its exit code and every byte it wrote there, read with a deadline."""
+    its exit code and every byte it wrote there, read with a deadline. With `until`, reading
+    stops once those bytes have come, and the command is stopped (SIGTERM)."""
     master, slave = pty.openpty()
     set_size(slave, *size)
     try:
@@ -66,7 +73,8 @@ def run_on_terminal(
         os.close(slave)
         slave = -1
         try:
-            data = _read_until_closed(master, proc, time.monotonic() + timeout)
+            data = _read_until_closed(master, proc, time.monotonic() + timeout, until)
+            _stop(proc)
             return proc.wait(timeout=10), data
         finally:
             _stop(proc)
@@ -76,9 +84,9 @@ def run_on_terminal(
             os.close(slave)
 
 
-def _read_until_closed(master: int, proc: subprocess.Popen[bytes], deadline: float) -> bytes:
+def _read_until_closed(master: int, proc: subprocess.Popen[bytes], deadline: float, until: bytes | None) -> bytes:
     data = b""
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (until is None or until not in data):
         ready, _, _ = select.select([master], [], [], 0.2)
         if ready:
             try:

@@ -1085,3 +1085,25 @@ def test_e2e_workers_colour_at_a_terminal(tmp_path: Path, env_extra: dict, flags
         assert b"\x1b[31mred text\x1b[0m" in data and b"FORCE_COLOR=1" in data
     else:
         assert b"0 | red text" in data and b"FORCE_COLOR=-" in data
+
+
+PROMPT_WORKER = """
+import sys, time
+print("> train.py(3)<module>()")
+sys.stdout.write("(Pdb) ")  # a prompt: no newline, and nothing more until someone answers
+sys.stdout.flush()
+time.sleep(60)
+"""
+
+
+def test_e2e_a_prompt_without_newline_shows_at_a_terminal(tmp_path: Path) -> None:
+    """pdb's `(Pdb) ` never ends its line: it shows, prefixed, with the cursor after it."""
+    script = write_script(tmp_path / "worker.py", PROMPT_WORKER)
+    argv = launcher_argv(*worker_args(script, 1))
+    code, data = run_on_terminal(argv, cwd=tmp_path, env=cli_env(), size=(80, 24), timeout=20, until=b"(Pdb) ")
+    assert b"(Pdb) " in data, data[-2000:]
+    screen = Terminal(80, 24)
+    screen.feed(data)
+    assert screen.rows()[-2:] == ["0 | > train.py(3)<module>()", "0 | (Pdb)"]
+    assert screen.cursor == (len("0 | (Pdb) "), len(screen.rows()) - 1)
+    assert code == 128 + signal.SIGTERM  # the test stopped it
