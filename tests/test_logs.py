@@ -10,7 +10,6 @@ import pty
 import random
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -113,18 +112,6 @@ def make_printer(pipes: Pipes, **kwargs) -> Printer:
 
 def worker_args(script: str, nproc: int, *flags: str) -> list[str]:
     return ["--nproc", str(nproc), "--grace", "5", *flags, script]
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Bounded teardown of a launcher that overran: SIGTERM (it forwards), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=8)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 def launch(
@@ -602,82 +589,80 @@ def pty_pair():
     os.close(slave)
 
 
-def pty_printer(slave: int, clock: Clock, **kwargs) -> Printer:
-    kwargs.setdefault("world_ranks", [0, 1])
-    kwargs.setdefault("world_size", 2)
-    return Printer(colour=False, stdout_fd=slave, stderr_fd=slave, clock=clock, **kwargs)
+class AtTerminal:
+    """A Printer writing to a pseudo-terminal (stdout too, unless told), on a fake clock; what
+    it wrote is replayed through pyte."""
+
+    def __init__(self, master: int, slave: int, **kwargs) -> None:
+        self.clock = Clock()
+        self._master = master
+        self.screen = Terminal(60, 12)
+        kwargs.setdefault("world_ranks", [0, 1])
+        kwargs.setdefault("world_size", 2)
+        kwargs.setdefault("stdout_fd", slave)
+        self.printer = Printer(colour=False, stderr_fd=slave, clock=self.clock, **kwargs)
+
+    def rows(self, after: float = 0.0) -> list[str]:
+        """The screen once `after` seconds have passed and the loop has ticked the printer."""
+        self.clock.now += after
+        self.printer.tick()
+        self.screen.feed(read_available(self._master))
+        return self.screen.rows()
+
+
+@pytest.fixture
+def at_terminal(pty_pair):
+    return lambda **kwargs: AtTerminal(*pty_pair, **kwargs)
 
 
 @pytest.mark.unit
-def test_printer_at_a_terminal_bars_live_lines_above(pty_pair) -> None:
+def test_printer_at_a_terminal_bars_live_lines_above(at_terminal) -> None:
     """stdout and stderr on one terminal: one live area; 2 bars x 100 updates leave 2 lines."""
-    master, slave = pty_pair
-    clock = Clock()
-    printer = pty_printer(slave, clock)
-    screen = Terminal(60, 12)
+    term = at_terminal()
+    printer = term.printer
     for step in range(101):
         for rank in (0, 1):
             printer.feed(rank, 2, b"\r" + bar(step, 100))
         if step % 50 == 0:
             printer.feed(1, 1, f"step {step}\n".encode())
             printer.note(f"note {step}")
-        clock.now += 0.01
-        printer.tick()
-        screen.feed(read_available(master))
-    clock.now += 1
-    printer.tick()
-    screen.feed(read_available(master))
-    assert screen.rows() == [
+        term.rows(after=0.01)
+    assert term.rows(after=1) == [
         "1 | step 0", "ddplaunch: note 0", "1 | step 50", "ddplaunch: note 50", "1 | step 100",
         "ddplaunch: note 100", "0 ! 100%|100/100|", "1 ! 100%|100/100|",
     ]
     printer.end_of_stream(1, 2)  # rank 1's bar ends: its last state scrolls up, once
     printer.feed(0, 1, b"after\n")
-    clock.now += 1
-    printer.tick()
-    screen.feed(read_available(master))
-    assert screen.rows()[-4:] == ["ddplaunch: note 100", "1 ! 100%|100/100|", "0 | after", "0 ! 100%|100/100|"]
+    last_four = ["ddplaunch: note 100", "1 ! 100%|100/100|", "0 | after", "0 ! 100%|100/100|"]
+    assert term.rows(after=1)[-4:] == last_four
     printer.close()  # rank 0's bar never ended (a lost host): it comes out as a line too
-    screen.feed(read_available(master))
-    assert screen.rows()[-4:] == ["ddplaunch: note 100", "1 ! 100%|100/100|", "0 | after", "0 ! 100%|100/100|"]
+    assert term.rows()[-4:] == last_four
 
 
 @pytest.mark.unit
-def test_printer_terminal_stderr_piped_stdout(pty_pair, pipes: Pipes) -> None:
+def test_printer_terminal_stderr_piped_stdout(at_terminal, pipes: Pipes) -> None:
     """Only stderr is a terminal: its bars are live; stdout (a pipe) gets plain lines, no codes."""
-    master, slave = pty_pair
-    clock = Clock()
-    printer = Printer(world_ranks=[0], world_size=1, colour=False, stdout_fd=pipes.out_w, stderr_fd=slave, clock=clock)
-    screen = Terminal(60, 12)
+    term = at_terminal(world_ranks=[0], world_size=1, stdout_fd=pipes.out_w)
     for step in range(3):
-        printer.feed(0, 2, b"\r" + bar(step))
-        printer.feed(0, 1, b"\rout %d" % step)  # a \r line on the pipe: thinned, not drawn
-        clock.now += 1
-        printer.tick()
-    printer.feed(0, 1, b"\n")
-    screen.feed(read_available(master))
-    assert screen.rows() == ["0 ! " + bar(2).decode()]
+        term.printer.feed(0, 2, b"\r" + bar(step))
+        term.printer.feed(0, 1, b"\rout %d" % step)  # a \r line on the pipe: thinned, not drawn
+        term.rows(after=1)
+    term.printer.feed(0, 1, b"\n")
+    assert term.rows() == ["0 ! " + bar(2).decode()]
     assert pipes.out() == b"0 | out 0\n0 | out 2\n"
-    printer.close()
+    term.printer.close()
 
 
 @pytest.mark.unit
-def test_printer_at_a_terminal_prompt_shows_after_idle(pty_pair) -> None:
-    master, slave = pty_pair
-    clock = Clock()
-    printer = pty_printer(slave, clock)
-    screen = Terminal(60, 12)
-    printer.feed(0, 1, b"> /tmp/train.py(3)<module>()\n(Pdb) ")
-    screen.feed(read_available(master))
-    assert screen.rows() == ["0 | > /tmp/train.py(3)<module>()"]
-    due = printer.due_in()
+def test_printer_at_a_terminal_prompt_shows_after_idle(at_terminal) -> None:
+    term = at_terminal()
+    term.printer.feed(0, 1, b"> /tmp/train.py(3)<module>()\n(Pdb) ")
+    assert term.rows() == ["0 | > /tmp/train.py(3)<module>()"]
+    due = term.printer.due_in()
     assert due == pytest.approx(PARTIAL_IDLE_S)
-    clock.now += due
-    printer.tick()
-    screen.feed(read_available(master))
-    assert screen.rows() == ["0 | > /tmp/train.py(3)<module>()", "0 | (Pdb)"]
-    assert screen.cursor == (len("0 | (Pdb) "), 1)
-    printer.close()
+    assert term.rows(after=due) == ["0 | > /tmp/train.py(3)<module>()", "0 | (Pdb)"]
+    assert term.screen.cursor == (len("0 | (Pdb) "), 1)
+    term.printer.close()
 
 
 # =============================================================================================
@@ -986,14 +971,15 @@ def run_on_pty(
     return run_on_terminal(argv, cwd=tmp_path, env=env, size=size, timeout=RUN_TIMEOUT_S)
 
 
-@pytest.mark.parametrize(
-    ("env_extra", "flags", "coloured"),
-    [
-        pytest.param({}, (), True, id="tty"),
-        pytest.param({"NO_COLOR": "1"}, (), False, id="tty+NO_COLOR=1"),
-        pytest.param({}, ("--no-color",), False, id="tty+--no-color"),
-    ],
-)
+# at a terminal: coloured, unless NO_COLOR or --no-color
+TERMINAL_COLOUR_CASES = [
+    pytest.param({}, (), True, id="tty"),
+    pytest.param({"NO_COLOR": "1"}, (), False, id="tty+NO_COLOR=1"),
+    pytest.param({}, ("--no-color",), False, id="tty+--no-color"),
+]
+
+
+@pytest.mark.parametrize(("env_extra", "flags", "coloured"), TERMINAL_COLOUR_CASES)
 def test_e2e_colour_on_a_terminal(tmp_path: Path, env_extra: dict, flags: tuple, coloured: bool) -> None:
     script = write_script(tmp_path / "worker.py", COLOUR_WORKER)
     code, data = run_on_pty(tmp_path, script, 2, *flags, env=cli_env(**env_extra))
@@ -1067,14 +1053,7 @@ print("COLUMNS=" + os.environ.get("COLUMNS", "-"), "FORCE_COLOR=" + os.environ.g
 """
 
 
-@pytest.mark.parametrize(
-    ("env_extra", "flags", "coloured"),
-    [
-        pytest.param({}, (), True, id="tty"),
-        pytest.param({"NO_COLOR": "1"}, (), False, id="tty+NO_COLOR=1"),
-        pytest.param({}, ("--no-color",), False, id="tty+--no-color"),
-    ],
-)
+@pytest.mark.parametrize(("env_extra", "flags", "coloured"), TERMINAL_COLOUR_CASES)
 def test_e2e_workers_colour_at_a_terminal(tmp_path: Path, env_extra: dict, flags: tuple, coloured: bool) -> None:
     """rich in a worker colours at a terminal, as under torchrun, though it writes to a pipe."""
     script = write_script(tmp_path / "worker.py", RICH_WORKER)
