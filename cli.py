@@ -12,7 +12,7 @@ import sys
 import click
 
 from launcher import __version__
-from launcher.options import DEFAULT_GRACE_S, DEFAULT_JOIN_TIMEOUT_S, Options
+from launcher.options import DEFAULT_JOIN_TIMEOUT_S, Options, foreign_option_hint
 
 CONTEXT = {
     "allow_interspersed_args": False,  # everything after SCRIPT belongs to the script
@@ -21,7 +21,31 @@ CONTEXT = {
 }
 
 
-@click.command(context_settings=CONTEXT)
+class Command(click.Command):
+    """click's command, whose hint for an unknown option names ddplaunch's equivalent when the
+    option is another launcher's (DeepSpeed, horovodrun, mpirun, accelerate)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        typed_args = list(args)  # click's parser consumes the list it is given
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            typed = _typed_option(exc.option_name, typed_args)
+            hint = foreign_option_hint(typed)
+            if hint is None:
+                raise
+            raise click.NoSuchOption(typed, message=f"No such option: {typed}. {hint}.", ctx=ctx) from None
+
+
+def _typed_option(name: str, args: list[str]) -> str:
+    """The option as typed: click names `-n` for `-np`, a cluster of short options."""
+    for arg in args:
+        if arg.partition("=")[0] == name or (not arg.startswith("--") and arg.startswith(name)):
+            return arg.partition("=")[0]
+    return name
+
+
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--nproc", "--nproc-per-node", "--nproc_per_node", "nproc", envvar="PET_NPROC_PER_NODE",
               metavar="N|auto|gpu|cpu",
               help="Workers on this node: a number, auto (GPUs, else CPUs), gpu or cpu. "
@@ -38,32 +62,73 @@ CONTEXT = {
               metavar="PORT", help="Rendezvous port. Default: a free port on one node, 29500 across nodes.")
 @click.option("--rdzv-endpoint", "--rdzv_endpoint", "rdzv_endpoint", envvar="PET_RDZV_ENDPOINT",
               metavar="HOST[:PORT]", help="torchrun's spelling of --master-addr and --master-port.")
-@click.option("--rdzv-backend", "--rdzv_backend", "rdzv_backend", envvar="PET_RDZV_BACKEND",
-              type=click.Choice(["static", "c10d"]), hidden=True,
-              help="Accepted for torchrun command lines; nodes always meet at node 0's TCPStore.")
-@click.option("--join-timeout", "--join_timeout", "join_timeout", type=float, default=DEFAULT_JOIN_TIMEOUT_S,
-              show_default=True, metavar="SECONDS", help="Across nodes: how long to wait for every node to join.")
+@click.option("--rdzv-backend", "--rdzv_backend", "rdzv_backend", envvar="PET_RDZV_BACKEND", metavar="static|c10d",
+              help="torchrun's; either way the nodes meet at node 0's TCPStore at --rdzv-endpoint.")
+@click.option("--rdzv-conf", "--rdzv_conf", "rdzv_conf", envvar="PET_RDZV_CONF", metavar="KEY=VALUE,...",
+              help="torchrun's: its join_timeout (or timeout) is --join-timeout; other keys are ignored.")
+@click.option("--join-timeout", "--join_timeout", "join_timeout", type=float, metavar="SECONDS",
+              help=f"Across nodes: how long to wait for every node to join. Default: {DEFAULT_JOIN_TIMEOUT_S:g}.")
 @click.option("--standalone", is_flag=True, envvar="PET_STANDALONE",
               help="One node with a free port (accepted as in torchrun; that is the default here).")
 @click.option("--gpu-ids", "--gpu_ids", "gpu_ids", metavar="IDS",
               help="GPUs to use, e.g. 0,2,4,6: one worker each; every worker sees them all as "
                    "CUDA_VISIBLE_DEVICES and LOCAL_RANK i uses cuda:i.")
-@click.option("-m", "--module", is_flag=True, help="Run SCRIPT as a Python module (python -m).")
-@click.option("--no-python", "--no_python", "no_python", is_flag=True,
+@click.option("-m", "--module", is_flag=True, envvar="PET_MODULE", help="Run SCRIPT as a Python module (python -m).")
+@click.option("--no-python", "--no_python", "no_python", is_flag=True, envvar="PET_NO_PYTHON",
               help="Run SCRIPT as an executable, not through Python.")
+@click.option("--run-path", "--run_path", "run_path", is_flag=True, envvar="PET_RUN_PATH",
+              help="Run SCRIPT with runpy.run_path in each worker, as torchrun's --run-path does.")
 @click.option("--local-rank-arg", "--local_rank_arg", "local_rank_arg", is_flag=True,
               help="Also pass --local-rank=N to the script, for torch.distributed.launch-era scripts.")
 @click.option("--log-dir", "--log_dir", "log_dir", envvar="PET_LOG_DIR", metavar="DIR",
               help="Write rankN.log (raw lines) per rank and launcher.log (events) here.")
 @click.option("--ranks", metavar="LIST",
               help="Only these global ranks reach the terminal, e.g. 0 or 0,3 or 0-3 (files get all).")
+@click.option("--local-ranks-filter", "--local_ranks_filter", "local_ranks_filter", envvar="PET_LOCAL_RANKS_FILTER",
+              metavar="LIST", help="torchrun's: only these local ranks, on every node, reach the terminal.")
+@click.option("-r", "--redirects", "redirects", envvar="PET_REDIRECTS", metavar="STD",
+              help="torchrun's: streams kept off the terminal, to the log files only: 1 stdout, 2 stderr, "
+                   "3 both, or per local rank (0:3,1:2).")
+@click.option("-t", "--tee", "tee", envvar="PET_TEE", metavar="STD",
+              help="torchrun's: streams to the log files and the terminal (the terminal shows all "
+                   "but --redirects anyway).")
+@click.option("--duplicate-stdout-filters", "--duplicate_stdout_filters", "duplicate_stdout_filters",
+              envvar="PET_DUPLICATE_STDOUT_FILTERS", metavar="A,B",
+              help="Also copy the terminal's stdout lines containing A or B to filtered_stdout.log in the log dir.")
+@click.option("--duplicate-stderr-filters", "--duplicate_stderr_filters", "duplicate_stderr_filters",
+              envvar="PET_DUPLICATE_STDERR_FILTERS", metavar="A,B",
+              help="The same for stderr lines, to filtered_stderr.log.")
 @click.option("--max-restarts", "--max_restarts", "max_restarts", envvar="PET_MAX_RESTARTS", type=int,
               default=0, show_default=True, metavar="N",
               help="On a failure, stop all workers and start them all again, up to N times.")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Extra environment for the workers (repeatable).")
 @click.option("--dry-run", "--dry_run", "dry_run", is_flag=True, help="Print the plan and exit, starting nothing.")
-@click.option("--grace", type=float, default=DEFAULT_GRACE_S, show_default=True, metavar="SECONDS",
-              help="At teardown, time between SIGTERM and SIGKILL.")
+@click.option("--grace", "--shutdown-timeout", "--shutdown_timeout", "grace", type=float, metavar="SECONDS",
+              envvar="PET_SHUTDOWN_TIMEOUT",
+              help="At teardown, time between the stop signal and SIGKILL. Default: "
+                   "TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 30.")
+@click.option("--signals-to-handle", "--signals_to_handle", "signals_to_handle", envvar="PET_SIGNALS_TO_HANDLE",
+              metavar="SIGS", help="Signals that stop the job, each forwarded to the workers. "
+                                   "Default: SIGTERM,SIGINT,SIGHUP,SIGQUIT.")
+@click.option("--role", envvar="PET_ROLE", metavar="NAME", help="ROLE_NAME for the workers. Default: default.")
+@click.option("--virtual-local-rank", "--virtual_local_rank", "virtual_local_rank", is_flag=True,
+              envvar="PET_VIRTUAL_LOCAL_RANK",
+              help="Each worker sees only its own GPU (as cuda:0) and LOCAL_RANK=0.")
+@click.option("--numa-binding", "--numa_binding", "numa_binding", envvar="PET_NUMA_BINDING",
+              type=click.Choice(["node", "socket", "exclusive", "core-complex"]),
+              help="Bind each worker to the CPUs near its GPU.")
+@click.option("--local-addr", "--local_addr", "local_addr", envvar="PET_LOCAL_ADDR", metavar="HOST",
+              help="This node's address: MASTER_ADDR on one node; the name it gives the other nodes.")
+@click.option("--force", is_flag=True, help="Start even a --nproc far beyond this machine's CPUs and GPUs.")
+@click.option("--monitor-interval", "--monitor_interval", "monitor_interval", envvar="PET_MONITOR_INTERVAL",
+              type=float, metavar="SECONDS", help="torchrun's; accepted, no meaning here (no polling).")
+@click.option("--start-method", "--start_method", "start_method", envvar="PET_START_METHOD",
+              type=click.Choice(["spawn", "fork", "forkserver"]),
+              help="torchrun's; accepted, no meaning here (workers are new processes).")
+@click.option("--event-log-handler", "--event_log_handler", "event_log_handler", envvar="PET_EVENT_LOG_HANDLER",
+              metavar="NAME", help="torchrun's; accepted, no meaning here (see --log-dir's launcher.log).")
+@click.option("--logs-specs", "--logs_specs", "logs_specs", envvar="PET_LOGS_SPECS", metavar="NAME",
+              help="torchrun's; accepted, no meaning here (see --log-dir).")
 @click.option("--run-id", "--run_id", "--rdzv-id", "--rdzv_id", "run_id", envvar="PET_RDZV_ID", metavar="ID",
               help="TORCHELASTIC_RUN_ID for the workers. Default: a fresh random id.")
 @click.option("--no-color", "--no_color", "no_color", is_flag=True, help="No colour (also: NO_COLOR=1).")

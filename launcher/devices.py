@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 from launcher.errors import GpuDiscoveryError, LaunchError
 
-NVIDIA_SMI_QUERY = ("--query-gpu=index,uuid", "--format=csv,noheader")
+NVIDIA_SMI_QUERY = ("--query-gpu=index,uuid,pci.bus_id", "--format=csv,noheader")
 NVIDIA_SMI_TIMEOUT_S = 20.0
 # nvidia-smi exits 6 with "No devices were found" on a box with a driver and no GPU.
 NVIDIA_SMI_NO_DEVICES = 6
 
 _ID_TOKEN = re.compile(r"^(\d+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+)$")
+# nvidia-smi writes 00000000:1B:00.0 (older drivers 0000:1B:00.0); sysfs 0000:1b:00.0.
+_PCI_BUS_ID = re.compile(r"^([0-9a-fA-F]{1,8}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class Gpu:
 
     index: int
     uuid: str
+    pci_address: str = ""  # as sysfs names it (0000:1b:00.0); "" if nvidia-smi did not say
 
     def matches(self, token: str) -> bool:
         """True if `token` (an index, a UUID or a unique UUID prefix) names this GPU."""
@@ -41,20 +44,33 @@ class DeviceMap:
 
 
 def parse_nvidia_smi(output: str) -> tuple[Gpu, ...]:
-    """Parse `nvidia-smi --query-gpu=index,uuid --format=csv,noheader`."""
+    """Parse `nvidia-smi --query-gpu=index,uuid,pci.bus_id --format=csv,noheader`.
+
+    The bus id column is optional, so an answer to the older two-column query still reads.
+    """
     gpus: list[Gpu] = []
     for line in output.splitlines():
         if not line.strip():
             continue
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 2 or not parts[0].isdigit() or not parts[1]:
+        address = sysfs_pci_address(parts[2]) if len(parts) == 3 else ""
+        if len(parts) not in (2, 3) or not parts[0].isdigit() or not parts[1] or address is None:
             raise GpuDiscoveryError(
                 f"could not read the GPU list: nvidia-smi printed {line.strip()!r}, "
-                "expected 'index, uuid'. Check the NVIDIA driver (run nvidia-smi by hand), "
-                "or pass --nproc N without --gpu-ids to launch without GPU discovery."
+                "expected 'index, uuid, pci bus id'. Check the NVIDIA driver (run nvidia-smi by "
+                "hand), or pass --nproc N without --gpu-ids to launch without GPU discovery."
             )
-        gpus.append(Gpu(index=int(parts[0]), uuid=parts[1]))
+        gpus.append(Gpu(index=int(parts[0]), uuid=parts[1], pci_address=address))
     return tuple(gpus)
+
+
+def sysfs_pci_address(bus_id: str) -> str | None:
+    """nvidia-smi's bus id in the form of /sys/bus/pci/devices names (as torch formats it), or None."""
+    found = _PCI_BUS_ID.match(bus_id)
+    if found is None:
+        return None
+    domain, bus, device, function = found.groups()
+    return f"{int(domain, 16):04x}:{bus.lower()}:{device.lower()}.{function}"
 
 
 def discover_gpus() -> tuple[Gpu, ...]:

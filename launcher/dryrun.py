@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from launcher.plan import Plan
 
-PER_WORKER_KEYS = ("LOCAL_RANK", "RANK", "ROLE_RANK", "TORCHELASTIC_ERROR_FILE")
+# CUDA_VISIBLE_DEVICES is per worker only with --virtual-local-rank
+PER_WORKER_KEYS = ("LOCAL_RANK", "RANK", "ROLE_RANK", "CUDA_VISIBLE_DEVICES", "TORCHELASTIC_ERROR_FILE")
+STREAMS = ((1, "stdout"), (2, "stderr"))
 
 
 def render_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
@@ -17,7 +19,7 @@ def render_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> li
 def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
     """The table users know from tutorials, then the command and the environment added."""
     cvd = plan.common_env.get("CUDA_VISIBLE_DEVICES", plan.base_env.get("CUDA_VISIBLE_DEVICES", "(unset)"))
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             str(w.node_rank),
             w.host,
@@ -25,11 +27,15 @@ def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
             str(w.global_rank),
             w.physical_gpu or "-",
             w.device,
-            cvd,
+            w.env_added.get("CUDA_VISIBLE_DEVICES", cvd),
         )
         for w in plan.workers
     ]
-    header = ("node", "host", "local rank", "global rank", "physical GPU", "device", "CUDA_VISIBLE_DEVICES")
+    header: tuple[str, ...] = (
+        "node", "host", "local rank", "global rank", "physical GPU", "device", "CUDA_VISIBLE_DEVICES"
+    )
+    if any(w.cpus is not None for w in plan.workers):
+        header, rows = with_cpus_column(plan, header, rows)
     first = plan.workers[0]
     out = [
         "ddplaunch dry run: nothing was started.",
@@ -50,12 +56,32 @@ def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
         "environment added per worker:",
     ]
     for worker in plan.workers:
-        assignments = " ".join(f"{k}={worker.env_added[k]}" for k in PER_WORKER_KEYS if k in worker.env_added)
+        own = [k for k in PER_WORKER_KEYS if k in worker.env_added and k not in plan.common_env]
+        assignments = " ".join(f"{k}={worker.env_added[k]}" for k in own)
         out.append(f"  rank {worker.global_rank}: {assignments}")
     return "\n".join(out) + "\n"
+
+
+def with_cpus_column(
+    plan: Plan, header: tuple[str, ...], rows: list[tuple[str, ...]]
+) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """--numa-binding: the CPUs each worker starts bound to, in taskset's spelling."""
+    from launcher.numa import format_cpulist
+
+    cells = [format_cpulist(w.cpus) if w.cpus is not None else "-" for w in plan.workers]
+    return (*header, "CPUs"), [(*row, cell) for row, cell in zip(rows, cells)]
 
 
 def _shell_quote(arg: str) -> str:
     import shlex
 
     return shlex.quote(arg)
+
+
+def terminal_line(plan: Plan, shows: Callable[[int, int], bool]) -> str | None:
+    """What reaches the terminal, when --ranks, --local-ranks-filter or --redirects hold some back."""
+    shown = {w.global_rank: [name for stream, name in STREAMS if shows(w.global_rank, stream)] for w in plan.workers}
+    if all(len(streams) == len(STREAMS) for streams in shown.values()):
+        return None
+    parts = [f"rank {rank} {'+'.join(streams) or 'nothing'}" for rank, streams in shown.items()]
+    return "on the terminal: " + ", ".join(parts) + " (log files, when written, get every line)"

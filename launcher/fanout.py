@@ -28,8 +28,15 @@ FORWARDED_PREFIXES = ("NCCL_", "TORCH_", "PYTORCH_", "GLOO_", "UCX_", "FI_", "HF
 FORWARDED_NAMES = ("OMP_NUM_THREADS", "PYTHONPATH", "CUDA_LAUNCH_BLOCKING")
 NO_DIR, NO_PYTHON = 120, 121  # exit codes of the remote preflight shell line
 # Flags the head hands to every agent unchanged (value-taking ones, then switches).
-PASSED_OPTIONS = ("max_restarts", "grace", "join_timeout", "master_port")
-PASSED_SWITCHES = ("module", "no_python", "local_rank_arg")
+PASSED_OPTIONS = ("max_restarts", "grace", "join_timeout", "master_port", "role", "signals_to_handle", "numa_binding")
+PASSED_SWITCHES = ("module", "no_python", "run_path", "local_rank_arg", "virtual_local_rank", "force")
+# What the head cannot do yet: it shows every host's lines by rank only, and each host has its own address.
+NOT_WITH_HOSTS = {
+    "local_addr": "--local-addr names one node; with --hosts each host is reached at its own address "
+    "(use --master-addr to choose node 0's)",
+    "duplicate_stdout_filters": "--duplicate-stdout-filters does not work with --hosts yet",
+    "duplicate_stderr_filters": "--duplicate-stderr-filters does not work with --hosts yet",
+}
 
 
 @dataclass
@@ -130,12 +137,20 @@ def preflight_problem(name: str, status: int | None, printed: Sequence[str], wor
 def launch_on_hosts(options: Options) -> int:
     from dataclasses import replace
 
+    from launcher.decide import grace_of, notes_of, role_of
     from launcher.head import Head
+    from launcher.options import parse_signals
     from launcher.plan import parse_env_assignments
 
     hosts = plan_hosts(options)
+    role_of(options)  # checked here once, rather than by every host
+    if options.signals_to_handle is not None:
+        parse_signals(options.signals_to_handle)
     shown_ranks = shown_ranks_of(options, hosts)
-    options = replace(options, run_id=options.run_id or os.urandom(8).hex())  # one id for every node
+    # The agents do not see this shell's TORCH_ELASTIC_SHUTDOWN_TIMEOUT: resolve it here.
+    options = replace(options, run_id=options.run_id or os.urandom(8).hex(), grace=grace_of(options, dict(os.environ)))
+    for note in notes_of(options):
+        print(f"ddplaunch: {note}", file=sys.stderr, flush=True)
     explicit = parse_env_assignments(options.env, gpu_ids_given=options.gpu_ids is not None)
     env = forwarded_env(dict(os.environ), [*head_terminal_env(options, hosts, explicit), *explicit])
     workdir = options.chdir or os.getcwd()
@@ -171,11 +186,27 @@ def world_size_of(hosts: Sequence[Host]) -> int | None:
 
 
 def shown_ranks_of(options: Options, hosts: Sequence[Host]) -> frozenset[int] | None:
+    """--ranks and --local-ranks-filter as the global ranks the head shows; --redirects that
+    keep streams off the terminal are refused (the head filters by rank only, for now)."""
+    from launcher.decide import terminal_filter
     from launcher.options import parse_ranks
 
-    if not options.ranks:
-        return None
-    return parse_ranks(options.ranks, world_size_of(hosts) or 1 << 30)
+    world = world_size_of(hosts)
+    if world is None:
+        torchrun_filters = [flag for flag, given in (("--local-ranks-filter", options.local_ranks_filter),
+                                                     ("--redirects", options.redirects)) if given]
+        if torchrun_filters:
+            raise LaunchError(
+                f"{' and '.join(torchrun_filters)} with --hosts need the workers per host: give --nproc N."
+            )
+        return parse_ranks(options.ranks, 1 << 30) if options.ranks else None
+    terminal = terminal_filter(options, len(hosts), world // len(hosts))
+    if terminal.hides_streams():
+        raise LaunchError(
+            "--redirects with --hosts: the head cannot keep single streams off the terminal yet. Use "
+            "--local-ranks-filter or --ranks to choose the ranks shown, with --log-dir for the files."
+        )
+    return terminal.shown_ranks(world)
 
 
 def plan_hosts(options: Options) -> list[Host]:
@@ -183,6 +214,7 @@ def plan_hosts(options: Options) -> list[Host]:
 
     if options.hosts is not None and options.hostfile is not None:
         raise LaunchError("--hosts and --hostfile both name the hosts; give one of them.")
+    check_for_hosts(options)
     for flag, given in (("--nnodes", options.nnodes), ("--node-rank", options.node_rank),
                         ("--rdzv-endpoint", options.rdzv_endpoint)):
         if given is not None:
@@ -196,6 +228,13 @@ def plan_hosts(options: Options) -> list[Host]:
         Host(rank, spec, resolve_target(spec.host, spec.user, spec.port), nproc)
         for rank, spec in enumerate(specs)
     ]
+
+
+def check_for_hosts(options: Options) -> None:
+    """The options the head cannot honour yet are refused before any host is contacted."""
+    for name, why in NOT_WITH_HOSTS.items():
+        if getattr(options, name):
+            raise LaunchError(f"{why}. Drop it, or start each node by hand.")
 
 
 def render_hosts(options: Options, hosts: Sequence[Host], env: Sequence[tuple[str, str]], workdir: str) -> str:

@@ -62,7 +62,9 @@ class Head:
         self._referee = Referee(len(hosts))  # the current attempt, decided there for every node
 
     def run(self) -> int:
-        from launcher.supervisor import SignalInbox
+        from launcher.options import parse_signals
+        from launcher.plan import FORWARDED_SIGNALS
+        from launcher.supervisor import SignalInbox, SignalPlan
 
         try:
             with _Status(f"connecting to {len(self.hosts)} host(s)") as status:
@@ -71,7 +73,11 @@ class Head:
                 self._start_agents()
                 status(f"waiting for {len(self.hosts)} host(s) to be ready")
                 self._await_ready()
-            with SignalInbox() as inbox:
+            # --signals-to-handle: the head stops on the same signals as its agents (each agent
+            # turns "stop NAME" into that signal to itself, and its plan stops on it too)
+            given = self.options.signals_to_handle
+            handled = SignalPlan.handling(parse_signals(given) if given else FORWARDED_SIGNALS)
+            with SignalInbox(handled) as inbox:
                 return self._supervise(inbox)
         except KeyboardInterrupt:
             raise Interrupted("interrupted while connecting; no worker was started.") from None
@@ -122,7 +128,6 @@ class Head:
 
     def _supervise(self, inbox: SignalInbox) -> int:
         from launcher.logs import terminal_printer
-        from launcher.supervisor import STOP_SIGNALS
 
         printer = terminal_printer(
             no_color=self.options.no_color,
@@ -140,7 +145,7 @@ class Head:
                 printer.tick()
                 selector.select(printer.due_in())
                 for sig in inbox.take():
-                    if sig in STOP_SIGNALS:
+                    if sig in inbox.plan.stop:
                         self._stop_all(sig, printer)
                 self._drain(printer)
         finally:

@@ -70,7 +70,7 @@ def launch(options: Options) -> int:
 
 
 def show_dry_run(decision: Decision, error_dir: str | None) -> int:
-    from launcher.dryrun import render_plan
+    from launcher.dryrun import render_plan, terminal_line
     from launcher.ports import pick_free_port
 
     inputs = decision.inputs
@@ -80,7 +80,10 @@ def show_dry_run(decision: Decision, error_dir: str | None) -> int:
     plan = build_plan(replace(inputs, master_port=port, error_dir=shown_dir, job_id="<random per run>"))
     if not decision.node_rank_given:
         notes = (*notes, "(node rank shown as 0: without --node-rank, nodes take ranks in order of arrival)")
-    sys.stdout.write(render_plan(plan, notes=decision.detected))
+    said = [*decision.detected, *decision.notes, terminal_line(plan, decision.terminal.shows)]
+    if decision.files_wanted is not None:
+        said.append(f"{decision.files_wanted}: a real run writes every rank's output to a new $TMPDIR/ddplaunch-logs-*")
+    sys.stdout.write(render_plan(plan, notes=tuple(line for line in said if line)))
     for line in notes:
         sys.stdout.write(line + "\n")
     sys.stdout.flush()
@@ -90,7 +93,7 @@ def show_dry_run(decision: Decision, error_dir: str | None) -> int:
 def run(role: Role, decision: Decision, options: Options, error_dir: str) -> int:
     """Attempts until the job ends; returns its exit code."""
     from launcher.report import finish
-    from launcher.supervisor import run_job
+    from launcher.supervisor import SignalPlan, run_job
 
     peers, inputs = role.connect(replace(decision.inputs, error_dir=error_dir))
 
@@ -105,14 +108,17 @@ def run(role: Role, decision: Decision, options: Options, error_dir: str) -> int
 
     printer = role.printer(first)
     try:
+        for note in decision.notes:
+            role.say(printer, note)
         role.announce(printer, first)
         result = run_job(
             plan_for_attempt,
             printer=printer,
-            grace=options.grace,
+            grace=decision.grace,
             max_restarts=inputs.max_restarts,
             job_id=inputs.job_id,
             peers=peers,
+            signals=SignalPlan.handling(inputs.signals_to_handle),
         )
         finish(result, printer, lambda text: role.say(printer, text))
         return result.exit_code

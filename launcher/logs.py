@@ -196,10 +196,10 @@ class _RankLog:
 class _RankOutput:
     """Per rank: a framer per stream, the last lines (for the failure report), its log file."""
 
-    def __init__(self, prefixes: tuple[bytes, bytes], shown: bool, log: _RankLog | None) -> None:
+    def __init__(self, prefixes: tuple[bytes, bytes], shown: dict[int, bool], log: _RankLog | None) -> None:
         self.framers = {1: LineFramer(), 2: LineFramer()}
         self.prefixes = prefixes
-        self.shown = shown
+        self.shown = shown  # per stream: whether its lines reach the terminal
         self.log = log
         self.tail: deque[bytes] = deque(maxlen=TAIL_LINES)
         self.updated = {1: -math.inf, 2: -math.inf}  # off a terminal: when an update last went out
@@ -224,14 +224,18 @@ class Printer:
         log_dir: str | None = None,
         stdout_fd: int = 1,
         stderr_fd: int = 2,
+        shows: Callable[[int, int], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`shows(rank, stream)`: whether that stream of that rank reaches the terminal (on top
+        of `shown_ranks`); the files get every line whatever it says."""
         self.colour = colour
         self._out = {1: _Sink(stdout_fd), 2: _Sink(stderr_fd)}
         self._clock = clock
         self._live = self._live_areas()
         self._world_size = world_size
         self._shown_ranks = shown_ranks
+        self._shows = shows
         self._log_dir = log_dir
         self._launcher_log: int | None = None
         if log_dir is not None:
@@ -256,9 +260,10 @@ class Printer:
         for rank in world_ranks:
             if rank in self._ranks:
                 continue
+            rank_shown = self._shown_ranks is None or rank in self._shown_ranks
             self._ranks[rank] = _RankOutput(
                 rank_prefixes(rank, self._world_size, self.colour),
-                self._shown_ranks is None or rank in self._shown_ranks,
+                {s: rank_shown and (self._shows is None or self._shows(rank, s)) for s in (1, 2)},
                 _RankLog(os.path.join(log_dir, f"rank{rank}.log")) if log_dir is not None else None,
             )
 
@@ -276,7 +281,7 @@ class Printer:
             if framer.update is not None:  # a progress line moved on
                 self._thinned(output, stream, framer.take_update())
             return
-        if output.shown:  # the area learns the new unfinished line before the lines go above it
+        if output.shown[stream]:  # the area learns the new unfinished line before the lines go above it
             area.pending((rank, stream), output.prefixes[stream - 1], framer.display, framer.carriage_return)
         if lines:
             self._emit(output, stream, lines)
@@ -297,7 +302,7 @@ class Printer:
         if not lines:
             return
         output.tail.extend(lines[-TAIL_LINES:])
-        if output.shown:
+        if output.shown[stream]:
             prefix = output.prefixes[stream - 1]
             data = prefix + (b"\n" + prefix).join(lines) + b"\n"
             area = self._live[stream]
@@ -309,7 +314,7 @@ class Printer:
     def _thinned(self, output: _RankOutput, stream: Stream, update: bytes | None) -> None:
         """Off a terminal: a progress update, unless one of this stream went out under THIN_S ago."""
         now = self._clock()
-        if update is not None and output.shown and now - output.updated[stream] >= THIN_S:
+        if update is not None and output.shown[stream] and now - output.updated[stream] >= THIN_S:
             output.updated[stream] = now
             self._out[stream].write(output.prefixes[stream - 1] + update + b"\n")
 
@@ -384,12 +389,14 @@ def terminal_printer(
     world_size: int,
     shown_ranks: frozenset[int] | None,
     log_dir: str | None,
+    shows: Callable[[int, int], bool] | None = None,
 ) -> Printer:
     """The printer of a launcher that owns this terminal: in colour only when both stdout and
     stderr are terminals, and --no-color and NO_COLOR are not set."""
     colour = colour_enabled(no_color, os.environ, 1) and colour_enabled(no_color, os.environ, 2)
     return Printer(
-        world_ranks=world_ranks, world_size=world_size, colour=colour, shown_ranks=shown_ranks, log_dir=log_dir
+        world_ranks=world_ranks, world_size=world_size, colour=colour, shown_ranks=shown_ranks, log_dir=log_dir,
+        shows=shows,
     )
 
 

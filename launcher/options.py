@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 from launcher.errors import LaunchError
-from launcher.plan import is_plain_int
+from launcher.plan import FORWARDED_SIGNALS, is_plain_int
 
 DEFAULT_GRACE_S = 30.0
 DEFAULT_JOIN_TIMEOUT_S = 600.0  # torchrun's rendezvous join timeout
+SHUTDOWN_TIMEOUT_VARIABLE = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # torchrun's fallback for --shutdown-timeout
+OUT, ERR = 1, 2  # torchrun's Std bits, which are also the streams' file descriptors
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class Options:
     master_port: int | None
     rdzv_endpoint: str | None
     rdzv_backend: str | None
-    join_timeout: float
+    join_timeout: float | None  # None: --rdzv-conf's, else DEFAULT_JOIN_TIMEOUT_S
     standalone: bool
     gpu_ids: str | None
     module: bool
@@ -35,7 +38,7 @@ class Options:
     max_restarts: int
     env: tuple[str, ...]
     dry_run: bool
-    grace: float
+    grace: float | None  # None: TORCH_ELASTIC_SHUTDOWN_TIMEOUT's, else DEFAULT_GRACE_S
     run_id: str | None
     no_color: bool
     hosts: str | None
@@ -45,7 +48,24 @@ class Options:
     python: str | None
     agent: bool
     host_name: str | None
-
+    # torchrun's options that ddplaunch honours or accepts; defaults as if not given
+    rdzv_conf: str | None = None
+    role: str | None = None
+    run_path: bool = False
+    redirects: str | None = None
+    tee: str | None = None
+    local_ranks_filter: str | None = None
+    duplicate_stdout_filters: str | None = None
+    duplicate_stderr_filters: str | None = None
+    local_addr: str | None = None
+    numa_binding: str | None = None
+    signals_to_handle: str | None = None
+    virtual_local_rank: bool = False
+    monitor_interval: float | None = None
+    start_method: str | None = None
+    event_log_handler: str | None = None
+    logs_specs: str | None = None
+    force: bool = False
 
 
 def parse_nnodes(text: str) -> int:
@@ -61,23 +81,27 @@ def parse_nnodes(text: str) -> int:
 
 
 def parse_ranks(text: str, world_size: int) -> frozenset[int]:
+    """--ranks: global ranks and ranges, e.g. 0,3 or 0-3."""
+    return _rank_set(text, "--ranks", "global ranks like 0 or 0,3 or 0-3", world_size, f"world size {world_size}")
+
+
+def parse_local_ranks(text: str, nproc: int) -> frozenset[int]:
+    """--local-ranks-filter (torchrun's): local ranks, the same on every node."""
+    flag, example = "--local-ranks-filter", "local ranks like 0 or 0,1"
+    return _rank_set(text, flag, example, nproc, f"--nproc {nproc}, local ranks on every node")
+
+
+def _rank_set(text: str, flag: str, example: str, count: int, what: str) -> frozenset[int]:
     ranks: set[int] = set()
     for part in text.split(","):
         low, sep, high = part.strip().partition("-")
         if not is_plain_int(low) or (sep and not is_plain_int(high)):
-            raise LaunchError(
-                f"--ranks {text!r}: {part!r} is not a rank or range. Use global ranks like "
-                "0 or 0,3 or 0-3."
-            )
+            raise LaunchError(f"{flag} {text!r}: {part!r} is not a rank or range. Use {example}.")
         span = range(int(low), int(high if sep else low) + 1)
-        if not span or span[-1] >= world_size:
-            raise LaunchError(
-                f"--ranks {text!r} names a rank outside 0..{world_size - 1} "
-                f"(world size {world_size})."
-            )
+        if not span or span[-1] >= count:
+            raise LaunchError(f"{flag} {text!r} names a rank outside 0..{count - 1} ({what}).")
         ranks.update(span)
     return frozenset(ranks)
-
 
 
 def split_host_port(text: str) -> tuple[str, str | None]:
@@ -92,3 +116,218 @@ def split_host_port(text: str) -> tuple[str, str | None]:
     return text, None
 
 
+
+
+# -- torchrun's output options: --redirects, --tee, --local-ranks-filter ------------------------
+
+
+@dataclass(frozen=True)
+class StdSpec:
+    """A --redirects/--tee value: torchrun's Std bits (1 stdout, 2 stderr, 3 both) for every
+    local rank, or per local rank (`0:1,1:2`), where a local rank left out gets 0."""
+
+    everyone: int = 0
+    by_local_rank: tuple[tuple[int, int], ...] | None = None
+
+    def bits(self, local_rank: int) -> int:
+        if self.by_local_rank is None:
+            return self.everyone
+        return dict(self.by_local_rank).get(local_rank, 0)
+
+
+def parse_std(text: str, flag: str) -> StdSpec:
+    """torchrun's syntax: `3`, or `LOCAL_RANK:BITS,...` (e.g. `0:3,1:2`), bits 0-3."""
+    value = text.strip()
+    if _is_std_bits(value):
+        return StdSpec(int(value))
+    pairs = [part.strip().partition(":") for part in value.split(",")]
+    if not all(sep and is_plain_int(rank.strip()) and _is_std_bits(bits.strip()) for rank, sep, bits in pairs):
+        raise LaunchError(
+            f"{flag} {text!r} is not torchrun's stream choice. Use 1 (stdout), 2 (stderr), 3 (both) "
+            f"or 0 (none) for every local rank, or one per local rank, e.g. {flag} 0:3,1:2."
+        )
+    return StdSpec(0, tuple((int(rank), int(bits)) for rank, _, bits in pairs))
+
+
+def _is_std_bits(text: str) -> bool:
+    return text in ("0", "1", "2", "3")
+
+
+@dataclass(frozen=True)
+class TerminalFilter:
+    """Which (rank, stream) reach the terminal. The --log-dir files always get everything.
+
+    A line is shown when its global rank passes --ranks, its local rank passes
+    --local-ranks-filter (torchrun's, on every node), and its stream is not redirected to the
+    files only (--redirects; --tee names streams that go to the files *and* the terminal, so a
+    stream in both is shown, as in torchrun).
+    """
+
+    nproc: int
+    ranks: frozenset[int] | None = None
+    local_ranks: frozenset[int] | None = None
+    redirects: StdSpec = StdSpec()
+    tee: StdSpec = StdSpec()
+
+    def shows(self, rank: int, stream: int) -> bool:
+        local = rank % self.nproc
+        if self.ranks is not None and rank not in self.ranks:
+            return False
+        if self.local_ranks is not None and local not in self.local_ranks:
+            return False
+        return not self.hidden_bits(local) & stream
+
+    def hidden_bits(self, local_rank: int) -> int:
+        """The streams of this local rank that go to the files only."""
+        return self.redirects.bits(local_rank) & ~self.tee.bits(local_rank)
+
+    def hides_streams(self) -> bool:
+        """Whether --redirects keeps a stream of some worker off the terminal."""
+        return any(self.hidden_bits(local) for local in range(self.nproc))
+
+    def shown_ranks(self, world_size: int) -> frozenset[int] | None:
+        """The global ranks shown at all (None: every rank), for a printer that filters by rank."""
+        if self.ranks is None and self.local_ranks is None:
+            return None
+        return frozenset(r for r in range(world_size) if self.shows(r, OUT) or self.shows(r, ERR))
+
+
+def parse_filters(text: str) -> tuple[str, ...]:
+    """--duplicate-std{out,err}-filters: comma-separated needles, `,,` for a literal comma.
+
+    Empty needles are dropped: torchrun's help says an empty list duplicates nothing, and an
+    empty needle (from a trailing comma) would match every line.
+    """
+    placeholder = "\0"
+    needles = text.replace(",,", placeholder).split(",")
+    return tuple(n.replace(placeholder, ",") for n in needles if n)
+
+
+# -- torchrun's rendezvous and signal options ---------------------------------------------------
+
+JOIN_TIMEOUT_KEYS = ("join_timeout", "timeout")  # c10d's, then the static backend's
+
+
+@dataclass(frozen=True)
+class RdzvConf:
+    """What --rdzv-conf means here: the join timeout, and the keys that have no meaning."""
+
+    join_timeout: float | None
+    ignored: tuple[str, ...]
+
+
+def parse_rdzv_conf(text: str) -> RdzvConf:
+    """torchrun's `KEY=VALUE,...`: join_timeout (or the static backend's timeout) is the join
+    timeout; torchrun's other keys tune its rendezvous, which ddplaunch does not use."""
+    config: dict[str, str] = {}
+    for part in text.split(","):
+        key, _, value = (piece.strip() for piece in part.partition("="))
+        if not key or not value:
+            raise LaunchError(
+                f"--rdzv-conf {text!r}: {part.strip()!r} is not KEY=VALUE. Write it as torchrun does, "
+                "e.g. --rdzv-conf join_timeout=900,timeout=900."
+            )
+        config[key] = value
+    found = [key for key in JOIN_TIMEOUT_KEYS if key in config]
+    timeout = None
+    if found:
+        timeout = seconds(config[found[0]], f"--rdzv-conf {found[0]}", above_zero=True)
+    ignored = tuple(key for key in config if key not in found[:1])
+    return RdzvConf(timeout, ignored)
+
+
+def seconds(text: str, what: str, *, above_zero: bool) -> float:
+    """A number of seconds from text (a flag's value or a variable), finite and not negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")) or value < 0 or (above_zero and value == 0):
+        bound = "above 0" if above_zero else "0 or more"
+        raise LaunchError(f"{what} {text!r}: use a number of seconds, {bound} (e.g. 30).")
+    return value
+
+
+RDZV_BACKENDS = ("static", "c10d")
+
+
+def check_rdzv_backend(backend: str) -> None:
+    """static and c10d both mean: the nodes meet at node 0's TCPStore, at --rdzv-endpoint."""
+    if backend in RDZV_BACKENDS:
+        return
+    if backend.startswith("etcd"):
+        raise LaunchError(
+            f"--rdzv-backend {backend}: ddplaunch's nodes meet at node 0's TCPStore, not at an etcd "
+            "server. Use --rdzv-backend c10d --rdzv-endpoint NODE0:PORT (node 0's address), or leave "
+            "--rdzv-backend out."
+        )
+    raise LaunchError(f"--rdzv-backend {backend!r}: use static or c10d (both meet at node 0's TCPStore).")
+
+
+UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+
+
+def parse_signals(text: str) -> str:
+    """--signals-to-handle: signal names (SIGUSR1, USR1, sigusr1), checked and in torchrun's
+    spelling, as the workers are told in TORCHELASTIC_SIGNALS_TO_HANDLE."""
+    names: list[str] = []
+    for part in text.split(","):
+        name = part.strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name not in signal.Signals.__members__ or name.startswith("SIG_"):
+            raise LaunchError(
+                f"--signals-to-handle {text!r}: {part.strip()!r} is not a signal name. Use names "
+                f"separated by commas, e.g. --signals-to-handle {FORWARDED_SIGNALS},SIGUSR1."
+            )
+        if name in UNCATCHABLE or name == "SIGCHLD":
+            why = "cannot be caught" if name in UNCATCHABLE else "is how ddplaunch learns a worker ended"
+            raise LaunchError(f"--signals-to-handle: {name} {why}; leave it out of the list.")
+        if name not in names:
+            names.append(name)
+    return ",".join(names)
+
+
+# -- other launchers' spellings, for the hint on an unknown option ------------------------------
+
+FOREIGN_OPTIONS = {
+    # DeepSpeed
+    "--num_gpus": "DeepSpeed's --num_gpus is --nproc N here (workers on each node)",
+    "--num_nodes": "DeepSpeed's --num_nodes is --nnodes N here (or --hosts/--hostfile to start them over SSH)",
+    "--include": "DeepSpeed's --include is --hosts H1,H2 (hosts) and --gpu-ids 0,2 (GPUs) here",
+    "--exclude": "DeepSpeed's --exclude has no equivalent: list the hosts to use with --hosts and the GPUs with --gpu-ids",
+    "--launcher": "DeepSpeed's --launcher: ddplaunch starts remote nodes over SSH itself with --hosts/--hostfile",
+    "--ssh_port": "DeepSpeed's --ssh_port is host:port in --hosts (or Port in ~/.ssh/config) here",
+    "--no_local_rank": "DeepSpeed's --no_local_rank is the default here (--local-rank-arg adds the argument)",
+    "--bind_cores_to_rank": "DeepSpeed's --bind_cores_to_rank is --numa-binding core-complex (CPUs near each GPU) here",
+    # horovodrun and mpirun
+    "-np": "horovodrun's/mpirun's -np is the total; here --nproc N (per node) times --nnodes or the hosts of --hosts",
+    "-n": "mpirun's -n is the total; here --nproc N (per node) times --nnodes or the hosts of --hosts",
+    "--num-proc": "horovodrun's --num-proc is the total; here --nproc N (per node) times the hosts of --hosts",
+    "-x": "mpirun's -x NAME=VALUE is --env NAME=VALUE here",
+    "--npernode": "mpirun's --npernode is --nproc N here (workers on each node)",
+    "-npernode": "mpirun's -npernode is --nproc N here (workers on each node)",
+    "--output-filename": "horovodrun's --output-filename is --log-dir DIR here (DIR/rankN.log per rank)",
+    "-p": "horovodrun's -p (SSH port) is host:port in --hosts (or Port in ~/.ssh/config) here",
+    # accelerate
+    "--num_processes": "accelerate's --num_processes is the total; here --nproc N (per node) times --nnodes",
+    "--num_machines": "accelerate's --num_machines is --nnodes N here",
+    "--machine_rank": "accelerate's --machine_rank is --node-rank R here",
+    "--main_process_ip": "accelerate's --main_process_ip is --master-addr HOST here",
+    "--main_process_port": "accelerate's --main_process_port is --master-port PORT here",
+    "--multi_gpu": "accelerate's --multi_gpu is implied here: give --nproc N or --gpu-ids",
+    "--mixed_precision": "accelerate's --mixed_precision is set in your script here; the launcher only starts processes",
+    # Slurm, torch.distributed.launch
+    "--ntasks-per-node": "srun's --ntasks-per-node is --nproc N here (run one ddplaunch per node under srun)",
+    "--nodes": "--nodes is --nnodes N here",
+    "--use_env": "torch.distributed.launch's --use_env is always on here (ranks come in the environment); "
+    "--local-rank-arg adds the old --local-rank=N argument",
+}
+
+
+def foreign_option_hint(name: str) -> str | None:
+    """What ddplaunch calls an option that another launcher spells `name` (either spelling)."""
+    bare = name.partition("=")[0]
+    for spelling in (bare, bare.replace("-", "_").replace("__", "--", 1), bare.replace("_", "-")):
+        if spelling in FOREIGN_OPTIONS:
+            return FOREIGN_OPTIONS[spelling]
+    return None

@@ -15,7 +15,7 @@ from typing import Literal
 from launcher.devices import DeviceMap
 from launcher.errors import LaunchError
 
-ProgramKind = Literal["script", "module", "exec"]
+ProgramKind = Literal["script", "module", "exec", "run-path"]
 
 # Inherited by every descendant of a worker, so the guard can find those that left their
 # process group (setsid) if the launcher is SIGKILLed. Unique per launcher run.
@@ -56,7 +56,10 @@ _FLAG_FOR = {
     "TORCHELASTIC_MAX_RESTARTS": "--max-restarts",
     "CUDA_VISIBLE_DEVICES": "--gpu-ids",
 }
-ROLE_NAME = "default"
+ROLE_NAME = "default"  # torchrun's, unless --role
+# --run-path: torchrun calls runpy.run_path(script) in the worker with sys.argv = [script, *args].
+# `python -c` gives the same: sys.path[0] is the working directory, not the script's folder.
+RUN_PATH_CODE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 # Workers write to pipes, so libraries would draw 10-column bars and no colour. At a terminal
 # they are told it, unless the user set the variable: rich, pytest, Python 3.13+, loguru (from
 # its next release) and many tools read FORCE_COLOR; CLICOLOR_FORCE is the other common
@@ -68,7 +71,8 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 @dataclass(frozen=True)
 class Program:
-    """What each worker runs: a Python script, a module (-m) or an executable (--no-python)."""
+    """What each worker runs: a Python script, a module (-m), an executable (--no-python), or
+    a script run by runpy.run_path (--run-path)."""
 
     kind: ProgramKind
     target: str
@@ -107,6 +111,10 @@ class PlanInputs:
     error_dir: str | None = None
     job_id: str | None = None
     agent_store: bool = False  # multi-node: node 0's agent hosts the TCPStore at MASTER_PORT
+    role: str = ROLE_NAME
+    signals_to_handle: str = FORWARDED_SIGNALS
+    virtual_local_rank: bool = False  # each worker sees only its own GPU, as cuda:0, LOCAL_RANK=0
+    cpus: tuple[frozenset[int], ...] = ()  # --numa-binding: per local rank, the CPUs to run on
     terminal: Terminal | None = None  # None: the launcher's output goes to no terminal
 
 
@@ -123,6 +131,7 @@ class Worker:
     argv: tuple[str, ...]
     env_added: Mapping[str, str]
     error_file: str | None
+    cpus: frozenset[int] | None = None  # started bound to these CPUs; None: the launcher's own
 
 
 @dataclass(frozen=True)
@@ -239,6 +248,8 @@ def worker_argv(inputs: PlanInputs, local_rank: int) -> tuple[str, ...]:
         return (program.target, *extra, *program.args)
     if program.kind == "module":
         return (inputs.python, "-u", "-m", program.target, *extra, *program.args)
+    if program.kind == "run-path":
+        return (inputs.python, "-u", "-c", RUN_PATH_CODE, program.target, *extra, *program.args)
     return (inputs.python, "-u", program.target, *extra, *program.args)
 
 
@@ -248,7 +259,7 @@ def common_env(inputs: PlanInputs) -> dict[str, str]:
     env = {
         "GROUP_RANK": str(inputs.node_rank),
         "NODE_RANK": str(inputs.node_rank),
-        "ROLE_NAME": ROLE_NAME,
+        "ROLE_NAME": inputs.role,
         "LOCAL_WORLD_SIZE": str(inputs.nproc),
         "WORLD_SIZE": str(world_size),
         "GROUP_WORLD_SIZE": str(inputs.nnodes),
@@ -261,7 +272,7 @@ def common_env(inputs: PlanInputs) -> dict[str, str]:
         # One node: rank 0 hosts the TCPStore, as with env:// anywhere. Several: node 0's
         # agent hosts it and every worker is a client, exactly as under torchrun.
         "TORCHELASTIC_USE_AGENT_STORE": str(inputs.agent_store),
-        "TORCHELASTIC_SIGNALS_TO_HANDLE": FORWARDED_SIGNALS,
+        "TORCHELASTIC_SIGNALS_TO_HANDLE": inputs.signals_to_handle,
     }
     extra_keys = {key for key, _ in inputs.extra_env}
     if "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in inputs.base_env:
@@ -275,9 +286,32 @@ def common_env(inputs: PlanInputs) -> dict[str, str]:
     given = {*inputs.base_env, *extra_keys}
     env.update(terminal_env(inputs.terminal, world_size, given))
     env.update(inputs.extra_env)
+    if inputs.virtual_local_rank:
+        env.pop("CUDA_VISIBLE_DEVICES", None)  # each worker gets its own, in build_worker
     return env
 
 
+def visible_list(inputs: PlanInputs) -> str | None:
+    """CUDA_VISIBLE_DEVICES as the workers would inherit it: --gpu-ids, else --env's, else yours."""
+    if inputs.devices.cuda_visible_devices is not None:
+        return inputs.devices.cuda_visible_devices
+    return dict(inputs.extra_env).get("CUDA_VISIBLE_DEVICES", inputs.base_env.get("CUDA_VISIBLE_DEVICES"))
+
+
+def own_gpu(inputs: PlanInputs, local_rank: int) -> str:
+    """--virtual-local-rank: the one GPU this worker sees, as torchrun's agent picks it: entry
+    `local_rank` of the inherited CUDA_VISIBLE_DEVICES, or GPU `local_rank` without one."""
+    visible = visible_list(inputs)
+    if visible is None:
+        return str(local_rank)
+    entries = [entry.strip() for entry in visible.split(",")]
+    if local_rank >= len(entries):
+        raise LaunchError(
+            f"--virtual-local-rank: local rank {local_rank} has no GPU of its own in "
+            f"CUDA_VISIBLE_DEVICES={visible} ({len(entries)} listed). Start at most {len(entries)} "
+            "workers per node, or list more GPUs."
+        )
+    return entries[local_rank]
 def terminal_env(terminal: Terminal | None, world_size: int, given: Set[str]) -> dict[str, str]:
     """What tells workers writing to pipes about the terminal their lines reach, minus `given`.
 
@@ -313,9 +347,13 @@ def error_file_path(error_dir: str | None, restart_count: int, global_rank: int)
 def build_worker(inputs: PlanInputs, shared: Mapping[str, str], local_rank: int) -> Worker:
     global_rank = inputs.node_rank * inputs.nproc + local_rank
     error_file = error_file_path(inputs.error_dir, inputs.restart_count, global_rank)
-    per_worker = {"LOCAL_RANK": str(local_rank), "RANK": str(global_rank), "ROLE_RANK": str(global_rank)}
+    virtual = inputs.virtual_local_rank
+    per_worker = {"LOCAL_RANK": "0" if virtual else str(local_rank), "RANK": str(global_rank),
+                  "ROLE_RANK": str(global_rank)}
     if error_file is not None:
         per_worker["TORCHELASTIC_ERROR_FILE"] = error_file
+    if virtual:
+        per_worker["CUDA_VISIBLE_DEVICES"] = own_gpu(inputs, local_rank)
     physical = inputs.devices.physical[local_rank] if local_rank < len(inputs.devices.physical) else ""
     return Worker(
         node_rank=inputs.node_rank,
@@ -323,10 +361,11 @@ def build_worker(inputs: PlanInputs, shared: Mapping[str, str], local_rank: int)
         global_rank=global_rank,
         host=inputs.hostname,
         physical_gpu=physical,
-        device=f"cuda:{local_rank}" if physical else "cpu",
+        device=("cuda:0" if virtual else f"cuda:{local_rank}") if physical else "cpu",
         argv=worker_argv(inputs, local_rank),
         env_added=MappingProxyType({**per_worker, **shared}),
         error_file=error_file,
+        cpus=inputs.cpus[local_rank] if inputs.cpus else None,
     )
 
 

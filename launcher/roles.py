@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 from launcher.decide import Decision, Facts
-from launcher.errors import Interrupted
+from launcher.errors import Interrupted, LaunchError
 from launcher.logs import Printer, terminal_printer
 from launcher.options import Options
 from launcher.plan import Plan, PlanInputs
@@ -61,6 +61,10 @@ class Local:
             from launcher.ports import check_port_free
 
             check_port_free(inputs.master_port)
+        if self.options.local_addr is not None:
+            check_local_addr(self.options.local_addr)
+        if decision.log_dir is None and decision.files_wanted is not None:
+            self.decision = decision = with_temp_log_dir(decision, decision.files_wanted)
         return decision
 
     def connect(self, inputs: PlanInputs) -> tuple[Peers | None, PlanInputs]:
@@ -75,12 +79,18 @@ class Local:
         return inputs.master_addr, pick_free_port()
 
     def printer(self, first: Plan) -> Printer:
+        decision, ranks, no_color = self.decision, [w.global_rank for w in first.workers], self.options.no_color
+        shows = decision.terminal.shows
+        if decision.log_dir is not None and any(decision.duplicates):
+            from launcher.copies import copying_printer
+
+            return copying_printer(
+                decision.duplicates, no_color=no_color, world_ranks=ranks, world_size=first.world_size,
+                log_dir=decision.log_dir, shows=shows,
+            )
         return terminal_printer(
-            no_color=self.options.no_color,
-            world_ranks=[w.global_rank for w in first.workers],
-            world_size=first.world_size,
-            shown_ranks=self.decision.shown_ranks,
-            log_dir=self.decision.log_dir,
+            no_color=no_color, world_ranks=ranks, world_size=first.world_size, shown_ranks=None,
+            log_dir=decision.log_dir, shows=shows,
         )
 
     def say(self, printer: Printer, text: str) -> None:
@@ -107,7 +117,7 @@ class StaticNode(Local):
         who = f"node {inputs.node_rank}" if ranked else "this node (rank by arrival)"
         print(
             f"ddplaunch: {who} is waiting for {inputs.nnodes} nodes at {inputs.master_addr}:"
-            f"{inputs.master_port} (--join-timeout {self.options.join_timeout:g}s)",
+            f"{inputs.master_port} (--join-timeout {self.decision.join_timeout:g}s)",
             file=sys.stderr,
             flush=True,
         )
@@ -118,7 +128,7 @@ class StaticNode(Local):
             run_id_given=self.options.run_id is not None,
             node_rank=inputs.node_rank if ranked else None,
             hostname=inputs.hostname,
-            join_timeout=self.options.join_timeout,
+            join_timeout=self.decision.join_timeout,
         )
         try:
             link.join(0)
@@ -187,6 +197,27 @@ class NodeAgent:
 
     def announce(self, printer: Printer, first: Plan) -> None:
         self.say(printer, start_line(first))
+
+
+def check_local_addr(addr: str) -> None:
+    """--local-addr names this node: it must be one of this machine's addresses."""
+    from launcher.rendezvous import is_local_address
+
+    if not is_local_address(addr):
+        raise LaunchError(
+            f"--local-addr {addr}: not an address of this machine (or it does not resolve). Give "
+            "this node's own host name or IP address, as the other nodes reach it."
+        )
+
+
+def with_temp_log_dir(decision: Decision, why: str) -> Decision:
+    """torchrun writes to a temporary directory when it needs files and has no --log-dir; so do
+    we, and say where (it is kept: it holds output that the terminal did not show)."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="ddplaunch-logs-")
+    note = f"{why} and no --log-dir was given: every rank's output is in {path}/rankN.log"
+    return replace(decision, log_dir=path, notes=(*decision.notes, note))
 
 
 def role_for(options: Options, decision: Decision) -> Role:

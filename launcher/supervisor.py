@@ -40,6 +40,23 @@ RELAYED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # e.g. Slurm's checkpoint-be
 
 
 @dataclass(frozen=True)
+class SignalPlan:
+    """What each signal the launcher catches does: stop the job (forwarded to every worker,
+    then SIGKILL after the grace), or only be relayed to the workers. A signal in neither is
+    not caught at all. The default is torchrun's --signals-to-handle."""
+
+    stop: tuple[int, ...] = STOP_SIGNALS
+    relayed: tuple[int, ...] = RELAYED_SIGNALS
+
+    @classmethod
+    def handling(cls, names: str) -> SignalPlan:
+        """--signals-to-handle (names checked by launcher.options.parse_signals): those stop the
+        job; SIGUSR1/SIGUSR2 left out of it are still relayed."""
+        stop = tuple(signal.Signals[name] for name in names.split(","))
+        return cls(stop, tuple(sig for sig in RELAYED_SIGNALS if sig not in stop))
+
+
+@dataclass(frozen=True)
 class AttemptResult:
     """How one attempt ended: its workers, the first failure, the stop signal the launcher got."""
 
@@ -77,9 +94,9 @@ class AttemptResult:
 class SignalInbox:
     """Handlers append the signal number and nothing else; the loop reads them."""
 
-    HANDLED = (signal.SIGCHLD, *STOP_SIGNALS, *RELAYED_SIGNALS)
-
-    def __init__(self) -> None:
+    def __init__(self, plan: SignalPlan = SignalPlan()) -> None:
+        self.plan = plan
+        self.handled = (signal.SIGCHLD, *plan.stop, *plan.relayed)
         self.pending: deque[int] = deque()
         self._wake = WakePipe()
         self.read_fd = self._wake.read_fd
@@ -88,8 +105,12 @@ class SignalInbox:
 
     def __enter__(self) -> SignalInbox:
         self._previous_wakeup = signal.set_wakeup_fd(self._wake.write_fd, warn_on_full_buffer=False)
-        for sig in self.HANDLED:
+        for sig in self.handled:
             self._previous[sig] = signal.signal(sig, self._record)
+        if signal.SIGINT not in self.handled:
+            # Left out of --signals-to-handle: Python's own handler would raise KeyboardInterrupt
+            # in the loop; the system's default ends the launcher, as for any signal left out.
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_DFL)
         return self
 
     def _record(self, signum: int, _frame: object) -> None:
@@ -193,9 +214,9 @@ class Attempt:
         for sig in signals:
             if sig == signal.SIGCHLD:
                 self._reap()
-            elif sig in RELAYED_SIGNALS:
+            elif sig in self.inbox.plan.relayed:
                 self._handle_relayed(sig)
-            elif sig in STOP_SIGNALS:
+            elif sig in self.inbox.plan.stop:
                 self._handle_stop(sig)
 
     def _handle_relayed(self, sig: int) -> None:
@@ -342,6 +363,7 @@ def run_job(
     job_id: str | None = None,
     use_watchdog: bool = True,
     peers: Peers | None = None,
+    signals: SignalPlan = SignalPlan(),
 ) -> JobResult:
     """Run attempts until one succeeds, a signal stops us, or restarts run out.
 
@@ -352,7 +374,7 @@ def run_job(
     watchdog = Watchdog.start(marker) if use_watchdog else None
     become_subreaper()
     try:
-        with SignalInbox() as inbox:
+        with SignalInbox(signals) as inbox:
             interrupted = _stop_requested(inbox)
             restart = 0
             while True:
@@ -385,7 +407,7 @@ def _stop_requested(inbox: SignalInbox) -> Callable[[], bool]:
     """For waits between attempts (no worker runs): did a stop signal arrive?"""
 
     def interrupted() -> bool:
-        return any(sig in STOP_SIGNALS for sig in inbox.take())
+        return any(sig in inbox.plan.stop for sig in inbox.take())
 
     return interrupted
 

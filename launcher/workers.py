@@ -44,6 +44,29 @@ class Pipes:
     stderr: int
 
 
+def start_process(
+    argv: tuple[str, ...],
+    environment: Mapping[str, str],
+    actions: list[tuple[int, int, int]],
+    cpus: frozenset[int] | None,
+) -> int:
+    """posix_spawn in a new session; with `cpus`, the child runs only on those from its first
+    instruction.
+
+    posix_spawn has no affinity attribute, but a child starts with the mask of the thread that
+    spawned it, so this thread wears the worker's mask for the spawn. The mask is per thread:
+    no other thread, and so no other start, can inherit it meanwhile.
+    """
+    if cpus is None:
+        return os.posix_spawnp(argv[0], list(argv), environment, file_actions=actions, setsid=True)
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        return os.posix_spawnp(argv[0], list(argv), environment, file_actions=actions, setsid=True)
+    finally:
+        os.sched_setaffinity(0, own)
+
+
 class WorkerTree:
     """The started workers, their process groups and the descendants that left those groups.
 
@@ -62,18 +85,13 @@ class WorkerTree:
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        actions = [
+            (os.POSIX_SPAWN_DUP2, devnull, 0),
+            (os.POSIX_SPAWN_DUP2, out_write, 1),
+            (os.POSIX_SPAWN_DUP2, err_write, 2),
+        ]
         try:
-            pid = os.posix_spawnp(
-                spec.argv[0],
-                list(spec.argv),
-                environment,
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, devnull, 0),
-                    (os.POSIX_SPAWN_DUP2, out_write, 1),
-                    (os.POSIX_SPAWN_DUP2, err_write, 2),
-                ],
-                setsid=True,
-            )
+            pid = start_process(spec.argv, environment, actions, spec.cpus)
         except OSError:
             for fd in (out_read, err_read):
                 os.close(fd)

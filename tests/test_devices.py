@@ -24,6 +24,7 @@ from launcher.devices import (
     map_gpu_ids,
     parse_gpu_ids,
     parse_nvidia_smi,
+    sysfs_pci_address,
     visible_gpus,
 )
 from launcher.errors import GpuDiscoveryError, LaunchError
@@ -51,6 +52,10 @@ GPUS2 = fake_gpus(2)
         ("  3 ,   GPU-cccc  \r\n", (Gpu(3, "GPU-cccc"),)),  # padding, CRLF
         ("0,GPU-aaaa\n", (Gpu(0, "GPU-aaaa"),)),
         ("\n".join(f"{i}, {gpu_uuid(i)}" for i in range(8)) + "\n", GPUS8),
+        # the pci.bus_id column, in the sysfs form whatever nvidia-smi's case and domain width
+        ("0, GPU-aaaa, 00000000:1B:00.0\n", (Gpu(0, "GPU-aaaa", "0000:1b:00.0"),)),
+        ("0, GPU-aaaa, 0000:1b:00.0\n1, GPU-bbbb, 00000000:DC:00.0\n",
+         (Gpu(0, "GPU-aaaa", "0000:1b:00.0"), Gpu(1, "GPU-bbbb", "0000:dc:00.0"))),
     ],
 )
 def test_parse_nvidia_smi_ok(output: str, expected: tuple[Gpu, ...]) -> None:
@@ -65,7 +70,9 @@ def test_parse_nvidia_smi_ok(output: str, expected: tuple[Gpu, ...]) -> None:
         "Failed to initialize NVML: Driver/library version mismatch\n",
         "0, GPU-aaaa\ngarbage\n",
         "0\n",  # one column
-        "0, GPU-aaaa, extra\n",  # three columns
+        "0, GPU-aaaa, extra\n",  # a third column that is no PCI bus id
+        "0, GPU-aaaa, 1B:00.0\n",  # no PCI domain
+        "0, GPU-aaaa, 00000000:1B:00.0, x\n",  # four columns
         "x, GPU-aaaa\n",  # index not a number
         "-1, GPU-aaaa\n",
         "0, \n",  # no uuid
@@ -78,6 +85,26 @@ def test_parse_nvidia_smi_broken(output: str) -> None:
     message = str(info.value)
     assert "nvidia-smi" in message
     assert isinstance(info.value, LaunchError)  # so the CLI shows it as a usage error, exit 2
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("bus_id", "address"),
+    [
+        ("00000000:1B:00.0", "0000:1b:00.0"),  # nvidia-smi today
+        ("0000:1B:00.0", "0000:1b:00.0"),  # older drivers
+        ("0000:1b:00.0", "0000:1b:00.0"),  # already sysfs's form
+        ("00010000:C1:00.1", "10000:c1:00.1"),  # a VMD domain wider than four digits stays whole
+        ("0:1b:00.0", "0000:1b:00.0"),
+        ("1b:00.0", None),
+        ("0000:1b:00", None),
+        ("0000:1b:00.8", None),  # functions are 0-7
+        ("0000:1g:00.0", None),
+        ("", None),
+    ],
+)
+def test_sysfs_pci_address(bus_id: str, address: str | None) -> None:
+    assert sysfs_pci_address(bus_id) == address
 
 
 # -- parse_gpu_ids -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,12 @@ def case_gpu_ids_0246() -> PlanInputs:
     )
 
 
+def case_numa_exclusive_gpu_ids_0246() -> PlanInputs:
+    """--numa-binding exclusive on two sockets of 8 cores x 2 threads, GPUs 0,2 on the first."""
+    halves = [frozenset([*range(first, first + 4), *range(first + 16, first + 20)]) for first in (0, 4, 8, 12)]
+    return replace(case_gpu_ids_0246(), cpus=tuple(halves))
+
+
 def case_two_nodes_local_rank_arg() -> PlanInputs:
     return PlanInputs(
         program=Program("script", "train.py", ("--data", "/data/my set", "--lr", "0.1")),
@@ -67,10 +74,27 @@ def case_two_nodes_local_rank_arg() -> PlanInputs:
     )
 
 
+def case_torchrun_options() -> PlanInputs:
+    """--gpu-ids 1,3 --virtual-local-rank --role rank --signals-to-handle ...,SIGUSR1 --run-path."""
+    gpu_ids = parse_gpu_ids("1,3")
+    return PlanInputs(
+        program=Program("run-path", "/abs/train.py", ("--job.config_file", "x.toml")),
+        nproc=len(gpu_ids),
+        master_addr="127.0.0.1",
+        devices=map_gpu_ids(gpu_ids, FAKE_GPUS, None),
+        role="rank",
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        virtual_local_rank=True,
+        **COMMON,  # type: ignore[arg-type]
+    )
+
+
 CASES = {
     "cpu_nproc2": case_cpu_nproc2,
     "gpu_ids_0246": case_gpu_ids_0246,
+    "numa_exclusive_gpu_ids_0246": case_numa_exclusive_gpu_ids_0246,
     "two_nodes_local_rank_arg": case_two_nodes_local_rank_arg,
+    "torchrun_options": case_torchrun_options,
 }
 
 

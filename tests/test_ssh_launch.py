@@ -217,6 +217,20 @@ def test_ctrl_c_at_the_head_stops_every_host(launch, tmp_path: Path, token: str,
     nothing_left(token, sshd_pool)
 
 
+def test_signals_to_handle_makes_the_head_stop_every_host_on_that_signal(
+    launch, tmp_path: Path, token: str, sshd_pool: SshdPool
+) -> None:
+    """--signals-to-handle SIGTERM,SIGUSR1: SIGUSR1 at the head is a stop for every host, and
+    the workers get SIGUSR1 itself (their default action ends them: 128 + 10)."""
+    script = write_script(tmp_path / "sleeper.py", SLEEPER)
+    run = launch("--hosts", "host1,host2", "--nproc", "1", "--signals-to-handle", "SIGTERM,SIGUSR1", script)
+    _wait_all_up(run, 2)
+    run.signal(signal.SIGUSR1)
+    assert run.wait(timeout=30) == 128 + signal.SIGUSR1
+    assert "got SIGUSR1: stopping the workers on every host" in run.err
+    nothing_left(token, sshd_pool)
+
+
 def test_a_killed_remote_agent_stops_the_job_everywhere(
     launch, tmp_path: Path, token: str, sshd_pool: SshdPool
 ) -> None:
