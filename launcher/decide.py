@@ -177,7 +177,7 @@ def numa_sets(mode: str | None, nproc: int, facts: Facts, cuda_visible_devices: 
 
 def read_terminal(no_color: bool, environ: Mapping[str, str]) -> Terminal | None:
     """The terminal our output reaches (stderr's, where progress bars go, else stdout's), if any."""
-    from launcher.logs import colour_enabled
+    from launcher.logs import terminal_colour
 
     for fd in (2, 1):
         try:
@@ -188,7 +188,7 @@ def read_terminal(no_color: bool, environ: Mapping[str, str]) -> Terminal | None
             continue
     else:
         return None
-    colour = colour_enabled(no_color, environ, 1) and colour_enabled(no_color, environ, 2)
+    colour = terminal_colour(no_color, environ)
     return Terminal(columns or 80, lines or 24, colour)
 
 

@@ -121,6 +121,12 @@ def colour_enabled(no_color_flag: bool, environ: Mapping[str, str], fd: int) -> 
         return False
 
 
+def terminal_colour(no_color_flag: bool, environ: Mapping[str, str]) -> bool:
+    """Colour for this launch: the launcher's own prefixes, and workers told they may colour
+    (launcher.plan.terminal_env). Only when both stdout and stderr are terminals."""
+    return colour_enabled(no_color_flag, environ, 1) and colour_enabled(no_color_flag, environ, 2)
+
+
 def rank_prefixes(rank: int, world_size: int, colour: bool) -> tuple[bytes, bytes]:
     """(stdout prefix, stderr prefix): rank padded to one width; `!` marks stderr."""
     width = len(str(max(0, world_size - 1)))
@@ -391,11 +397,10 @@ def terminal_printer(
     log_dir: str | None,
     shows: Callable[[int, int], bool] | None = None,
 ) -> Printer:
-    """The printer of a launcher that owns this terminal: in colour only when both stdout and
-    stderr are terminals, and --no-color and NO_COLOR are not set."""
-    colour = colour_enabled(no_color, os.environ, 1) and colour_enabled(no_color, os.environ, 2)
+    """The printer of a launcher that owns this terminal (in colour as `terminal_colour` says)."""
     return Printer(
-        world_ranks=world_ranks, world_size=world_size, colour=colour, shown_ranks=shown_ranks, log_dir=log_dir,
+        world_ranks=world_ranks, world_size=world_size, colour=terminal_colour(no_color, os.environ),
+        shown_ranks=shown_ranks, log_dir=log_dir,
         shows=shows,
     )
 
