@@ -57,7 +57,7 @@ class LiveArea:
         erase = self._erase()
         self._drawn = []
         self._changed = True
-        if write is self._write:
+        if write == self._write:  # the same terminal and fd (bound methods are equal, not identical)
             write(erase + data)
         else:
             self._write(erase)
