@@ -188,7 +188,7 @@ def test_close_erases_the_area() -> None:
 def test_lines_through_the_areas_own_stream_come_with_the_erase_in_one_write() -> None:
     """One write, so the terminal never shows the area erased and the lines not yet there."""
     rig = Rig()
-    rig.run([("bar", R0, b"10%"), ("bar", R1, b"20%")])
+    rig.run([("bar", R0, b"10%"), ("bar", R1, b"20%"), ("wait", LATER)])
     rig.writes.clear()
     rig.area.above(b"0 | x\n", rig._write)
     assert rig.writes == [b"\r\x1b[1A\x1b[J0 | x\n"]
