@@ -3,9 +3,10 @@
 Whole lines scroll above the live area; the area itself is one line per rank and stream whose
 current line is a carriage-return line (shown at once) or a partial line that has waited
 PARTIAL_IDLE_S (a prompt such as pdb's `(Pdb) `; a line merely split across two reads is
-finished long before that). Before whole lines are written the area is erased; it is redrawn
-at most once per REDRAW_S, so 100,000 lines a second under a bar cost a few redraws, not one
-per line. The cursor is left at the end of the area's last line, where a prompt wants it.
+finished long before that). Whole lines are written in one go with the erasing of the area
+and its drawing again below them, so it never flickers; a bar that only moved is redrawn at
+most once per REDRAW_S. The cursor is left at the end of the area's last line, where a prompt
+wants it.
 
 Pure but for what it is given: the write function, the terminal's size and the clock.
 """
@@ -50,18 +51,22 @@ class LiveArea:
         self._entries[key] = (line, carriage_return, self._clock())
 
     def above(self, data: bytes, write: Callable[[bytes], None]) -> None:
-        """Whole lines, written through `write` (stdout or stderr), above the area: erase it first."""
+        """Whole lines, written through `write` (stdout or stderr), above the area: erase it,
+        write them, draw it again. That draw is due anyway, so it shows the newest state."""
         if not self._drawn:
-            write(data)
+            write(data)  # nothing on screen (a new line waits for refresh): the lines as they are
             return
+        now = self._clock()
         erase = self._erase()
-        self._drawn = []
-        self._changed = True
+        paint = self._draw(self._frame(now), now)
         if write == self._write:  # the same terminal and fd (bound methods are equal, not identical)
-            write(erase + data)
-        else:
+            write(erase + data + paint)
+            return
+        if erase:
             self._write(erase)
-            write(data)
+        write(data)
+        if paint:
+            self._write(paint)
 
     def refresh(self) -> None:
         """Redraw if the area would show something else, at most once per REDRAW_S."""
@@ -71,13 +76,11 @@ class LiveArea:
         now = self._clock()
         if now < self._next_draw:
             return  # due_in() tells the loop when to come back
-        self._changed = False
         frame = self._frame(now)
-        if frame == self._drawn:
-            return
-        self._write(self._erase() + WRAP_OFF + b"\n".join(frame) + WRAP_ON)
-        self._drawn = frame
-        self._next_draw = now + REDRAW_S
+        if frame != self._drawn:
+            erase = self._erase()
+            self._write(erase + self._draw(frame, now))
+        self._changed = False
 
     def due_in(self) -> float | None:
         """Seconds until refresh() has something to draw; None: nothing until new output."""
@@ -94,6 +97,15 @@ class LiveArea:
         if self._drawn:
             self._write(self._erase())
             self._drawn = []
+
+    def _draw(self, frame: list[bytes], now: float) -> bytes:
+        """The bytes that draw `frame` (after an erase), which is from then on what is drawn."""
+        self._drawn = frame
+        self._changed = False
+        if not frame:
+            return b""
+        self._next_draw = now + REDRAW_S
+        return WRAP_OFF + b"\n".join(frame) + WRAP_ON
 
     def _frame(self, now: float) -> list[bytes]:
         """The lines to show: carriage-return lines, then partial lines that waited long enough."""

@@ -185,10 +185,32 @@ def test_close_erases_the_area() -> None:
     assert rig.terminal.rows() == ["0 | kept"]
 
 
-def test_lines_through_the_areas_own_stream_come_with_the_erase_in_one_write() -> None:
+def test_lines_through_the_areas_own_stream_come_with_the_erase_and_redraw_in_one_write() -> None:
     """One write, so the terminal never shows the area erased and the lines not yet there."""
     rig = Rig()
     rig.run([("bar", R0, b"10%"), ("bar", R1, b"20%"), ("wait", LATER)])
     rig.writes.clear()
     rig.area.above(b"0 | x\n", rig._write)
-    assert rig.writes == [b"\r\x1b[1A\x1b[J0 | x\n"]
+    assert rig.writes == [b"\r\x1b[1A\x1b[J0 | x\n\x1b[?7l0 ! 10%\n1 ! 20%\x1b[?7h"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "rows"),
+    [
+        pytest.param(
+            [("bar", R0, b"10%"), ("wait", LATER), ("bar", R0, b"11%"), ("lines", b"0 | a\n"), ("lines", b"0 | b\n")],
+            ["0 | a", "0 | b", "0 ! 11%"],
+            id="lines-under-REDRAW_S-keep-the-bar-and-show-its-newest-state",
+        ),
+        pytest.param(
+            [("bar", R0, b"99%"), ("wait", LATER), ("bar", R0, b""), ("lines", b"0 ! 100%\n")],
+            ["0 ! 100%"],
+            id="a-finished-bar-is-never-shown-twice",
+        ),
+    ],
+)
+def test_screen_at_once_without_waiting(steps: list[tuple], rows: list[str]) -> None:
+    """What a user sees right after lines arrive, before any throttled redraw: no flicker."""
+    rig = Rig()
+    rig.run(steps)
+    assert rig.terminal.rows() == rows
