@@ -10,7 +10,6 @@ import pty
 import random
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -1037,8 +1036,9 @@ def test_e2e_tqdm_through_a_pipe_is_thinned_and_logged_raw(tmp_path: Path) -> No
     assert code == 0, err[-2000:]
     for rank in (0, 1):
         bars = [line for line in lines_of(err) if line.startswith(b"%d ! " % rank)]
-        # the first update, maybe one more (THIN_S apart), the last state: not 300
-        assert 2 <= len(bars) <= 3 and b"300/300" in bars[-1], bars
+        # the first update, one more per THIN_S the run took (none, unless the machine is slow),
+        # the last state: not 300
+        assert 2 <= len(bars) <= 5 and b"300/300" in bars[-1], bars
         assert len(bars[-1]) < 100  # no terminal: no width given, tqdm's own default
         raw = (log_dir / f"rank{rank}.log").read_bytes()
         assert raw.count(b"\r") >= 100 and b"300/300" in raw  # every update, as written
