@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from launcher.agent import replay
 from launcher.channel import AgentChannel, ChannelEvent
 from launcher.errors import Interrupted, LaunchError
-from launcher.fanout import Host, agent_argv, preflight_problem, remote_command, world_size_of
+from launcher.fanout import Host, agent_argv, prefixed_world_size, preflight_problem, remote_command
 from launcher.frames import ATTEMPT_END, OVER, READY, SUCCEEDED, Frame, decode_ready, end_line, go_line
 from launcher.protocol import Referee, job_exit_code
 from launcher.wakepipe import WakePipe
@@ -132,7 +132,7 @@ class Head:
         printer = terminal_printer(
             no_color=self.options.no_color,
             world_ranks=[],
-            world_size=world_size_of(self.hosts) or 100,  # only sizes the rank prefixes
+            world_size=prefixed_world_size(self.hosts),  # only sizes the rank prefixes
             shown_ranks=self.shown_ranks,
             log_dir=self.options.log_dir,
         )
@@ -142,7 +142,8 @@ class Head:
         selector.register(inbox.read_fd, selectors.EVENT_READ)
         try:
             while not all(a.closed for a in self.agents):
-                selector.select()
+                printer.tick()
+                selector.select(printer.due_in())
                 for sig in inbox.take():
                     if sig in inbox.plan.stop:
                         self._stop_all(sig, printer)
