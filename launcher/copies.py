@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from launcher.logs import LineFramer, Printer, Stream, _open_append, _write_all, colour_enabled, rank_prefixes
+from launcher.logs import LineFramer, Printer, Stream, _open_append, _write_all, rank_prefixes, terminal_colour
 
 STREAM_NAMES = {1: "stdout", 2: "stderr"}
 
@@ -78,7 +78,7 @@ def copying_printer(
     shows: Callable[[int, int], bool],
 ) -> CopyingPrinter:
     """As launcher.logs.terminal_printer, with the copies."""
-    colour = colour_enabled(no_color, os.environ, 1) and colour_enabled(no_color, os.environ, 2)
+    colour = terminal_colour(no_color, os.environ)
     return CopyingPrinter(
         duplicates, log_dir=log_dir, world_ranks=world_ranks, world_size=world_size, colour=colour, shows=shows
     )

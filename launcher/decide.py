@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from launcher.devices import (
@@ -45,6 +46,7 @@ from launcher.plan import (
     ROLE_NAME,
     PlanInputs,
     Program,
+    Terminal,
     is_plain_int,
     parse_env_assignments,
     resolve_nproc,
@@ -75,6 +77,7 @@ class Facts:
     hostname: str
     gpus: tuple[Gpu, ...]
     sysfs: str = "/sys"  # DDPLAUNCH_SYSFS: a fake machine's tree, for tests of --numa-binding
+    terminal: Terminal | None = None
 
 
 def program_of(options: Options, pythonpath: str | None = None) -> Program:
@@ -160,6 +163,7 @@ def gather_facts(options: Options) -> Facts:
         hostname=options.host_name or os.uname().nodename,
         gpus=gpus,
         sysfs=os.environ.get("DDPLAUNCH_SYSFS", "/sys"),
+        terminal=None if options.agent else read_terminal(options.no_color, os.environ),
     )
 
 
@@ -170,6 +174,23 @@ def numa_sets(mode: str | None, nproc: int, facts: Facts, cuda_visible_devices: 
     from launcher.numa import cpus_for_workers  # only with --numa-binding
 
     return cpus_for_workers(mode, nproc, facts.gpus, cuda_visible_devices, sysfs=facts.sysfs)
+
+
+def read_terminal(no_color: bool, environ: Mapping[str, str]) -> Terminal | None:
+    """The terminal our output reaches (stderr's, where progress bars go, else stdout's), if any."""
+    from launcher.logs import terminal_colour
+
+    for fd in (2, 1):
+        try:
+            if os.isatty(fd):
+                columns, lines = os.get_terminal_size(fd)
+                break
+        except OSError:
+            continue
+    else:
+        return None
+    colour = terminal_colour(no_color, environ)
+    return Terminal(columns or 80, lines or 24, colour)
 
 
 def usable_cpus() -> int:
@@ -247,6 +268,7 @@ def decide(options: Options, facts: Facts, error_dir: str | None, *, head_links_
         signals_to_handle=parse_signals(options.signals_to_handle) if options.signals_to_handle else FORWARDED_SIGNALS,
         virtual_local_rank=options.virtual_local_rank,
         cpus=cpus,
+        terminal=facts.terminal,
         stdin_rank=parse_stdin(options.stdin, nnodes * nproc),
     )
     terminal = terminal_filter(options, nnodes, nproc)

@@ -154,12 +154,28 @@ def launch_on_hosts(options: Options) -> int:
     options = replace(options, run_id=options.run_id or os.urandom(8).hex(), grace=grace_of(options, dict(os.environ)))
     for note in notes_of(options):
         print(f"ddplaunch: {note}", file=sys.stderr, flush=True)
-    env = forwarded_env(dict(os.environ), parse_env_assignments(options.env, gpu_ids_given=options.gpu_ids is not None))
+    explicit = parse_env_assignments(options.env, gpu_ids_given=options.gpu_ids is not None)
+    env = forwarded_env(dict(os.environ), [*head_terminal_env(options, hosts, explicit), *explicit])
     workdir = options.chdir or os.getcwd()
     if options.dry_run:
         print(render_hosts(options, hosts, env, workdir, stdin_rank), end="")
         return 0
     return Head(options, hosts, env, workdir, shown_ranks).run()
+
+
+def head_terminal_env(options: Options, hosts: Sequence[Host], explicit: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The head's terminal, for remote workers: their lines reach it, not the agent's SSH channel."""
+    from launcher.decide import read_terminal
+    from launcher.plan import terminal_env
+
+    terminal = read_terminal(options.no_color, os.environ)
+    given = {*os.environ, *(key for key, _ in explicit)}
+    return sorted(terminal_env(terminal, prefixed_world_size(hosts), given).items())
+
+
+def prefixed_world_size(hosts: Sequence[Host]) -> int:
+    """What the head's printer sizes the rank prefixes by: two digits when agents pick nproc."""
+    return world_size_of(hosts) or 100
 
 
 def world_size_of(hosts: Sequence[Host]) -> int | None:

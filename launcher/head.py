@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from launcher.agent import replay
 from launcher.channel import AgentChannel, ChannelEvent
 from launcher.errors import Interrupted, LaunchError
-from launcher.fanout import Host, agent_argv, preflight_problem, remote_command, world_size_of
+from launcher.fanout import Host, agent_argv, prefixed_world_size, preflight_problem, remote_command
 from launcher.frames import (
     ATTEMPT_END, OVER, READY, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, go_line,
 )
@@ -137,7 +137,7 @@ class Head:
         printer = terminal_printer(
             no_color=self.options.no_color,
             world_ranks=[],
-            world_size=world_size_of(self.hosts) or 100,  # only sizes the rank prefixes
+            world_size=prefixed_world_size(self.hosts),  # only sizes the rank prefixes
             shown_ranks=self.shown_ranks,
             log_dir=self.options.log_dir,
         )
@@ -148,7 +148,8 @@ class Head:
         self._stdin = ForwardedStdin(selector, printer.note)
         try:
             while not all(a.closed for a in self.agents):
-                for key, _ in selector.select():
+                printer.tick()
+                for key, _ in selector.select(printer.due_in()):
                     if isinstance(key.data, ForwardedStdin):
                         key.data.forward()
                 for sig in inbox.take():

@@ -53,7 +53,12 @@ class Inputs:
         self._selector.register(pipes.stderr, selectors.EVENT_READ, WorkerOutput(rank, 2))
 
     def select(self, timeout: float | None) -> list[tuple[int, Source]]:
-        """The inputs ready to read, as file descriptor and what it is; [] at the timeout."""
+        """The inputs ready to read, as file descriptor and what it is; [] at the timeout.
+
+        The printer's live area is redrawn here when due, so the wait ends in time for it too.
+        """
+        self._printer.tick()
+        timeout = sooner(timeout, self._printer.due_in())
         return [(key.fd, key.data) for key, _ in self._selector.select(timeout)]
 
     def read(self, fd: int, output: WorkerOutput) -> None:
@@ -82,3 +87,10 @@ class Inputs:
         self._selector.unregister(fd)
         os.close(fd)
         self._printer.end_of_stream(output.rank, output.stream)
+
+
+def sooner(timeout: float | None, other: float | None) -> float | None:
+    """The shorter of two waits, None being forever."""
+    if timeout is None:
+        return other
+    return timeout if other is None else min(timeout, other)

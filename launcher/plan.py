@@ -7,7 +7,7 @@ port) and passes them in, so every rule here is tested by tables of cases.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
@@ -60,6 +60,12 @@ ROLE_NAME = "default"  # torchrun's, unless --role
 # --run-path: torchrun calls runpy.run_path(script) in the worker with sys.argv = [script, *args].
 # `python -c` gives the same: sys.path[0] is the working directory, not the script's folder.
 RUN_PATH_CODE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+# Workers write to pipes, so libraries would draw 10-column bars and no colour. At a terminal
+# they are told it, unless the user set the variable: rich, pytest, Python 3.13+, loguru (from
+# its next release) and many tools read FORCE_COLOR; CLICOLOR_FORCE is the other common
+# spelling; PY_COLORS is pytest's and tox's. TTY_INTERACTIVE=0 keeps rich's colour but not its
+# cursor-moving live displays, which several ranks would draw over each other.
+COLOUR_VARIABLES = (("FORCE_COLOR", "1"), ("CLICOLOR_FORCE", "1"), ("PY_COLORS", "1"), ("TTY_INTERACTIVE", "0"))
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -71,6 +77,15 @@ class Program:
     kind: ProgramKind
     target: str
     args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Terminal:
+    """The terminal the launcher's output goes to, as the workers should see it through their pipes."""
+
+    columns: int
+    lines: int
+    colour: bool  # stdout and stderr are terminals, and neither --no-color nor NO_COLOR is set
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,7 @@ class PlanInputs:
     signals_to_handle: str = FORWARDED_SIGNALS
     virtual_local_rank: bool = False  # each worker sees only its own GPU, as cuda:0, LOCAL_RANK=0
     cpus: tuple[frozenset[int], ...] = ()  # --numa-binding: per local rank, the CPUs to run on
+    terminal: Terminal | None = None  # None: the launcher's output goes to no terminal
     stdin_rank: int | None = 0  # the global rank that reads the launcher's stdin; None: no rank
 
 
@@ -274,6 +290,8 @@ def common_env(inputs: PlanInputs) -> dict[str, str]:
         env["CUDA_VISIBLE_DEVICES"] = inputs.devices.cuda_visible_devices
     if inputs.job_id is not None:
         env[JOB_ID_VARIABLE] = inputs.job_id
+    given = {*inputs.base_env, *extra_keys}
+    env.update(terminal_env(inputs.terminal, world_size, given))
     env.update(inputs.extra_env)
     if inputs.virtual_local_rank:
         env.pop("CUDA_VISIBLE_DEVICES", None)  # each worker gets its own, in build_worker
@@ -301,6 +319,24 @@ def own_gpu(inputs: PlanInputs, local_rank: int) -> str:
             "workers per node, or list more GPUs."
         )
     return entries[local_rank]
+def terminal_env(terminal: Terminal | None, world_size: int, given: Set[str]) -> dict[str, str]:
+    """What tells workers writing to pipes about the terminal their lines reach, minus `given`.
+
+    COLUMNS (rich, argparse, shutil) is the width left after the rank prefix; tqdm does not read
+    it (it asks its file, a pipe), so TQDM_NCOLS, one column less as tqdm leaves at a terminal.
+    """
+    if terminal is None:
+        return {}
+    columns = max(terminal.columns - prefix_width(world_size), 10)
+    env = {"COLUMNS": str(columns), "LINES": str(terminal.lines), "TQDM_NCOLS": str(columns - 1)}
+    if terminal.colour:
+        env.update(COLOUR_VARIABLES)
+    return {key: value for key, value in env.items() if key not in given}
+
+
+def prefix_width(world_size: int) -> int:
+    """Columns of the rank prefix `N | ` as launcher.logs.rank_prefixes draws it."""
+    return len(str(max(0, world_size - 1))) + 3
 
 
 def omp_threads(cpu_count: int, nproc: int) -> int:

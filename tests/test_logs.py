@@ -9,15 +9,14 @@ import os
 import pty
 import random
 import re
-import select
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from helpers_cli import cli_env, launcher_argv, run_cli, write_script
+from helpers_screen import Terminal, run_on_terminal, set_size
+from launcher.live import PARTIAL_IDLE_S
 from launcher.logs import MAX_LINE_BYTES, TAIL_LINES, LineFramer, Printer, colour_enabled, rank_prefixes
 
 pytestmark = pytest.mark.timeout(60)
@@ -114,18 +113,6 @@ def worker_args(script: str, nproc: int, *flags: str) -> list[str]:
     return ["--nproc", str(nproc), "--grace", "5", *flags, script]
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Bounded teardown of a launcher that overran: SIGTERM (it forwards), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=8)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
 def launch(
     tmp_path: Path, script: str, nproc: int, *flags: str, env: dict[str, str] | None = None
 ) -> tuple[int, bytes, bytes]:
@@ -156,10 +143,15 @@ FRAMER_CASES = [
     pytest.param(b"a\r\nb\r\n", [b"a", b"b"], id="crlf"),
     pytest.param(b"a\r\nb\nc\r\n", [b"a", b"b", b"c"], id="mixed-endings"),
     pytest.param(b"\n\nx\n\n", [b"", b"", b"x", b""], id="empty-lf-lines-kept"),
-    pytest.param(TQDM, [b" 10%|#   |", b" 20%|##  |", b"100%|####|"], id="tqdm-cr"),
-    pytest.param(b"a\r\r\rb\n", [b"a", b"b"], id="empty-cr-segments-dropped"),
-    pytest.param(b"10%\r20%\r30%\r\n", [b"10%", b"20%", b"30%"], id="trailing-cr-then-crlf"),
-    pytest.param(b"start\n\r 50%\r100%\ndone\n", [b"start", b" 50%", b"100%", b"done"], id="progress-between-lines"),
+    # a bare \r goes back to the line's start: a finished line shows its last non-empty part
+    pytest.param(TQDM, [b"100%|####|"], id="tqdm-cr-one-line"),
+    pytest.param(b"a\r\r\rb\n", [b"b"], id="empty-cr-parts-skipped"),
+    pytest.param(b"10%\r20%\r30%\r\n", [b"30%"], id="trailing-cr-then-crlf"),
+    pytest.param(b"start\n\r 50%\r100%\ndone\n", [b"start", b"100%", b"done"], id="progress-between-lines"),
+    pytest.param(b"\r 10%\r 20%", [b" 20%"], id="unfinished-bar-last-state-at-end"),
+    pytest.param(b"\r 50%\r     \r", [], id="bar-cleared-with-blanks-is-no-line"),
+    pytest.param(b"\r 50%\r     \rnext\n", [b"next"], id="cleared-bar-then-line"),
+    pytest.param(b"a\r\nb\r\r\n\r\n", [b"a", b"b", b""], id="crlf-and-empty-crlf"),
     pytest.param(b"partial", [b"partial"], id="partial-only"),
     pytest.param(b"a\nlast", [b"a", b"last"], id="partial-final-line"),
     pytest.param(b"a\nlast\r", [b"a", b"last"], id="partial-final-line-trailing-cr"),
@@ -199,14 +191,44 @@ def test_framer_crlf_split_across_two_feeds() -> None:
     assert framer.flush() == []
 
 
+# feed -> (whole lines, what the unfinished line shows, its newest complete update, a progress line?)
+UPDATE_STEPS = [
+    (b"\r  0%|", [], b"  0%|", None, True),  # the text after the last \r may still grow
+    (b"   |", [], b"  0%|   |", None, True),
+    (b"\r 10%|#  |", [], b" 10%|#  |", b"  0%|   |", True),
+    (b"\r 20%|## |\r 30%|###|", [], b" 30%|###|", b" 20%|## |", True),  # only the newest
+    (b"", [], b" 30%|###|", None, True),  # taken once
+    (b"\r", [], b" 30%|###|", None, True),  # maybe half of \r\n: no update yet
+    (b"\r40%", [], b"40%", b" 30%|###|", True),
+    (b"\nnext", [b"40%"], b"next", None, False),  # the line ended: its updates are done
+    (b"\r", [], b"next", None, False),
+    (b"\n", [b"next"], b"", None, False),
+    (b"\r\r\r", [], b"", None, True),  # empty parts: no update, nothing to show
+    (b"x\r\ry", [], b"y", b"x", True),
+]
+
+
 @pytest.mark.unit
-def test_framer_tqdm_lines_come_out_as_they_move() -> None:
+def test_framer_tells_the_unfinished_line_and_its_updates() -> None:
     framer = LineFramer()
-    assert framer.feed(b"\r 10%|#   |") == []  # not ended yet: could still grow
-    assert framer.feed(b"\r 20%|##  |") == [b" 10%|#   |"]
-    assert framer.feed(b"\r100%|####|") == [b" 20%|##  |"]
-    assert framer.feed(b"\n") == [b"100%|####|"]
-    assert framer.flush() == []
+    for data, lines, display, update, carriage_return in UPDATE_STEPS:
+        assert framer.feed(data) == lines, data
+        assert (framer.display, framer.take_update(), framer.carriage_return) == (display, update, carriage_return), data
+    assert framer.flush() == [b"y"]
+    assert (framer.display, framer.take_update(), framer.carriage_return) == (b"", None, False)
+    framer.feed(b"\r 5%\r 6%")  # an update left untaken ...
+    assert framer.feed(b"\n") == [b" 6%"]
+    assert framer.take_update() is None  # ... is gone with its line: the line itself says more
+
+
+@pytest.mark.unit
+def test_framer_long_bar_stays_small() -> None:
+    """An hour of updates keeps only the newest: memory stays bounded, no 1 MiB pieces of updates."""
+    framer = LineFramer()
+    for i in range(50_000):
+        assert framer.feed(f"\r{i:6d}/50000 |{'#' * 40}|".encode()) == []
+    assert framer.display == b" 49999/50000 |" + b"#" * 40 + b"|"
+    assert framer.feed(b"\n") == [b" 49999/50000 |" + b"#" * 40 + b"|"]
 
 
 @pytest.mark.unit
@@ -420,7 +442,8 @@ def test_printer_log_dir_gets_raw_lines(pipes: Pipes, tmp_path: Path) -> None:
     printer.log_event("only in the file")
     printer.block("\x1b[31mreport\x1b[0m\n")
     printer.close()
-    assert (log_dir / "rank1.log").read_bytes() == b"plain\n 50%\n100%\nbad \xff\nno newline\n"
+    # raw, \r included; a stream that ended without a newline gets one (the next run appends)
+    assert (log_dir / "rank1.log").read_bytes() == b"plain\r\n\r 50%\r100%\nbad \xff\nno newline\n"
     assert (log_dir / "rank0.log").read_bytes() == b""
     launcher_log = (log_dir / "launcher.log").read_text()
     assert re.search(r"^\S+ a note$", launcher_log, re.M)
@@ -488,6 +511,157 @@ def test_printer_closed_reader_signal_default_sigpipe_ignored(pipes: Pipes) -> N
     printer.feed(0, 2, b"b\n")  # stderr still works
     printer.close()
     assert pipes.err() == b"0 ! b\n"
+
+
+# =============================================================================================
+# A. Printer: progress lines, off a terminal and at one
+# =============================================================================================
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def bar(step: int, total: int = 300) -> bytes:
+    return f"{100 * step // total:3d}%|{step}/{total}|".encode()
+
+
+@pytest.mark.unit
+def test_printer_off_terminal_thins_updates_per_rank_and_stream(pipes: Pipes) -> None:
+    """Updates every 0.1 s for 12 s: one at the start, one per THIN_S, then the last state."""
+    clock = Clock()
+    printer = make_printer(pipes, world_ranks=[0, 1], world_size=2, clock=clock)
+    for step in range(121):
+        for rank in (0, 1):
+            printer.feed(rank, 2, b"\r" + bar(step, 120))
+        if step % 40 == 0:
+            printer.feed(0, 1, f"step {step}\n".encode())  # whole lines: every one
+        clock.now += 0.1
+    for rank in (0, 1):
+        printer.feed(rank, 2, b"\n")
+    printer.close()
+    assert pipes.out() == b"".join(f"0 | step {step}\n".encode() for step in (0, 40, 80, 120))
+    shown = [step for step in (0, 50, 100)]  # t = 0, 5.0, 10.0 (each the newest complete update)
+    expected = [b"%d ! " % rank + bar(step, 120) for step in shown for rank in (0, 1)]
+    expected += [b"%d ! " % rank + bar(120, 120) for rank in (0, 1)]
+    assert lines_of(pipes.err()) == expected
+
+
+@pytest.mark.unit
+def test_printer_off_terminal_bar_cut_by_its_stream_ending(pipes: Pipes) -> None:
+    clock = Clock()
+    printer = make_printer(pipes, clock=clock)
+    for step in range(5):
+        printer.feed(0, 2, b"\r" + bar(step))
+    printer.end_of_stream(0, 2)
+    assert pipes.err() == b"0 ! " + bar(0) + b"\n0 ! " + bar(4) + b"\n"
+    assert printer.tail(0) == [bar(4).decode()]  # the report shows where it stopped, once
+    printer.close()
+
+
+@pytest.mark.unit
+def test_printer_rank_log_holds_raw_bytes_lines_whole(pipes: Pipes, tmp_path: Path) -> None:
+    printer = make_printer(pipes, log_dir=tmp_path)
+    printer.feed(0, 2, b"\r 0%|")
+    printer.feed(0, 1, b"out ")  # stdout and stderr share the file: no line is cut by the other
+    printer.feed(0, 2, b"\r 50%|\r100%|")
+    printer.feed(0, 1, b"line\n")
+    printer.feed(0, 2, b"\n")
+    printer.feed(0, 1, b"no newline")
+    printer.end_of_stream(0, 1)
+    printer.feed(0, 1, b"the next attempt\n")  # appends to the same file
+    printer.close()
+    log = (tmp_path / "rank0.log").read_bytes()
+    assert log == b"out line\n\r 0%|\r 50%|\r100%|\nno newline\nthe next attempt\n"
+
+
+@pytest.fixture
+def pty_pair():
+    master, slave = pty.openpty()
+    set_size(slave, 60, 12)
+    yield master, slave
+    os.close(master)
+    os.close(slave)
+
+
+class AtTerminal:
+    """A Printer writing to a pseudo-terminal (stdout too, unless told), on a fake clock; what
+    it wrote is replayed through pyte."""
+
+    def __init__(self, master: int, slave: int, **kwargs) -> None:
+        self.clock = Clock()
+        self._master = master
+        self.screen = Terminal(60, 12)
+        kwargs.setdefault("world_ranks", [0, 1])
+        kwargs.setdefault("world_size", 2)
+        kwargs.setdefault("stdout_fd", slave)
+        self.printer = Printer(colour=False, stderr_fd=slave, clock=self.clock, **kwargs)
+
+    def rows(self, after: float = 0.0) -> list[str]:
+        """The screen once `after` seconds have passed and the loop has ticked the printer."""
+        self.clock.now += after
+        self.printer.tick()
+        self.screen.feed(read_available(self._master))
+        return self.screen.rows()
+
+
+@pytest.fixture
+def at_terminal(pty_pair):
+    return lambda **kwargs: AtTerminal(*pty_pair, **kwargs)
+
+
+@pytest.mark.unit
+def test_printer_at_a_terminal_bars_live_lines_above(at_terminal) -> None:
+    """stdout and stderr on one terminal: one live area; 2 bars x 100 updates leave 2 lines."""
+    term = at_terminal()
+    printer = term.printer
+    for step in range(101):
+        for rank in (0, 1):
+            printer.feed(rank, 2, b"\r" + bar(step, 100))
+        if step % 50 == 0:
+            printer.feed(1, 1, f"step {step}\n".encode())
+            printer.note(f"note {step}")
+        term.rows(after=0.01)
+    assert term.rows(after=1) == [
+        "1 | step 0", "ddplaunch: note 0", "1 | step 50", "ddplaunch: note 50", "1 | step 100",
+        "ddplaunch: note 100", "0 ! 100%|100/100|", "1 ! 100%|100/100|",
+    ]
+    printer.end_of_stream(1, 2)  # rank 1's bar ends: its last state scrolls up, once
+    printer.feed(0, 1, b"after\n")
+    last_four = ["ddplaunch: note 100", "1 ! 100%|100/100|", "0 | after", "0 ! 100%|100/100|"]
+    assert term.rows(after=1)[-4:] == last_four
+    printer.close()  # rank 0's bar never ended (a lost host): it comes out as a line too
+    assert term.rows()[-4:] == last_four
+
+
+@pytest.mark.unit
+def test_printer_terminal_stderr_piped_stdout(at_terminal, pipes: Pipes) -> None:
+    """Only stderr is a terminal: its bars are live; stdout (a pipe) gets plain lines, no codes."""
+    term = at_terminal(world_ranks=[0], world_size=1, stdout_fd=pipes.out_w)
+    for step in range(3):
+        term.printer.feed(0, 2, b"\r" + bar(step))
+        term.printer.feed(0, 1, b"\rout %d" % step)  # a \r line on the pipe: thinned, not drawn
+        term.rows(after=1)
+    term.printer.feed(0, 1, b"\n")
+    assert term.rows() == ["0 ! " + bar(2).decode()]
+    assert pipes.out() == b"0 | out 0\n0 | out 2\n"
+    term.printer.close()
+
+
+@pytest.mark.unit
+def test_printer_at_a_terminal_prompt_shows_after_idle(at_terminal) -> None:
+    term = at_terminal()
+    term.printer.feed(0, 1, b"> /tmp/train.py(3)<module>()\n(Pdb) ")
+    assert term.rows() == ["0 | > /tmp/train.py(3)<module>()"]
+    due = term.printer.due_in()
+    assert due == pytest.approx(PARTIAL_IDLE_S)
+    assert term.rows(after=due) == ["0 | > /tmp/train.py(3)<module>()", "0 | (Pdb)"]
+    assert term.screen.cursor == (len("0 | (Pdb) "), 1)
+    term.printer.close()
 
 
 # =============================================================================================
@@ -664,14 +838,8 @@ def test_e2e_progress_bar(tmp_path: Path) -> None:
     )
     code, out, err = launch(tmp_path, script, 1)
     assert code == 0, err[-2000:]
-    assert lines_of(out) == [
-        b"0 |   0%|    |",
-        b"0 |  25%|#   |",
-        b"0 |  50%|##  |",
-        b"0 |  75%|### |",
-        b"0 | 100%|####|",
-        b"0 | done",
-    ]
+    # off a terminal: the first update, then none for THIN_S, then the bar's last state
+    assert lines_of(out) == [b"0 |   0%|    |", b"0 | 100%|####|", b"0 | done"]
     assert b"\r" not in out
 
 
@@ -794,49 +962,23 @@ def test_e2e_piped_output_has_no_colour(tmp_path: Path, env_extra: dict, flags: 
     assert b"0 | to stdout\n" in out and b"1 ! to stderr\n" in err
 
 
-def run_on_pty(tmp_path: Path, script: str, nproc: int, *flags: str, env: dict[str, str]) -> tuple[int, bytes]:
-    """The launcher with stdout and stderr on one pseudo-terminal; everything read, with deadlines."""
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            launcher_argv(*worker_args(script, nproc, *flags)), cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=slave,
-            stderr=slave, env=env,
-        )
-        os.close(slave)
-        slave = -1
-        data = b""
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        try:
-            while time.monotonic() < deadline:
-                ready, _, _ = select.select([master], [], [], 0.2)
-                if ready:
-                    try:
-                        chunk = os.read(master, 1 << 16)
-                    except OSError:  # EIO: every writer has closed the terminal
-                        break
-                    if not chunk:
-                        break
-                    data += chunk
-                elif proc.poll() is not None:
-                    break
-            code = proc.wait(timeout=10)
-        finally:
-            stop(proc)
-        return code, data
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
+def run_on_pty(
+    tmp_path: Path, script: str, nproc: int, *flags: str, env: dict[str, str], size: tuple[int, int] = (100, 30)
+) -> tuple[int, bytes]:
+    """The launcher with stdout and stderr on one pseudo-terminal of `size` (columns, lines)."""
+    argv = launcher_argv(*worker_args(script, nproc, *flags))
+    return run_on_terminal(argv, cwd=tmp_path, env=env, size=size, timeout=RUN_TIMEOUT_S)
 
 
-@pytest.mark.parametrize(
-    ("env_extra", "flags", "coloured"),
-    [
-        pytest.param({}, (), True, id="tty"),
-        pytest.param({"NO_COLOR": "1"}, (), False, id="tty+NO_COLOR=1"),
-        pytest.param({}, ("--no-color",), False, id="tty+--no-color"),
-    ],
-)
+# at a terminal: coloured, unless NO_COLOR or --no-color
+TERMINAL_COLOUR_CASES = [
+    pytest.param({}, (), True, id="tty"),
+    pytest.param({"NO_COLOR": "1"}, (), False, id="tty+NO_COLOR=1"),
+    pytest.param({}, ("--no-color",), False, id="tty+--no-color"),
+]
+
+
+@pytest.mark.parametrize(("env_extra", "flags", "coloured"), TERMINAL_COLOUR_CASES)
 def test_e2e_colour_on_a_terminal(tmp_path: Path, env_extra: dict, flags: tuple, coloured: bool) -> None:
     script = write_script(tmp_path / "worker.py", COLOUR_WORKER)
     code, data = run_on_pty(tmp_path, script, 2, *flags, env=cli_env(**env_extra))
@@ -848,3 +990,99 @@ def test_e2e_colour_on_a_terminal(tmp_path: Path, env_extra: dict, flags: tuple,
     else:
         assert ANSI not in data
         assert b"0 | to stdout" in data and b"1 ! to stderr" in data
+
+
+# =============================================================================================
+# B. Progress bars and colour in workers' own output, at a terminal and off one
+# =============================================================================================
+
+TQDM_WORKER = """
+import os, time
+from tqdm import tqdm
+rank = int(os.environ["RANK"])
+print(f"hello from {rank}")
+for i in tqdm(range(300), mininterval=0.01):
+    time.sleep(0.004)
+    if i % 100 == 50:
+        print(f"rank {rank} step {i}")
+print(f"bye from {rank}")
+"""
+
+
+def test_e2e_tqdm_at_a_terminal_leaves_one_full_width_bar_per_rank(tmp_path: Path) -> None:
+    """What stays on screen (scrollback included), replayed through a VT100 emulator: under
+    torchrun 2 bar lines, under plain python 1; before this, 65 here, each 10 columns wide."""
+    script = write_script(tmp_path / "worker.py", TQDM_WORKER)
+    columns = 100
+    code, data = run_on_pty(tmp_path, script, 2, env=cli_env(), size=(columns, 30))
+    assert code == 0, data[-2000:]
+    screen = Terminal(columns, 30)
+    screen.feed(data)
+    rows = screen.rows()
+    bars = [row for row in rows if "/300" in row]
+    assert [bar[:9] for bar in sorted(bars)] == ["0 ! 100%|", "1 ! 100%|"], rows
+    assert all(columns - 3 <= len(bar) <= columns for bar in bars), bars  # as wide as the terminal allows
+    for rank in (0, 1):  # the whole lines, in their order, above
+        mine = [row for row in rows if row.startswith(f"{rank} | ")]
+        assert mine == [f"{rank} | hello from {rank}"] + [f"{rank} | rank {rank} step {i}" for i in (50, 150, 250)] + [
+            f"{rank} | bye from {rank}"
+        ]
+
+
+def test_e2e_tqdm_through_a_pipe_is_thinned_and_logged_raw(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "worker.py", TQDM_WORKER)
+    log_dir = tmp_path / "logs"
+    code, out, err = launch(tmp_path, script, 2, "--log-dir", str(log_dir))
+    assert code == 0, err[-2000:]
+    for rank in (0, 1):
+        bars = [line for line in lines_of(err) if line.startswith(b"%d ! " % rank)]
+        # the first update, one more per THIN_S the run took (none, unless the machine is slow),
+        # the last state: not 300
+        assert 2 <= len(bars) <= 5 and b"300/300" in bars[-1], bars
+        assert len(bars[-1]) < 100  # no terminal: no width given, tqdm's own default
+        raw = (log_dir / f"rank{rank}.log").read_bytes()
+        assert raw.count(b"\r") >= 100 and b"300/300" in raw  # every update, as written
+    assert b"\r" not in out + err
+
+
+RICH_WORKER = """
+import os
+from rich.console import Console
+Console().print("[red]red text[/red]")
+print("COLUMNS=" + os.environ.get("COLUMNS", "-"), "FORCE_COLOR=" + os.environ.get("FORCE_COLOR", "-"))
+"""
+
+
+@pytest.mark.parametrize(("env_extra", "flags", "coloured"), TERMINAL_COLOUR_CASES)
+def test_e2e_workers_colour_at_a_terminal(tmp_path: Path, env_extra: dict, flags: tuple, coloured: bool) -> None:
+    """rich in a worker colours at a terminal, as under torchrun, though it writes to a pipe."""
+    script = write_script(tmp_path / "worker.py", RICH_WORKER)
+    code, data = run_on_pty(tmp_path, script, 1, *flags, env=cli_env(**env_extra), size=(90, 30))
+    assert code == 0, data[-2000:]
+    assert b"COLUMNS=86 " in data  # the terminal's width less the prefix
+    if coloured:
+        assert b"\x1b[31mred text\x1b[0m" in data and b"FORCE_COLOR=1" in data
+    else:
+        assert b"0 | red text" in data and b"FORCE_COLOR=-" in data
+
+
+PROMPT_WORKER = """
+import sys, time
+print("> train.py(3)<module>()")
+sys.stdout.write("(Pdb) ")  # a prompt: no newline, and nothing more until someone answers
+sys.stdout.flush()
+time.sleep(60)
+"""
+
+
+def test_e2e_a_prompt_without_newline_shows_at_a_terminal(tmp_path: Path) -> None:
+    """pdb's `(Pdb) ` never ends its line: it shows, prefixed, with the cursor after it."""
+    script = write_script(tmp_path / "worker.py", PROMPT_WORKER)
+    argv = launcher_argv(*worker_args(script, 1))
+    code, data = run_on_terminal(argv, cwd=tmp_path, env=cli_env(), size=(80, 24), timeout=20, until=b"(Pdb) ")
+    assert b"(Pdb) " in data, data[-2000:]
+    screen = Terminal(80, 24)
+    screen.feed(data)
+    assert screen.rows()[-2:] == ["0 | > train.py(3)<module>()", "0 | (Pdb)"]
+    assert screen.cursor == (len("0 | (Pdb) "), len(screen.rows()) - 1)
+    assert code == 128 + signal.SIGTERM  # the test stopped it

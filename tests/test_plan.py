@@ -10,14 +10,17 @@ import pytest
 from launcher.devices import DeviceMap, Gpu, default_device_map, map_gpu_ids
 from launcher.dryrun import render_plan
 from launcher.errors import LaunchError
+from launcher.logs import rank_prefixes
 from launcher.plan import (
     RANK_VARIABLES,
     PlanInputs,
     Program,
+    Terminal,
     build_plan,
     omp_threads,
     parse_env_assignments,
     parse_nproc,
+    prefix_width,
     resolve_nproc,
     validate_topology,
     worker_argv,
@@ -398,6 +401,46 @@ def test_env_extras_appear_for_every_worker() -> None:
         assert env["NCCL_DEBUG"] == "INFO"
         assert env["MY_FLAG"] == "a=b"
         assert env["HOME"] == "/override"  # --env beats the inherited value
+
+
+# -- the terminal, as workers on pipes should see it ---------------------------------------------
+
+TERM_200 = Terminal(200, 50, colour=True)
+COLOURS = {"FORCE_COLOR": "1", "CLICOLOR_FORCE": "1", "PY_COLORS": "1", "TTY_INTERACTIVE": "0"}
+
+
+@pytest.mark.parametrize(
+    ("terminal", "nproc", "base_env", "extra_env", "expected"),
+    [
+        pytest.param(None, 4, {}, (), {}, id="no-terminal-nothing"),
+        pytest.param(TERM_200, 4, {}, (), {"COLUMNS": "196", "LINES": "50", "TQDM_NCOLS": "195", **COLOURS},
+                     id="4-ranks-prefix-4-wide"),
+        pytest.param(TERM_200, 11, {}, (), {"COLUMNS": "195", "LINES": "50", "TQDM_NCOLS": "194", **COLOURS},
+                     id="11-ranks-prefix-5-wide"),
+        pytest.param(Terminal(200, 50, colour=False), 4, {"NO_COLOR": "1"}, (),
+                     {"COLUMNS": "196", "LINES": "50", "TQDM_NCOLS": "195"}, id="no-colour-sets-none"),
+        pytest.param(TERM_200, 4, {"COLUMNS": "80", "FORCE_COLOR": "0"}, (("TQDM_NCOLS", "60"),),
+                     {"LINES": "50", "CLICOLOR_FORCE": "1", "PY_COLORS": "1", "TTY_INTERACTIVE": "0"},
+                     id="user-set-wins-and-is-not-added"),
+        pytest.param(Terminal(8, 5, colour=False), 4, {}, (), {"COLUMNS": "10", "LINES": "5", "TQDM_NCOLS": "9"},
+                     id="tiny-terminal-floor"),
+    ],
+)
+def test_terminal_env(terminal, nproc, base_env, extra_env, expected) -> None:
+    plan = build_plan(inputs(terminal=terminal, nproc=nproc, base_env=base_env, extra_env=extra_env))
+    names = {"COLUMNS", "LINES", "TQDM_NCOLS", *COLOURS}
+    assert {k: v for k, v in plan.common_env.items() if k in names and k not in dict(extra_env)} == expected
+    for worker in plan.workers:  # what the user set reaches the workers unchanged
+        env = plan.environment_of(worker)
+        for key, value in {**base_env, **dict(extra_env)}.items():
+            assert env[key] == value
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 10, 11, 100, 101, 5000])
+def test_prefix_width_is_what_the_printer_draws(world_size: int) -> None:
+    for rank in (0, world_size - 1):
+        out, err = rank_prefixes(rank, world_size, colour=False)
+        assert len(out) == len(err) == prefix_width(world_size)
 
 
 def test_gpu_ids_set_cuda_visible_devices_over_the_users() -> None:

@@ -15,7 +15,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers_cli import REPO, TOKEN_VARIABLE, Run, kill_token, processes_with_token, wait_until, write_script
+from helpers_cli import (
+    REPO,
+    TOKEN_VARIABLE,
+    Run,
+    kill_token,
+    launcher_argv,
+    processes_with_token,
+    wait_until,
+    write_script,
+)
+from helpers_screen import Terminal, run_on_terminal
 from sshd import SshdPool, SshHome
 
 ENV_DUMP = """
@@ -365,6 +375,33 @@ def test_one_remote_host_is_a_one_node_job(launch, tmp_path: Path, token: str, s
     assert [(e["RANK"], e["WORLD_SIZE"], e["NODE_RANK"]) for e in envs] == [("0", "2", "0"), ("1", "2", "0")]
     assert {e["MASTER_ADDR"] for e in envs} == {"127.0.1.4"}
     nothing_left(token, sshd_pool)
+
+
+REMOTE_BAR = """
+import os, time
+from tqdm import tqdm
+print("COLUMNS=" + os.environ.get("COLUMNS", "-"), "FORCE_COLOR=" + os.environ.get("FORCE_COLOR", "-"))
+for _ in tqdm(range(100), mininterval=0.01):
+    time.sleep(0.01)
+"""
+
+
+def test_remote_progress_bars_redraw_on_the_heads_terminal(
+    ssh_home: SshHome, job_env: dict[str, str], tmp_path: Path, token: str, sshd_pool: SshdPool
+) -> None:
+    """Agents send raw bytes; the head, at a terminal, redraws each rank's bar in place and tells
+    remote workers its width and colour (their own stdout is a pipe on an SSH channel)."""
+    script = write_script(tmp_path / "bar.py", REMOTE_BAR)
+    argv = launcher_argv("--env", f"{TOKEN_VARIABLE}={token}", "--hosts", "host1,host2", "--nproc", "1", script)
+    code, data = run_on_terminal(argv, cwd=tmp_path, env=ssh_home.env(job_env), size=(100, 30), timeout=60)
+    assert code == 0, data[-3000:]
+    screen = Terminal(100, 30)
+    screen.feed(data)
+    rows = screen.rows()
+    bars = sorted(row for row in rows if "/100" in row)
+    assert [bar[:9] for bar in bars] == ["0 ! 100%|", "1 ! 100%|"], rows
+    assert all(len(bar) >= 97 for bar in bars), bars  # 100 columns less the prefix, as tqdm leaves one
+    assert sum("COLUMNS=96 FORCE_COLOR=1" in row for row in rows) == 2, rows
 
 
 # -- --stdin: the head forwards its stdin to the chosen rank's host ---------------------------------
