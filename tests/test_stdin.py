@@ -110,6 +110,7 @@ def test_pdb_at_a_terminal_reads_typed_lines_and_ctrl_c_still_stops_the_job(
     term = TerminalRun(["--nproc", "2", "--no-color", script], job_env, tmp_path)
     term.wait_for(rb"1 \| rank 1 read ''\r\n")  # rank 1 reads /dev/null, not the terminal
     term.wait_for(rb"0 \| -> print\(\"never")  # pdb stops at the line after breakpoint()
+    term.wait_for(rb"0 \| \(Pdb\) ")  # its prompt shows, though it never ends its line
     term.type(b"p x+1\r")
     # what pdb printed for the typed line, after its prompt, whether that was drawn alone first or not
     term.wait_for(rb"0 \| (\(Pdb\) )?42\r\n")
