@@ -143,6 +143,9 @@ def _typed_option(name: str, args: list[str]) -> str:
 @click.option("--chdir", metavar="DIR", help="With --hosts: the working directory on every host. Default: this one.")
 @click.option("--python", "python", metavar="PATH",
               help="With --hosts: the Python on every host. Default: the one running ddplaunch here.")
+@click.option("--stdin", "stdin", default="0", show_default=True, metavar="RANK|none",
+              help="The global rank that reads ddplaunch's stdin (pdb at a breakpoint works); the "
+                   "other ranks read /dev/null, as under mpirun. none: every rank reads /dev/null.")
 @click.option("--agent", is_flag=True, hidden=True, help="Internal: run as a node agent for a head over SSH.")
 @click.option("--host-name", "host_name", hidden=True, help="Internal: this host's name as the head knows it.")
 @click.version_option(__version__, "-V", "--version", prog_name="ddplaunch")

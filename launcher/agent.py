@@ -6,7 +6,8 @@ replay, the head's side of it, turns each frame back into the printer call that 
 And the other nodes are reached through the head (HeadLink), not a store, so an agent never
 imports torch. The head's commands arrive on stdin: a stop becomes the signal it names, sent
 to ourselves, so it takes the one path every stop takes; end of file (the head died, or the
-SSH connection dropped) becomes SIGTERM.
+SSH connection dropped) becomes SIGTERM. The agent of the --stdin rank also gets the head's
+stdin there, a piece at a time (launcher.stdin_relay).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from launcher.frames import (
     OVER,
     SUCCEEDED,
     SYNC,
+    WANT_STDIN,
     Frame,
     decode_go,
+    decode_stdin,
     encode,
     encode_exit,
     encode_ready,
@@ -37,6 +40,8 @@ from launcher.frames import (
 from launcher.logs import Printer, Stream, _write_all
 from launcher.protocol import AttemptEnd, EndKind
 from launcher.wakepipe import WakePipe
+
+_TO_HEAD = threading.Lock()  # two threads send frames: the supervisor's and the stdin pipe's
 
 
 class HeadGone(Exception):
@@ -93,7 +98,8 @@ def replay(frame: Frame, printer: Printer, host_name: str) -> None:
 def send_to_head(data: bytes, out_fd: int = 1) -> bool:
     """Write to the head; False when it is gone (stdin's end of file then stops the workers)."""
     try:
-        _write_all(out_fd, data)
+        with _TO_HEAD:
+            _write_all(out_fd, data)
         return True
     except OSError:
         return False
@@ -156,6 +162,9 @@ class HeadLink:
         self._wake = WakePipe()
         self._ends: queue.SimpleQueue[AttemptEnd] = queue.SimpleQueue()
         self._gos: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
+        # The head's stdin, for the --stdin rank's pipe; queued from the first line on, so no
+        # piece is lost while the pipe is being made.
+        self._stdin: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         threading.Thread(target=self._follow, args=(stdin_fd,), name="ddplaunch-head", daemon=True).start()
 
     @property
@@ -163,8 +172,9 @@ class HeadLink:
         return self._wake.read_fd
 
     def _follow(self, stdin_fd: int) -> None:
+        commands = open(stdin_fd, "rb", closefd=False)  # buffered: a stdin line can be 90 kB
         while True:
-            line = _read_line(stdin_fd)
+            line = commands.readline().decode()
             if not line:
                 self._gos.put(None)
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -180,6 +190,16 @@ class HeadLink:
                 self._wake.ring()
             elif verb == "go":
                 self._gos.put(decode_go(argument))
+            elif verb == "stdin" and (data := decode_stdin(argument)):
+                self._stdin.put(data)
+            elif verb == "stdin-eof":
+                self._stdin.put(None)
+
+    def open_stdin(self, rank: int) -> int:
+        """The pipe that `rank` reads in every attempt, fed with the head's stdin."""
+        from launcher.stdin_relay import StdinPipe
+
+        return StdinPipe(self._stdin, lambda: self._send(encode(WANT_STDIN, b"", rank))).read_fd
 
     def _send(self, data: bytes) -> None:
         send_to_head(data, self._out_fd)
@@ -220,7 +240,14 @@ class HeadLink:
             if go is None:
                 raise KeyboardInterrupt  # the head is gone
             self.master_addr, self.master_port = go
+            self._forget_ends()
             return
+
+    def _forget_ends(self) -> None:
+        """The head's word on the last attempt, if this node's attempt ended before it came (on
+        its own news): it was sent before this go, so it is queued by now, and it is stale."""
+        while not self._ends.empty():
+            self._ends.get_nowait()
 
     def close(self) -> None:
         pass

@@ -36,6 +36,7 @@ from launcher.options import (
     parse_rdzv_conf,
     parse_ranks,
     parse_signals,
+    parse_stdin,
     parse_std,
     seconds,
     split_host_port,
@@ -268,6 +269,7 @@ def decide(options: Options, facts: Facts, error_dir: str | None, *, head_links_
         virtual_local_rank=options.virtual_local_rank,
         cpus=cpus,
         terminal=facts.terminal,
+        stdin_rank=parse_stdin(options.stdin, nnodes * nproc),
     )
     terminal = terminal_filter(options, nnodes, nproc)
     duplicates = (parse_filters(options.duplicate_stdout_filters or ""), parse_filters(options.duplicate_stderr_filters or ""))

@@ -41,6 +41,7 @@ def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
         "ddplaunch dry run: nothing was started.",
         f"job: {plan.nnodes} node(s) x {plan.nproc} worker(s) = world size {plan.world_size}; "
         f"this is node {plan.node_rank}; rendezvous at {plan.master_addr}:{plan.master_port}",
+        stdin_line(plan),
         *notes,
         "",
         *render_table(header, rows),
@@ -60,6 +61,18 @@ def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
         assignments = " ".join(f"{k}={worker.env_added[k]}" for k in own)
         out.append(f"  rank {worker.global_rank}: {assignments}")
     return "\n".join(out) + "\n"
+
+
+def stdin_line(plan: Plan) -> str:
+    """Which rank reads the launcher's stdin (--stdin)."""
+    if plan.stdin_rank is None:
+        return "stdin: none (--stdin none): every rank reads /dev/null"
+    if plan.stdin_worker is None:
+        return (
+            f"stdin: rank {plan.stdin_rank} is on another node, which gives it that node's stdin; "
+            "every rank here reads /dev/null"
+        )
+    return f"stdin: rank {plan.stdin_rank} reads ddplaunch's stdin; the other ranks read /dev/null"
 
 
 def with_cpus_column(

@@ -28,7 +28,9 @@ FORWARDED_PREFIXES = ("NCCL_", "TORCH_", "PYTORCH_", "GLOO_", "UCX_", "FI_", "HF
 FORWARDED_NAMES = ("OMP_NUM_THREADS", "PYTHONPATH", "CUDA_LAUNCH_BLOCKING")
 NO_DIR, NO_PYTHON = 120, 121  # exit codes of the remote preflight shell line
 # Flags the head hands to every agent unchanged (value-taking ones, then switches).
-PASSED_OPTIONS = ("max_restarts", "grace", "join_timeout", "master_port", "role", "signals_to_handle", "numa_binding")
+PASSED_OPTIONS = (
+    "max_restarts", "grace", "join_timeout", "master_port", "role", "signals_to_handle", "numa_binding", "stdin",
+)
 PASSED_SWITCHES = ("module", "no_python", "run_path", "local_rank_arg", "virtual_local_rank", "force")
 # What the head cannot do yet: it shows every host's lines by rank only, and each host has its own address.
 NOT_WITH_HOSTS = {
@@ -139,7 +141,7 @@ def launch_on_hosts(options: Options) -> int:
 
     from launcher.decide import grace_of, notes_of, role_of
     from launcher.head import Head
-    from launcher.options import parse_signals
+    from launcher.options import parse_signals, parse_stdin
     from launcher.plan import parse_env_assignments
 
     hosts = plan_hosts(options)
@@ -147,6 +149,7 @@ def launch_on_hosts(options: Options) -> int:
     if options.signals_to_handle is not None:
         parse_signals(options.signals_to_handle)
     shown_ranks = shown_ranks_of(options, hosts)
+    stdin_rank = parse_stdin(options.stdin, world_size_of(hosts) or 1 << 30)  # else each agent checks it
     # The agents do not see this shell's TORCH_ELASTIC_SHUTDOWN_TIMEOUT: resolve it here.
     options = replace(options, run_id=options.run_id or os.urandom(8).hex(), grace=grace_of(options, dict(os.environ)))
     for note in notes_of(options):
@@ -155,7 +158,7 @@ def launch_on_hosts(options: Options) -> int:
     env = forwarded_env(dict(os.environ), [*head_terminal_env(options, hosts, explicit), *explicit])
     workdir = options.chdir or os.getcwd()
     if options.dry_run:
-        print(render_hosts(options, hosts, env, workdir), end="")
+        print(render_hosts(options, hosts, env, workdir, stdin_rank), end="")
         return 0
     return Head(options, hosts, env, workdir, shown_ranks).run()
 
@@ -237,12 +240,16 @@ def check_for_hosts(options: Options) -> None:
             raise LaunchError(f"{why}. Drop it, or start each node by hand.")
 
 
-def render_hosts(options: Options, hosts: Sequence[Host], env: Sequence[tuple[str, str]], workdir: str) -> str:
+def render_hosts(
+    options: Options, hosts: Sequence[Host], env: Sequence[tuple[str, str]], workdir: str, stdin_rank: int | None
+) -> str:
     lines = [
         "ddplaunch dry run: nothing was started, no host was contacted.",
         f"job: {len(hosts)} host(s); node rank follows host order; MASTER_ADDR: "
         f"{options.master_addr or 'the first host, as the head reaches it'}; MASTER_PORT: "
         f"{options.master_port or 'picked free on the first host'}",
+        "stdin: none (--stdin none): every rank reads /dev/null" if stdin_rank is None else
+        f"stdin: forwarded from here to rank {stdin_rank} on its host; the other ranks read /dev/null",
         "",
         "node  host  ssh",
     ]

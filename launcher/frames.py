@@ -4,12 +4,15 @@ Agent to head (its stdout): a sync mark, then frames of a 10-byte header (kind, 
 length) and a payload. Worker output travels as raw bytes, so the head frames lines exactly
 as on one node and one printer owns the head's terminal. Head to agent (its stdin): text
 lines, "go ADDR PORT" (start an attempt), "end JSON" (the attempt's end, decided by the head
-for every node), "stop SIGNAME"; end of file means the head is gone, and the agent stops its
-workers.
+for every node), "stop SIGNAME", and for the --stdin rank's agent "stdin BASE64" (a piece of
+the head's stdin, sent only when that agent asked with WANT_STDIN) and "stdin-eof"; end of
+file means the head is gone, and the agent stops its workers.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import struct
 from dataclasses import dataclass
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 HEADER = struct.Struct("!BiBI")
 DATA, END_OF_STREAM, NOTE, EVENT, BLOCK, READY, EXIT = 1, 2, 3, 4, 5, 6, 7
 ATTEMPT_END, SUCCEEDED, OVER = 8, 9, 10  # an attempt's end as this node saw it; all ok here; all gone here
+WANT_STDIN = 11  # the agent of the --stdin rank has room for the next piece of the head's stdin
+LAST_KIND = WANT_STDIN
 MAX_PAYLOAD = 1 << 24  # a corrupt header must not make the head allocate gigabytes
 # The agent's first bytes. A login shell's rc file may print to stdout before the agent
 # starts (a banner, `conda activate` noise); the head skips everything before this mark.
@@ -68,7 +73,7 @@ class FrameReader:
         frames: list[Frame] = []
         while len(self._buffer) >= HEADER.size:
             kind, rank, stream, length = HEADER.unpack_from(self._buffer)
-            if not DATA <= kind <= OVER or length > MAX_PAYLOAD:
+            if not DATA <= kind <= LAST_KIND or length > MAX_PAYLOAD:
                 raise FrameError(bytes(self._buffer[:200]).decode("utf-8", "replace"))
             end = HEADER.size + length
             if len(self._buffer) < end:
@@ -115,8 +120,24 @@ def decode_go(argument: str) -> tuple[str, int]:
 def parse_command(line: str) -> tuple[str, str] | None:
     """A head's command line -> (verb, argument); None for anything else."""
     verb, _, argument = line.strip().partition(" ")
-    return (verb, argument) if verb in ("go", "stop", "end") else None
+    return (verb, argument) if verb in ("go", "stop", "end", "stdin", "stdin-eof") else None
 
 
 def end_line(end_text: str) -> bytes:
     return f"end {end_text}\n".encode()
+
+
+STDIN_EOF_LINE = b"stdin-eof\n"
+
+
+def stdin_line(data: bytes) -> bytes:
+    """A piece of the head's stdin for the chosen rank, in base64: any byte fits on one line."""
+    return b"stdin " + base64.b64encode(data) + b"\n"
+
+
+def decode_stdin(argument: str) -> bytes:
+    """A stdin command's argument -> its bytes; nothing when it is not base64."""
+    try:
+        return base64.b64decode(argument, validate=True)
+    except binascii.Error:
+        return b""

@@ -8,7 +8,8 @@ rank's lines. The head links the nodes (no store, so agents never import torch):
 node to report how an attempt ended speaks for all (launcher.protocol.Referee decides), and
 the head tells every node at once; restarts start when every node is ready again. Ctrl-C
 here becomes a stop sent to every agent; a host whose connection drops stops its own
-workers (its agent reads end of file) and the head ends the attempt for the others.
+workers (its agent reads end of file) and the head ends the attempt for the others. The
+head's stdin goes to the --stdin rank's agent, a piece each time it asks (launcher.stdin_relay).
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from launcher.agent import replay
 from launcher.channel import AgentChannel, ChannelEvent
 from launcher.errors import Interrupted, LaunchError
 from launcher.fanout import Host, agent_argv, prefixed_world_size, preflight_problem, remote_command
-from launcher.frames import ATTEMPT_END, OVER, READY, SUCCEEDED, Frame, decode_ready, end_line, go_line
+from launcher.frames import (
+    ATTEMPT_END, OVER, READY, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, go_line,
+)
 from launcher.protocol import Referee, job_exit_code
+from launcher.stdin_relay import ForwardedStdin
 from launcher.wakepipe import WakePipe
 
 if TYPE_CHECKING:
@@ -60,6 +64,7 @@ class Head:
         self._ready: dict[int, tuple[str, int]] = {}  # node rank -> the address and port it said
         self._stop_count = 0
         self._referee = Referee(len(hosts))  # the current attempt, decided there for every node
+        self._stdin: ForwardedStdin | None = None  # while the loop runs
 
     def run(self) -> int:
         from launcher.options import parse_signals
@@ -140,15 +145,19 @@ class Head:
         selector = selectors.DefaultSelector()
         selector.register(self._wake.read_fd, selectors.EVENT_READ)
         selector.register(inbox.read_fd, selectors.EVENT_READ)
+        self._stdin = ForwardedStdin(selector, printer.note)
         try:
             while not all(a.closed for a in self.agents):
                 printer.tick()
-                selector.select(printer.due_in())
+                for key, _ in selector.select(printer.due_in()):
+                    if isinstance(key.data, ForwardedStdin):
+                        key.data.forward()
                 for sig in inbox.take():
                     if sig in inbox.plan.stop:
                         self._stop_all(sig, printer)
                 self._drain(printer)
         finally:
+            self._stdin = None
             selector.close()
             printer.close()
         return self._exit_code(printer)
@@ -207,6 +216,9 @@ class Head:
             self._tell_every_host(self._referee.node_succeeded(host.node_rank, host.name))
         elif frame.kind == OVER:
             self._referee.node_over(host.node_rank)
+        elif frame.kind == WANT_STDIN:
+            if self._stdin is not None:
+                self._stdin.want(self.agents[host.node_rank], frame.rank)
         elif printer is not None:
             replay(frame, printer, host.name)
 

@@ -16,6 +16,7 @@ from launcher.errors import Interrupted, LaunchError
 from launcher.options import Options
 from launcher.plan import Plan, build_plan
 from launcher.roles import Role, role_for
+from launcher.stdin import keep_stdin_open
 
 DRY_RUN_ERROR_DIR = "$TMPDIR/ddplaunch-<pid>"  # a real run makes a private directory there
 
@@ -26,6 +27,7 @@ def run_command(options: Options) -> int:
         from launcher.agent import say_hello
 
         say_hello()
+    keep_stdin_open()
     try:
         if options.hosts is not None or options.hostfile is not None:
             from launcher.fanout import launch_on_hosts
@@ -119,6 +121,7 @@ def run(role: Role, decision: Decision, options: Options, error_dir: str) -> int
             job_id=inputs.job_id,
             peers=peers,
             signals=SignalPlan.handling(inputs.signals_to_handle),
+            stdin=role.stdin(printer, first),
         )
         finish(result, printer, lambda text: role.say(printer, text))
         return result.exit_code

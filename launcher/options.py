@@ -46,6 +46,7 @@ class Options:
     ssh_accept_new_host_keys: bool
     chdir: str | None
     python: str | None
+    stdin: str
     agent: bool
     host_name: str | None
     # torchrun's options that ddplaunch honours or accepts; defaults as if not given
@@ -102,6 +103,25 @@ def _rank_set(text: str, flag: str, example: str, count: int, what: str) -> froz
             raise LaunchError(f"{flag} {text!r} names a rank outside 0..{count - 1} ({what}).")
         ranks.update(span)
     return frozenset(ranks)
+
+
+def parse_stdin(text: str, world_size: int) -> int | None:
+    """--stdin RANK|none: the global rank that reads the launcher's stdin; None for none."""
+    value = text.strip()
+    if value.lower() == "none":
+        return None
+    if not is_plain_int(value):
+        raise LaunchError(
+            f"--stdin {text!r} is not a rank. Give the global rank that reads this terminal's "
+            "input (default 0), or none to give every rank /dev/null."
+        )
+    if int(value) >= world_size:
+        raise LaunchError(
+            f"--stdin {value} names a rank outside 0..{world_size - 1} (world size {world_size}). "
+            "Give a rank of the job, or none."
+        )
+    return int(value)
+
 
 
 def split_host_port(text: str) -> tuple[str, str | None]:

@@ -116,6 +116,7 @@ class PlanInputs:
     virtual_local_rank: bool = False  # each worker sees only its own GPU, as cuda:0, LOCAL_RANK=0
     cpus: tuple[frozenset[int], ...] = ()  # --numa-binding: per local rank, the CPUs to run on
     terminal: Terminal | None = None  # None: the launcher's output goes to no terminal
+    stdin_rank: int | None = 0  # the global rank that reads the launcher's stdin; None: no rank
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,12 @@ class Plan:
     max_restarts: int
     common_env: Mapping[str, str]
     base_env: Mapping[str, str]
+    stdin_rank: int | None = 0  # job-wide; it may be on another node
+
+    @property
+    def stdin_worker(self) -> Worker | None:
+        """This node's worker that reads the launcher's stdin; the others read /dev/null."""
+        return next((w for w in self.workers if w.global_rank == self.stdin_rank), None)
 
     def environment_of(self, worker: Worker) -> dict[str, str]:
         """The full environment of one worker: the user's, then what the launcher adds."""
@@ -394,4 +401,5 @@ def build_plan(inputs: PlanInputs) -> Plan:
         max_restarts=inputs.max_restarts,
         common_env=MappingProxyType(shared),
         base_env=MappingProxyType(dict(inputs.base_env)),
+        stdin_rank=inputs.stdin_rank,
     )

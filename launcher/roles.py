@@ -6,9 +6,10 @@
 - `NodeAgent`: one node under an SSH head; the head links the nodes (no store, no torch),
   sends node 0's address with each go, and shows every node's output on its terminal.
 
-A role answers four questions: what to do before the first worker may start (`prepare`),
-who the other nodes are (`connect`), where each attempt meets (`address`), and who shows
-what (`printer`, `say`, `announce`). `launcher.job` asks them and branches on nothing.
+A role answers five questions: what to do before the first worker may start (`prepare`),
+who the other nodes are (`connect`), where each attempt meets (`address`), what the --stdin
+rank reads (`stdin`), and who shows what (`printer`, `say`, `announce`). `launcher.job` asks
+them and branches on nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Role(Protocol):
     def connect(self, inputs: PlanInputs) -> tuple[Peers | None, PlanInputs]: ...
 
     def address(self, inputs: PlanInputs) -> tuple[str, int]: ...
+
+    def stdin(self, printer: Printer, first: Plan) -> int | None: ...
 
     def printer(self, first: Plan) -> Printer: ...
 
@@ -77,6 +80,14 @@ class Local:
         from launcher.ports import pick_free_port
 
         return inputs.master_addr, pick_free_port()
+
+    def stdin(self, printer: Printer, first: Plan) -> int | None:
+        """The launcher's own stdin, when the --stdin rank is on this node (else /dev/null)."""
+        if first.stdin_worker is None:
+            return None
+        from launcher.stdin import launcher_stdin
+
+        return launcher_stdin(first.stdin_worker.global_rank, printer.note)
 
     def printer(self, first: Plan) -> Printer:
         decision, ranks, no_color = self.decision, [w.global_rank for w in first.workers], self.options.no_color
@@ -186,6 +197,13 @@ class NodeAgent:
         """The head's go for this attempt named node 0's address and port."""
         assert self._head is not None
         return self._head.master_addr, self._head.master_port
+
+    def stdin(self, printer: Printer, first: Plan) -> int | None:
+        """Our own stdin is the head's commands: the head forwards its stdin, into a pipe."""
+        if first.stdin_worker is None:
+            return None
+        assert self._head is not None
+        return self._head.open_stdin(first.stdin_worker.global_rank)
 
     def printer(self, first: Plan) -> Printer:
         from launcher.agent import FramePrinter

@@ -145,6 +145,7 @@ class Attempt:
     grace: float
     watchdog: Watchdog | None
     peers: Peers | None = None
+    stdin: int | None = None  # what the --stdin rank reads, if it is on this node; None: /dev/null
     clock: Callable[[], float] = time.monotonic
     signal_received: int | None = None  # the first stop signal that reached the launcher
     root_cause: WorkerProcess | None = None
@@ -189,7 +190,8 @@ class Attempt:
             self._handle_signals(self.inbox.take())
 
     def _spawn(self, spec: Worker) -> None:
-        worker, pipes = self.tree.spawn(spec, self.plan.environment_of(spec))
+        stdin = self.stdin if spec.global_rank == self.plan.stdin_rank else None
+        worker, pipes = self.tree.spawn(spec, self.plan.environment_of(spec), stdin)
         self.inputs.add_worker(spec.global_rank, pipes)
         self.printer.log_event(f"started rank {spec.global_rank} pid {worker.pid}: {' '.join(spec.argv)}")
 
@@ -364,11 +366,13 @@ def run_job(
     use_watchdog: bool = True,
     peers: Peers | None = None,
     signals: SignalPlan = SignalPlan(),
+    stdin: int | None = None,
 ) -> JobResult:
     """Run attempts until one succeeds, a signal stops us, or restarts run out.
 
     With `peers` (multi-node) the first attempt has already joined; every node takes the
-    same restart decision because it rests on the job-wide end they all read.
+    same restart decision because it rests on the job-wide end they all read. `stdin` goes to
+    the --stdin rank of every attempt, so a restarted rank reads on where the last one stopped.
     """
     marker = f"{JOB_ID_VARIABLE}={job_id}".encode() if job_id else None
     watchdog = Watchdog.start(marker) if use_watchdog else None
@@ -382,7 +386,7 @@ def run_job(
                     printer.note(f"waiting for every node to join restart {restart}")
                     peers.join(restart, interrupted)
                 plan = plan_for_attempt(restart)
-                result = Attempt(plan, printer, inbox, grace, watchdog, peers).run()
+                result = Attempt(plan, printer, inbox, grace, watchdog, peers, stdin).run()
                 if peers is not None:
                     peers.end_attempt(interrupted)
                 if not _should_restart(result, restart, max_restarts):

@@ -80,13 +80,16 @@ class WorkerTree:
         self._clock = clock
         self._strays_sig: int | None = None  # the last signal sent to descendants outside worker groups
 
-    def spawn(self, spec: Worker, environment: Mapping[str, str]) -> tuple[WorkerProcess, Pipes]:
-        """Start one worker in its own session, stdin from /dev/null, stdout and stderr to pipes."""
+    def spawn(
+        self, spec: Worker, environment: Mapping[str, str], stdin: int | None = None
+    ) -> tuple[WorkerProcess, Pipes]:
+        """Start one worker in its own session, stdout and stderr to pipes, stdin from the
+        `stdin` descriptor (the --stdin rank's), else /dev/null."""
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         actions = [
-            (os.POSIX_SPAWN_DUP2, devnull, 0),
+            (os.POSIX_SPAWN_DUP2, devnull if stdin is None else stdin, 0),
             (os.POSIX_SPAWN_DUP2, out_write, 1),
             (os.POSIX_SPAWN_DUP2, err_write, 2),
         ]

@@ -31,8 +31,8 @@ def start(job_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Run
     """Start the launcher in the background; it is killed at the end if still running."""
     runs: list[Run] = []
 
-    def _start(*args: str, env: dict[str, str] | None = None) -> Run:
-        run = Run(list(args), env or job_env, tmp_path)
+    def _start(*args: str, env: dict[str, str] | None = None, input: bytes | None = None) -> Run:
+        run = Run(list(args), env or job_env, tmp_path, input)
         runs.append(run)
         return run
 

@@ -101,11 +101,16 @@ def run_cli(
     cwd: Path = REPO,
     timeout: float = CLI_TIMEOUT_S,
     interpreter_options: Sequence[str] = (),
+    input: bytes | None = None,
 ) -> CliResult:
-    """Run the CLI to its end with both outputs captured (read together: no pipe fills up)."""
+    """Run the CLI to its end with both outputs captured (read together: no pipe fills up).
+
+    Its stdin is `input` through a pipe, closed after it; /dev/null without one.
+    """
     argv = launcher_argv(*args, interpreter_options=interpreter_options)
+    stdin = subprocess.DEVNULL if input is None else None  # run() makes the pipe for input
     try:
-        done = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        done = subprocess.run(argv, cwd=cwd, env=env, stdin=stdin, input=input, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:  # the launcher was SIGKILLed; its guard stops the rest
         tail = (exc.stderr or b"")[-2000:]
         raise AssertionError(f"launcher still running after {timeout}s; its stderr ends {tail!r}") from None
@@ -116,17 +121,22 @@ def run_cli(
 
 
 class Run:
-    """A launcher started in the background; its output lines arrive on queues (events)."""
+    """A launcher started in the background; its output lines arrive on queues (events).
 
-    def __init__(self, args: Sequence[str], env: dict[str, str], cwd: Path) -> None:
+    Its stdin is `input`, written by a thread and then closed; /dev/null without one.
+    """
+
+    def __init__(self, args: Sequence[str], env: dict[str, str], cwd: Path, input: bytes | None = None) -> None:
         self.proc = subprocess.Popen(
             launcher_argv(*args),
             cwd=cwd,
             env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+        if input is not None:
+            threading.Thread(target=self._feed, args=(self.proc.stdin, input), daemon=True).start()
         self.lines: dict[str, queue.Queue[str]] = {"out": queue.Queue(), "err": queue.Queue()}
         self.seen: dict[str, list[str]] = {"out": [], "err": []}
         self._threads = [
@@ -135,6 +145,14 @@ class Run:
         ]
         for thread in self._threads:
             thread.start()
+
+    @staticmethod
+    def _feed(pipe: IO[bytes], data: bytes) -> None:
+        try:
+            pipe.write(data)
+            pipe.close()
+        except BrokenPipeError:
+            pass  # the launcher is gone; the test's assertions say why
 
     def _pump(self, pipe: IO[bytes], name: str) -> None:
         for raw in iter(pipe.readline, b""):
@@ -175,6 +193,71 @@ class Run:
     @property
     def err(self) -> str:
         return "\n".join(self.seen["err"])
+
+
+# Runs the launcher at a pseudo-terminal of its own, as a shell would: the pty (fd 0) becomes
+# the session's controlling terminal. "foreground": the launcher is the terminal's foreground
+# job, so Ctrl-C reaches it. "background": this process stays the foreground and the launcher
+# runs as a job of its own (`ddplaunch ... &`).
+_AT_TERMINAL = """
+import fcntl, os, sys, termios
+os.setsid()
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+if sys.argv[1] == "background":
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        os.execv(sys.argv[2], sys.argv[2:])
+    sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+class TerminalRun:
+    """A launcher at a terminal (a pty): what a user would see there, and keys typed to it."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str], cwd: Path, *, job: str = "foreground") -> None:
+        import pty
+
+        self._master, slave = pty.openpty()
+        argv = [sys.executable, "-c", _AT_TERMINAL, job, *launcher_argv(*args)]
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave)
+        os.close(slave)
+        self.screen = b""
+        self._ended = False  # every process of the terminal closed it
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self._master, 4096)
+            except OSError:  # EIO: every process of the terminal closed it
+                data = b""
+            with self._changed:
+                self.screen += data
+                self._ended = not data
+                self._changed.notify_all()
+            if not data:
+                return
+
+    def type(self, keys: bytes) -> None:
+        os.write(self._master, keys)
+
+    def wait_for(self, pattern: bytes, timeout: float = 20.0) -> None:
+        """Until the screen matches the regular expression `pattern`."""
+        import re
+
+        with self._changed:
+            if not self._changed.wait_for(lambda: re.search(pattern, self.screen) is not None, timeout):
+                raise AssertionError(f"no {pattern!r} on the terminal within {timeout}s; it shows {self.screen!r}")
+
+    def wait(self, timeout: float = 30.0) -> int:
+        code = self.proc.wait(timeout=timeout)
+        with self._changed:
+            self._changed.wait_for(lambda: self._ended, 5)
+        os.close(self._master)
+        return code
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -99,6 +99,9 @@ CASES = [
     ("grace-negative", ["--grace", "-1"], None, ["--grace -1"]),
     ("standalone-two-nodes", ["--standalone", "--nnodes", "2", "--master-addr", "x"], None,
      ["--standalone", "--nnodes 2"]),
+    ("stdin-out-of-range", ["--nproc", "2", "--stdin", "2"], None, ["--stdin 2", "0..1", "world size 2", "or none"]),
+    ("stdin-word", ["--stdin", "all"], None, ["--stdin 'all' is not a rank", "none"]),
+    ("stdin-negative", ["--stdin", "-1"], None, ["--stdin '-1' is not a rank"]),
 ]
 
 # Cases where SCRIPT is part of the args (or deliberately missing).
@@ -145,7 +148,10 @@ def test_dry_run_reports_the_same_errors(job) -> None:
 # -- bugs found and fixed: kept as regression tests ---------------------------------------------
 
 
-@pytest.mark.parametrize("args", [["--nproc", "²"], ["--nnodes", "²"], ["--ranks", "²"]], ids=["nproc", "nnodes", "ranks"])
+@pytest.mark.parametrize(
+    "args", [["--nproc", "²"], ["--nnodes", "²"], ["--ranks", "²"], ["--stdin", "²"]],
+    ids=["nproc", "nnodes", "ranks", "stdin"],
+)
 def test_unicode_digit_is_a_usage_error(job, args: list[str]) -> None:
     result = job(args)
     assert_usage_error(result, job.marker, args[0])

@@ -22,7 +22,7 @@ def options(**changes: object) -> Options:
         standalone=False, gpu_ids=None, module=False, no_python=False, local_rank_arg=False, log_dir=None,
         ranks=None, max_restarts=0, env=(), dry_run=False, grace=30.0, run_id="rid", no_color=False,
         hosts="a,b", hostfile=None, ssh_accept_new_host_keys=False, chdir=None, python="/opt/py/bin/python",
-        agent=False, host_name=None,
+        stdin="0", agent=False, host_name=None,
     )
     base.update(changes)
     return Options(**base)  # type: ignore[arg-type]
@@ -41,6 +41,15 @@ def test_hostfile_gpus_become_that_hosts_gpu_ids() -> None:
     assert argv[argv.index("--node-rank") + 1] == "1" and argv[argv.index("--nnodes") + 1] == "2"
     assert argv[:4] == ["/opt/py/bin/python", "-m", "launcher", "--agent"]
     assert argv[-3:] == ["train.py", "--lr", "0.1"]
+
+
+@pytest.mark.parametrize("stdin", ["0", "3", "none"])
+def test_every_agent_is_told_which_rank_reads_stdin(stdin: str) -> None:
+    """Each agent checks whether the rank is its own; only that one asks the head for stdin."""
+    spec = parse_hostfile("a slots=2\nb slots=2\n", "hosts")[1]
+    argv = agent_argv(options(stdin=stdin), host(1, spec, 2), [], 2)
+    assert argv[argv.index("--stdin") + 1] == stdin
+    assert argv.index("--stdin") < argv.index("train.py")
 
 
 def test_unequal_slots_are_refused() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from launcher.frames import (
     BLOCK, DATA, END_OF_STREAM, NOTE, READY, SYNC, FrameError, FrameReader, decode_ready, encode, encode_ready,
-    decode_go, go_line, parse_command,
+    decode_go, go_line, parse_command, WANT_STDIN, decode_stdin, stdin_line, STDIN_EOF_LINE,
 )
 
 pytestmark = pytest.mark.unit
@@ -63,6 +63,9 @@ def test_garbage_after_the_mark_is_an_error_not_a_huge_allocation() -> None:
         ("stop SIGINT\n", ("stop", "SIGINT")),
         ("rm -rf /\n", None),
         ("", None),
+        ("stdin aGk=\n", ("stdin", "aGk=")),
+        (STDIN_EOF_LINE.decode(), ("stdin-eof", "")),
+        ("stdinx aGk=\n", None),
     ],
 )
 def test_head_commands(line: str, parsed: tuple[str, str] | None) -> None:
@@ -73,6 +76,29 @@ def test_go_line_round_trips_an_ipv6_address() -> None:
     command = parse_command(go_line("fd00::1", 29500).decode())
     assert command is not None and command[0] == "go"
     assert decode_go(command[1]) == ("fd00::1", 29500)  # the agent's own parser
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"p x+1\n", b"", b"\x00\xff\n\r\x03 no newline", bytes(range(256)) * 300],
+    ids=["pdb-line", "empty", "control-bytes", "77kB"],
+)
+def test_a_stdin_piece_is_one_line_and_arrives_byte_exact(data: bytes) -> None:
+    line = stdin_line(data)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    command = parse_command(line.decode())
+    assert command is not None and command[0] == "stdin"
+    assert decode_stdin(command[1]) == data  # the agent's own parser
+
+
+@pytest.mark.parametrize("argument", ["not base64!", "aGk", "aGk=\x00"])
+def test_a_stdin_piece_that_is_not_base64_is_nothing(argument: str) -> None:
+    assert decode_stdin(argument) == b""
+
+
+def test_the_agents_ask_for_stdin_is_a_frame_the_head_reads() -> None:
+    (frame,) = FrameReader().feed(SYNC + encode(WANT_STDIN, b"", 5))
+    assert (frame.kind, frame.rank) == (WANT_STDIN, 5)
 
 
 def test_exit_frame_carries_the_agents_code() -> None:

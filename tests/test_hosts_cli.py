@@ -21,6 +21,8 @@ from helpers_cli import cli_env, run_cli
         (["--hosts", "a,a"], None, "lists 'a' twice"),
         (["--hosts", "n1:4,n2:4"], None, "Horovod"),
         (["--hosts", "a", "--ranks", "x"], None, "--ranks 'x'"),
+        (["--hosts", "a,b", "--nproc", "1", "--stdin", "2"], None, "--stdin 2 names a rank outside 0..1"),
+        (["--hosts", "a,b", "--stdin", "first"], None, "--stdin 'first' is not a rank"),
     ],
 )
 def test_host_list_mistakes(tmp_path: Path, args: list[str], hostfile: str | None, needle: str) -> None:

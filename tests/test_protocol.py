@@ -122,3 +122,22 @@ def test_every_kind_round_trips() -> None:
 def test_from_text_rejects_what_is_not_an_end(text: str) -> None:
     with pytest.raises(ValueError):
         AttemptEnd.from_text(text)
+
+
+def test_a_verdict_that_comes_after_a_nodes_attempt_ended_is_not_the_next_attempts() -> None:
+    """An agent whose own news ended its attempt (its worker failed; it said so) does not wait
+    for the head's verdict. That "end" line comes before the head's next go, and must not end
+    the next attempt as soon as it starts (it did: a restart over SSH then failed at random)."""
+    import os
+
+    from launcher.agent import HeadLink
+    from launcher.frames import end_line, go_line
+
+    head_reads, agent_out = os.pipe()
+    agent_in, head_writes = os.pipe()  # never closed: at its end of file the link SIGTERMs us
+    link = HeadLink(1, "gpu-b", ("10.0.0.1", 29500), pick_port=False, stdin_fd=agent_in, out_fd=agent_out)
+    os.write(head_writes, end_line(FAILED.to_text()) + go_line("10.0.0.1", 29501))
+    link.join(1, lambda: False)
+    assert (link.master_addr, link.master_port) == ("10.0.0.1", 29501)
+    assert link.take() is None
+    os.close(head_reads)

@@ -63,8 +63,8 @@ def launch(start, ssh_home: SshHome, job_env: dict[str, str], token: str, sshd_p
     The token fixture kills what is left, head and agents included (they name the token).
     """
 
-    def _launch(*args: str, env: dict[str, str] | None = None) -> Run:
-        return start("--env", f"{TOKEN_VARIABLE}={token}", *args, env=ssh_home.env(env or job_env))
+    def _launch(*args: str, env: dict[str, str] | None = None, input: bytes | None = None) -> Run:
+        return start("--env", f"{TOKEN_VARIABLE}={token}", *args, env=ssh_home.env(env or job_env), input=input)
 
     return _launch
 
@@ -309,6 +309,7 @@ def test_hostfile_with_slots_and_dry_run_shows_the_forwarded_environment(
     assert "NCCL_SOCKET_IFNAME=lo" in run.out
     assert "host1" in run.out and "host2" in run.out
     assert "--nproc 2" in run.out
+    assert "stdin: forwarded from here to rank 0 on its host; the other ranks read /dev/null" in run.out
 
 
 def test_ranks_filter_and_log_dir_on_the_head(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
@@ -401,4 +402,65 @@ def test_remote_progress_bars_redraw_on_the_heads_terminal(
     assert [bar[:9] for bar in bars] == ["0 ! 100%|", "1 ! 100%|"], rows
     assert all(len(bar) >= 97 for bar in bars), bars  # 100 columns less the prefix, as tqdm leaves one
     assert sum("COLUMNS=96 FORCE_COLOR=1" in row for row in rows) == 2, rows
+
+
+# -- --stdin: the head forwards its stdin to the chosen rank's host ---------------------------------
+
+STDIN_DIGEST = """
+import hashlib, os, sys
+data = sys.stdin.buffer.read()  # returns at the end of file only
+print(f"rank {os.environ['RANK']} read {len(data)} bytes {hashlib.sha256(data).hexdigest()[:16]}", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("flags", "reader"), [([], 0), (["--stdin", "1"], 1)], ids=["rank-0-on-host1", "rank-1-on-host2"])
+def test_stdin_reaches_the_chosen_rank_on_its_host_and_its_end_closes_it(
+    launch, tmp_path: Path, token: str, sshd_pool: SshdPool, flags: list[str], reader: int
+) -> None:
+    import hashlib
+
+    data = bytes(range(256)) * 1200 + b"no newline at the end"  # 300 kB: several pieces, every byte value
+    script = write_script(tmp_path / "digest.py", STDIN_DIGEST)
+    run = launch("--hosts", "host1,host2", "--nproc", "1", *flags, script, input=data)
+    assert run.wait(timeout=60) == 0, run.err
+    for rank in (0, 1):
+        seen = data if rank == reader else b""  # the other rank reads /dev/null
+        assert f"{rank} | rank {rank} read {len(seen)} bytes {hashlib.sha256(seen).hexdigest()[:16]}" in run.out
+    nothing_left(token, sshd_pool)
+
+
+def test_pdb_on_rank_0_over_ssh_reads_the_heads_stdin(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
+    script = write_script(tmp_path / "bp.py", """
+        import os
+        x = 41
+        if os.environ["RANK"] == "0":
+            breakpoint()
+        print("done")
+    """)
+    run = launch("--hosts", "host1,host2", "--nproc", "1", script, input=b"p x+1\nc\n")
+    assert run.wait(timeout=60) == 0, run.err
+    answers = sorted(line for line in run.seen["out"] if line.endswith(("42", "done")))
+    assert answers == ["0 | (Pdb) 42", "0 | (Pdb) done", "1 | done"], run.out
+    assert "BdbQuit" not in run.err
+    nothing_left(token, sshd_pool)
+
+
+def test_a_restarted_rank_on_another_host_reads_on_from_the_same_stdin(
+    launch, tmp_path: Path, token: str, sshd_pool: SshdPool
+) -> None:
+    script = write_script(tmp_path / "restart.py", """
+        import os, sys
+        attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+        print(f"attempt {attempt} read {os.read(0, 6)!r}", flush=True)
+        sys.exit(3 if attempt == "0" and os.environ["RANK"] == "1" else 0)
+    """)
+    run = launch("--hosts", "host1,host2", "--nproc", "1", "--stdin", "1", "--max-restarts", "1", script,
+                 input=b"first\nsecnd\n")
+    assert run.wait(timeout=60) == 0, run.err
+    assert sorted(line for line in run.seen["out"] if line.startswith("1 |")) == [
+        "1 | attempt 0 read b'first\\n'", "1 | attempt 1 read b'secnd\\n'",
+    ]
+    # rank 0 reads /dev/null (in attempt 0 it may be stopped before it says so)
+    assert "0 | attempt 1 read b''" in run.seen["out"]
+    assert all(line.endswith("read b''") for line in run.seen["out"] if line.startswith("0 |"))
     nothing_left(token, sshd_pool)

@@ -56,7 +56,8 @@ def options(**changes: object) -> Options:
         master_port=None, rdzv_endpoint=None, rdzv_backend=None, join_timeout=None, standalone=False,
         gpu_ids=None, module=False, no_python=False, local_rank_arg=False, log_dir=None, ranks=None,
         max_restarts=0, env=(), dry_run=False, grace=None, run_id=None, no_color=False, hosts=None,
-        hostfile=None, ssh_accept_new_host_keys=False, chdir=None, python=None, agent=False, host_name=None,
+        hostfile=None, ssh_accept_new_host_keys=False, chdir=None, python=None, stdin="0", agent=False,
+        host_name=None,
     )
     base.update(changes)
     return Options(**base)  # type: ignore[arg-type]
