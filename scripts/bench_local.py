@@ -100,7 +100,9 @@ time.sleep(60)
 
 
 def run_launch(bench: Bench, tool: str, nproc: int) -> float:
-    argv = bench.argv(tool, nproc, "empty.py")
+    # 32 workers on a 2-CPU machine is past ddplaunch's sanity limit (4 per CPU): say we mean it
+    force = ("--force",) if tool == "ddplaunch" else ()
+    argv = bench.argv(tool, nproc, "empty.py", tool_opts=force)
     t0 = time.perf_counter()
     proc, token = bench.start(argv, subprocess.DEVNULL, subprocess.DEVNULL, f"launch {tool} n{nproc}")
     try:
