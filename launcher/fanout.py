@@ -19,8 +19,12 @@ from launcher.hosts import HostSpec, parse_hosts_flag, read_hostfile
 from launcher.plan import is_plain_int
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from launcher.options import Options
     from launcher.ssh import SshTarget
+
+    Shows = Callable[[int, int], bool]  # logs.Printer's per-(rank, stream) terminal filter
 
 # Forwarded from the head to every remote worker unless --env sets them: the knobs of the
 # communication libraries and of torch, which users set once in their shell.
@@ -148,7 +152,7 @@ def launch_on_hosts(options: Options) -> int:
     role_of(options)  # checked here once, rather than by every host
     if options.signals_to_handle is not None:
         parse_signals(options.signals_to_handle)
-    shown_ranks = shown_ranks_of(options, hosts)
+    shown_ranks, shows = head_filter(options, hosts)
     stdin_rank = parse_stdin(options.stdin, world_size_of(hosts) or 1 << 30)  # else each agent checks it
     # The agents do not see this shell's TORCH_ELASTIC_SHUTDOWN_TIMEOUT: resolve it here.
     options = replace(options, run_id=options.run_id or os.urandom(8).hex(), grace=grace_of(options, dict(os.environ)))
@@ -160,7 +164,13 @@ def launch_on_hosts(options: Options) -> int:
     if options.dry_run:
         print(render_hosts(options, hosts, env, workdir, stdin_rank), end="")
         return 0
-    return Head(options, hosts, env, workdir, shown_ranks).run()
+    if shows is not None and options.log_dir is None:
+        from launcher.roles import temp_log_dir
+
+        log_dir, note = temp_log_dir("--redirects keeps output off the terminal")
+        print(f"ddplaunch: {note}", file=sys.stderr, flush=True)
+        options = replace(options, log_dir=log_dir)
+    return Head(options, hosts, env, workdir, shown_ranks, shows).run()
 
 
 def head_terminal_env(options: Options, hosts: Sequence[Host], explicit: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -188,9 +198,9 @@ def world_size_of(hosts: Sequence[Host]) -> int | None:
     return len(hosts) * nproc
 
 
-def shown_ranks_of(options: Options, hosts: Sequence[Host]) -> frozenset[int] | None:
-    """--ranks and --local-ranks-filter as the global ranks the head shows; --redirects that
-    keep streams off the terminal are refused (the head filters by rank only, for now)."""
+def head_filter(options: Options, hosts: Sequence[Host]) -> tuple[frozenset[int] | None, Shows | None]:
+    """What the head's terminal shows: the global ranks (--ranks, --local-ranks-filter), and per
+    stream when --redirects keeps some off it (None: every stream of a shown rank)."""
     from launcher.decide import terminal_filter
     from launcher.options import parse_ranks
 
@@ -202,14 +212,9 @@ def shown_ranks_of(options: Options, hosts: Sequence[Host]) -> frozenset[int] | 
             raise LaunchError(
                 f"{' and '.join(torchrun_filters)} with --hosts need the workers per host: give --nproc N."
             )
-        return parse_ranks(options.ranks, 1 << 30) if options.ranks else None
+        return (parse_ranks(options.ranks, 1 << 30) if options.ranks else None), None
     terminal = terminal_filter(options, len(hosts), world // len(hosts))
-    if terminal.hides_streams():
-        raise LaunchError(
-            "--redirects with --hosts: the head cannot keep single streams off the terminal yet. Use "
-            "--local-ranks-filter or --ranks to choose the ranks shown, with --log-dir for the files."
-        )
-    return terminal.shown_ranks(world)
+    return terminal.shown_ranks(world), (terminal.shows if terminal.hides_streams() else None)
 
 
 def plan_hosts(options: Options) -> list[Host]:

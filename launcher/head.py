@@ -51,9 +51,11 @@ class Head:
         env: Sequence[tuple[str, str]],
         workdir: str,
         shown_ranks: frozenset[int] | None = None,
+        shows: Callable[[int, int], bool] | None = None,
     ) -> None:
         self.options = options
         self.shown_ranks = shown_ranks
+        self.shows = shows  # --redirects: per (rank, stream), None for every stream
         self.hosts = hosts
         self.env = env
         self.workdir = workdir
@@ -140,6 +142,7 @@ class Head:
             world_size=prefixed_world_size(self.hosts),  # only sizes the rank prefixes
             shown_ranks=self.shown_ranks,
             log_dir=self.options.log_dir,
+            shows=self.shows,
         )
         printer.note(f"all {len(self.hosts)} hosts ready: " + ", ".join(f"{h.node_rank} {h.name}" for h in self.hosts))
         selector = selectors.DefaultSelector()

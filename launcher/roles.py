@@ -231,11 +231,16 @@ def check_local_addr(addr: str) -> None:
 def with_temp_log_dir(decision: Decision, why: str) -> Decision:
     """torchrun writes to a temporary directory when it needs files and has no --log-dir; so do
     we, and say where (it is kept: it holds output that the terminal did not show)."""
+    path, note = temp_log_dir(why)
+    return replace(decision, log_dir=path, notes=(*decision.notes, note))
+
+
+def temp_log_dir(why: str) -> tuple[str, str]:
+    """A kept temporary log directory, and the note that names it."""
     import tempfile
 
     path = tempfile.mkdtemp(prefix="ddplaunch-logs-")
-    note = f"{why} and no --log-dir was given: every rank's output is in {path}/rankN.log"
-    return replace(decision, log_dir=path, notes=(*decision.notes, note))
+    return path, f"{why} and no --log-dir was given: every rank's output is in {path}/rankN.log"
 
 
 def role_for(options: Options, decision: Decision) -> Role:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -322,6 +323,28 @@ def test_ranks_filter_and_log_dir_on_the_head(launch, tmp_path: Path, token: str
         assert (logs / f"rank{rank}.log").read_text() == f"hello from {rank}\n"
     events = (logs / "launcher.log").read_text()
     assert "host2: started rank 3 pid" in events and "host1: started rank 0 pid" in events
+    nothing_left(token, sshd_pool)
+
+
+def test_redirects_keep_a_stream_off_the_heads_terminal(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
+    """--redirects 2 over SSH: stderr of every rank goes to the head's rank logs only; without
+    --log-dir those are in a temporary directory the head names."""
+    script = write_script(
+        tmp_path / "both.py",
+        "import os, sys\nprint('out', os.environ['RANK'])\nprint('err', os.environ['RANK'], file=sys.stderr)\n",
+    )
+    run = launch("--hosts", "host1,host2", "--nproc", "1", "--redirects", "2", script)
+    assert run.wait(timeout=60) == 0, run.err
+    assert sorted(run.seen["out"]) == ["0 | out 0", "1 | out 1"]
+    assert not [line for line in run.seen["err"] if "| err" in line or "! err" in line]
+    named = [line for line in run.seen["err"] if "every rank's output is in" in line]
+    assert len(named) == 1, run.err
+    logs = Path(named[0].rsplit(" ", 1)[1]).parent
+    try:
+        for rank in range(2):
+            assert sorted((logs / f"rank{rank}.log").read_text().splitlines()) == [f"err {rank}", f"out {rank}"]
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
     nothing_left(token, sshd_pool)
 
 

@@ -25,7 +25,7 @@ from launcher.decide import (
 from launcher.devices import DeviceMap, Gpu, default_device_map, map_gpu_ids
 from launcher.dryrun import render_plan, terminal_line
 from launcher.errors import LaunchError
-from launcher.fanout import Host, agent_argv, check_for_hosts, shown_ranks_of
+from launcher.fanout import Host, agent_argv, check_for_hosts, head_filter
 from launcher.hosts import HostSpec
 from launcher.logs import Printer
 from launcher.modules import find_module, worker_sys_path
@@ -547,13 +547,22 @@ def test_the_head_passes_torchruns_worker_options_to_every_agent() -> None:
      (dict(ranks="4"), {4}), (dict(tee="3"), None), (dict(redirects="3", tee="3"), None)],
 )
 def test_the_head_shows_the_global_ranks_of_the_local_ranks_filter(changes: dict[str, object], expected: set[int] | None) -> None:
-    shown = shown_ranks_of(options(hosts="h0,h1,h2", **changes), ssh_hosts(3, 2))
+    shown, shows = head_filter(options(hosts="h0,h1,h2", **changes), ssh_hosts(3, 2))
     assert shown == (None if expected is None else frozenset(expected))
+    assert shows is None  # every stream of a shown rank
+
+
+def test_the_head_keeps_redirected_streams_off_its_terminal() -> None:
+    shown, shows = head_filter(options(hosts="h0,h1", redirects="0:2,1:1"), ssh_hosts(2, 2))
+    assert shown is None and shows is not None
+    assert [(rank, stream) for rank in range(4) for stream in (1, 2) if shows(rank, stream)] == [
+        (0, 1), (1, 2), (2, 1), (3, 2)
+    ]
 
 
 @pytest.mark.parametrize(
     ("changes", "nproc", "message"),
-    [(dict(redirects="2"), 2, r"--redirects with --hosts: the head cannot keep single streams"),
+    [(dict(redirects="2"), None, r"--redirects with --hosts need the workers per host: give --nproc N"),
      (dict(local_ranks_filter="0"), None, r"--local-ranks-filter with --hosts need the workers per host: give --nproc N"),
      (dict(local_addr="10.0.0.5"), 2, r"--local-addr names one node"),
      (dict(duplicate_stdout_filters="loss"), 2, r"--duplicate-stdout-filters does not work with --hosts")],
@@ -562,7 +571,7 @@ def test_what_the_head_cannot_do_is_refused(changes: dict[str, object], nproc: i
     given = options(hosts="h0,h1", **changes)
     with pytest.raises(LaunchError, match=message):
         check_for_hosts(given)
-        shown_ranks_of(given, ssh_hosts(2, nproc))
+        head_filter(given, ssh_hosts(2, nproc))
 
 
 @pytest.mark.parametrize(
