@@ -3,8 +3,8 @@ contain one of the filters are also appended to filtered_stdout.log / filtered_s
 the log directory, with their rank prefix, as torchrun copies its console's lines to the files
 of the same names.
 
-A printer of its own (a subclass that only adds to `feed` and `end_of_stream`), so the
-terminal's printer does not change for a launch that does not ask for copies.
+A printer of its own (a subclass that only adds to `_emit`, where the terminal's whole lines
+pass), so the terminal's printer does not change for a launch that does not ask for copies.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from launcher.logs import LineFramer, Printer, Stream, _open_append, _write_all, rank_prefixes, terminal_colour
+from launcher.logs import Printer, Stream, _open_append, _RankOutput, _write_all, rank_prefixes, terminal_colour
 
 STREAM_NAMES = {1: "stdout", 2: "stderr"}
 
@@ -37,28 +37,18 @@ class CopyingPrinter(Printer):
             for stream, name in STREAM_NAMES.items()
             if self._needles[stream]
         }
-        self._copied = shows
-        self._copy_world_size = world_size
-        self._framers: dict[tuple[int, int], LineFramer] = {}
 
-    def feed(self, rank: int, stream: Stream, data: bytes) -> None:
-        super().feed(rank, stream, data)
-        if stream in self._files and self._copied(rank, stream):
-            self._copy(rank, stream, self._framer(rank, stream).feed(data))
-
-    def end_of_stream(self, rank: int, stream: Stream) -> None:
-        super().end_of_stream(rank, stream)
-        if stream in self._files and self._copied(rank, stream):
-            self._copy(rank, stream, self._framer(rank, stream).flush())
-
-    def _framer(self, rank: int, stream: int) -> LineFramer:
-        return self._framers.setdefault((rank, stream), LineFramer())
+    def _emit(self, output: _RankOutput, stream: Stream, lines: list[bytes]) -> None:
+        """The lines framed once, for the terminal; those it shows and that match are copied."""
+        super()._emit(output, stream, lines)
+        if lines and stream in self._files and output.shown[stream]:
+            self._copy(output.rank, stream, lines)
 
     def _copy(self, rank: int, stream: int, lines: list[bytes]) -> None:
         needles = self._needles[stream]
         matching = [line for line in lines if any(needle in line for needle in needles)]
         if matching:
-            prefix = rank_prefixes(rank, self._copy_world_size, False)[stream - 1]
+            prefix = rank_prefixes(rank, self._world_size, False)[stream - 1]
             _write_all(self._files[stream], b"".join(prefix + line + b"\n" for line in matching))
 
     def close(self) -> None:

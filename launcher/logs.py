@@ -202,7 +202,10 @@ class _RankLog:
 class _RankOutput:
     """Per rank: a framer per stream, the last lines (for the failure report), its log file."""
 
-    def __init__(self, prefixes: tuple[bytes, bytes], shown: dict[int, bool], log: _RankLog | None) -> None:
+    def __init__(
+        self, rank: int, prefixes: tuple[bytes, bytes], shown: dict[int, bool], log: _RankLog | None
+    ) -> None:
+        self.rank = rank
         self.framers = {1: LineFramer(), 2: LineFramer()}
         self.prefixes = prefixes
         self.shown = shown  # per stream: whether its lines reach the terminal
@@ -268,6 +271,7 @@ class Printer:
                 continue
             rank_shown = self._shown_ranks is None or rank in self._shown_ranks
             self._ranks[rank] = _RankOutput(
+                rank,
                 rank_prefixes(rank, self._world_size, self.colour),
                 {s: rank_shown and (self._shows is None or self._shows(rank, s)) for s in (1, 2)},
                 _RankLog(os.path.join(log_dir, f"rank{rank}.log")) if log_dir is not None else None,
@@ -310,12 +314,7 @@ class Printer:
         output.tail.extend(lines[-TAIL_LINES:])
         if output.shown[stream]:
             prefix = output.prefixes[stream - 1]
-            data = prefix + (b"\n" + prefix).join(lines) + b"\n"
-            area = self._live[stream]
-            if area is None:
-                self._out[stream].write(data)
-            else:
-                area.above(data, self._out[stream].write)
+            self._write(stream, prefix + (b"\n" + prefix).join(lines) + b"\n")
 
     def _thinned(self, output: _RankOutput, stream: Stream, update: bytes | None) -> None:
         """Off a terminal: a progress update, unless one of this stream went out under THIN_S ago."""
