@@ -109,7 +109,17 @@ def _typed_option(name: str, args: list[str]) -> str:
                    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 30.")
 @click.option("--signals-to-handle", "--signals_to_handle", "signals_to_handle", envvar="PET_SIGNALS_TO_HANDLE",
               metavar="SIGS", help="Signals that stop the job, each forwarded to the workers. "
-                                   "Default: SIGTERM,SIGINT,SIGHUP,SIGQUIT.")
+                                   "Default: SIGTERM,SIGINT,SIGHUP; SIGQUIT (Ctrl-\\) prints every "
+                                   "rank's stack unless listed here.")
+@click.option("--stall-timeout", "stall_timeout", type=float, metavar="SECONDS",
+              help="When no rank wrote a line for this long, print where every rank is (again at "
+                   "doubling intervals while it lasts). Default: 300; 0: never.")
+@click.option("--stall-action", "stall_action", type=click.Choice(["report", "stop"]), default="report",
+              show_default=True, help="On a stall, only report, or stop the job with the report as "
+                                      "root cause (exit code 124).")
+@click.option("--no-stack-bootstrap", "no_stack_bootstrap", is_flag=True,
+              help="Do not put the stack bootstrap (faulthandler on a real-time signal) into "
+                   "Python workers; stacks then come from py-spy, if installed.")
 @click.option("--role", envvar="PET_ROLE", metavar="NAME", help="ROLE_NAME for the workers. Default: default.")
 @click.option("--virtual-local-rank", "--virtual_local_rank", "virtual_local_rank", is_flag=True,
               envvar="PET_VIRTUAL_LOCAL_RANK",

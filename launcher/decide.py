@@ -27,6 +27,7 @@ from launcher.options import (
     DEFAULT_JOIN_TIMEOUT_S,
     SHUTDOWN_TIMEOUT_VARIABLE,
     Options,
+    Stall,
     StdSpec,
     TerminalFilter,
     check_rdzv_backend,
@@ -40,6 +41,7 @@ from launcher.options import (
     parse_std,
     seconds,
     split_host_port,
+    stall_of,
 )
 from launcher.plan import (
     FORWARDED_SIGNALS,
@@ -216,6 +218,8 @@ class Decision:
     duplicates: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # --duplicate-std{out,err}-filters
     notes: tuple[str, ...] = ()  # one line each, said before the workers start
     files_wanted: str | None = None  # why files are needed though --log-dir was not given
+    stall: Stall = Stall()
+    stack_bootstrap: bool = True  # put the stack bootstrap into the workers (--no-stack-bootstrap: not)
 
 
 def decide(options: Options, facts: Facts, error_dir: str | None, *, head_links_nodes: bool = False) -> Decision:
@@ -281,6 +285,8 @@ def decide(options: Options, facts: Facts, error_dir: str | None, *, head_links_
         duplicates=duplicates,
         notes=notes_of(options),
         files_wanted=None if options.log_dir else files_wanted(terminal, duplicates),
+        stall=stall_of(options),
+        stack_bootstrap=not options.no_stack_bootstrap,
     )
 
 

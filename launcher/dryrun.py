@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from launcher.options import Stall
 from launcher.plan import Plan
 
 # CUDA_VISIBLE_DEVICES is per worker only with --virtual-local-rank
@@ -98,3 +99,16 @@ def terminal_line(plan: Plan, shows: Callable[[int, int], bool]) -> str | None:
         return None
     parts = [f"rank {rank} {'+'.join(streams) or 'nothing'}" for rank, streams in shown.items()]
     return "on the terminal: " + ", ".join(parts) + " (log files, when written, get every line)"
+
+
+def stacks_line(bootstrap: bool, on_quit: bool, stall: Stall) -> str:
+    """How the stack reports work in this job (the bootstrap's two variables are not listed above)."""
+    how = (
+        "Python workers get a bootstrap on PYTHONPATH (taken out of their environment again at start) "
+        "that dumps their threads on a real-time signal"
+        if bootstrap else "no bootstrap (--no-stack-bootstrap): stacks come from py-spy, if installed"
+    )
+    when = ["SIGQUIT (Ctrl-\\)"] if on_quit else []
+    if stall.watched:
+        when.append(f"after {stall.timeout:g} s without a line from any rank" + (" (then the job stops)" if stall.stop else ""))
+    return f"stack reports: {', '.join(when) or 'only at a failure'}; {how}"

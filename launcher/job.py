@@ -52,27 +52,29 @@ def launch(options: Options) -> int:
     error_dir = os.path.join(log_dir, "errors") if log_dir else None
     decision = decide(options, facts, error_dir, head_links_nodes=options.agent)
     if options.dry_run:
-        return show_dry_run(decision, error_dir)
+        return show_dry_run(decision, error_dir, options)
     role = role_for(options, decision)
     prepared = role.prepare(facts)
     if prepared is None:
         return 1  # nothing was started
     if log_dir is not None:
         _make_dir(log_dir, "--log-dir")
-    made_error_dir = None
-    if error_dir is None:
-        made_error_dir = error_dir = _private_temp_dir()
+    private = _private_temp_dir()  # the job's own: error files without --log-dir, stack dumps
     try:
-        return run(role, prepared, options, error_dir)
+        stack_dir = None
+        if prepared.stack_bootstrap:
+            stack_dir = os.path.join(private, "stacks")
+            os.mkdir(stack_dir, 0o700)
+        return run(role, prepared, options, error_dir or private, stack_dir)
     finally:
-        if made_error_dir is not None:
-            import shutil
+        import shutil
 
-            shutil.rmtree(made_error_dir, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
 
 
-def show_dry_run(decision: Decision, error_dir: str | None) -> int:
-    from launcher.dryrun import render_plan, terminal_line
+def show_dry_run(decision: Decision, error_dir: str | None, options: Options) -> int:
+    from launcher.dryrun import render_plan, stacks_line, terminal_line
+    from launcher.roles import quit_reports
     from launcher.ports import pick_free_port
 
     inputs = decision.inputs
@@ -82,7 +84,8 @@ def show_dry_run(decision: Decision, error_dir: str | None) -> int:
     plan = build_plan(replace(inputs, master_port=port, error_dir=shown_dir, job_id="<random per run>"))
     if not decision.node_rank_given:
         notes = (*notes, "(node rank shown as 0: without --node-rank, nodes take ranks in order of arrival)")
-    said = [*decision.detected, *decision.notes, terminal_line(plan, decision.terminal.shows)]
+    said = [*decision.detected, *decision.notes, terminal_line(plan, decision.terminal.shows),
+            stacks_line(decision.stack_bootstrap, quit_reports(options), decision.stall)]
     if decision.files_wanted is not None:
         said.append(f"{decision.files_wanted}: a real run writes every rank's output to a new $TMPDIR/ddplaunch-logs-*")
     sys.stdout.write(render_plan(plan, notes=tuple(line for line in said if line)))
@@ -92,12 +95,12 @@ def show_dry_run(decision: Decision, error_dir: str | None) -> int:
     return 0
 
 
-def run(role: Role, decision: Decision, options: Options, error_dir: str) -> int:
+def run(role: Role, decision: Decision, options: Options, error_dir: str, stack_dir: str | None = None) -> int:
     """Attempts until the job ends; returns its exit code."""
     from launcher.report import finish
-    from launcher.supervisor import SignalPlan, run_job
+    from launcher.supervisor import SignalPlan, StackSettings, run_job
 
-    peers, inputs = role.connect(replace(decision.inputs, error_dir=error_dir))
+    peers, inputs = role.connect(replace(decision.inputs, error_dir=error_dir, stack_dir=stack_dir))
 
     def new_plan(restart: int) -> Plan:
         addr, port = role.address(inputs)
@@ -120,8 +123,10 @@ def run(role: Role, decision: Decision, options: Options, error_dir: str) -> int
             max_restarts=inputs.max_restarts,
             job_id=inputs.job_id,
             peers=peers,
-            signals=SignalPlan.handling(inputs.signals_to_handle),
+            # an agent does what its head says: the head turns SIGQUIT into a report itself
+            signals=SignalPlan.handling(inputs.signals_to_handle if options.signals_to_handle or options.agent else None),
             stdin=role.stdin(printer, first),
+            stacks=StackSettings(decision.stall, ReportDir(decision.log_dir)),
         )
         finish(result, printer, lambda text: role.say(printer, text))
         return result.exit_code
@@ -138,6 +143,26 @@ def _make_dir(path: str, flag: str) -> None:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
         raise LaunchError(f"{flag} {path!r}: cannot create it ({exc.strerror}). Pick a writable directory.") from None
+
+
+class ReportDir:
+    """Where stack reports' full-stacks files go: --log-dir/stacks, else a temporary directory
+    that is kept (the report names it), made only when the first report is."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self._log_dir = log_dir
+        self._path: str | None = None
+
+    def __call__(self) -> str:
+        if self._path is None:
+            if self._log_dir is not None:
+                self._path = os.path.join(self._log_dir, "stacks")
+                os.makedirs(self._path, exist_ok=True)
+            else:
+                import tempfile
+
+                self._path = tempfile.mkdtemp(prefix="ddplaunch-stacks-")
+        return self._path
 
 
 def _private_temp_dir() -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -23,6 +24,9 @@ MAX_LINE_BYTES = 1 << 20  # a longer line is cut into pieces, each with its pref
 TAIL_LINES = 20
 THIN_S = 5.0  # off a terminal, a progress line's updates: at most one per this, per rank and stream
 _COLOURS = (36, 32, 33, 35, 34, 96, 92, 93, 95, 94)
+TRACEBACK_START = b"Traceback (most recent call last):"
+_CHAINED = (b"During handling of the above exception", b"The above exception was the direct cause")
+_RANK_TAG = re.compile(rb"^\[rank\d+\]:\s?")  # torch prefixes its ranks' uncaught tracebacks with it
 
 
 class LineFramer:
@@ -212,6 +216,26 @@ class _RankOutput:
         self.log = log
         self.tail: deque[bytes] = deque(maxlen=TAIL_LINES)
         self.updated = {1: -math.inf, 2: -math.inf}  # off a terminal: when an update last went out
+        self.last_output: float | None = None  # when its last bytes arrived (a stall is the lack of them)
+        self.exceptions = Exceptions()
+
+
+class Exceptions:
+    """The uncaught exceptions a rank's stderr shows, from Python's own traceback layout, so a
+    rank that failed on its own is told apart from one that was only stopped."""
+
+    def __init__(self) -> None:
+        self.inside = False  # between a traceback's first line and its exception line
+        self.raised: list[tuple[float, str]] = []  # when each exception line arrived, and the line
+
+    def scan(self, lines: list[bytes], now: float) -> None:
+        for line in lines:
+            text = _RANK_TAG.sub(b"", line, count=1)
+            if text.startswith(TRACEBACK_START):
+                self.inside = True
+            elif self.inside and text and not text[:1].isspace() and not text.startswith(_CHAINED):
+                self.inside = False
+                self.raised.append((now, text.decode("utf-8", "replace").strip()))
 
 
 class Printer:
@@ -251,6 +275,7 @@ class Printer:
             os.makedirs(log_dir, exist_ok=True)
             self._launcher_log = _open_append(os.path.join(log_dir, "launcher.log"))
         self._ranks: dict[int, _RankOutput] = {}
+        self.last_any: float | None = None  # when any rank's last bytes arrived
         self.add_ranks(world_ranks)
 
     def _live_areas(self) -> dict[Stream, LiveArea | None]:
@@ -280,6 +305,7 @@ class Printer:
     def feed(self, rank: int, stream: Stream, data: bytes) -> None:
         """Bytes read from a worker's pipe; whole lines go out at once, the rest waits."""
         output = self._ranks[rank]
+        output.last_output = self.last_any = self._clock()
         if output.log is not None:
             output.log.write(stream, data)
         framer = output.framers[stream]
@@ -312,6 +338,8 @@ class Printer:
         if not lines:
             return
         output.tail.extend(lines[-TAIL_LINES:])
+        if stream == 2 and (output.exceptions.inside or any(TRACEBACK_START in line for line in lines)):
+            output.exceptions.scan(lines, self._clock())
         if output.shown[stream]:
             prefix = output.prefixes[stream - 1]
             self._write(stream, prefix + (b"\n" + prefix).join(lines) + b"\n")
@@ -351,6 +379,14 @@ class Printer:
     def tail(self, rank: int) -> list[str]:
         """The last lines a rank printed (both streams), decoded for display."""
         return [line.decode("utf-8", "replace") for line in self._ranks[rank].tail]
+
+    def last_output(self, rank: int) -> float | None:
+        """When the rank's last bytes arrived (this printer's clock); None: none yet."""
+        return self._ranks[rank].last_output
+
+    def exceptions_raised(self, rank: int) -> list[tuple[float, str]]:
+        """The uncaught exceptions the rank's stderr showed: when each arrived, and its line."""
+        return list(self._ranks[rank].exceptions.raised)
 
     def note(self, text: str) -> None:
         """One line of the launcher's own, on stderr and in launcher.log."""

@@ -9,6 +9,10 @@ from launcher.errors import LaunchError
 from launcher.plan import FORWARDED_SIGNALS, is_plain_int
 
 DEFAULT_GRACE_S = 30.0
+# A stall report comes before torch's own collective timeouts end the job (NCCL's is 10 min,
+# gloo's 30), yet after anything a healthy job does in silence (a checkpoint, an evaluation).
+DEFAULT_STALL_TIMEOUT_S = 300.0
+STALL_EXIT_CODE = 124  # --stall-action stop, as timeout(1)
 DEFAULT_JOIN_TIMEOUT_S = 600.0  # torchrun's rendezvous join timeout
 SHUTDOWN_TIMEOUT_VARIABLE = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # torchrun's fallback for --shutdown-timeout
 OUT, ERR = 1, 2  # torchrun's Std bits, which are also the streams' file descriptors
@@ -67,6 +71,36 @@ class Options:
     event_log_handler: str | None = None
     logs_specs: str | None = None
     force: bool = False
+    stall_timeout: float | None = None  # None: DEFAULT_STALL_TIMEOUT_S; 0: off
+    stall_action: str = "report"
+    no_stack_bootstrap: bool = False
+
+
+@dataclass(frozen=True)
+class Stall:
+    """--stall-timeout and --stall-action: after how long a silent job gets a stack report
+    (0: never), and whether it is then stopped."""
+
+    timeout: float = DEFAULT_STALL_TIMEOUT_S
+    stop: bool = False
+
+    @property
+    def watched(self) -> bool:
+        return self.timeout > 0
+
+
+def stall_of(options: Options) -> Stall:
+    timeout = options.stall_timeout
+    if timeout is None:
+        timeout = DEFAULT_STALL_TIMEOUT_S
+    elif timeout != timeout or timeout < 0 or timeout == float("inf"):
+        raise LaunchError(
+            f"--stall-timeout {timeout:g}: use a number of seconds, 0 or more (e.g. 300; 0 turns "
+            "stall reports off)."
+        )
+    if options.stall_action == "stop" and timeout == 0:
+        raise LaunchError("--stall-action stop needs a stall to act on: give --stall-timeout SECONDS above 0.")
+    return Stall(timeout, options.stall_action == "stop")
 
 
 def parse_nnodes(text: str) -> int:

@@ -6,6 +6,7 @@ port) and passes them in, so every rule here is tested by tables of cases.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Literal
 
 from launcher.devices import DeviceMap
 from launcher.errors import LaunchError
+from launcher.snapshot import BOOTSTRAP_DIR, STACK_SIGNAL, STACKS_VARIABLE, stacks_variable
 
 ProgramKind = Literal["script", "module", "exec", "run-path"]
 
@@ -117,6 +119,7 @@ class PlanInputs:
     cpus: tuple[frozenset[int], ...] = ()  # --numa-binding: per local rank, the CPUs to run on
     terminal: Terminal | None = None  # None: the launcher's output goes to no terminal
     stdin_rank: int | None = 0  # the global rank that reads the launcher's stdin; None: no rank
+    stack_dir: str | None = None  # where each worker's stack bootstrap writes; None: no bootstrap
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class Plan:
     common_env: Mapping[str, str]
     base_env: Mapping[str, str]
     stdin_rank: int | None = 0  # job-wide; it may be on another node
+    stack_dir: str | None = None  # the stack bootstrap's directory (launcher.snapshot); None: off
 
     @property
     def stdin_worker(self) -> Worker | None:
@@ -162,7 +166,18 @@ class Plan:
         """The full environment of one worker: the user's, then what the launcher adds."""
         env = dict(self.base_env)
         env.update(worker.env_added)
+        if self.stack_dir is not None:
+            add_stack_bootstrap(env, self.stack_dir)
         return env
+
+
+def add_stack_bootstrap(env: dict[str, str], stack_dir: str) -> None:
+    """Put the stack bootstrap first on PYTHONPATH. It takes itself out of the worker's
+    environment again at start-up, so the script sees what torchrun would give it; the dry
+    run says so in a line rather than listing these two variables."""
+    had = "PYTHONPATH" in env
+    env[STACKS_VARIABLE] = stacks_variable(STACK_SIGNAL, had, stack_dir)
+    env["PYTHONPATH"] = BOOTSTRAP_DIR + (os.pathsep + env["PYTHONPATH"] if had else "")
 
 
 def parse_nproc(text: str, *, gpu_count: int, cpu_count: int) -> int:
@@ -402,4 +417,5 @@ def build_plan(inputs: PlanInputs) -> Plan:
         common_env=MappingProxyType(shared),
         base_env=MappingProxyType(dict(inputs.base_env)),
         stdin_rank=inputs.stdin_rank,
+        stack_dir=inputs.stack_dir,
     )

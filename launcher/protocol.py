@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, get_args
 
-EndKind = Literal["success", "failed", "stopped", "error", "lost"]
+EndKind = Literal["success", "failed", "stopped", "stalled", "error", "lost"]
 END_KINDS: tuple[EndKind, ...] = get_args(EndKind)
 
 

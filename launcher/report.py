@@ -7,7 +7,7 @@ about 50 ms here, which alone would double the time from a rank's death to the l
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from launcher.supervisor import AttemptResult, JobResult, WorkerProcess, describe_exit, signal_name
@@ -44,11 +44,17 @@ def read_error_file(path: str | None) -> str | None:
     return str(message).rstrip() or None
 
 
-def other_worker_line(worker: WorkerProcess) -> str:
+def other_worker_line(worker: WorkerProcess, raised: str | None = None) -> str:
+    """`raised`: the uncaught exception the rank printed before it was told to stop, if any:
+    it failed on its own, whatever ended its process afterwards."""
     rank = worker.spec.global_rank
     where = f"rank {rank} (local rank {worker.spec.local_rank}, pid {worker.pid})"
     if worker.exit_code is None:
         return f"{where}: still running"
+    if raised is not None:
+        if worker.term_signal is not None and worker.term_signal in worker.signals_sent:
+            return f"{where}: failed too, raising {raised} (then terminated by ddplaunch, {signal_name(worker.term_signal)})"
+        return f"{where}: failed too, raising {raised} ({exit_text(worker)})"
     if worker.term_signal is not None and worker.term_signal in worker.signals_sent:
         return f"{where}: terminated by ddplaunch ({signal_name(worker.term_signal)})"
     if worker.after_stop and worker.signals_sent:
@@ -60,8 +66,12 @@ def other_worker_line(worker: WorkerProcess) -> str:
     return f"{where}: failed too ({exit_text(worker)})"
 
 
-def render_failure(result: AttemptResult, tail: list[str], colour: bool, width: int | None = None) -> str:
-    """The report for a failed attempt whose root cause is a worker."""
+def render_failure(
+    result: AttemptResult, tail: list[str], colour: bool, width: int | None = None,
+    raised: Mapping[int, str] | None = None,
+) -> str:
+    """The report for a failed attempt whose root cause is a worker; `raised`: the other ranks
+    that failed on their own, and the exception each printed."""
     import shutil
 
     cause = result.root_cause
@@ -89,7 +99,12 @@ def render_failure(result: AttemptResult, tail: list[str], colour: bool, width: 
     others = [w for w in result.workers if w is not cause]
     if others:
         lines.append(f"  {dim}other workers:{reset}")
-        lines.extend(f"    {other_worker_line(w)}" for w in others)
+        lines.extend(f"    {other_worker_line(w, (raised or {}).get(w.spec.global_rank))}" for w in others)
+    if result.others_at_failure:
+        from launcher.stackreport import render_others
+
+        lines.append(f"  {dim}where the other ranks were when rank {spec.global_rank} died (read before they were stopped):{reset}")
+        lines.extend(f"    {line}" for line in render_others(result.others_at_failure, colour=colour))
     lines.append(f"{red}{'━' * width}{reset}")
     return "\n".join(lines) + "\n"
 
@@ -102,14 +117,31 @@ def joined_line(hosts: dict[int, str]) -> str:
     return f"all {len(hosts)} nodes joined (node rank, host: {names})"
 
 
-def start_line(plan: Plan) -> str:
+def start_line(plan: Plan, stacks_pid: int | None = None) -> str:
+    """`stacks_pid`: the launcher that prints every rank's stack on SIGQUIT, if it does."""
     ranks = [w.global_rank for w in plan.workers]
     span = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
     text = f"starting {len(ranks)} worker(s), {span} of world size {plan.world_size}"
     omp = plan.common_env.get("OMP_NUM_THREADS")
     if omp is not None:
         text += f"; OMP_NUM_THREADS={omp} per worker (set it to override)"
+    if stacks_pid is not None:
+        text += f"; every rank's stack: Ctrl-\\ or kill -QUIT {stacks_pid}"
     return text
+
+
+def raised_before_stop(result: AttemptResult, printer: Printer) -> dict[int, str]:
+    """The ranks (other than the root cause) whose stderr showed an uncaught exception before
+    they were told to stop, each with its exception's line."""
+    raised = {}
+    for worker in result.workers:
+        rank = worker.spec.global_rank
+        if worker is result.root_cause or worker.exit_code in (None, 0):
+            continue
+        own = [line for at, line in printer.exceptions_raised(rank) if result.stop_began is None or at <= result.stop_began]
+        if own:
+            raised[rank] = own[-1]
+    return raised
 
 
 def finish(result: JobResult, printer: Printer, say: Callable[[str], None]) -> None:
@@ -118,7 +150,9 @@ def finish(result: JobResult, printer: Printer, say: Callable[[str], None]) -> N
         say(f"root cause on another node: {last.elsewhere.describe()} (its report is in that node's output)")
     elif last.root_cause is not None:
         tail = printer.tail(last.root_cause.spec.global_rank)
-        printer.block(render_failure(last, tail, printer.colour))
+        printer.block(render_failure(last, tail, printer.colour, raised=raised_before_stop(last, printer)))
+    elif last.stalled is not None:
+        say(f"stopped because the job stalled ({last.stalled}); the stall report above shows where each rank was")
     elif last.stop_signal is not None:
         say(f"stopped by {signal_name(last.stop_signal)}; all workers ended")
     if last.exit_code != 0:

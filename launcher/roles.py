@@ -14,6 +14,7 @@ them and branches on nothing.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
@@ -108,7 +109,7 @@ class Local:
         printer.note(text)
 
     def announce(self, printer: Printer, first: Plan) -> None:
-        self.say(printer, start_line(first))
+        self.say(printer, start_line(first, os.getpid() if quit_reports(self.options) else None))
 
 
 class StaticNode(Local):
@@ -215,6 +216,15 @@ class NodeAgent:
 
     def announce(self, printer: Printer, first: Plan) -> None:
         self.say(printer, start_line(first))
+
+
+def quit_reports(options: Options) -> bool:
+    """SIGQUIT prints every rank's stack, unless --signals-to-handle lists it (then it stops the
+    job, as under torchrun)."""
+    from launcher.options import parse_signals
+
+    given = options.signals_to_handle
+    return given is None or "SIGQUIT" not in parse_signals(given).split(",")
 
 
 def check_local_addr(addr: str) -> None:

@@ -19,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from launcher.inputs import Inputs, PeerNews, SignalWake, WorkerOutput
+from launcher.inputs import Inputs, PeerNews, SignalWake, WorkerOutput, sooner
+from launcher.hangs import StackReporter
 from launcher.logs import Printer
+from launcher.options import STALL_EXIT_CODE, Stall
 from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
 from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from launcher.protocol import Peers
@@ -31,11 +33,18 @@ from launcher.workers import WorkerTree
 from launcher.workers import WorkerProcess as WorkerProcess  # re-exported: report.py reads it here
 
 if TYPE_CHECKING:
+    from launcher.hangs import Finished
     from launcher.protocol import AttemptEnd, EndKind
+    from launcher.snapshot import RankSnapshot
+    from launcher.stacks import Target
 
 GROUP_POLL_S = 0.02  # only while waiting for a tree with no SIGCHLD to tell us it ended
-# The workers are told this list (TORCHELASTIC_SIGNALS_TO_HANDLE); one source for both.
-STOP_SIGNALS = tuple(signal.Signals[name] for name in FORWARDED_SIGNALS.split(","))
+# The workers are told torchrun's list (TORCHELASTIC_SIGNALS_TO_HANDLE); SIGQUIT in it stops
+# the job only when the user lists it: by default it asks for every rank's stack.
+REPORT_SIGNAL = signal.SIGQUIT
+STOP_SIGNALS = tuple(
+    sig for sig in (signal.Signals[name] for name in FORWARDED_SIGNALS.split(",")) if sig != REPORT_SIGNAL
+)
 RELAYED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # e.g. Slurm's checkpoint-before-preemption
 
 
@@ -47,13 +56,18 @@ class SignalPlan:
 
     stop: tuple[int, ...] = STOP_SIGNALS
     relayed: tuple[int, ...] = RELAYED_SIGNALS
+    report: tuple[int, ...] = (REPORT_SIGNAL,)  # print every rank's stack; the job goes on
 
     @classmethod
-    def handling(cls, names: str) -> SignalPlan:
-        """--signals-to-handle (names checked by launcher.options.parse_signals): those stop the
-        job; SIGUSR1/SIGUSR2 left out of it are still relayed."""
+    def handling(cls, names: str | None) -> SignalPlan:
+        """--signals-to-handle (names checked by launcher.options.parse_signals), None when not
+        given: those stop the job; SIGUSR1/SIGUSR2 left out of it are still relayed, and SIGQUIT
+        left out of it asks for a stack report (listed, it stops the job as under torchrun)."""
+        if names is None:
+            return cls()
         stop = tuple(signal.Signals[name] for name in names.split(","))
-        return cls(stop, tuple(sig for sig in RELAYED_SIGNALS if sig not in stop))
+        report = () if REPORT_SIGNAL in stop else (REPORT_SIGNAL,)
+        return cls(stop, tuple(sig for sig in RELAYED_SIGNALS if sig not in stop), report)
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,9 @@ class AttemptResult:
     spawn_error: str | None = None
     ended_by: AttemptEnd | None = None  # multi-node: why the attempt ended, job-wide
     node_rank: int = 0
+    stalled: str | None = None  # --stall-action stop: why the job was stopped
+    others_at_failure: tuple[RankSnapshot, ...] = ()  # where the other ranks were when the root cause died
+    stop_began: float | None = None  # when the workers were told to stop (the printer's clock)
 
     @property
     def exit_code(self) -> int:
@@ -73,6 +90,8 @@ class AttemptResult:
             return self.elsewhere.exit_code or 1  # another node's root cause is the job's
         if self.root_cause is not None:
             return self.root_cause.exit_code or 1
+        if self.stalled is not None:
+            return STALL_EXIT_CODE
         if self.stop_signal is not None:
             return 128 + self.stop_signal
         if self.spawn_error is not None:
@@ -96,7 +115,7 @@ class SignalInbox:
 
     def __init__(self, plan: SignalPlan = SignalPlan()) -> None:
         self.plan = plan
-        self.handled = (signal.SIGCHLD, *plan.stop, *plan.relayed)
+        self.handled = (signal.SIGCHLD, *plan.stop, *plan.relayed, *plan.report)
         self.pending: deque[int] = deque()
         self._wake = WakePipe()
         self.read_fd = self._wake.read_fd
@@ -135,6 +154,14 @@ def become_subreaper() -> bool:
     return prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
+@dataclass(frozen=True)
+class StackSettings:
+    """Stack reports for every attempt: the stall policy, and where a report's full stacks go."""
+
+    stall: Stall
+    report_dir: Callable[[], str]
+
+
 @dataclass
 class Attempt:
     """One start of all workers of this node, run to its end by `run`."""
@@ -146,16 +173,26 @@ class Attempt:
     watchdog: Watchdog | None
     peers: Peers | None = None
     stdin: int | None = None  # what the --stdin rank reads, if it is on this node; None: /dev/null
+    stacks: StackSettings | None = None  # None: no stack reports (SIGQUIT says so)
     clock: Callable[[], float] = time.monotonic
     signal_received: int | None = None  # the first stop signal that reached the launcher
     root_cause: WorkerProcess | None = None
     spawn_error: str | None = None
     ended_by: AttemptEnd | None = None
+    stalled: str | None = None
+    others_at_failure: tuple[RankSnapshot, ...] = ()
     _told_success: bool = False
+    _failure: tuple[str, int] | None = None  # told to peers and acted on once the others' stacks are read
 
     def __post_init__(self) -> None:
         self.tree = WorkerTree(self.watchdog, self.clock)
         self.teardown = Teardown(self.grace, self.clock)
+        self.reporter: StackReporter | None = None
+        if self.stacks is not None:
+            self.reporter = StackReporter(
+                self.printer, stack_dir=self.plan.stack_dir, report_dir=self.stacks.report_dir,
+                stall=self.stacks.stall, targets=self._stack_targets, clock=self.clock,
+            )
 
     def run(self) -> AttemptResult:
         self.inputs = Inputs(self.printer, self.inbox.read_fd, None if self.peers is None else self.peers.fd)
@@ -164,12 +201,15 @@ class Attempt:
             while not self._finished():
                 self._wait_for_events()
                 self._handle_signals(self.inbox.take())
+                self._advance_stacks()
                 self._enforce_deadlines()
         finally:
+            if self.reporter is not None:
+                self.reporter.close()
             self.inputs.close()
         return AttemptResult(
             tuple(self.tree.workers), self.root_cause, self.signal_received, self.spawn_error, self.ended_by,
-            self.plan.node_rank,
+            self.plan.node_rank, self.stalled, self.others_at_failure, self.teardown.began_at,
         )
 
     def _spawn_all(self) -> None:
@@ -207,6 +247,8 @@ class Attempt:
 
     def _timeout(self) -> float | None:
         due = self.teardown.due_in()
+        if self.reporter is not None:
+            due = sooner(due, self.reporter.due_in())
         if self.tree.all_exited() and self.tree.groups_alive():
             # a tree may end without a SIGCHLD reaching us
             return GROUP_POLL_S if due is None else min(due, GROUP_POLL_S)
@@ -220,6 +262,17 @@ class Attempt:
                 self._handle_relayed(sig)
             elif sig in self.inbox.plan.stop:
                 self._handle_stop(sig)
+            elif sig in self.inbox.plan.report:
+                self._handle_report(sig)
+
+    def _handle_report(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if self.reporter is None or self.teardown.stopping:
+            why = "the workers are being stopped" if self.teardown.stopping else "stack reports are off here"
+            self.printer.note(f"got {name}: no stack report ({why})")
+            return
+        self.printer.log_event(f"got {name}: reading every rank's stack")
+        self.reporter.on_demand(f"{name} (Ctrl-\\ or kill -QUIT {os.getpid()})")
 
     def _handle_relayed(self, sig: int) -> None:
         self.printer.log_event(f"relaying {signal.Signals(sig).name} to the workers")
@@ -252,11 +305,56 @@ class Attempt:
     def _handle_exit(self, worker: WorkerProcess, exit_code: int) -> None:
         worker.after_stop = self.teardown.stopping
         self.printer.log_event(f"rank {worker.spec.global_rank} pid {worker.pid} exited {describe_exit(worker)}")
-        if exit_code != 0 and not self.teardown.stopping:
+        if exit_code != 0 and not self.teardown.stopping and self.root_cause is None:
             self.root_cause = worker
             failed = f"rank {worker.spec.global_rank} failed ({describe_exit(worker)})"
             self.printer.note(f"{failed}: stopping the other workers")
-            self._tell_peers("failed", failed, exit_code)
+            self._failure = (failed, exit_code)
+            if self.reporter is None or not self.reporter.before_stop(failed):
+                self._stop_for_failure()
+
+    def _stop_for_failure(self) -> None:
+        """The root cause's news goes out, and the others are stopped (their stacks read first)."""
+        if self._failure is None:
+            return
+        failed, exit_code = self._failure
+        self._failure = None
+        self._tell_peers("failed", failed, exit_code)
+        self._begin_stop(signal.SIGTERM)
+
+    # -- stacks -----------------------------------------------------------------------------------
+
+    def _stack_targets(self) -> list[Target]:
+        from launcher.stacks import Target
+
+        now = self.clock()
+        targets = []
+        for worker in self.tree.workers:
+            if worker.exit_code is not None:
+                continue
+            spec, last = worker.spec, self.printer.last_output(worker.spec.global_rank)
+            targets.append(Target(
+                host=spec.host, rank=spec.global_rank, local_rank=spec.local_rank, pid=worker.pid,
+                since_output_s=None if last is None else max(0.0, now - last),
+            ))
+        return targets
+
+    def _advance_stacks(self) -> None:
+        if self.reporter is None:
+            return
+        self.reporter.heard(self.printer.last_any)
+        finished = self.reporter.advance()
+        if finished is not None:
+            self._act_on(finished)
+
+    def _act_on(self, finished: Finished) -> None:
+        if finished.purpose == "failure":
+            self.others_at_failure = finished.snapshots
+            self._stop_for_failure()
+        elif finished.purpose == "stall" and not self.teardown.stopping:
+            self.stalled = finished.reason
+            self.printer.note(f"the job stalled ({finished.reason}): stopping all workers (--stall-action stop)")
+            self._tell_peers("stalled", f"the job stalled: {finished.reason}", STALL_EXIT_CODE)
             self._begin_stop(signal.SIGTERM)
 
     # -- the other nodes --------------------------------------------------------------------------
@@ -295,6 +393,9 @@ class Attempt:
     # -- stopping: one path, safe to enter twice -------------------------------------------------
 
     def _begin_stop(self, sig: int) -> None:
+        if self.reporter is not None:
+            self.reporter.close()  # a report can wait; the stop cannot
+        self._failure = None
         if self.teardown.begin(sig):
             self.tree.signal(sig)
 
@@ -367,6 +468,7 @@ def run_job(
     peers: Peers | None = None,
     signals: SignalPlan = SignalPlan(),
     stdin: int | None = None,
+    stacks: StackSettings | None = None,
 ) -> JobResult:
     """Run attempts until one succeeds, a signal stops us, or restarts run out.
 
@@ -386,7 +488,7 @@ def run_job(
                     printer.note(f"waiting for every node to join restart {restart}")
                     peers.join(restart, interrupted)
                 plan = plan_for_attempt(restart)
-                result = Attempt(plan, printer, inbox, grace, watchdog, peers, stdin).run()
+                result = Attempt(plan, printer, inbox, grace, watchdog, peers, stdin, stacks).run()
                 if peers is not None:
                     peers.end_attempt(interrupted)
                 if not _should_restart(result, restart, max_restarts):
@@ -402,7 +504,9 @@ def run_job(
 
 
 def _should_restart(result: AttemptResult, restart: int, max_restarts: int) -> bool:
-    if result.exit_code == 0 or result.stop_signal is not None or restart >= max_restarts:
+    if result.exit_code == 0 or result.stop_signal is not None or result.stalled is not None:
+        return False
+    if restart >= max_restarts:
         return False
     return result.ended_by is None or result.ended_by.kind == "failed"
 

@@ -20,6 +20,7 @@ class Teardown:
     def __init__(self, grace: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.grace = grace
         self.signal_sent: int | None = None  # to the workers; SIGKILL once killed
+        self.began_at: float | None = None  # when the stop began (what a rank said before it was its own)
         self._clock = clock
         self._kill_at: float | None = None
         self._drain_until: float | None = None
@@ -33,7 +34,8 @@ class Teardown:
         if self.stopping:
             return False
         self.signal_sent = sig
-        self._kill_at = self._clock() + self.grace
+        self.began_at = self._clock()
+        self._kill_at = self.began_at + self.grace
         return True
 
     def kill_now(self) -> None:
