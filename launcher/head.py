@@ -10,10 +10,14 @@ the head tells every node at once; restarts start when every node is ready again
 here becomes a stop sent to every agent; a host whose connection drops stops its own
 workers (its agent reads end of file) and the head ends the attempt for the others. The
 head's stdin goes to the --stdin rank's agent, a piece each time it asks (launcher.stdin_relay).
+Stack reports are job-wide and the head's: SIGQUIT, or a stall of the whole job's output
+(the head sees every line), asks every agent for its ranks' stacks (launcher.headstacks)
+and prints one report; --stall-action stop then ends the attempt everywhere as "stalled".
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import selectors
 import sys
@@ -26,13 +30,16 @@ from launcher.channel import AgentChannel, ChannelEvent
 from launcher.errors import Interrupted, LaunchError
 from launcher.fanout import Host, agent_argv, prefixed_world_size, preflight_problem, remote_command
 from launcher.frames import (
-    ATTEMPT_END, OVER, READY, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, go_line,
+    ATTEMPT_END, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, go_line,
 )
-from launcher.protocol import Referee, job_exit_code
+from launcher.headstacks import AgentStacks
+from launcher.inputs import sooner
+from launcher.protocol import NOT_A_NODE, AttemptEnd, Referee, job_exit_code
 from launcher.stdin_relay import ForwardedStdin
 from launcher.wakepipe import WakePipe
 
 if TYPE_CHECKING:
+    from launcher.hangs import StackReporter
     from launcher.logs import Printer
     from launcher.options import Options
     from launcher.supervisor import SignalInbox
@@ -67,23 +74,26 @@ class Head:
         self._stop_count = 0
         self._referee = Referee(len(hosts))  # the current attempt, decided there for every node
         self._stdin: ForwardedStdin | None = None  # while the loop runs
+        self._stacks = AgentStacks([h.name for h in hosts], self.agents)
+        self._reporter: StackReporter | None = None  # the current attempt's, until its end is told
+        self._stalled: str | None = None  # --stall-action stop ended the job: why
 
     def run(self) -> int:
         from launcher.options import parse_signals
-        from launcher.plan import FORWARDED_SIGNALS
         from launcher.supervisor import SignalInbox, SignalPlan
 
         try:
             with _Status(f"connecting to {len(self.hosts)} host(s)") as status:
                 accept_new = self.options.ssh_accept_new_host_keys
-                self.agents = connect(self.hosts, self._post, accept_new_host_keys=accept_new)
+                self.agents[:] = connect(self.hosts, self._post, accept_new_host_keys=accept_new)
                 self._start_agents()
                 status(f"waiting for {len(self.hosts)} host(s) to be ready")
                 self._await_ready()
             # --signals-to-handle: the head stops on the same signals as its agents (each agent
-            # turns "stop NAME" into that signal to itself, and its plan stops on it too)
+            # turns "stop NAME" into that signal to itself, and its plan stops on it too). Not
+            # listed there, SIGQUIT asks every agent for its ranks' stacks.
             given = self.options.signals_to_handle
-            handled = SignalPlan.handling(parse_signals(given) if given else FORWARDED_SIGNALS)
+            handled = SignalPlan.handling(parse_signals(given) if given else None)
             with SignalInbox(handled) as inbox:
                 return self._supervise(inbox)
         except KeyboardInterrupt:
@@ -144,26 +154,37 @@ class Head:
             log_dir=self.options.log_dir,
             shows=self.shows,
         )
-        printer.note(f"all {len(self.hosts)} hosts ready: " + ", ".join(f"{h.node_rank} {h.name}" for h in self.hosts))
+        ready = f"all {len(self.hosts)} hosts ready: " + ", ".join(f"{h.node_rank} {h.name}" for h in self.hosts)
+        if inbox.plan.report:
+            ready += f"; every rank's stack: Ctrl-\\ or kill -QUIT {os.getpid()}"
+        printer.note(ready)
         selector = selectors.DefaultSelector()
         selector.register(self._wake.read_fd, selectors.EVENT_READ)
         selector.register(inbox.read_fd, selectors.EVENT_READ)
         self._stdin = ForwardedStdin(selector, printer.note)
+        self._begin_attempt(printer)
         try:
             while not all(a.closed for a in self.agents):
                 printer.tick()
-                for key, _ in selector.select(printer.due_in()):
+                for key, _ in selector.select(sooner(printer.due_in(), self._stacks_due_in())):
                     if isinstance(key.data, ForwardedStdin):
                         key.data.forward()
-                for sig in inbox.take():
-                    if sig in inbox.plan.stop:
-                        self._stop_all(sig, printer)
+                self._handle_signals(inbox, printer)
                 self._drain(printer)
+                self._advance_stacks(printer)
         finally:
+            self._end_stacks()
             self._stdin = None
             selector.close()
             printer.close()
         return self._exit_code(printer)
+
+    def _handle_signals(self, inbox: SignalInbox, printer: Printer) -> None:
+        for sig in inbox.take():
+            if sig in inbox.plan.stop:
+                self._stop_all(sig, printer)
+            elif sig in inbox.plan.report:
+                self._report_on_demand(sig, printer)
 
     def _stop_all(self, sig: int, printer: Printer) -> None:
         import signal
@@ -178,13 +199,69 @@ class Head:
             agent.tell(f"stop {name}\n".encode())
 
     def _exit_code(self, printer: Printer) -> int:
+        from launcher.options import STALL_EXIT_CODE
+
         lost = [h for h in self.hosts if self.agents[h.node_rank].lost]
         for host in lost:
             printer.note(f"lost {host.name} (node {host.node_rank}): its connection or agent ended without an exit status")
         code = job_exit_code([a.exit_code for a in self.agents], any_lost=bool(lost))
+        if self._stalled is not None:
+            printer.note(f"stopped because the job stalled ({self._stalled}); the stall report above shows where each rank was")
+            code = STALL_EXIT_CODE
         if code != 0:
             printer.note(f"exit code {code}")
         return code
+
+    # -- stack reports: the current attempt's, job-wide ------------------------------------------
+
+    def _begin_attempt(self, printer: Printer) -> None:
+        """The agents were told go: a new attempt, watched for a stall from now."""
+        from launcher.hangs import StackReporter
+        from launcher.job import ReportDir
+        from launcher.options import stall_of
+
+        self._end_stacks()
+        self._reporter = StackReporter(
+            printer, stack_dir=None, report_dir=ReportDir(self.options.log_dir), stall=stall_of(self.options),
+            targets=list, others=self._stacks,  # the head runs no rank: list() is its targets
+        )
+
+    def _end_stacks(self) -> None:
+        """The attempt's end is told (or the head is closing): no report until the next go."""
+        if self._reporter is not None:
+            self._reporter.close()
+        self._reporter = None
+
+    def _report_on_demand(self, sig: int, printer: Printer) -> None:
+        import signal
+
+        name = signal.Signals(sig).name
+        if self._reporter is None:
+            printer.note(f"got {name}: no stack report (the workers are being stopped)")
+            return
+        printer.log_event(f"got {name}: asking every host for its ranks' stacks")
+        self._reporter.on_demand(f"{name} (Ctrl-\\ or kill -QUIT {os.getpid()})")
+
+    def _stacks_due_in(self) -> float | None:
+        return None if self._reporter is None else self._reporter.due_in()
+
+    def _advance_stacks(self, printer: Printer) -> None:
+        reporter = self._reporter
+        if reporter is None:
+            return
+        reporter.heard(printer.last_any)
+        finished = reporter.advance()
+        if finished is not None and finished.purpose == "stall" and self._referee.end is None:
+            self._stop_for_stall(finished.reason, printer)
+
+    def _stop_for_stall(self, reason: str, printer: Printer) -> None:
+        """--stall-action stop: the attempt ends as "stalled" on every host; no restart."""
+        from launcher.options import STALL_EXIT_CODE
+
+        self._stalled = reason
+        printer.note(f"the job stalled ({reason}): stopping the workers on every host (--stall-action stop)")
+        end = AttemptEnd("stalled", NOT_A_NODE, "the SSH head", f"the job stalled: {reason}", STALL_EXIT_CODE)
+        self._tell_every_host(self._referee.node_ended(end.to_text()))
 
     # -- events: what the agents said, in the order they said it ---------------------------------
 
@@ -213,6 +290,9 @@ class Head:
             self._ready[host.node_rank] = decode_ready(frame)
             if printer is not None and len(self._ready) == len(self.hosts):
                 self._send_go()  # every node is ready for a restart
+                self._begin_attempt(printer)
+        elif frame.kind == STACKS:
+            self._stacks.took(host.node_rank, frame.payload)
         elif frame.kind == ATTEMPT_END:
             self._tell_every_host(self._referee.node_ended(frame.text))
         elif frame.kind == SUCCEEDED:
@@ -238,6 +318,7 @@ class Head:
 
     def _tell_every_host(self, end: str | None) -> None:
         if end is not None:
+            self._end_stacks()
             for agent in self.agents:
                 agent.tell(end_line(end))
 
