@@ -8,9 +8,10 @@ colour only when asked), and for the same reason without rich.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
-from launcher.snapshot import StackFrame
+from launcher.snapshot import RankSnapshot, StackFrame
 
 LIBRARY_DIRS = frozenset({"site-packages", "dist-packages"})
 # A lib/python3.X/ directory is the standard library once site-packages is ruled out: /usr/lib,
@@ -51,3 +52,85 @@ def is_user_frame(frame: StackFrame) -> bool:
 def headline(frames: Sequence[StackFrame]) -> StackFrame | None:
     """The frame that names a stack: its innermost in the user's code, else its innermost."""
     return next((f for f in frames if is_user_frame(f)), frames[0] if frames else None)
+
+
+# -- groups --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackGroup:
+    """Ranks whose main threads stand at the same frames, or whose stacks went unread for one reason."""
+
+    ranks: tuple[int, ...]  # ascending
+    frames: tuple[StackFrame, ...] | None  # the main thread's, innermost first; None: unread
+    why_not: str | None  # why unread, when frames is None
+    snapshots: tuple[RankSnapshot, ...]  # one per rank, in the order of ranks (the later of two)
+    moving: bool | None  # with two snapshots: did a rank's stack change? None: one, or cannot tell
+
+
+def why_unread(snapshot: RankSnapshot) -> str:
+    """Why a rank's main-thread stack is missing, in the words the report shows."""
+    if snapshot.main.why_not:
+        return snapshot.main.why_not
+    return "no main thread among its threads" if snapshot.main.threads else "its stack could not be read"
+
+
+def stack_key(snapshot: RankSnapshot) -> tuple[StackFrame, ...] | str:
+    """What ranks are grouped by: the main thread's frames (file, line, function), or why unread."""
+    frames = snapshot.main_frames
+    return why_unread(snapshot) if frames is None else frames
+
+
+Pairs = Mapping[tuple[str, int], RankSnapshot]
+
+
+def by_host_rank(earlier: Sequence[RankSnapshot]) -> dict[tuple[str, int], RankSnapshot]:
+    """The first snapshots by (host, rank), to pair each second snapshot with its first."""
+    return {(e.host, e.rank): e for e in earlier}
+
+
+def earlier_of(snapshot: RankSnapshot, pairs: Pairs) -> RankSnapshot | None:
+    """The first of a rank's two snapshots: the same host and rank, and the same process."""
+    before = pairs.get((snapshot.host, snapshot.rank))
+    # a restarted rank keeps its rank but not its pid: its old stack says nothing about the new one
+    return before if before is not None and before.pid == snapshot.pid else None
+
+
+def stack_changed(snapshot: RankSnapshot, before: RankSnapshot | None) -> bool | None:
+    """Whether a rank's main-thread stack differs from its earlier snapshot's; None: cannot tell."""
+    if before is None or before.main_frames is None or snapshot.main_frames is None:
+        return None
+    return before.main_frames != snapshot.main_frames
+
+
+def group_moving(changes: Sequence[bool | None]) -> bool | None:
+    """A group moves if any rank moved, is stuck if every rank is known not to have; else unknown."""
+    if any(change is True for change in changes):
+        return True
+    return False if changes and all(change is False for change in changes) else None
+
+
+def group_snapshots(snapshots: Sequence[RankSnapshot], earlier: Sequence[RankSnapshot] = ()) -> list[StackGroup]:
+    """The ranks grouped by their main thread's stack (unread ones by why), smallest group first.
+
+    A group of few ranks is the likely culprit: seven ranks in all_reduce wait for the eighth.
+    Unread groups sort among the others by the same rule, since a rank whose dump never came
+    (uninterruptible in the kernel, say) is as often as not the one the rest wait for.
+    """
+    members: dict[tuple[StackFrame, ...] | str, list[RankSnapshot]] = {}
+    for snapshot in snapshots:
+        members.setdefault(stack_key(snapshot), []).append(snapshot)
+    pairs = by_host_rank(earlier)
+    groups = [_group(key, sorted(group, key=lambda s: s.rank), pairs) for key, group in members.items()]
+    return sorted(groups, key=lambda g: (len(g.ranks), g.ranks[0]))
+
+
+def _group(key: tuple[StackFrame, ...] | str, members: list[RankSnapshot], pairs: Pairs) -> StackGroup:
+    changes = [stack_changed(s, earlier_of(s, pairs)) for s in members] if pairs else []
+    return StackGroup(
+        ranks=tuple(s.rank for s in members),
+        frames=None if isinstance(key, str) else key,
+        why_not=key if isinstance(key, str) else None,
+        snapshots=tuple(members),
+        moving=group_moving(changes),
+    )
