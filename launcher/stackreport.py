@@ -17,6 +17,8 @@ LIBRARY_DIRS = frozenset({"site-packages", "dist-packages"})
 # A lib/python3.X/ directory is the standard library once site-packages is ruled out: /usr/lib,
 # conda, pyenv and uv all lay it out so ("t": a free-threaded build's python3.13t).
 STDLIB_DIR = re.compile(r"(^|/)lib(64)?/python\d+(\.\d+)?t?/")
+MiB = 1 << 20
+GiB = 1 << 30
 
 
 # -- ranks and frames ----------------------------------------------------------------------------
@@ -134,3 +136,45 @@ def _group(key: tuple[StackFrame, ...] | str, members: list[RankSnapshot], pairs
         snapshots=tuple(members),
         moving=group_moving(changes),
     )
+
+
+# -- the facts beside each rank ------------------------------------------------------------------
+
+
+def cpu_seconds_text(seconds: float) -> str:
+    """CPU seconds to the precision that matters at their size: 0.98, 12.3, 4521."""
+    if seconds < 10:
+        return f"{seconds:.2f}"
+    return f"{seconds:.1f}" if seconds < 1000 else f"{seconds:.0f}"
+
+
+def span_text(seconds: float) -> str:
+    """Wall-clock seconds: 1.0, 61.2, 301."""
+    return f"{seconds:.1f}" if seconds < 100 else f"{seconds:.0f}"
+
+
+def memory_text(size: int) -> str:
+    """A resident size in binary units: 512 KiB, 812 MiB, 3.1 GiB."""
+    if size < MiB:
+        return f"{size // 1024} KiB"
+    return f"{size / MiB:.0f} MiB" if size < GiB else f"{size / GiB:.1f} GiB"
+
+
+def output_text(since_output_s: float | None) -> str:
+    """How long ago a rank wrote its last line."""
+    return "no output yet" if since_output_s is None else f"{span_text(since_output_s)} s ago"
+
+
+def cpu_text(now: RankSnapshot, earlier: RankSnapshot | None = None, previous: RankSnapshot | None = None) -> str:
+    """The CPU a rank used: since its first snapshot, else since the last report, else since start."""
+    base = next((b for b in (earlier, previous) if b is not None and same_process(b, now)), None)
+    if base is None:
+        return f"{cpu_seconds_text(now.cpu_s)} s since start"
+    return f"{cpu_seconds_text(now.cpu_s - base.cpu_s)} s in {span_text(now.taken_at - base.taken_at)} s"
+
+
+def same_process(before: RankSnapshot, now: RankSnapshot) -> bool:
+    """Whether an older snapshot is of the same process as a newer one, so their CPU counts subtract."""
+    # a pid is reused, possibly by the restarted rank itself: a CPU count that went down is another process
+    same = (before.host, before.pid) == (now.host, now.pid)
+    return same and before.cpu_s <= now.cpu_s and before.taken_at < now.taken_at

@@ -7,7 +7,9 @@ from dataclasses import replace
 import pytest
 
 from launcher.snapshot import ProcessStacks, ProcessState, RankSnapshot, StackFrame, ThreadStack
-from launcher.stackreport import StackGroup, compact_ranks, group_snapshots, headline, is_user_frame
+from launcher.stackreport import (
+    StackGroup, compact_ranks, cpu_text, group_snapshots, headline, is_user_frame, memory_text, output_text,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -235,3 +237,50 @@ def test_stuck_or_moving(
     earlier: list[RankSnapshot], later: list[RankSnapshot], groups: list[tuple[str, str | None, bool | None]]
 ) -> None:
     assert summary(group_snapshots(later, earlier)) == groups
+
+
+# -- the facts beside each rank ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("now", "earlier", "previous", "text"),
+    [
+        pytest.param(snap(0, cpu=100.98, at=1001.0), snap(0, cpu=100.0, at=1000.0), None, "0.98 s in 1.0 s",
+                     id="two-snapshots"),
+        pytest.param(snap(0, cpu=100.0, at=1001.0), snap(0, cpu=100.0, at=1000.0), None, "0.00 s in 1.0 s",
+                     id="two-snapshots-idle"),
+        pytest.param(snap(0, cpu=112.5, at=1061.2), None, snap(0, cpu=100.0, at=1000.0), "12.5 s in 61.2 s",
+                     id="since-the-last-report"),
+        pytest.param(snap(0, cpu=101.0, at=1001.0), snap(0, cpu=100.5, at=1000.0), snap(0, cpu=50.0, at=500.0),
+                     "0.50 s in 1.0 s", id="two-snapshots-win"),
+        pytest.param(snap(0, cpu=4521.3), None, None, "4521 s since start", id="since-start"),
+        pytest.param(snap(0, cpu=3.14159), None, None, "3.14 s since start", id="since-start-small"),
+        pytest.param(snap(0, cpu=5.0), None, snap(0, cpu=900.0, at=500.0), "5.00 s since start",
+                     id="reused-pid-went-down"),
+        pytest.param(snap(0, cpu=5.0, at=1001.0), snap(0, cpu=1.0, pid=4), None, "5.00 s since start", id="another-pid"),
+        pytest.param(snap(0, cpu=5.0, at=1001.0), None, snap(0, cpu=1.0, host="gpu-z"), "5.00 s since start",
+                     id="another-host"),
+        pytest.param(snap(0, cpu=5.0, at=1000.0), snap(0, cpu=1.0, at=1000.0), None, "5.00 s since start",
+                     id="not-earlier"),
+        pytest.param(snap(0, cpu=907.0, at=1300.0), None, snap(0, cpu=900.0, at=1000.0), "7.00 s in 300 s",
+                     id="long-span"),
+    ],
+)
+def test_cpu_text(now: RankSnapshot, earlier: RankSnapshot | None, previous: RankSnapshot | None, text: str) -> None:
+    assert cpu_text(now, earlier, previous) == text
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [(0, "0 KiB"), (512 * 1024, "512 KiB"), (812 * (1 << 20), "812 MiB"), (int(3.14 * GiB), "3.1 GiB"),
+     (GiB, "1.0 GiB"), (80 * GiB, "80.0 GiB")],
+)
+def test_memory_text(size: int, text: str) -> None:
+    assert memory_text(size) == text
+
+
+@pytest.mark.parametrize(
+    ("since", "text"), [(None, "no output yet"), (0.42, "0.4 s ago"), (61.25, "61.2 s ago"), (301.4, "301 s ago")]
+)
+def test_output_text(since: float | None, text: str) -> None:
+    assert output_text(since) == text
