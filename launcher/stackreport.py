@@ -36,7 +36,7 @@ def compact_ranks(ranks: Iterable[int]) -> str:
 
 
 def ranks_phrase(ranks: Sequence[int]) -> str:
-    """"rank 3" or "ranks 0-2, 5"."""
+    """Ranks with their word: "rank 3", "ranks 0-2, 5"."""
     return f"{'rank' if len(set(ranks)) == 1 else 'ranks'} {compact_ranks(ranks)}"
 
 
@@ -178,3 +178,186 @@ def same_process(before: RankSnapshot, now: RankSnapshot) -> bool:
     # a pid is reused, possibly by the restarted rank itself: a CPU count that went down is another process
     same = (before.host, before.pid) == (now.host, now.pid)
     return same and before.cpu_s <= now.cpu_s and before.taken_at < now.taken_at
+
+
+# -- drawing -------------------------------------------------------------------------------------
+
+HEADINGS = ("rank", "local", "host", "pid", "state", "cpu", "rss", "last line")
+FrameOrGap = StackFrame | int  # an int stands for that many frames left out
+
+
+@dataclass(frozen=True)
+class Palette:
+    """The ANSI codes the report is drawn with; all empty without colour."""
+
+    rule: str = ""
+    bold: str = ""
+    dim: str = ""
+    stuck: str = ""
+    moving: str = ""
+    reset: str = ""
+
+
+def palette(colour: bool) -> Palette:
+    """Yellow rules (a report, not a failure's red), red for stuck, green for moving."""
+    if not colour:
+        return Palette()
+    return Palette("\x1b[33m", "\x1b[1m", "\x1b[2m", "\x1b[1;31m", "\x1b[32m", "\x1b[0m")
+
+
+def display_path(file: str) -> str:
+    """A frame's file as the terminal shows it: an installed package's from the package on."""
+    parts = file.split("/")
+    cut = max((i for i, part in enumerate(parts) if part in LIBRARY_DIRS), default=-1)
+    return "/".join(parts[cut + 1 :])
+
+
+def fit(path: str, room: int) -> str:
+    """The path, or its end after "…" when longer than room: the end names the file."""
+    room = max(room, 16)
+    if len(path) <= room:
+        return path
+    tail = path[len(path) - room + 1 :]
+    # cut at a directory, not inside a name that would then read as another one
+    return "…" + (tail[tail.index("/") :] if "/" in tail[:-1] else tail)
+
+
+def frame_text(frame: StackFrame, room: int) -> str:
+    """A frame as Python's tracebacks write it, its path shortened to fit room columns."""
+    rest = f", line {frame.line}, in {frame.function}"
+    return f'File "{fit(display_path(frame.file), room - len(rest) - 7)}"{rest}'
+
+
+def frame_window(frames: Sequence[StackFrame], limit: int) -> list[FrameOrGap]:
+    """At most limit frames, innermost first, and always the headline frame, with the gaps counted."""
+    limit = max(limit, 1)
+    if len(frames) <= limit:
+        return list(frames)
+    top = headline(frames)
+    at = frames.index(top) if top is not None else 0
+    if at < limit:
+        return [*frames[:limit], len(frames) - limit]
+    # the user's frame sits below a deep library stack (torch.compile, say): keep the innermost
+    # frames, where it waits, and the user's, where it was called from
+    window: list[FrameOrGap] = [*frames[: limit - 1], at - limit + 1, frames[at]]
+    return window + ([len(frames) - at - 1] if at + 1 < len(frames) else [])
+
+
+def frame_lines(
+    frames: Sequence[StackFrame], limit: int, indent: int, width: int, p: Palette, more: str
+) -> list[str]:
+    """A stack's lines as the report quotes them; library frames dim, so the user's stand out."""
+    pad, bar = " " * indent, f"{p.dim}│{p.reset}"
+    lines = []
+    for item in frame_window(frames, limit):
+        if isinstance(item, int):
+            lines.append(f"{pad}{bar} {p.dim}… {plural(item, 'more frame')}{more}{p.reset}")
+        else:
+            text = frame_text(item, width - indent - 2)
+            lines.append(f"{pad}{bar} {text}" if is_user_frame(item) else f"{pad}{bar} {p.dim}{text}{p.reset}")
+    return lines
+
+
+def plural(count: int, noun: str) -> str:
+    """A count and its noun: "1 rank", "8 ranks"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def where_text(group: StackGroup) -> str:
+    """A group's place in one phrase: its headline frame, or why its stacks went unread."""
+    if group.frames is None:
+        return f"stack not read: {group.why_not}"
+    top = headline(group.frames)
+    if top is None:
+        return "no Python frames"
+    return f"{top.function} at {top.file.rsplit('/', 1)[-1]}:{top.line}"
+
+
+def group_title(group: StackGroup, p: Palette) -> str:
+    """A group's title line: "ranks 0-6 · stuck · step at train.py:50"."""
+    mark = ""
+    if group.moving is not None:
+        mark = f" · {p.moving}moving{p.reset}" if group.moving else f" · {p.stuck}stuck{p.reset}"
+    return f"{p.bold}{ranks_phrase(group.ranks)}{p.reset}{mark} · {p.bold}{where_text(group)}{p.reset}"
+
+
+def rank_cells(now: RankSnapshot, earlier: RankSnapshot | None, previous: RankSnapshot | None) -> tuple[str, ...]:
+    """One rank's row of the table, in the order of HEADINGS."""
+    return (
+        str(now.rank), str(now.local_rank), now.host, str(now.pid), now.state,
+        cpu_text(now, earlier, previous), memory_text(now.rss_bytes), output_text(now.since_output_s),
+    )
+
+
+def table_line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip()
+
+
+def column_widths(rows: Iterable[Sequence[str]]) -> list[int]:
+    """Each column's width over the whole report, so that every group's table lines up."""
+    widths = [len(heading) for heading in HEADINGS]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+    return widths
+
+
+def hosts_phrase(snapshots: Sequence[RankSnapshot]) -> str:
+    """How many ranks answered, and on how many hosts: "8 ranks on 2 hosts"."""
+    return f"{plural(len(snapshots), 'rank')} on {plural(len({s.host for s in snapshots}), 'host')}"
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def render_report(
+    snapshots: Sequence[RankSnapshot],
+    *,
+    reason: str,
+    colour: bool,
+    width: int = 100,
+    earlier: Sequence[RankSnapshot] = (),
+    previous: Mapping[tuple[str, int], RankSnapshot] = {},
+    details_path: str | None = None,
+    unanswered: Sequence[str] = (),
+    max_frames: int = 8,
+) -> str:
+    """Where every rank is, for the terminal: its groups, their stacks, a row of facts per rank.
+
+    earlier: the first of two snapshots per rank (a stall's); previous: the last report's, by
+    (host, pid), for the CPU used since it.
+    """
+    p = palette(colour)
+    pairs = by_host_rank(earlier)
+    rows = {
+        (s.host, s.rank): rank_cells(s, earlier_of(s, pairs), previous.get((s.host, s.pid))) for s in snapshots
+    }
+    widths = column_widths(rows.values())
+    more = ", in the full stacks" if details_path else ""
+    lines = header_lines(snapshots, reason, bool(earlier), details_path, unanswered, width, p)
+    for group in group_snapshots(snapshots, earlier):
+        lines += ["", f"  {group_title(group, p)}"]
+        lines += frame_lines(group.frames, max_frames, 4, width, p, more) if group.frames is not None else []
+        lines.append(f"    {p.dim}{table_line(HEADINGS, widths)}{p.reset}")
+        lines += [f"    {table_line(rows[(s.host, s.rank)], widths)}" for s in group.snapshots]
+    lines.append(f"{p.rule}{'━' * width}{p.reset}")
+    return "\n".join(lines) + "\n"
+
+
+def header_lines(
+    snapshots: Sequence[RankSnapshot], reason: str, two: bool, details_path: str | None, unanswered: Sequence[str],
+    width: int, p: Palette,
+) -> list[str]:
+    """The report's title rule and what a reader needs before the groups."""
+    title = f" Where the ranks are: {reason} "
+    lines = [f"{p.rule}{p.bold}━━{title}{'━' * max(3, width - len(title) - 2)}{p.reset}"]
+    if snapshots:
+        lines.append(f"  {hosts_phrase(snapshots)}, grouped by their main thread's stack, most recent call first")
+    else:
+        lines.append("  no rank answered")
+    if two:
+        lines.append("  two snapshots per rank: a group is stuck if none of its ranks' stacks changed between them")
+    if details_path:
+        lines.append(f"  full stacks, every thread of every process: {details_path}")
+    if unanswered:
+        lines.append(f"  no answer in time from {', '.join(unanswered)}: where their ranks are is unknown")
+    return lines

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
 
 from launcher.snapshot import ProcessStacks, ProcessState, RankSnapshot, StackFrame, ThreadStack
 from launcher.stackreport import (
-    StackGroup, compact_ranks, cpu_text, group_snapshots, headline, is_user_frame, memory_text, output_text,
+    StackGroup, compact_ranks, cpu_text, display_path, fit, frame_window, group_snapshots, headline, is_user_frame,
+    memory_text, output_text, render_report,
 )
 
 pytestmark = pytest.mark.unit
@@ -54,10 +56,14 @@ def snap(
 
 def summary(groups: list[StackGroup]) -> list[tuple[str, str | None, bool | None]]:
     """Each group as (its ranks, its headline function or why unread, moving)."""
-    return [
-        (compact_ranks(g.ranks), g.why_not if g.frames is None else getattr(headline(g.frames), "function", None), g.moving)
-        for g in groups
-    ]
+    return [(compact_ranks(g.ranks), where(g), g.moving) for g in groups]
+
+
+def where(group: StackGroup) -> str | None:
+    if group.frames is None:
+        return group.why_not
+    top = headline(group.frames)
+    return None if top is None else top.function
 
 
 # -- compact_ranks, is_user_frame, headline ------------------------------------------------------
@@ -257,7 +263,8 @@ def test_stuck_or_moving(
         pytest.param(snap(0, cpu=3.14159), None, None, "3.14 s since start", id="since-start-small"),
         pytest.param(snap(0, cpu=5.0), None, snap(0, cpu=900.0, at=500.0), "5.00 s since start",
                      id="reused-pid-went-down"),
-        pytest.param(snap(0, cpu=5.0, at=1001.0), snap(0, cpu=1.0, pid=4), None, "5.00 s since start", id="another-pid"),
+        pytest.param(snap(0, cpu=5.0, at=1001.0), snap(0, cpu=1.0, pid=4), None, "5.00 s since start",
+                     id="another-pid"),
         pytest.param(snap(0, cpu=5.0, at=1001.0), None, snap(0, cpu=1.0, host="gpu-z"), "5.00 s since start",
                      id="another-host"),
         pytest.param(snap(0, cpu=5.0, at=1000.0), snap(0, cpu=1.0, at=1000.0), None, "5.00 s since start",
@@ -266,7 +273,9 @@ def test_stuck_or_moving(
                      id="long-span"),
     ],
 )
-def test_cpu_text(now: RankSnapshot, earlier: RankSnapshot | None, previous: RankSnapshot | None, text: str) -> None:
+def test_cpu_text(
+    now: RankSnapshot, earlier: RankSnapshot | None, previous: RankSnapshot | None, text: str
+) -> None:
     assert cpu_text(now, earlier, previous) == text
 
 
@@ -284,3 +293,264 @@ def test_memory_text(size: int, text: str) -> None:
 )
 def test_output_text(since: float | None, text: str) -> None:
     assert output_text(since) == text
+
+
+# -- drawing pieces ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("file", "shown"),
+    [
+        (f"{SITE}/torch/distributed/distributed_c10d.py", "torch/distributed/distributed_c10d.py"),
+        ("/usr/lib/python3/dist-packages/yaml/__init__.py", "yaml/__init__.py"),
+        ("/home/ana/.venv/lib/python3.12/site-packages/x/site-packages/y.py", "y.py"),  # the last one
+        ("/usr/lib/python3.11/threading.py", "/usr/lib/python3.11/threading.py"),
+        ("/home/ana/proj/train.py", "/home/ana/proj/train.py"),
+        ("<frozen runpy>", "<frozen runpy>"),
+    ],
+)
+def test_display_path(file: str, shown: str) -> None:
+    assert display_path(file) == shown
+
+
+@pytest.mark.parametrize(
+    ("path", "room", "shown"),
+    [
+        ("/home/ana/proj/train.py", 40, "/home/ana/proj/train.py"),
+        ("/home/ana/proj/train.py", 23, "/home/ana/proj/train.py"),
+        ("/home/ana/proj/train.py", 22, "…/ana/proj/train.py"),  # at a directory, not "…ome/ana"
+        ("/home/ana/proj/train.py", 17, "…/proj/train.py"),
+        ("/home/ana/proj/a_rather_long_module_name.py", 16, "…_module_name.py"),  # no directory left to cut at
+        ("/home/ana/proj/train.py", 3, "…/proj/train.py"),  # never under 16 columns
+    ],
+)
+def test_fit_keeps_a_paths_end(path: str, room: int, shown: str) -> None:
+    assert fit(path, room) == shown
+    assert len(shown) <= max(room, 16)
+
+
+def lib(n: int) -> StackFrame:
+    return StackFrame(f"{SITE}/torch/_dynamo/f{n}.py", n, f"f{n}")
+
+
+@pytest.mark.parametrize(
+    ("frames", "limit", "window"),
+    [
+        pytest.param(IN_ALL_REDUCE, 8, list(IN_ALL_REDUCE), id="all-fit"),
+        pytest.param(IN_ALL_REDUCE, 5, list(IN_ALL_REDUCE), id="just-fit"),
+        pytest.param(IN_ALL_REDUCE, 3, [C10D, LOGGER, STEP, 2], id="cut-after-the-headline"),
+        pytest.param((*map(lib, range(6)), STEP, MAIN), 3, [lib(0), lib(1), 4, STEP, 1], id="headline-kept"),
+        pytest.param((*map(lib, range(6)), STEP), 3, [lib(0), lib(1), 4, STEP], id="headline-outermost"),
+        pytest.param(tuple(map(lib, range(6))), 3, [lib(0), lib(1), lib(2), 3], id="no-user-frame"),
+        pytest.param(IN_ALL_REDUCE, 0, [2, STEP, 2], id="one-is-the-headline"),
+        pytest.param((), 3, [], id="empty"),
+    ],
+)
+def test_frame_window(frames: tuple[StackFrame, ...], limit: int, window: list[StackFrame | int]) -> None:
+    assert frame_window(frames, limit) == window
+
+
+# -- render_report -------------------------------------------------------------------------------
+
+ANSI = re.compile("\x1b\\[[0-9;]*m")
+
+
+def report(snapshots: list[RankSnapshot], **options: object) -> str:
+    """render_report without colour, the reason "SIGQUIT (Ctrl-\\)" unless given."""
+    options = {"reason": "SIGQUIT (Ctrl-\\)", "colour": False, **options}
+    return render_report(snapshots, **options)  # type: ignore[arg-type]
+
+
+RANK_ROW = re.compile(r"^    (\d+) ", re.M)
+
+# The golden scene: a stall on two hosts of four ranks; ranks 0-6 wait in all_reduce for rank 7,
+# whose main thread waits on a queue that its loader thread stopped filling.
+TRAIN = "/home/ana/proj/train.py"
+OUTER = (
+    StackFrame(TRAIN, 71, "train_epoch"),
+    StackFrame(TRAIN, 88, "main"),
+    StackFrame(f"{SITE}/torch/distributed/elastic/multiprocessing/errors/__init__.py", 355, "wrapper"),
+    StackFrame(TRAIN, 92, "<module>"),
+    StackFrame("<frozen runpy>", 88, "_run_code"),
+    StackFrame("<frozen runpy>", 198, "_run_module_as_main"),
+)
+GOLDEN_ALL_REDUCE = (C10D, LOGGER, STEP, *OUTER)
+GOLDEN_LOAD_BATCH = (
+    THREADING,
+    StackFrame("/opt/conda/lib/python3.11/queue.py", 180, "get"),
+    LOAD,
+    StackFrame(TRAIN, 47, "step"),
+    *OUTER,
+)
+
+
+def golden_rank(rank: int, later: bool) -> RankSnapshot:
+    """Rank `rank` of the golden scene, in its first snapshot or in its second, 1.0 s later."""
+    stuck = rank == 7
+    snapshot = snap(
+        rank,
+        GOLDEN_LOAD_BATCH if stuck else GOLDEN_ALL_REDUCE,
+        state="sleeping" if stuck else "running",
+        cpu=388.5 if stuck else 412.0 + 0.99 * later,
+        at=1000.0 + later,
+        pid=(51000 if rank < 4 else 48210) + rank % 4,
+        since=301.4 + later if rank == 0 else None,  # only rank 0 prints
+    )
+    return replace(snapshot, rss_bytes=int((2.9 if stuck else 3.1) * GiB))
+
+
+GOLDEN_EARLIER = [golden_rank(r, later=False) for r in range(8)]
+GOLDEN_LATER = [golden_rank(r, later=True) for r in range(8)]
+
+GOLDEN = """\
+━━ Where the ranks are: no rank wrote a line for 300 s ━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━
+  8 ranks on 2 hosts, grouped by their main thread's stack, most recent call first
+  two snapshots per rank: a group is stuck if none of its ranks' stacks changed between them
+  full stacks, every thread of every process: /tmp/ddplaunch-51000/stacks-1.txt
+
+  rank 7 · stuck · load_batch at train.py:31
+    │ File "/opt/conda/lib/python3.11/threading.py", line 327, in wait
+    │ File "/opt/conda/lib/python3.11/queue.py", line 180, in get
+    │ File "/home/ana/proj/train.py", line 31, in load_batch
+    │ File "/home/ana/proj/train.py", line 47, in step
+    │ File "/home/ana/proj/train.py", line 71, in train_epoch
+    │ File "/home/ana/proj/train.py", line 88, in main
+    │ File "torch/distributed/elastic/multiprocessing/errors/__init__.py", line 355, in wrapper
+    │ File "/home/ana/proj/train.py", line 92, in <module>
+    │ … 2 more frames, in the full stacks
+    rank  local  host   pid    state     cpu              rss      last line
+    7     3      gpu-b  48213  sleeping  0.00 s in 1.0 s  2.9 GiB  no output yet
+
+  ranks 0-6 · stuck · step at train.py:50
+    │ File "torch/distributed/distributed_c10d.py", line 2501, in all_reduce
+    │ File "torch/distributed/c10d_logger.py", line 81, in wrapper
+    │ File "/home/ana/proj/train.py", line 50, in step
+    │ File "/home/ana/proj/train.py", line 71, in train_epoch
+    │ File "/home/ana/proj/train.py", line 88, in main
+    │ File "torch/distributed/elastic/multiprocessing/errors/__init__.py", line 355, in wrapper
+    │ File "/home/ana/proj/train.py", line 92, in <module>
+    │ File "<frozen runpy>", line 88, in _run_code
+    │ … 1 more frame, in the full stacks
+    rank  local  host   pid    state     cpu              rss      last line
+    0     0      gpu-a  51000  running   0.99 s in 1.0 s  3.1 GiB  302 s ago
+    1     1      gpu-a  51001  running   0.99 s in 1.0 s  3.1 GiB  no output yet
+    2     2      gpu-a  51002  running   0.99 s in 1.0 s  3.1 GiB  no output yet
+    3     3      gpu-a  51003  running   0.99 s in 1.0 s  3.1 GiB  no output yet
+    4     0      gpu-b  48210  running   0.99 s in 1.0 s  3.1 GiB  no output yet
+    5     1      gpu-b  48211  running   0.99 s in 1.0 s  3.1 GiB  no output yet
+    6     2      gpu-b  48212  running   0.99 s in 1.0 s  3.1 GiB  no output yet
+━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━
+"""
+
+
+def test_golden_stall_report() -> None:
+    """The whole layout, pinned: read the text below as the reader of a 100-column terminal would."""
+    text = render_report(
+        GOLDEN_LATER, reason="no rank wrote a line for 300 s", colour=False, earlier=GOLDEN_EARLIER,
+        details_path="/tmp/ddplaunch-51000/stacks-1.txt",
+    )
+    assert text == GOLDEN
+    assert max(map(len, text.splitlines())) <= 100
+
+
+EIGHT = [snap(r, IN_LOAD_BATCH if r == 7 else IN_ALL_REDUCE) for r in range(8)]
+
+
+@pytest.mark.parametrize(
+    ("snapshots", "options", "present", "absent"),
+    [
+        pytest.param(
+            [snap(0), snap(1)], {},
+            ["━━ Where the ranks are: SIGQUIT (Ctrl-\\) ━━━", "  2 ranks on 1 host, grouped by their main thread's stack",
+             "  ranks 0-1 · step at train.py:50\n", "100.0 s since start", '    │ File "/home/ana/proj/train.py", line 50'],
+            ["stuck", "moving", "two snapshots", "full stacks", "no answer", " more frame"],
+            id="sigquit",
+        ),
+        pytest.param(
+            EIGHT, {}, ["  8 ranks on 2 hosts,", "  rank 7 · load_batch at train.py:31\n", "  ranks 0-6 · step at"], [],
+            id="eight-on-two-hosts",
+        ),
+        pytest.param(
+            [snap(0, cpu=112.5, at=1061.2)], {"previous": {("gpu-a", 51000): snap(0)}}, ["  12.5 s in 61.2 s  "],
+            ["since start"], id="since-the-last-report",
+        ),
+        pytest.param(
+            [snap(0, cpu=112.5, at=1061.2)], {"previous": {("gpu-a", 99): snap(0, pid=99)}}, ["112.5 s since start"],
+            [" in 61.2 s"], id="previous-of-another-process",
+        ),
+        pytest.param(
+            [snap(r, cpu=101.0, at=1001.0) for r in range(3)], {"earlier": [snap(0, MOVED), snap(1), snap(2)]},
+            ["  two snapshots per rank: a group is stuck if none", "  ranks 0-2 · moving · step at train.py:50\n",
+             "  1.00 s in 1.0 s  "],
+            ["stuck ·"], id="moving",
+        ),
+        pytest.param(
+            [snap(0, at=1001.0)], {"earlier": [snap(0)]}, ["  rank 0 · stuck · step at train.py:50\n"], ["moving"],
+            id="stuck",
+        ),
+        pytest.param(
+            EIGHT[:4], {"unanswered": ["gpu-b", "gpu-c"]},
+            ["  4 ranks on 1 host,", "  no answer in time from gpu-b, gpu-c: where their ranks are is unknown\n"], [],
+            id="unanswered",
+        ),
+        pytest.param(
+            [], {"unanswered": ["gpu-a"]}, ["  no rank answered\n", "  no answer in time from gpu-a:"], ["0 ranks"],
+            id="nobody-answered",
+        ),
+        pytest.param(
+            [snap(5, None, why_not="no dump within 2 s", state="uninterruptible"), snap(6)], {},
+            ["  rank 5 · stack not read: no dump within 2 s\n    rank  local", "  uninterruptible  "], [],
+            id="unread",
+        ),
+        pytest.param([snap(0, since=None)], {}, ["  no output yet\n"], [" s ago"], id="no-output-yet"),
+        pytest.param([snap(0, since=4.25)], {}, ["  4.2 s ago\n"], ["no output yet"], id="quiet-for"),
+        pytest.param(
+            [snap(0)], {"details_path": "/tmp/d/stacks-2.txt", "max_frames": 4},
+            ["  full stacks, every thread of every process: /tmp/d/stacks-2.txt\n",
+             "    │ … 1 more frame, in the full stacks\n"], [], id="details-path",
+        ),
+        pytest.param(
+            [snap(0)], {"max_frames": 2},
+            ['    │ File "torch/distributed/distributed_c10d.py", line 2501, in all_reduce\n    │ … 1 more frame\n'
+             '    │ File "/home/ana/proj/train.py", line 50, in step\n    │ … 2 more frames\n'],
+            ["in wrapper", "full stacks"], id="max-frames-keep-the-headline",
+        ),
+    ],
+)
+def test_report_says(
+    snapshots: list[RankSnapshot], options: dict[str, object], present: list[str], absent: list[str]
+) -> None:
+    text = report(snapshots, **options)
+    assert [p for p in present if p not in text] == []
+    assert [a for a in absent if a in text] == []
+    assert not ANSI.search(text)
+
+
+def test_every_rank_has_one_row_under_its_group() -> None:
+    text = report(EIGHT[::-1])
+    assert RANK_ROW.findall(text) == ["7", "0", "1", "2", "3", "4", "5", "6"]
+    assert text.index("  rank 7 ·") < text.index("    7     3      gpu-b") < text.index("  ranks 0-6 ·")
+
+
+def test_colour_only_adds_ansi_codes() -> None:
+    options = {"reason": "stall", "earlier": GOLDEN_EARLIER, "details_path": "/tmp/s.txt"}
+    coloured = render_report(GOLDEN_LATER, colour=True, **options)  # type: ignore[arg-type]
+    assert "\x1b[1;31mstuck\x1b[0m" in coloured
+    assert '\x1b[2m│\x1b[0m \x1b[2mFile "torch/distributed/distributed_c10d.py"' in coloured  # a library frame: dim
+    assert '\x1b[2m│\x1b[0m File "/home/ana/proj/train.py", line 50, in step\n' in coloured  # the user's: not
+    assert ANSI.sub("", coloured) == render_report(GOLDEN_LATER, colour=False, **options)  # type: ignore[arg-type]
+
+
+def test_moving_is_green_in_colour() -> None:
+    coloured = render_report([snap(0, at=1001.0)], reason="x", colour=True, earlier=[snap(0, MOVED)])
+    assert "\x1b[32mmoving\x1b[0m" in coloured
+
+
+def test_frames_fit_the_width() -> None:
+    deep = (StackFrame("/home/ana/experiments/2026-12-01/big_run/src/train.py", 50, "step"), MAIN)
+    text = report([snap(0, deep)], width=60)
+    lines = text.splitlines()
+    assert lines[-1] == "━" * 60 and lines[0].startswith("━━ ") and len(lines[0]) == 60
+    frames = [line for line in lines if line.startswith("    │ File")]
+    assert len(frames) == 2 and max(map(len, frames)) <= 60
+    assert frames[0] == '    │ File "…/big_run/src/train.py", line 50, in step'
