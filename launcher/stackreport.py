@@ -17,6 +17,7 @@ LIBRARY_DIRS = frozenset({"site-packages", "dist-packages"})
 # A lib/python3.X/ directory is the standard library once site-packages is ruled out: /usr/lib,
 # conda, pyenv and uv all lay it out so ("t": a free-threaded build's python3.13t).
 STDLIB_DIR = re.compile(r"(^|/)lib(64)?/python\d+(\.\d+)?t?/")
+PANEL_WIDTH = 100  # launcher.report's failure panel is at most this wide
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -306,7 +307,7 @@ def hosts_phrase(snapshots: Sequence[RankSnapshot]) -> str:
     return f"{plural(len(snapshots), 'rank')} on {plural(len({s.host for s in snapshots}), 'host')}"
 
 
-# -- the report -----------------------------------------------------------------------------
+# -- the report ----------------------------------------------------------------------------------
 
 
 def render_report(
@@ -360,4 +361,23 @@ def header_lines(
         lines.append(f"  full stacks, every thread of every process: {details_path}")
     if unanswered:
         lines.append(f"  no answer in time from {', '.join(unanswered)}: where their ranks are is unknown")
+    return lines
+
+
+# -- the failure panel's part ----------------------------------------------------------------------
+
+
+def render_others(snapshots: Sequence[RankSnapshot], *, colour: bool, max_frames: int = 3) -> list[str]:
+    """Lines for the failure panel: where the other ranks were just before they were told to stop.
+
+    The same groups as the report's, each its title and a few frames; no lines without snapshots.
+    """
+    if not snapshots:
+        return []
+    p = palette(colour)
+    heading = "where the other ranks were just before they were told to stop (most recent call first):"
+    lines = [f"  {p.dim}{heading}{p.reset}"]
+    for group in group_snapshots(snapshots):
+        lines.append(f"    {group_title(group, p)}")
+        lines += frame_lines(group.frames, max_frames, 6, PANEL_WIDTH, p, "") if group.frames is not None else []
     return lines

@@ -10,7 +10,7 @@ import pytest
 from launcher.snapshot import ProcessStacks, ProcessState, RankSnapshot, StackFrame, ThreadStack
 from launcher.stackreport import (
     StackGroup, compact_ranks, cpu_text, display_path, fit, frame_window, group_snapshots, headline, is_user_frame,
-    memory_text, output_text, render_report,
+    memory_text, output_text, render_others, render_report,
 )
 
 pytestmark = pytest.mark.unit
@@ -554,3 +554,53 @@ def test_frames_fit_the_width() -> None:
     frames = [line for line in lines if line.startswith("    │ File")]
     assert len(frames) == 2 and max(map(len, frames)) <= 60
     assert frames[0] == '    │ File "…/big_run/src/train.py", line 50, in step'
+
+
+# -- render_others -------------------------------------------------------------------------------
+
+OTHERS = [snap(r, IN_LOAD_BATCH if r == 7 else IN_ALL_REDUCE) for r in range(8) if r != 3]  # 3 failed
+
+
+@pytest.mark.parametrize(
+    ("snapshots", "max_frames", "lines"),
+    [
+        pytest.param(
+            OTHERS, 3,
+            [
+                "  where the other ranks were just before they were told to stop (most recent call first):",
+                "    rank 7 · load_batch at train.py:31",
+                '      │ File "/home/ana/proj/train.py", line 31, in load_batch',
+                '      │ File "/home/ana/proj/train.py", line 48, in step',
+                '      │ File "/home/ana/proj/train.py", line 88, in main',
+                "      │ … 1 more frame",
+                "    ranks 0-2, 4-6 · step at train.py:50",
+                '      │ File "torch/distributed/distributed_c10d.py", line 2501, in all_reduce',
+                '      │ File "torch/distributed/c10d_logger.py", line 81, in wrapper',
+                '      │ File "/home/ana/proj/train.py", line 50, in step',
+                "      │ … 2 more frames",
+            ],
+            id="headline-and-a-few-frames",
+        ),
+        pytest.param(
+            [snap(0), snap(1), snap(2, None, why_not="process gone")], 1,
+            [
+                "  where the other ranks were just before they were told to stop (most recent call first):",
+                "    rank 2 · stack not read: process gone",
+                "    ranks 0-1 · step at train.py:50",
+                "      │ … 2 more frames",
+                '      │ File "/home/ana/proj/train.py", line 50, in step',
+                "      │ … 2 more frames",
+            ],
+            id="unread-and-one-frame",
+        ),
+        pytest.param([], 3, [], id="no-others"),
+    ],
+)
+def test_render_others(snapshots: list[RankSnapshot], max_frames: int, lines: list[str]) -> None:
+    assert render_others(snapshots, colour=False, max_frames=max_frames) == lines
+
+
+def test_render_others_in_colour() -> None:
+    coloured = render_others(OTHERS, colour=True)
+    assert coloured[0].startswith("  \x1b[2mwhere the other ranks") and "\x1b[1mrank 7\x1b[0m" in coloured[1]
+    assert [ANSI.sub("", line) for line in coloured] == render_others(OTHERS, colour=False)
