@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from launcher.snapshot import RankSnapshot, StackFrame
+from launcher.snapshot import ProcessStacks, RankSnapshot, StackFrame, ThreadStack
 
 LIBRARY_DIRS = frozenset({"site-packages", "dist-packages"})
 # A lib/python3.X/ directory is the standard library once site-packages is ruled out: /usr/lib,
@@ -381,3 +381,69 @@ def render_others(snapshots: Sequence[RankSnapshot], *, colour: bool, max_frames
         lines.append(f"    {group_title(group, p)}")
         lines += frame_lines(group.frames, max_frames, 6, PANEL_WIDTH, p, "") if group.frames is not None else []
     return lines
+
+
+# -- the full-stacks file --------------------------------------------------------------------------
+
+
+def render_details(snapshots: Sequence[RankSnapshot], *, reason: str, earlier: Sequence[RankSnapshot] = ()) -> str:
+    """The full-stacks file: every thread of every process of every rank, with its facts; no colour."""
+    pairs = by_host_rank(earlier)
+    lines = [
+        f"ddplaunch stacks: {reason}",
+        f"{hosts_phrase(snapshots)}; every thread of every process, most recent call first",
+        "",
+        "where the ranks are, smallest group first:",
+    ]
+    lines += [f"  {group_title(group, Palette())}" for group in group_snapshots(snapshots, earlier)]
+    for snapshot in sorted(snapshots, key=lambda s: (s.rank, s.host)):
+        lines += ["", *rank_details(snapshot, earlier_of(snapshot, pairs))]
+    return "\n".join(lines) + "\n"
+
+
+def rank_details(now: RankSnapshot, before: RankSnapshot | None) -> list[str]:
+    """One rank's part of the full-stacks file: its facts, then each of its processes."""
+    quiet = "no output yet" if now.since_output_s is None else f"last line {output_text(now.since_output_s)}"
+    lines = [
+        f"━━ rank {now.rank} · local rank {now.local_rank} · host {now.host} · pid {now.pid}",
+        f"{now.state} · cpu {cpu_text(now, before)} · rss {memory_text(now.rss_bytes)} · {quiet}",
+    ]
+    lines += movement_lines(now, before)
+    lines += process_lines(now.main, "the rank")
+    for child in now.children:
+        lines += process_lines(child, "its child")
+    return lines
+
+
+def movement_lines(now: RankSnapshot, before: RankSnapshot | None) -> list[str]:
+    """Whether the main thread moved between the two snapshots; if it did, where it was first."""
+    changed = stack_changed(now, before)
+    if before is None or changed is None:
+        return []
+    span = span_text(now.taken_at - before.taken_at)
+    if not changed:
+        return [f"main thread: the same stack as {span} s earlier"]
+    return [f"main thread: moved; {span} s earlier it was at", *map(details_frame, before.main_frames or ())]
+
+
+def process_lines(process: ProcessStacks, role: str) -> list[str]:
+    """A process's heading and every thread's frames, innermost first."""
+    heading = f"process {process.pid} {process.command} ({role})"
+    if not process.threads:
+        return [f"{heading} · not read: {process.why_not or 'no stacks'}"]
+    lines = [f"{heading} · stacks from {process.source}"]
+    for thread in process.threads:
+        frames = [details_frame(frame) for frame in thread.frames] or ["    no Python frames"]
+        lines += [f"  {thread_heading(thread)}", *frames]
+    return lines
+
+
+def thread_heading(thread: ThreadStack) -> str:
+    """A thread's heading in the file: 'thread 0x7f3a2c1ff740 "pt_autograd_0" (main)'."""
+    name = f' "{thread.name}"' if thread.name else ""
+    return f"thread {thread.ident}{name}{' (main)' if thread.is_main else ''}"
+
+
+def details_frame(frame: StackFrame) -> str:
+    """A frame for the file: its whole path, as Python's tracebacks write it."""
+    return f'    File "{frame.file}", line {frame.line}, in {frame.function}'

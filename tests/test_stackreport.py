@@ -10,7 +10,7 @@ import pytest
 from launcher.snapshot import ProcessStacks, ProcessState, RankSnapshot, StackFrame, ThreadStack
 from launcher.stackreport import (
     StackGroup, compact_ranks, cpu_text, display_path, fit, frame_window, group_snapshots, headline, is_user_frame,
-    memory_text, output_text, render_others, render_report,
+    memory_text, output_text, render_details, render_others, render_report,
 )
 
 pytestmark = pytest.mark.unit
@@ -604,3 +604,104 @@ def test_render_others_in_colour() -> None:
     coloured = render_others(OTHERS, colour=True)
     assert coloured[0].startswith("  \x1b[2mwhere the other ranks") and "\x1b[1mrank 7\x1b[0m" in coloured[1]
     assert [ANSI.sub("", line) for line in coloured] == render_others(OTHERS, colour=False)
+
+
+# -- render_details ------------------------------------------------------------------------------
+
+AUTOGRAD = ThreadStack("0x00007f3a1bfff640", "pt_autograd_0", False, (THREADING,))
+NATIVE = ThreadStack("0x00007f3a0affe640", "", False, ())  # a thread with no Python frames
+PREFETCH = ThreadStack("0x00007f39f9ffd640", "prefetch", False, (
+    StackFrame("/opt/conda/lib/python3.11/queue.py", 140, "put"), StackFrame("/home/ana/proj/data.py", 12, "fill"),
+))
+WORKER = ProcessStacks(51100, "pt_data_worker", (ThreadStack("0x1a2b", "MainThread", True, (
+    StackFrame(f"{SITE}/torch/utils/data/_utils/worker.py", 308, "_worker_loop"),
+    StackFrame("/home/ana/proj/data.py", 40, "__getitem__"),
+)),), "py-spy")
+UNREAD_WORKER = ProcessStacks(51101, "pt_data_worker", (), "none", "py-spy: permission denied")
+
+
+def full_rank(rank: int, at: float = 1001.0, frames: tuple[StackFrame, ...] = IN_ALL_REDUCE) -> RankSnapshot:
+    """A rank with three threads and two DataLoader workers, one of them unread."""
+    base = snap(rank, frames, at=at, cpu=101.0 if at > 1000 else 100.0)
+    main = ThreadStack("0x00007f3a2c1ff740", "", True, frames)
+    return replace(base, main=replace(base.main, threads=(main, AUTOGRAD, NATIVE, PREFETCH)),
+                   children=(WORKER, UNREAD_WORKER))
+
+
+def test_details_hold_every_thread_of_every_process() -> None:
+    text = render_details([full_rank(1), full_rank(0)], reason="SIGQUIT (Ctrl-\\)")
+    for rank in (full_rank(0), full_rank(1)):
+        block = text[text.index(f"━━ rank {rank.rank} ·") :]
+        for process in (rank.main, *rank.children):
+            assert f"process {process.pid} {process.command} (" in block
+            for thread in process.threads:
+                assert thread.ident in block
+                for frame in thread.frames:
+                    assert f'    File "{frame.file}", line {frame.line}, in {frame.function}\n' in block
+    assert text.index("━━ rank 0 ·") < text.index("━━ rank 1 ·")
+    assert text.count("process 51101 pt_data_worker (its child) · not read: py-spy: permission denied\n") == 2
+    assert not ANSI.search(text)
+
+
+def test_details_of_one_rank_exactly() -> None:
+    text = render_details([full_rank(0)], reason="no rank wrote a line for 300 s", earlier=[full_rank(0, at=1000.0)])
+    assert text == """\
+ddplaunch stacks: no rank wrote a line for 300 s
+1 rank on 1 host; every thread of every process, most recent call first
+
+where the ranks are, smallest group first:
+  rank 0 · stuck · step at train.py:50
+
+━━ rank 0 · local rank 0 · host gpu-a · pid 51000
+sleeping · cpu 1.00 s in 1.0 s · rss 3.0 GiB · last line 30.0 s ago
+main thread: the same stack as 1.0 s earlier
+process 51000 python (the rank) · stacks from faulthandler
+  thread 0x00007f3a2c1ff740 (main)
+    File "/opt/conda/lib/python3.11/site-packages/torch/distributed/distributed_c10d.py", line 2501, in all_reduce
+    File "/opt/conda/lib/python3.11/site-packages/torch/distributed/c10d_logger.py", line 81, in wrapper
+    File "/home/ana/proj/train.py", line 50, in step
+    File "/home/ana/proj/train.py", line 88, in main
+    File "/home/ana/proj/train.py", line 92, in <module>
+  thread 0x00007f3a1bfff640 "pt_autograd_0"
+    File "/opt/conda/lib/python3.11/threading.py", line 327, in wait
+  thread 0x00007f3a0affe640
+    no Python frames
+  thread 0x00007f39f9ffd640 "prefetch"
+    File "/opt/conda/lib/python3.11/queue.py", line 140, in put
+    File "/home/ana/proj/data.py", line 12, in fill
+process 51100 pt_data_worker (its child) · stacks from py-spy
+  thread 0x1a2b "MainThread" (main)
+    File "/opt/conda/lib/python3.11/site-packages/torch/utils/data/_utils/worker.py", line 308, in _worker_loop
+    File "/home/ana/proj/data.py", line 40, in __getitem__
+process 51101 pt_data_worker (its child) · not read: py-spy: permission denied
+"""
+
+
+@pytest.mark.parametrize(
+    ("now", "earlier", "lines"),
+    [
+        pytest.param(full_rank(0), [], [], id="one-snapshot"),
+        pytest.param(full_rank(0), [full_rank(0, at=1000.0)], ["main thread: the same stack as 1.0 s earlier"],
+                     id="same"),
+        pytest.param(
+            full_rank(0), [full_rank(0, at=1000.0, frames=(LOAD, MAIN))],
+            ["main thread: moved; 1.0 s earlier it was at", '    File "/home/ana/proj/train.py", line 31, in load_batch',
+             '    File "/home/ana/proj/train.py", line 88, in main'],
+            id="moved",
+        ),
+    ],
+)
+def test_details_say_whether_the_main_thread_moved(
+    now: RankSnapshot, earlier: list[RankSnapshot], lines: list[str]
+) -> None:
+    text = render_details([now], reason="r", earlier=earlier).splitlines()
+    facts = text.index("━━ rank 0 · local rank 0 · host gpu-a · pid 51000") + 1
+    assert text[facts + 1 : text.index("process 51000 python (the rank) · stacks from faulthandler")] == lines
+
+
+def test_details_without_output_or_stacks() -> None:
+    rank = snap(4, None, why_not="process gone", state="zombie", since=None)
+    text = render_details([rank], reason="r")
+    assert "\nzombie · cpu 100.0 s since start · rss 3.0 GiB · no output yet\n" in text
+    assert "\nprocess 51004 python (the rank) · not read: process gone\n" in text
+    assert "  rank 4 · stack not read: process gone\n" in text
