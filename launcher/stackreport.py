@@ -291,6 +291,7 @@ def rank_cells(now: RankSnapshot, earlier: RankSnapshot | None, previous: RankSn
 
 
 def table_line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    """A table row, its cells padded to their columns' widths."""
     return "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip()
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +66,15 @@ def where(group: StackGroup) -> str | None:
         return group.why_not
     top = headline(group.frames)
     return None if top is None else top.function
+
+
+def test_the_renderer_imports_only_the_standard_library_and_the_snapshot_types() -> None:
+    """Pure: the supervisor imports it, never the other way (no logs, no supervisor, no rich)."""
+    source = Path(__file__).resolve().parents[1] / "launcher" / "stackreport.py"
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported == {"__future__", "re", "collections.abc", "dataclasses", "launcher.snapshot"}
 
 
 # -- compact_ranks, is_user_frame, headline ------------------------------------------------------
@@ -503,6 +514,7 @@ EIGHT = [snap(r, IN_LOAD_BATCH if r == 7 else IN_ALL_REDUCE) for r in range(8)]
             id="unread",
         ),
         pytest.param([snap(0, since=None)], {}, ["  no output yet\n"], [" s ago"], id="no-output-yet"),
+        pytest.param([snap(0, ())], {}, ["  rank 0 · no Python frames\n    rank  local"], ["│"], id="no-python-frames"),
         pytest.param([snap(0, since=4.25)], {}, ["  4.2 s ago\n"], ["no output yet"], id="quiet-for"),
         pytest.param(
             [snap(0)], {"details_path": "/tmp/d/stacks-2.txt", "max_frames": 4},
