@@ -287,11 +287,10 @@ class StackReporter:
         return Finished("stall", snapshots, report.reason) if report.purpose == "stall" and self._stall.stop else None
 
     def _stack_capture(self, targets: list[Target], timeout_s: float | None) -> Capture:
-        from launcher.stacks import StackCapture
+        from launcher.stacks import DEFAULT_TIMEOUT_S, StackCapture
 
-        capture: Capture = StackCapture(targets, self._stack_dir, clock=self._clock, **(
-            {"timeout_s": timeout_s} if timeout_s is not None else {}))
-        return capture
+        timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+        return StackCapture(targets, self._stack_dir, timeout_s=timeout_s, clock=self._clock)
 
     def _show(
         self, snapshots: Sequence[RankSnapshot], reason: str, earlier: Sequence[RankSnapshot], unanswered: Sequence[str]
