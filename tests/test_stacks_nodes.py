@@ -155,6 +155,19 @@ def test_stall_action_stop_over_ssh_ends_every_host_with_124(
     nothing_left(token, sshd_pool)
 
 
+def test_sigquit_listed_in_signals_to_handle_stops_every_host_as_under_torchrun(
+    launch, tmp_path: Path, token: str, sshd_pool: SshdPool
+) -> None:
+    script = write_script(tmp_path / "sleeper.py", "import time\nprint('up', flush=True)\ntime.sleep(600)\n")
+    run = launch("--hosts", "host1,host2", "--nproc", "1", "--signals-to-handle", "SIGTERM,SIGINT,SIGQUIT", script)
+    assert "every rank's stack" not in run.wait_line("all 2 hosts ready", 60, stream="err")
+    run.wait_lines("| up", 2, timeout=60)
+    run.signal(signal.SIGQUIT)
+    assert run.wait(timeout=30) == 128 + signal.SIGQUIT
+    assert "got SIGQUIT: stopping the workers on every host" in run.err and TITLE not in run.err
+    nothing_left(token, sshd_pool)
+
+
 # -- static nodes --------------------------------------------------------------------------------
 
 
