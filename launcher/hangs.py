@@ -133,7 +133,7 @@ class StackReporter:
         if self._watch is not None and self._purpose is None:
             silence = self._watch.take_due(now)
             if silence is not None:
-                self._start("stall", f"no rank wrote a line for {silence:.0f} s (--stall-timeout {self._stall.timeout:g})")
+                self._start("stall", f"no rank wrote a line for {silence:.0f} s")
         return None
 
     def close(self) -> None:
@@ -146,15 +146,14 @@ class StackReporter:
 
     def _start(self, purpose: Purpose, reason: str, targets: list[Target] | None = None,
                timeout_s: float | None = None) -> None:
-        from launcher.stacks import StackCapture
+        from launcher.stacks import DEFAULT_TIMEOUT_S, StackCapture
 
         targets = self._targets() if targets is None else targets
         if not targets:
             self.close()  # every rank has ended: nothing to show
             return
         self._purpose, self._reason = purpose, reason
-        capture = StackCapture(targets, self._stack_dir, clock=self._clock, **(
-            {"timeout_s": timeout_s} if timeout_s is not None else {}))
+        capture = StackCapture(targets, self._stack_dir, clock=self._clock, timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
         capture.start()
         self._capture = capture
 
