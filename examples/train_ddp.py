@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--hang-rank", type=int, default=None, metavar="R",
+                        help="Make rank R wait for data that never comes before its first step, "
+                             "so the others hang in their first all_reduce: try Ctrl-\\ then.")
     return parser.parse_args()
+
+
+def wait_for_data(seconds: float) -> None:
+    """--hang-rank: the stuck rank's "data loading" (the others wait for it in a collective)."""
+    time.sleep(seconds)
 
 
 def train(args: argparse.Namespace, rank: int, world_size: int) -> tuple[bool, float, float]:
@@ -57,6 +66,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> tuple[bool, f
     loss_fn = nn.MSELoss()
 
     losses = []
+    if args.hang_rank == rank:
+        wait_for_data(3600.0)
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
         total = torch.zeros(2)

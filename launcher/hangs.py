@@ -195,7 +195,7 @@ class StackReporter:
         if self._watch is not None and not self._busy:
             silence = self._watch.take_due(now)
             if silence is not None:
-                self._begin("stall", f"no rank wrote a line for {silence:.0f} s (--stall-timeout {self._stall.timeout:g})")
+                self._begin("stall", f"no rank wrote a line for {silence:.0f} s")
         return None
 
     def close(self) -> None:

@@ -206,7 +206,7 @@ class Head:
             printer.note(f"lost {host.name} (node {host.node_rank}): its connection or agent ended without an exit status")
         code = job_exit_code([a.exit_code for a in self.agents], any_lost=bool(lost))
         if self._stalled is not None:
-            printer.note(f"stopped because the job stalled ({self._stalled}); the stall report above shows where each rank was")
+            printer.note(f"root cause: the job stalled ({self._stalled}); the report above shows where each rank was")
             code = STALL_EXIT_CODE
         if code != 0:
             printer.note(f"exit code {code}")

@@ -103,8 +103,7 @@ def render_failure(
     if result.others_at_failure:
         from launcher.stackreport import render_others
 
-        lines.append(f"  {dim}where the other ranks were when rank {spec.global_rank} died (read before they were stopped):{reset}")
-        lines.extend(f"    {line}" for line in render_others(result.others_at_failure, colour=colour))
+        lines.extend(render_others(result.others_at_failure, colour=colour))
     lines.append(f"{red}{'━' * width}{reset}")
     return "\n".join(lines) + "\n"
 
@@ -152,7 +151,7 @@ def finish(result: JobResult, printer: Printer, say: Callable[[str], None]) -> N
         tail = printer.tail(last.root_cause.spec.global_rank)
         printer.block(render_failure(last, tail, printer.colour, raised=raised_before_stop(last, printer)))
     elif last.stalled is not None:
-        say(f"stopped because the job stalled ({last.stalled}); the stall report above shows where each rank was")
+        say(f"root cause: the job stalled ({last.stalled}); the report above shows where each rank was")
     elif last.stop_signal is not None:
         say(f"stopped by {signal_name(last.stop_signal)}; all workers ended")
     if last.exit_code != 0:

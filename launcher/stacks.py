@@ -297,11 +297,11 @@ class StackCapture:
             probe.finish(why_not="it exited before the capture")
         elif stat.state == "zombie":
             probe.finish(why_not="it has exited (a zombie until its parent reaps it)")
-        elif stat.state == "stopped":
-            # A stopped process runs no handler; py-spy reads it without pausing it again.
-            self._to_py_spy(probe, "it is stopped (SIGSTOP or a debugger)", nonblocking=True)
         elif dump is None and not procfs.is_python(pid):
             probe.finish(why_not=f"not a Python process ({probe.command})")
+        elif stat.state == "stopped":
+            # A stopped process runs no handler, and a py-spy that pauses it fails: it is paused.
+            self._to_py_spy(probe, "it is stopped (SIGSTOP or a debugger)", nonblocking=True)
         elif dump is None:
             self._to_py_spy(probe, self._why_no_bootstrap(pid, target))
         elif dump.released is not None:
@@ -317,9 +317,9 @@ class StackCapture:
     def _why_no_bootstrap(self, pid: int, target: Target) -> str:
         if self._stack_dir is None:
             return "no bootstrap (the launcher set up no stack directory)"
-        flag = procfs.bootstrap_disabled_by(procfs.read_cmdline(pid))
         if pid == target.pid and target.isolated_why is not None:
             return f"no bootstrap: {target.isolated_why}"
+        flag = procfs.bootstrap_disabled_by(procfs.read_cmdline(pid))
         if flag is not None:
             return f"no bootstrap: started with {flag}"
         if pid == target.pid:

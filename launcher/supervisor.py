@@ -354,7 +354,7 @@ class Attempt:
             self._stop_for_failure()
         elif finished.purpose == "stall" and not self.teardown.stopping:
             self.stalled = finished.reason
-            self.printer.note(f"the job stalled ({finished.reason}): stopping all workers (--stall-action stop)")
+            self.printer.note(f"the job stalled ({finished.reason}): stopping all workers, as --stall-action stop asks")
             self._tell_peers("stalled", f"the job stalled: {finished.reason}", STALL_EXIT_CODE)
             self._begin_stop(signal.SIGTERM)
 

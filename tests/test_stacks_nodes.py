@@ -132,7 +132,7 @@ def test_a_stall_over_ssh_is_reported_job_wide_and_the_job_goes_on(
     run = launch("--hosts", "host1,host2", "--nproc", "2", "--grace", "1", "--stall-timeout", "2", script)
     wait_in_place(run)
     report = read_report(run, 10.0)
-    assert "no rank wrote a line for 2 s (--stall-timeout 2)" in report and "two snapshots per rank" in report
+    assert "no rank wrote a line for 2 s" in report and "two snapshots per rank" in report
     assert "stuck" in report
     assert_names_both_places(report, {"host1", "host2"})
     assert workers_alive(token, script) == 4
@@ -150,7 +150,7 @@ def test_stall_action_stop_over_ssh_ends_every_host_with_124(
     wait_in_place(run)
     assert_names_both_places(read_report(run, 10.0), {"host1", "host2"})
     assert run.wait(timeout=30) == 124, run.err
-    assert "stopped because the job stalled (no rank wrote a line for 2 s" in run.err
+    assert "root cause: the job stalled (no rank wrote a line for 2 s" in run.err
     assert "restarting" not in run.err
     nothing_left(token, sshd_pool)
 

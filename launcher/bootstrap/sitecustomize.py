@@ -46,7 +46,9 @@ def _take_variable() -> tuple[int, bool, str] | None:
     value = os.environ.pop(_VARIABLE, None)
     if value is None:
         return None
-    signum, had, directory = value.split(":", 2)
+    signum, had, directory = (value.split(":", 2) + ["", ""])[:3]
+    if not signum.isdecimal() or not directory:  # isdecimal: only what int() accepts
+        return None
     return int(signum), had == "1", directory
 
 
@@ -81,9 +83,10 @@ def _open_dump_file(directory: str) -> int:
 
 
 def _register(armed: _Armed) -> None:
-    # chain=False: chaining re-raises the signal to the disposition found at registration,
-    # and chain=True also registers with SA_NODEFER, so the signal would not show in the
-    # dumping thread's SigBlk, which is how the launcher tells that a dump is finished.
+    # chain=False: chain=True re-raises the signal to the disposition faulthandler replaced,
+    # whose default action kills (here SIG_IGN, set by _arm, so it would only be wasted), and
+    # it registers with SA_NODEFER, so the signal would not show in the dumping thread's
+    # SigBlk, which is how the launcher tells that a dump is over.
     faulthandler.register(armed.signum, file=armed.fd, all_threads=True, chain=False)
 
 
@@ -127,6 +130,8 @@ def _signal_signal(signalnum: int, handler: object) -> object:
     """
     try:
         armed = _armed
+        # Let go even if the call below then fails (from a thread other than the main one):
+        # the script means to own the signal, and py-spy can still read this process.
         if armed is not None and armed.active and signalnum == armed.signum:
             _release(armed, f"the script set its own handler for signal {armed.signum}")
     except Exception:
@@ -166,14 +171,12 @@ def _bootstrap() -> None:
     try:
         taken = _take_variable()
         if taken is not None:
-            signum, had_pythonpath, directory = taken
-            _restore_pythonpath(had_pythonpath)
-            _restore_sys_path()
-            _armed = _arm(signum, directory)
+            _restore_pythonpath(taken[1])
+        _restore_sys_path()
+        if taken is not None:
+            _armed = _arm(taken[0], taken[2])
             _wrap_signal()
             os.register_at_fork(after_in_child=_after_fork_in_child)
-        else:
-            _restore_sys_path()
     except Exception:
         pass
 
