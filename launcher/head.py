@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import queue
 import selectors
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,14 +33,13 @@ from launcher.fanout import Host, agent_argv, prefixed_world_size, preflight_pro
 from launcher.frames import (
     ATTEMPT_END, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, go_line,
 )
-from launcher.headstacks import AgentStacks
+from launcher.headstacks import AgentStacks, HeadReports
 from launcher.inputs import sooner
 from launcher.protocol import NOT_A_NODE, AttemptEnd, Referee, job_exit_code
 from launcher.stdin_relay import ForwardedStdin
 from launcher.wakepipe import WakePipe
 
 if TYPE_CHECKING:
-    from launcher.hangs import StackReporter
     from launcher.logs import Printer
     from launcher.options import Options
     from launcher.supervisor import SignalInbox
@@ -74,8 +74,7 @@ class Head:
         self._stop_count = 0
         self._referee = Referee(len(hosts))  # the current attempt, decided there for every node
         self._stdin: ForwardedStdin | None = None  # while the loop runs
-        self._stacks = AgentStacks([h.name for h in hosts], self.agents)
-        self._reporter: StackReporter | None = None  # the current attempt's, until its end is told
+        self._reports = _head_reports(options, hosts, self.agents)
         self._stalled: str | None = None  # --stall-action stop ended the job: why
 
     def run(self) -> int:
@@ -162,18 +161,18 @@ class Head:
         selector.register(self._wake.read_fd, selectors.EVENT_READ)
         selector.register(inbox.read_fd, selectors.EVENT_READ)
         self._stdin = ForwardedStdin(selector, printer.note)
-        self._begin_attempt(printer)
+        self._reports.begin_attempt(printer)
         try:
             while not all(a.closed for a in self.agents):
                 printer.tick()
-                for key, _ in selector.select(sooner(printer.due_in(), self._stacks_due_in())):
+                for key, _ in selector.select(sooner(printer.due_in(), self._reports.due_in())):
                     if isinstance(key.data, ForwardedStdin):
                         key.data.forward()
                 self._handle_signals(inbox, printer)
                 self._drain(printer)
                 self._advance_stacks(printer)
         finally:
-            self._end_stacks()
+            self._reports.end_attempt()
             self._stdin = None
             selector.close()
             printer.close()
@@ -184,11 +183,9 @@ class Head:
             if sig in inbox.plan.stop:
                 self._stop_all(sig, printer)
             elif sig in inbox.plan.report:
-                self._report_on_demand(sig, printer)
+                self._reports.on_demand(signal.Signals(sig).name, printer)
 
     def _stop_all(self, sig: int, printer: Printer) -> None:
-        import signal
-
         name = signal.Signals(sig).name
         self._stop_count += 1
         if self._stop_count == 1:
@@ -214,52 +211,17 @@ class Head:
 
     # -- stack reports: the current attempt's, job-wide ------------------------------------------
 
-    def _begin_attempt(self, printer: Printer) -> None:
-        """The agents were told go: a new attempt, watched for a stall from now."""
-        from launcher.hangs import StackReporter
-        from launcher.job import ReportDir
-        from launcher.options import stall_of
-
-        self._end_stacks()
-        self._reporter = StackReporter(
-            printer, stack_dir=None, report_dir=ReportDir(self.options.log_dir), stall=stall_of(self.options),
-            targets=list, others=self._stacks,  # the head runs no rank: list() is its targets
-        )
-
-    def _end_stacks(self) -> None:
-        """The attempt's end is told (or the head is closing): no report until the next go."""
-        if self._reporter is not None:
-            self._reporter.close()
-        self._reporter = None
-
-    def _report_on_demand(self, sig: int, printer: Printer) -> None:
-        import signal
-
-        name = signal.Signals(sig).name
-        if self._reporter is None:
-            printer.note(f"got {name}: no stack report (the workers are being stopped)")
-            return
-        printer.log_event(f"got {name}: asking every host for its ranks' stacks")
-        self._reporter.on_demand(f"{name} (Ctrl-\\ or kill -QUIT {os.getpid()})")
-
-    def _stacks_due_in(self) -> float | None:
-        return None if self._reporter is None else self._reporter.due_in()
-
     def _advance_stacks(self, printer: Printer) -> None:
-        reporter = self._reporter
-        if reporter is None:
-            return
-        reporter.heard(printer.last_any)
-        finished = reporter.advance()
-        if finished is not None and finished.purpose == "stall" and self._referee.end is None:
-            self._stop_for_stall(finished.reason, printer)
+        stalled = self._reports.advance(printer.last_any)
+        if stalled is not None and self._referee.end is None:
+            self._stop_for_stall(stalled, printer)
 
     def _stop_for_stall(self, reason: str, printer: Printer) -> None:
         """--stall-action stop: the attempt ends as "stalled" on every host; no restart."""
         from launcher.options import STALL_EXIT_CODE
 
         self._stalled = reason
-        printer.note(f"the job stalled ({reason}): stopping the workers on every host (--stall-action stop)")
+        printer.note(f"the job stalled ({reason}): stopping the workers on every host, as --stall-action stop asks")
         end = AttemptEnd("stalled", NOT_A_NODE, "the SSH head", f"the job stalled: {reason}", STALL_EXIT_CODE)
         self._tell_every_host(self._referee.node_ended(end.to_text()))
 
@@ -290,9 +252,9 @@ class Head:
             self._ready[host.node_rank] = decode_ready(frame)
             if printer is not None and len(self._ready) == len(self.hosts):
                 self._send_go()  # every node is ready for a restart
-                self._begin_attempt(printer)
+                self._reports.begin_attempt(printer)
         elif frame.kind == STACKS:
-            self._stacks.took(host.node_rank, frame.payload)
+            self._reports.asker.took(host.node_rank, frame.payload)
         elif frame.kind == ATTEMPT_END:
             self._tell_every_host(self._referee.node_ended(frame.text))
         elif frame.kind == SUCCEEDED:
@@ -318,7 +280,7 @@ class Head:
 
     def _tell_every_host(self, end: str | None) -> None:
         if end is not None:
-            self._end_stacks()
+            self._reports.end_attempt()
             for agent in self.agents:
                 agent.tell(end_line(end))
 
@@ -335,6 +297,13 @@ class Head:
         for agent in self.agents:
             agent.close()
         self._wake.close()
+
+
+def _head_reports(options: Options, hosts: Sequence[Host], agents: Sequence[AgentChannel]) -> HeadReports:
+    from launcher.job import ReportDir
+    from launcher.options import stall_of
+
+    return HeadReports(AgentStacks([h.name for h in hosts], agents), stall_of(options), ReportDir(options.log_dir))
 
 
 def connect(
