@@ -63,10 +63,18 @@ def with_bootstrap(environ: Mapping[str, str], stack_dir: str, signum: int = STA
 def prepare_bootstrap() -> None:
     """Compile the bootstrap once, here: a worker that compiles it (PYTHONDONTWRITEBYTECODE, a
     read-only install) spends ~3 ms of its start-up on that, against under 1 ms with bytecode."""
+    import importlib.util
+
+    source = os.path.join(BOOTSTRAP_DIR, "sitecustomize.py")
+    try:
+        if os.stat(importlib.util.cache_from_source(source)).st_mtime >= os.stat(source).st_mtime:
+            return  # compiled by an earlier launch
+    except OSError:
+        pass
     import py_compile
 
     try:
-        py_compile.compile(os.path.join(BOOTSTRAP_DIR, "sitecustomize.py"), doraise=True)
+        py_compile.compile(source, doraise=True)
     except (OSError, py_compile.PyCompileError):
         pass  # the workers compile it themselves, a little slower
 
