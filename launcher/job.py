@@ -63,7 +63,7 @@ def launch(options: Options) -> int:
     try:
         stack_dir = None
         if prepared.stack_bootstrap:
-            from launcher.stacks import prepare_bootstrap
+            from launcher.snapshot import prepare_bootstrap
 
             prepare_bootstrap()
             stack_dir = os.path.join(private, "stacks")
