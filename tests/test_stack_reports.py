@@ -42,9 +42,7 @@ import os, time
 import torch.distributed as dist
 
 def compute():
-    total = 0
-    while True:
-        total += 1
+    while True: pass  # one line: a rank caught anywhere in the loop is at the same frame
 
 dist.init_process_group("gloo")
 dist.barrier()
