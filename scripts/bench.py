@@ -53,7 +53,7 @@ from typing import Any
 
 from bench_local import LOCAL_KEYS, WORKERS, Row, measure_local, render_local, warm_up
 from bench_nodes import NODE_KEYS, NodeRow, measure_nodes, render_nodes
-from benchlib import TOOLS, Bench, kill_token, log
+from benchlib import EMPTY_SCRIPT, TOOLS, Bench, kill_token, log
 
 
 # -- finding the tools ------------------------------------------------------------------------
@@ -137,6 +137,7 @@ def main() -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="ddplaunch-bench-") as tmp:
         workdir = Path(tmp)
+        (workdir / EMPTY_SCRIPT).write_text("")
         for name, text in WORKERS.items():
             (workdir / name).write_text(text)
         bench = Bench(tools, workdir, run_token=uuid.uuid4().hex)

@@ -44,6 +44,7 @@ from typing import Any
 import psutil
 from benchlib import (
     DDP_LINE,
+    EMPTY_SCRIPT,
     TOOLS,
     TORCH_LINE,
     Bench,
@@ -57,6 +58,7 @@ from benchlib import (
     median_of,
     ok_mark,
     result_json,
+    run_launch,
     tally_lines,
     token_processes,
     wait_exit,
@@ -67,7 +69,6 @@ LINES_PER_RANK = 100_000
 LINES_RANKS = 4
 
 WORKERS = {
-    "empty.py": "",
     "teardown.py": """\
 import os, sys, time
 if os.environ["RANK"] == "1":
@@ -99,26 +100,9 @@ time.sleep(60)
 # -- the measurements: each returns one number per call -------------------------------------
 
 
-def run_launch(bench: Bench, tool: str, nproc: int) -> float:
-    # 32 workers on a 2-CPU machine is past ddplaunch's sanity limit (4 per CPU): say we mean it
-    force = ("--force",) if tool == "ddplaunch" else ()
-    argv = bench.argv(tool, nproc, "empty.py", tool_opts=force)
-    t0 = time.perf_counter()
-    proc, token = bench.start(argv, subprocess.DEVNULL, subprocess.DEVNULL, f"launch {tool} n{nproc}")
-    try:
-        if wait_exit(proc, timeout=120) is None:
-            raise Timeout(f"{tool} launch nproc {nproc}")
-        elapsed = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"{tool} launch nproc {nproc} exited {proc.returncode}")
-        return elapsed
-    finally:
-        finish(proc, token)
-
-
 def run_bare(bench: Bench, nproc: int) -> float:
     """No launcher: the same nproc `python -u empty.py` posix_spawn'ed at once. The floor for launch."""
-    argv = [sys.executable, "-u", str(bench.workdir / "empty.py")]
+    argv = [sys.executable, "-u", str(bench.workdir / EMPTY_SCRIPT)]
     token = bench.new_token()
     env = dict(os.environ, BENCH_TOKEN=token)
     pids: list[int] = []

@@ -189,6 +189,29 @@ class Timeout(Exception):
     """A bounded wait ran out."""
 
 
+# The launch rows' worker, an empty file; scripts/bench.py writes it with the row modules' own.
+EMPTY_SCRIPT = "empty.py"
+
+
+def run_launch(bench: Bench, tool: str, nproc: int, tool_opts: tuple[str, ...] = ()) -> float:
+    """Wall time of the whole command for `nproc` workers running an empty script."""
+    # 32 workers on a 2-CPU machine is past ddplaunch's sanity limit (4 per CPU): say we mean it
+    opts = ("--force", *tool_opts) if tool == "ddplaunch" else tool_opts
+    argv = bench.argv(tool, nproc, EMPTY_SCRIPT, tool_opts=opts)
+    t0 = time.perf_counter()
+    label = " ".join(("launch", tool, f"n{nproc}", *tool_opts))
+    proc, token = bench.start(argv, subprocess.DEVNULL, subprocess.DEVNULL, label)
+    try:
+        if wait_exit(proc, timeout=120) is None:
+            raise Timeout(label)
+        elapsed = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{label} exited {proc.returncode}")
+        return elapsed
+    finally:
+        finish(proc, token)
+
+
 # -- one sample -------------------------------------------------------------------------------
 
 # What one failed sample raises; the row notes it and goes on with the next.
