@@ -53,6 +53,8 @@ from typing import Any
 
 from bench_local import LOCAL_KEYS, WORKERS, Row, measure_local, render_local, warm_up
 from bench_nodes import NODE_KEYS, NodeRow, measure_nodes, render_nodes
+from bench_stacks import STACK_KEYS, StackRow, measure_stacks, render_stacks
+from bench_stacks import WORKERS as STACK_WORKERS
 from benchlib import EMPTY_SCRIPT, TOOLS, Bench, kill_token, log
 
 
@@ -72,15 +74,19 @@ def find_tool(name: str) -> str:
 # -- the report -------------------------------------------------------------------------------
 
 
-def render(rows: list[Row], node_rows: Sequence[NodeRow] = ()) -> str:
+def render(rows: list[Row], node_rows: Sequence[NodeRow] = (), stack_rows: Sequence[StackRow] = ()) -> str:
     lines = render_local(rows)
+    if stack_rows:
+        if lines:
+            lines.append("")
+        lines.extend(render_stacks(stack_rows))
     if node_rows:
         if lines:
             lines.append("")
         lines.extend(render_nodes(node_rows))
     errors: list[str] = []
     seen: list[list[str]] = []
-    every: list[Row | NodeRow] = [*rows, *node_rows]
+    every: list[Row | NodeRow | StackRow] = [*rows, *stack_rows, *node_rows]
     for r in every:
         if not any(r.errors is s for s in seen):  # the two cross-node rows share one list
             seen.append(r.errors)
@@ -92,10 +98,12 @@ def render(rows: list[Row], node_rows: Sequence[NodeRow] = ()) -> str:
     return "\n".join(lines)
 
 
-def to_json(rows: list[Row], meta: dict, node_rows: Sequence[NodeRow] = ()) -> dict:
+def to_json(rows: list[Row], meta: dict, node_rows: Sequence[NodeRow] = (),
+            stack_rows: Sequence[StackRow] = ()) -> dict:
     out: dict[str, Any] = {"meta": meta, "results": {}}
-    for node_row in node_rows:
-        out["results"][node_row.key] = node_row.as_json()
+    others: list[NodeRow | StackRow] = [*node_rows, *stack_rows]
+    for other in others:
+        out["results"][other.key] = other.as_json()
     for row in rows:
         out["results"][row.key] = row.as_json()
     return out
@@ -110,8 +118,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 repetitions (every measurement still runs)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--only", metavar="LIST",
-                        help="comma-separated subset: launch,teardown,lines,memory,orphans, and the multi-node "
-                             "hosts,crossnode,sshlines, or 'nodes' for those three (default: all)")
+                        help="comma-separated subset: launch,teardown,lines,memory,orphans; the stack reports' "
+                             "sigquit,nobootstrap, or 'stacks' for both; the multi-node hosts,crossnode,sshlines, "
+                             "or 'nodes' for those three (default: all)")
     parser.add_argument("--no-nodes", action="store_true",
                         help="skip the multi-node rows (hosts, crossnode, sshlines)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up launches")
@@ -120,12 +129,13 @@ def main() -> int:
     if reps < 1:
         parser.error("--reps must be at least 1")
     only = {s.strip() for s in args.only.split(",")} if args.only else set()
-    unknown = only - {*LOCAL_KEYS, *NODE_KEYS, "nodes"}
+    unknown = only - {*LOCAL_KEYS, *STACK_KEYS, *NODE_KEYS, "stacks", "nodes"}
     if unknown:
         parser.error(f"--only: unknown measurement(s) {sorted(unknown)}")
-    if "nodes" in only:
-        only = (only - {"nodes"}) | set(NODE_KEYS)
-    selected = only or {*LOCAL_KEYS, *NODE_KEYS}
+    for group, keys in (("stacks", STACK_KEYS), ("nodes", NODE_KEYS)):
+        if group in only:
+            only = (only - {group}) | set(keys)
+    selected = only or {*LOCAL_KEYS, *STACK_KEYS, *NODE_KEYS}
     if args.no_nodes:
         selected -= set(NODE_KEYS)
         if not selected:
@@ -138,7 +148,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ddplaunch-bench-") as tmp:
         workdir = Path(tmp)
         (workdir / EMPTY_SCRIPT).write_text("")
-        for name, text in WORKERS.items():
+        for name, text in {**WORKERS, **STACK_WORKERS}.items():
             (workdir / name).write_text(text)
         bench = Bench(tools, workdir, run_token=uuid.uuid4().hex)
         log(f"tools: {tools['ddplaunch']} | {tools['torchrun']}; reps {reps}; workers in {workdir}")
@@ -146,6 +156,9 @@ def main() -> int:
             if not args.no_warmup:
                 warm_up(bench)
             rows = measure_local(bench, reps, selected)
+            stack_rows: list[StackRow] = []
+            if selected & set(STACK_KEYS):
+                stack_rows = measure_stacks(bench, reps, selected)
             node_rows: list[NodeRow] = []
             if selected & set(NODE_KEYS):
                 node_rows = measure_nodes(bench, reps, selected)
@@ -155,7 +168,7 @@ def main() -> int:
     elapsed = time.time() - started
     print(f"# {reps} rep(s) per tool, alternating; ratio = ddplaunch / torchrun median; "
           f"{os.cpu_count()} CPU(s); {elapsed:.0f} s in all")
-    print(render(rows, node_rows))
+    print(render(rows, node_rows, stack_rows))
     if args.json:
         meta = {
             "command": command,
@@ -167,7 +180,7 @@ def main() -> int:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "elapsed_s": elapsed,
         }
-        Path(args.json).write_text(json.dumps(to_json(rows, meta, node_rows), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(to_json(rows, meta, node_rows, stack_rows), indent=2) + "\n")
         print(f"# JSON written to {args.json}")
     return 0
 
