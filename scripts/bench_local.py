@@ -137,20 +137,30 @@ def run_bare(bench: Bench, nproc: int) -> float:
         kill_token(token)
 
 
-def run_teardown(bench: Bench, tool: str) -> float:
-    stamp = bench.workdir / f"stamp-{uuid.uuid4().hex}"
+# In ddplaunch's failure report when it captured the other ranks' stacks before stopping them
+CAPTURE_SHOWN = "where the other ranks were just before they were told to stop".encode()
+
+
+def run_teardown(bench: Bench, tool: str, extra: dict) -> float:
+    tag = uuid.uuid4().hex
+    stamp = bench.workdir / f"stamp-{tag}"
+    err_path = bench.workdir / f"err-teardown-{tag}.txt"
     argv = bench.argv(tool, 4, "teardown.py", str(stamp))
-    proc, token = bench.start(argv, subprocess.DEVNULL, subprocess.DEVNULL, f"teardown {tool}")
-    try:
-        exited = wait_exit(proc, timeout=90)
-        if exited is None:
-            raise Timeout(f"{tool} teardown")
-        if not stamp.exists():
-            raise RuntimeError(f"{tool} teardown: rank 1 wrote no timestamp (exit {proc.returncode})")
-        return exited - float(stamp.read_text())
-    finally:
-        finish(proc, token)
-        stamp.unlink(missing_ok=True)
+    with open(err_path, "wb") as err:
+        proc, token = bench.start(argv, subprocess.DEVNULL, err, f"teardown {tool}")
+        try:
+            exited = wait_exit(proc, timeout=90)
+            if exited is None:
+                raise Timeout(f"{tool} teardown")
+            if not stamp.exists():
+                raise RuntimeError(f"{tool} teardown: rank 1 wrote no timestamp (exit {proc.returncode})")
+            took = exited - float(stamp.read_text())
+        finally:
+            finish(proc, token)
+            stamp.unlink(missing_ok=True)
+    extra.setdefault("capture_shown", []).append(CAPTURE_SHOWN in err_path.read_bytes())
+    err_path.unlink()
+    return took
 
 
 def run_lines(bench: Bench, tool: str, extra: dict) -> float:
@@ -319,7 +329,7 @@ def measure_local(bench: Bench, reps: int, only: set[str]) -> list[Row]:
     if want("teardown"):
         log("teardown, nproc 4")
         rows.append(alternate(Row("teardown", "teardown after rank death", "s", 0.10), reps,
-                              lambda tool, _x: run_teardown(bench, tool)))
+                              lambda tool, x: run_teardown(bench, tool, x)))
     if want("lines"):
         log(f"lines, {LINES_RANKS} x {LINES_PER_RANK:,}")
         rows.append(alternate(Row("lines", f"lines {LINES_RANKS}x{LINES_PER_RANK // 1000}k, wall", "s", 0.30), reps,
@@ -416,6 +426,11 @@ def render_local(rows: list[Row]) -> list[str]:
             if d is not None:
                 text += f"; ddplaunch's own share {d - floor:+.3f} s"
             lines.append(text)
+    if "teardown" in by_key:
+        shown = by_key["teardown"].extra["ddplaunch"].get("capture_shown", [])
+        lines.append("")
+        lines.append(f"teardown, ddplaunch: its failure report said where the other ranks were (their stacks, "
+                     f"captured before they were stopped) in {sum(shown)} of {len(shown)} reps")
     if "lines" in by_key:
         row = by_key["lines"]
         lines.append("")
