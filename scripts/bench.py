@@ -6,6 +6,7 @@ Run it from the repository root with the project's virtualenv:
     .venv/bin/python scripts/bench.py --quick      # 2 repetitions, everything still measured
     .venv/bin/python scripts/bench.py --reps 9 --json results.json
     .venv/bin/python scripts/bench.py --only nodes # only the multi-node rows (--no-nodes: all but them)
+    .venv/bin/python scripts/bench.py --only stacks --reps 3   # only the stack-report rows
 
 Both tools are run as their console scripts, taken from next to sys.executable (else from
 PATH): `ddplaunch --nproc N ...` and `torchrun --standalone --nproc-per-node N ...`. Within
@@ -20,14 +21,21 @@ What is measured (all worker scripts are written to a fresh temporary directory)
              describes them): the whole command for 4 and 32 empty workers (<= 0.08), a
              rank's death to the launcher's exit (<= 0.10), 4 x 100,000 printed lines
              (<= 0.30, none lost), the launcher's peak RSS (<= 0.15), and what survives a
-             SIGKILL of the launcher (ddplaunch: 0).
+             SIGKILL of the launcher (ddplaunch: 0). Workers get ddplaunch's stack bootstrap
+             (the default), and the teardown row's failure report includes the capture of the
+             other ranks' stacks; the row checks that the report showed them.
+  sigquit, nobootstrap   the stack-report rows of issue 9 (scripts/bench_stacks.py describes
+             them): SIGQUIT to the printed report of every rank's stack, 4 ranks (<= 0.5 s)
+             and 32 (<= 1.5 s), ddplaunch only (torchrun has no such report); launch of 4
+             empty workers with --no-stack-bootstrap (<= 0.08) beside the same with it, and
+             the bootstrap's cost per worker start (< 3 ms). `--only stacks` picks both.
   nodes      multi-node rows (scripts/bench_nodes.py describes them): `--hosts` with 8 vs 2
              hosts over real sshd servers on this machine (<= 1.5), a failure on static
              node 1 -> node 0's workers stopped and its launcher exited (<= 2 s; torchrun's
              node 0 never stops), and 4 x 50,000 lines through SSH against one node (0 lost).
              `--only hosts,crossnode,sshlines` picks single ones.
 
-This module is the entry: the options, which rows run, the report. The two row modules
+This module is the entry: the options, which rows run, the report. The three row modules
 share their helpers through scripts/benchlib.py and do not import each other.
 
 Every wait is bounded; every process a launch started (found by its BENCH_TOKEN, in its

@@ -5,10 +5,14 @@ with the multi-node rows (bench_nodes.py) live in benchlib.py. What is measured 
 scripts are written to a fresh temporary directory):
 
   launch     wall time of the whole command for a worker script that is an empty file,
-             with 4 and with 32 workers.                             target ratio <= 0.08
+             with 4 and with 32 workers, ddplaunch's stack bootstrap on (its default;
+             bench_stacks.py has the same launch without it).        target ratio <= 0.08
   teardown   rank 1 sleeps 1 s, writes time.time() to a file and calls os._exit(1); the
              other ranks sleep 60 s. Measured: the moment the launcher process has exited
              (seen through a pidfd, so no polling delay) minus that timestamp.  <= 0.10
+             ddplaunch's figure includes capturing where the other ranks were (they are
+             bootstrapped Python workers) before they are stopped; each rep checks that its
+             failure report on stderr (kept in a file) showed them.
   lines      4 ranks x 100,000 lines of ~60 bytes, printed with print() in a loop.
              ddplaunch runs with --log-dir and its terminal output redirected to a file;
              torchrun with `--tee 3 --log-dir DIR` and its output redirected to a file.

@@ -1,9 +1,10 @@
 """What the benchmark's row modules share: launching a tool, bounded waits, clean-up, the line format.
 
-scripts/bench_local.py (the single-node rows) and scripts/bench_nodes.py (the multi-node
-rows) both import this module and neither imports the other; scripts/bench.py, the entry,
-runs them and prints the report. Every launch carries a BENCH_TOKEN in its environment, so
-that `finish` and `kill_token` find all it started, however it ended.
+scripts/bench_local.py (the single-node rows), scripts/bench_stacks.py (the stack reports')
+and scripts/bench_nodes.py (the multi-node rows) import this module and not each other;
+scripts/bench.py, the entry, runs them and prints the report. Every launch carries a
+BENCH_TOKEN in its environment, so that `finish` and `kill_token` find all it started,
+however it ended.
 """
 
 from __future__ import annotations
