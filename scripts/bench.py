@@ -153,6 +153,7 @@ def main() -> int:
     print(f"$ {command}", flush=True)
     tools = {name: find_tool(name) for name in TOOLS}
     started = time.time()
+    load_before = os.getloadavg()[0]  # timed rows on a machine others share: say how busy it was
     with tempfile.TemporaryDirectory(prefix="ddplaunch-bench-") as tmp:
         workdir = Path(tmp)
         (workdir / EMPTY_SCRIPT).write_text("")
@@ -174,8 +175,10 @@ def main() -> int:
             for n in range(1, bench.launches + 1):  # nothing of ours may outlive the benchmark
                 kill_token(f"{bench.run_token}-{n}", timeout=2)
     elapsed = time.time() - started
+    load_after = os.getloadavg()[0]
     print(f"# {reps} rep(s) per tool, alternating; ratio = ddplaunch / torchrun median; "
-          f"{os.cpu_count()} CPU(s); {elapsed:.0f} s in all")
+          f"{os.cpu_count()} CPU(s); {elapsed:.0f} s in all; load average {load_before:.2f} before, "
+          f"{load_after:.2f} after")
     print(render(rows, node_rows, stack_rows))
     if args.json:
         meta = {
@@ -187,6 +190,7 @@ def main() -> int:
             "cpu_count": os.cpu_count(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "elapsed_s": elapsed,
+            "load_average_1min": {"before": load_before, "after": load_after},
         }
         Path(args.json).write_text(json.dumps(to_json(rows, meta, node_rows, stack_rows), indent=2) + "\n")
         print(f"# JSON written to {args.json}")
