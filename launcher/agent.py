@@ -5,7 +5,8 @@ channel back to the head (FramePrinter sends raw worker bytes; the head frames t
 replay, the head's side of it, turns each frame back into the printer call that sent it).
 And the other nodes are reached through the head (HeadLink), not a store, so an agent never
 imports torch. The head's commands arrive on stdin: a stop becomes the signal it names, sent
-to ourselves, so it takes the one path every stop takes; end of file (the head died, or the
+to ourselves, so it takes the one path every stop takes; a stack request is read by the
+supervisor's loop, which answers it with a STACKS frame; end of file (the head died, or the
 SSH connection dropped) becomes SIGTERM. The agent of the --stdin rank also gets the head's
 stdin there, a piece at a time (launcher.stdin_relay).
 """
@@ -16,7 +17,8 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from launcher.frames import (
     ATTEMPT_END,
@@ -26,11 +28,13 @@ from launcher.frames import (
     EVENT,
     NOTE,
     OVER,
+    STACKS,
     SUCCEEDED,
     SYNC,
     WANT_STDIN,
     Frame,
     decode_go,
+    decode_stacks_request,
     decode_stdin,
     encode,
     encode_exit,
@@ -38,9 +42,13 @@ from launcher.frames import (
     parse_command,
 )
 from launcher.logs import Printer, Stream, _write_all
-from launcher.protocol import AttemptEnd, EndKind
+from launcher.protocol import AttemptEnd, EndKind, StackAnswer
 from launcher.wakepipe import WakePipe
 
+if TYPE_CHECKING:
+    from launcher.snapshot import RankSnapshot
+
+T = TypeVar("T")
 _TO_HEAD = threading.Lock()  # two threads send frames: the supervisor's and the stdin pipe's
 
 
@@ -146,8 +154,9 @@ class HeadLink:
     A node says how its attempt ended (or that its workers all succeeded) in a frame; the
     head decides the attempt's end for every node, first word wins, and sends it back as
     "end JSON". Between attempts each node says ready again and waits for the head's go,
-    with node 0's fresh port. A thread reads the head's lines: ends wake the supervisor's
-    loop through a pipe, stops become signals to ourselves, end of file becomes SIGTERM.
+    with node 0's fresh port. A thread reads the head's lines: ends and stack requests wake
+    the supervisor's loop through a pipe, stops become signals to ourselves, end of file
+    becomes SIGTERM. An agent never asks for stacks itself: its head asks every agent.
     """
 
     def __init__(
@@ -161,6 +170,7 @@ class HeadLink:
         self._out_fd = out_fd
         self._wake = WakePipe()
         self._ends: queue.SimpleQueue[AttemptEnd] = queue.SimpleQueue()
+        self._stack_requests: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._gos: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
         # The head's stdin, for the --stdin rank's pipe; queued from the first line on, so no
         # piece is lost while the pipe is being made.
@@ -187,6 +197,9 @@ class HeadLink:
                 os.kill(os.getpid(), signal.Signals[argument])
             elif verb == "end":
                 self._ends.put(AttemptEnd.from_text(argument))
+                self._wake.ring()
+            elif verb == "stacks" and (request := decode_stacks_request(argument)) is not None:
+                self._stack_requests.put(request)
                 self._wake.ring()
             elif verb == "go":
                 self._gos.put(decode_go(argument))
@@ -224,6 +237,19 @@ class HeadLink:
     def end_attempt(self, interrupted: Callable[[], bool]) -> None:
         self._send(encode(OVER, b""))
 
+    def stack_requests(self) -> list[int]:
+        self._wake.drain()
+        return _take_all(self._stack_requests)
+
+    def answer_stacks(self, request: int, snapshots: Sequence[RankSnapshot]) -> None:
+        self._send(encode(STACKS, StackAnswer(request, tuple(snapshots)).to_text().encode()))
+
+    def ask_stacks(self) -> int | None:
+        return None  # the head asks every agent
+
+    def stack_answers(self, request: int) -> tuple[list[RankSnapshot], list[str]]:
+        return [], []
+
     def join(self, attempt: int, interrupted: Callable[[], bool]) -> None:
         """Ready again (node 0 with a fresh port, unless one was given); wait for the go."""
         from launcher.ports import pick_free_port
@@ -245,9 +271,19 @@ class HeadLink:
 
     def _forget_ends(self) -> None:
         """The head's word on the last attempt, if this node's attempt ended before it came (on
-        its own news): it was sent before this go, so it is queued by now, and it is stale."""
-        while not self._ends.empty():
-            self._ends.get_nowait()
+        its own news): it was sent before this go, so it is queued by now, and it is stale. So
+        is a stack request that came between the attempts: the head has given up on it."""
+        _take_all(self._ends)
+        _take_all(self._stack_requests)
 
     def close(self) -> None:
         pass
+
+
+def _take_all(items: queue.SimpleQueue[T]) -> list[T]:
+    taken = []
+    while True:
+        try:
+            taken.append(items.get_nowait())
+        except queue.Empty:
+            return taken

@@ -35,7 +35,9 @@ NO_DIR, NO_PYTHON = 120, 121  # exit codes of the remote preflight shell line
 PASSED_OPTIONS = (
     "max_restarts", "grace", "join_timeout", "master_port", "role", "signals_to_handle", "numa_binding", "stdin",
 )
-PASSED_SWITCHES = ("module", "no_python", "run_path", "local_rank_arg", "virtual_local_rank", "force")
+PASSED_SWITCHES = (
+    "module", "no_python", "run_path", "local_rank_arg", "virtual_local_rank", "force", "no_stack_bootstrap",
+)
 # What the head cannot do yet: it shows every host's lines by rank only, and each host has its own address.
 NOT_WITH_HOSTS = {
     "local_addr": "--local-addr names one node; with --hosts each host is reached at its own address "
@@ -106,6 +108,7 @@ def agent_argv(options: Options, host: Host, env: Sequence[tuple[str, str]], nno
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
     argv += [f"--{name.replace('_', '-')}" for name in PASSED_SWITCHES if getattr(options, name)]
+    argv += ["--stall-timeout", "0"]  # the head sees every rank's output: it watches for a stall, job-wide
     argv += ["--run-id", options.run_id] if options.run_id else []
     for key, value in env:
         argv += ["--env", f"{key}={value}"]
@@ -145,11 +148,12 @@ def launch_on_hosts(options: Options) -> int:
 
     from launcher.decide import grace_of, notes_of, role_of
     from launcher.head import Head
-    from launcher.options import parse_signals, parse_stdin
+    from launcher.options import parse_signals, parse_stdin, stall_of
     from launcher.plan import parse_env_assignments
 
     hosts = plan_hosts(options)
     role_of(options)  # checked here once, rather than by every host
+    stall_of(options)  # the head watches for a stall (its agents do not)
     if options.signals_to_handle is not None:
         parse_signals(options.signals_to_handle)
     shown_ranks, shows = head_filter(options, hosts)

@@ -4,7 +4,8 @@ Agent to head (its stdout): a sync mark, then frames of a 10-byte header (kind, 
 length) and a payload. Worker output travels as raw bytes, so the head frames lines exactly
 as on one node and one printer owns the head's terminal. Head to agent (its stdin): text
 lines, "go ADDR PORT" (start an attempt), "end JSON" (the attempt's end, decided by the head
-for every node), "stop SIGNAME", and for the --stdin rank's agent "stdin BASE64" (a piece of
+for every node), "stop SIGNAME", "stacks N" (read every rank's stack and answer request N
+with a STACKS frame, launcher.protocol.StackAnswer's text), and for the --stdin rank's agent "stdin BASE64" (a piece of
 the head's stdin, sent only when that agent asked with WANT_STDIN) and "stdin-eof"; end of
 file means the head is gone, and the agent stops its workers.
 """
@@ -21,7 +22,8 @@ HEADER = struct.Struct("!BiBI")
 DATA, END_OF_STREAM, NOTE, EVENT, BLOCK, READY, EXIT = 1, 2, 3, 4, 5, 6, 7
 ATTEMPT_END, SUCCEEDED, OVER = 8, 9, 10  # an attempt's end as this node saw it; all ok here; all gone here
 WANT_STDIN = 11  # the agent of the --stdin rank has room for the next piece of the head's stdin
-LAST_KIND = WANT_STDIN
+STACKS = 12  # an answer to "stacks N": this node's ranks' snapshots
+LAST_KIND = STACKS
 MAX_PAYLOAD = 1 << 24  # a corrupt header must not make the head allocate gigabytes
 # The agent's first bytes. A login shell's rc file may print to stdout before the agent
 # starts (a banner, `conda activate` noise); the head skips everything before this mark.
@@ -120,11 +122,20 @@ def decode_go(argument: str) -> tuple[str, int]:
 def parse_command(line: str) -> tuple[str, str] | None:
     """A head's command line -> (verb, argument); None for anything else."""
     verb, _, argument = line.strip().partition(" ")
-    return (verb, argument) if verb in ("go", "stop", "end", "stdin", "stdin-eof") else None
+    return (verb, argument) if verb in ("go", "stop", "end", "stdin", "stdin-eof", "stacks") else None
 
 
 def end_line(end_text: str) -> bytes:
     return f"end {end_text}\n".encode()
+
+
+def stacks_line(request: int) -> bytes:
+    return f"stacks {request}\n".encode()
+
+
+def decode_stacks_request(argument: str) -> int | None:
+    """A stacks command's argument -> its request number; None when it is not one."""
+    return int(argument) if argument.isascii() and argument.isdigit() else None
 
 
 STDIN_EOF_LINE = b"stdin-eof\n"

@@ -10,12 +10,17 @@ the head tells every node at once; restarts start when every node is ready again
 here becomes a stop sent to every agent; a host whose connection drops stops its own
 workers (its agent reads end of file) and the head ends the attempt for the others. The
 head's stdin goes to the --stdin rank's agent, a piece each time it asks (launcher.stdin_relay).
+Stack reports are job-wide and the head's: SIGQUIT, or a stall of the whole job's output
+(the head sees every line), asks every agent for its ranks' stacks (launcher.headstacks)
+and prints one report; --stall-action stop then ends the attempt everywhere as "stalled".
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import selectors
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,9 +31,11 @@ from launcher.channel import AgentChannel, ChannelEvent
 from launcher.errors import Interrupted, LaunchError
 from launcher.fanout import Host, agent_argv, prefixed_world_size, preflight_problem, remote_command
 from launcher.frames import (
-    ATTEMPT_END, OVER, READY, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, go_line,
+    ATTEMPT_END, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, go_line,
 )
-from launcher.protocol import Referee, job_exit_code
+from launcher.headstacks import AgentStacks, HeadReports
+from launcher.inputs import sooner
+from launcher.protocol import NOT_A_NODE, AttemptEnd, Referee, job_exit_code
 from launcher.stdin_relay import ForwardedStdin
 from launcher.wakepipe import WakePipe
 
@@ -67,23 +74,25 @@ class Head:
         self._stop_count = 0
         self._referee = Referee(len(hosts))  # the current attempt, decided there for every node
         self._stdin: ForwardedStdin | None = None  # while the loop runs
+        self._reports = _head_reports(options, hosts, self.agents)
+        self._stalled: str | None = None  # --stall-action stop ended the job: why
 
     def run(self) -> int:
         from launcher.options import parse_signals
-        from launcher.plan import FORWARDED_SIGNALS
         from launcher.supervisor import SignalInbox, SignalPlan
 
         try:
             with _Status(f"connecting to {len(self.hosts)} host(s)") as status:
                 accept_new = self.options.ssh_accept_new_host_keys
-                self.agents = connect(self.hosts, self._post, accept_new_host_keys=accept_new)
+                self.agents[:] = connect(self.hosts, self._post, accept_new_host_keys=accept_new)
                 self._start_agents()
                 status(f"waiting for {len(self.hosts)} host(s) to be ready")
                 self._await_ready()
             # --signals-to-handle: the head stops on the same signals as its agents (each agent
-            # turns "stop NAME" into that signal to itself, and its plan stops on it too)
+            # turns "stop NAME" into that signal to itself, and its plan stops on it too). Not
+            # listed there, SIGQUIT asks every agent for its ranks' stacks.
             given = self.options.signals_to_handle
-            handled = SignalPlan.handling(parse_signals(given) if given else FORWARDED_SIGNALS)
+            handled = SignalPlan.handling(parse_signals(given) if given else None)
             with SignalInbox(handled) as inbox:
                 return self._supervise(inbox)
         except KeyboardInterrupt:
@@ -144,30 +153,39 @@ class Head:
             log_dir=self.options.log_dir,
             shows=self.shows,
         )
-        printer.note(f"all {len(self.hosts)} hosts ready: " + ", ".join(f"{h.node_rank} {h.name}" for h in self.hosts))
+        ready = f"all {len(self.hosts)} hosts ready: " + ", ".join(f"{h.node_rank} {h.name}" for h in self.hosts)
+        if inbox.plan.report:
+            ready += f"; every rank's stack: Ctrl-\\ or kill -QUIT {os.getpid()}"
+        printer.note(ready)
         selector = selectors.DefaultSelector()
         selector.register(self._wake.read_fd, selectors.EVENT_READ)
         selector.register(inbox.read_fd, selectors.EVENT_READ)
         self._stdin = ForwardedStdin(selector, printer.note)
+        self._reports.begin_attempt(printer)
         try:
             while not all(a.closed for a in self.agents):
                 printer.tick()
-                for key, _ in selector.select(printer.due_in()):
+                for key, _ in selector.select(sooner(printer.due_in(), self._reports.due_in())):
                     if isinstance(key.data, ForwardedStdin):
                         key.data.forward()
-                for sig in inbox.take():
-                    if sig in inbox.plan.stop:
-                        self._stop_all(sig, printer)
+                self._handle_signals(inbox, printer)
                 self._drain(printer)
+                self._advance_stacks(printer)
         finally:
+            self._reports.end_attempt()
             self._stdin = None
             selector.close()
             printer.close()
         return self._exit_code(printer)
 
-    def _stop_all(self, sig: int, printer: Printer) -> None:
-        import signal
+    def _handle_signals(self, inbox: SignalInbox, printer: Printer) -> None:
+        for sig in inbox.take():
+            if sig in inbox.plan.stop:
+                self._stop_all(sig, printer)
+            elif sig in inbox.plan.report:
+                self._reports.on_demand(signal.Signals(sig).name, printer)
 
+    def _stop_all(self, sig: int, printer: Printer) -> None:
         name = signal.Signals(sig).name
         self._stop_count += 1
         if self._stop_count == 1:
@@ -178,13 +196,34 @@ class Head:
             agent.tell(f"stop {name}\n".encode())
 
     def _exit_code(self, printer: Printer) -> int:
+        from launcher.options import STALL_EXIT_CODE
+
         lost = [h for h in self.hosts if self.agents[h.node_rank].lost]
         for host in lost:
             printer.note(f"lost {host.name} (node {host.node_rank}): its connection or agent ended without an exit status")
         code = job_exit_code([a.exit_code for a in self.agents], any_lost=bool(lost))
+        if self._stalled is not None:
+            printer.note(f"root cause: the job stalled ({self._stalled}); the report above shows where each rank was")
+            code = STALL_EXIT_CODE
         if code != 0:
             printer.note(f"exit code {code}")
         return code
+
+    # -- stack reports: the current attempt's, job-wide ------------------------------------------
+
+    def _advance_stacks(self, printer: Printer) -> None:
+        stalled = self._reports.advance(printer.last_any)
+        if stalled is not None and self._referee.end is None:
+            self._stop_for_stall(stalled, printer)
+
+    def _stop_for_stall(self, reason: str, printer: Printer) -> None:
+        """--stall-action stop: the attempt ends as "stalled" on every host; no restart."""
+        from launcher.options import STALL_EXIT_CODE
+
+        self._stalled = reason
+        printer.note(f"the job stalled ({reason}): stopping the workers on every host, as --stall-action stop asks")
+        end = AttemptEnd("stalled", NOT_A_NODE, "the SSH head", f"the job stalled: {reason}", STALL_EXIT_CODE)
+        self._tell_every_host(self._referee.node_ended(end.to_text()))
 
     # -- events: what the agents said, in the order they said it ---------------------------------
 
@@ -213,6 +252,9 @@ class Head:
             self._ready[host.node_rank] = decode_ready(frame)
             if printer is not None and len(self._ready) == len(self.hosts):
                 self._send_go()  # every node is ready for a restart
+                self._reports.begin_attempt(printer)
+        elif frame.kind == STACKS:
+            self._reports.asker.took(host.node_rank, frame.payload)
         elif frame.kind == ATTEMPT_END:
             self._tell_every_host(self._referee.node_ended(frame.text))
         elif frame.kind == SUCCEEDED:
@@ -238,6 +280,7 @@ class Head:
 
     def _tell_every_host(self, end: str | None) -> None:
         if end is not None:
+            self._reports.end_attempt()
             for agent in self.agents:
                 agent.tell(end_line(end))
 
@@ -254,6 +297,13 @@ class Head:
         for agent in self.agents:
             agent.close()
         self._wake.close()
+
+
+def _head_reports(options: Options, hosts: Sequence[Host], agents: Sequence[AgentChannel]) -> HeadReports:
+    from launcher.job import ReportDir
+    from launcher.options import stall_of
+
+    return HeadReports(AgentStacks([h.name for h in hosts], agents), stall_of(options), ReportDir(options.log_dir))
 
 
 def connect(

@@ -63,6 +63,9 @@ def launch(options: Options) -> int:
     try:
         stack_dir = None
         if prepared.stack_bootstrap:
+            from launcher.snapshot import prepare_bootstrap
+
+            prepare_bootstrap()
             stack_dir = os.path.join(private, "stacks")
             os.mkdir(stack_dir, 0o700)
         return run(role, prepared, options, error_dir or private, stack_dir)

@@ -3,6 +3,8 @@
 How an attempt ended (AttemptEnd), the other nodes as one node's supervisor sees them
 (Peers: a TCPStore in launcher.rendezvous, the SSH head in launcher.agent), and the SSH
 head's referee, which decides each attempt's end for every node from what the nodes say.
+A job-wide stack report asks the other nodes for their ranks' stacks (StackAsker) under a
+request number; each node answers it with a StackAnswer.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, get_args
+
+from launcher.snapshot import RankSnapshot
 
 EndKind = Literal["success", "failed", "stopped", "stalled", "error", "lost"]
 END_KINDS: tuple[EndKind, ...] = get_args(EndKind)
@@ -40,11 +44,52 @@ class AttemptEnd:
     def describe(self) -> str:
         if self.kind == "success":
             return "every node's workers finished"
+        if self.node_rank == NOT_A_NODE:
+            return f"{self.host}: {self.detail}"
         return f"node {self.node_rank} ({self.host}): {self.detail}"
 
 
-class Peers(Protocol):
-    """The other nodes of a multi-node job (launcher.rendezvous.NodeLink, launcher.agent.HeadLink)."""
+NOT_A_NODE = -1  # an end that no node said: the SSH head's (a stall), or lost contact with node 0
+
+
+@dataclass(frozen=True)
+class StackAnswer:
+    """One node's answer to a stack request: its ranks as they were (none: its ranks are gone)."""
+
+    request: int
+    snapshots: tuple[RankSnapshot, ...]
+
+    def to_text(self) -> str:
+        return json.dumps({"request": self.request, "snapshots": [s.to_json() for s in self.snapshots]})
+
+    @staticmethod
+    def from_text(text: str | bytes) -> StackAnswer:
+        """ValueError for anything that is not an answer (another version's, or cut short)."""
+        try:
+            data = json.loads(text)
+            return StackAnswer(int(data["request"]), tuple(RankSnapshot.from_json(s) for s in data["snapshots"]))
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise ValueError(f"not a stack answer: {exc!r}") from None
+
+
+class StackAsker(Protocol):
+    """The other nodes, as a job-wide stack report asks them (the SSH head asks every agent)."""
+
+    def ask_stacks(self) -> int | None:
+        """Ask every other node for its ranks' stacks; the request's number (None: nobody asked)."""
+        ...
+
+    def stack_answers(self, request: int) -> tuple[list[RankSnapshot], list[str]]:
+        """The ranks of the nodes that answered so far, and the nodes still owing an answer."""
+        ...
+
+
+class Peers(StackAsker, Protocol):
+    """The other nodes of a multi-node job (launcher.rendezvous.NodeLink, launcher.agent.HeadLink).
+
+    Besides the attempt's end they carry stack requests: `stack_requests` are the numbers
+    another node (or the head) asked under since the last call, `answer_stacks` answers one.
+    """
 
     @property
     def fd(self) -> int: ...
@@ -60,6 +105,10 @@ class Peers(Protocol):
     def end_attempt(self, interrupted: Callable[[], bool]) -> None: ...
 
     def local_end(self, kind: EndKind, detail: str, exit_code: int) -> AttemptEnd: ...
+
+    def stack_requests(self) -> list[int]: ...
+
+    def answer_stacks(self, request: int, snapshots: Sequence[RankSnapshot]) -> None: ...
 
     def close(self) -> None: ...
 

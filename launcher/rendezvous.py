@@ -6,6 +6,11 @@ goes: join (each node says who it is; the last to arrive says "go"), run the wor
 (the first node to write "end" names why the attempt ended; every other node's watcher
 wakes at once and stops its workers), over (each node says its workers are gone).
 
+A job-wide stack report goes through the store too: the asking node bumps STACKS_ASKED to get
+its request's number N, every other node's watcher sees the count move within a slice and
+wakes its loop, which reads its ranks and sets `ddplaunch/stacks/N/<node rank>`; the asker
+looks for those keys from its own loop, and names the nodes whose key did not come in time.
+
 Every attempt gets a fresh store on the same port: torchrun keeps one store across restarts,
 and the workers' stale keys from the last attempt (gloo addresses) then make a restart fail
 at random. torch is imported here only, so only multi-node agents pay for it.
@@ -15,16 +20,18 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from launcher.errors import LaunchError
-from launcher.protocol import AttemptEnd, EndKind
+from launcher.protocol import NOT_A_NODE, AttemptEnd, EndKind, StackAnswer
+from launcher.snapshot import RankSnapshot
 from launcher.wakepipe import WakePipe
 
 TCPStore = Any  # torch.distributed.TCPStore, which torch's type hints do not export
@@ -33,6 +40,7 @@ PREFIX = "ddplaunch/"
 GENERATION, CONFIG, ARRIVALS = PREFIX + "generation", PREFIX + "config", PREFIX + "arrivals"
 JOINED, GO, END = PREFIX + "joined", PREFIX + "go", PREFIX + "end"
 SUCCEEDED, OVER, ALL_OVER = PREFIX + "succeeded", PREFIX + "over", PREFIX + "all-over"
+STACKS_ASKED = PREFIX + "stacks/asked"  # how many stack requests this attempt has seen
 SLICE_S = 0.25  # longest a blocking store call may keep us from noticing Ctrl-C or a stop
 RETRY_S = 0.05  # between connection attempts to a store that is not (yet) there
 OVER_WAIT_S = 10.0  # node 0 keeps the store up this long for the others to finish stopping
@@ -80,6 +88,11 @@ def shape_mismatch(mine: JobShape, host: JobShape, run_id_given: bool) -> str | 
     if run_id_given and mine.run_id != host.run_id:
         return f"this node has --run-id {mine.run_id} but node 0 has {host.run_id}; use the same id everywhere."
     return None
+
+
+def stacks_key(request: int, node_rank: int) -> str:
+    """Where a node answers a stack request (launcher.protocol.StackAnswer's text)."""
+    return PREFIX + f"stacks/{request}/{node_rank}"
 
 
 def missing_ranks(nnodes: int, present: Callable[[int], bool]) -> list[int]:
@@ -150,6 +163,8 @@ class NodeLink:
         self._dist = _torch_store()
         self._store: TCPStore | None = None
         self._watch: _Watcher | None = None
+        self._asked: set[int] = set()  # this attempt's stack requests that this node made
+        self._answers: dict[int, dict[int, tuple[RankSnapshot, ...]]] = {}  # request -> node rank -> ranks
 
     @property
     def endpoint(self) -> str:
@@ -167,6 +182,7 @@ class NodeLink:
         deadline = time.monotonic() + self.join_timeout
         self._store = self._open_store(attempt, deadline, interrupted)
         store = self._store
+        self._asked, self._answers = set(), {}  # a fresh store counts requests from 1 again
         if attempt == 0:
             self._adopt_shape(store)
             if self.node_rank is None:
@@ -309,6 +325,57 @@ class NodeLink:
         assert self._watch is not None
         return self._watch.take()
 
+    # -- stack reports -------------------------------------------------------------------------
+
+    def ask_stacks(self) -> int | None:
+        store = self._store
+        if store is None:
+            return None
+        try:
+            request = int(store.add(STACKS_ASKED, 1))
+        except RuntimeError:
+            return None  # node 0 is gone: our watcher reports that
+        self._asked.add(request)
+        self._answers[request] = {}
+        return request
+
+    def stack_answers(self, request: int) -> tuple[list[RankSnapshot], list[str]]:
+        got = self._answers.setdefault(request, {})
+        for rank in self._other_ranks():
+            if rank not in got and (answer := self._read_answer(request, rank)) is not None:
+                got[rank] = answer.snapshots
+        missing = [f"node {r} ({self.hosts.get(r, '?')})" for r in self._other_ranks() if r not in got]
+        return [s for rank in sorted(got) for s in got[rank]], missing
+
+    def _other_ranks(self) -> list[int]:
+        return [rank for rank in range(self.shape.nnodes) if rank != self.node_rank]
+
+    def _read_answer(self, request: int, rank: int) -> StackAnswer | None:
+        store, key = self._store, stacks_key(request, rank)
+        if store is None:
+            return None
+        try:
+            if not store.check([key]):
+                return None
+            return StackAnswer.from_text(store.get(key).decode())
+        except (RuntimeError, ValueError):
+            return None  # node 0 is gone, or the answer is not one: that node is named as silent
+
+    def stack_requests(self) -> list[int]:
+        """The other nodes' requests the watcher saw (this node's own are answered at home)."""
+        if self._watch is None:
+            return []
+        return [request for request in self._watch.take_requests() if request not in self._asked]
+
+    def answer_stacks(self, request: int, snapshots: Sequence[RankSnapshot]) -> None:
+        store = self._store
+        if store is None:
+            return
+        try:
+            store.set(stacks_key(request, self.node_rank or 0), StackAnswer(request, tuple(snapshots)).to_text())
+        except RuntimeError:
+            pass  # node 0 is gone: our watcher reports that
+
     def end_attempt(self, interrupted: Callable[[], bool] = lambda: False) -> None:
         """Our workers are gone. Node 0 keeps the store until every node says the same."""
         if self._watch is not None:
@@ -399,7 +466,7 @@ class Pulse:
 class _Watcher:
     """A thread blocked on the store's END key; it wakes the supervisor's loop through a pipe.
 
-    Between waits it keeps the heartbeats going (Pulse).
+    Between waits it keeps the heartbeats going (Pulse) and looks for stack requests.
     """
 
     def __init__(self, store: TCPStore, pulse: Pulse) -> None:
@@ -410,6 +477,9 @@ class _Watcher:
         self._stopping = threading.Event()
         self._result: AttemptEnd | None = None
         self._lost: str | None = None
+        self._told = False
+        self._requests: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._requests_seen = 0
         self._thread = threading.Thread(target=self._run, name="ddplaunch-watch", daemon=True)
         self._thread.start()
 
@@ -421,6 +491,7 @@ class _Watcher:
                 silent = self._pulse.tick(self._store)
                 if silent is not None:
                     self._store.compare_set(END, "", silent.to_text())
+                self._see_requests()
                 self._store.wait([END], timedelta(seconds=SLICE_S))
                 self._result = AttemptEnd.from_text(self._store.get(END).decode())
             except dist.DistStoreError:
@@ -430,12 +501,30 @@ class _Watcher:
             self._wake.ring()
             return
 
+    def _see_requests(self) -> None:
+        asked = int(self._store.add(STACKS_ASKED, 0))
+        if asked > self._requests_seen:
+            for request in range(self._requests_seen + 1, asked + 1):
+                self._requests.put(request)
+            self._requests_seen = asked
+            self._wake.ring()
+
     def take(self) -> AttemptEnd | None:
-        if not self._wake.drain():
+        """The attempt's end, or lost contact, once (the pipe also rings for stack requests)."""
+        self._wake.drain()
+        if self._told or (self._result is None and self._lost is None):
             return None
+        self._told = True
         if self._result is not None:
             return self._result
-        return AttemptEnd("lost", -1, "", f"lost contact with node 0's rendezvous ({self._lost})")
+        return AttemptEnd("lost", NOT_A_NODE, "this node", f"lost contact with node 0's rendezvous ({self._lost})")
+
+    def take_requests(self) -> list[int]:
+        self._wake.drain()
+        taken = []
+        while not self._requests.empty():
+            taken.append(self._requests.get_nowait())
+        return taken
 
     def stop(self) -> None:
         self._stopping.set()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import IO, Literal
 
 from launcher import procfs
+from launcher.snapshot import prepare_bootstrap as prepare_bootstrap  # re-exported for the tests
 from launcher.snapshot import (
     BOOTSTRAP_DIR, HEADER_WORD, STACK_SIGNAL, STACKS_VARIABLE, ProcessStacks, ProcessState,
     RankSnapshot, ThreadStack, stacks_variable,
@@ -58,17 +59,6 @@ def with_bootstrap(environ: Mapping[str, str], stack_dir: str, signum: int = STA
     old = environ.get("PYTHONPATH")
     path = BOOTSTRAP_DIR if not old else BOOTSTRAP_DIR + os.pathsep + old
     return {**environ, "PYTHONPATH": path, STACKS_VARIABLE: stacks_variable(signum, old is not None, stack_dir)}
-
-
-def prepare_bootstrap() -> None:
-    """Compile the bootstrap once, here: a worker that compiles it (PYTHONDONTWRITEBYTECODE, a
-    read-only install) spends ~3 ms of its start-up on that, against under 1 ms with bytecode."""
-    import py_compile
-
-    try:
-        py_compile.compile(os.path.join(BOOTSTRAP_DIR, "sitecustomize.py"), doraise=True)
-    except (OSError, py_compile.PyCompileError):
-        pass  # the workers compile it themselves, a little slower
 
 
 def find_py_spy(environ: Mapping[str, str] = os.environ) -> tuple[str | None, str]:

@@ -191,7 +191,8 @@ class Attempt:
         if self.stacks is not None:
             self.reporter = StackReporter(
                 self.printer, stack_dir=self.plan.stack_dir, report_dir=self.stacks.report_dir,
-                stall=self.stacks.stall, targets=self._stack_targets, clock=self.clock,
+                stall=self.stacks.stall, targets=self._stack_targets, others=self.peers,
+                answer=None if self.peers is None else self.peers.answer_stacks, clock=self.clock,
             )
 
     def run(self) -> AttemptResult:
@@ -369,6 +370,7 @@ class Attempt:
 
     def _handle_peer_news(self) -> None:
         assert self.peers is not None
+        self._answer_stack_requests(self.peers.stack_requests())
         end = self.peers.take()
         if end is None:
             return
@@ -380,6 +382,12 @@ class Attempt:
         else:
             self.printer.note(f"stopping this node's workers: {end.describe()}")
         self._begin_stop(signal.SIGTERM)
+
+    def _answer_stack_requests(self, requests: list[int]) -> None:
+        """Another node (or the head) asked for this node's stacks: the reporter reads them.
+        Not while the workers are being stopped: the asker then names this node as silent."""
+        if requests and self.reporter is not None and not self.teardown.stopping:
+            self.reporter.asked(requests)
 
     def _awaiting_peers(self) -> bool:
         """Our workers all succeeded; the attempt ends when every node says so (or one fails)."""

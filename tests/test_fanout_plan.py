@@ -71,3 +71,14 @@ def test_the_remote_line_is_one_shell_word_per_argument() -> None:
     assert line.startswith("cd -- '/work dir' 2>/dev/null || exit 120; ")
     exec_part = line.split("; exec ", 1)[1]
     assert shlex.split(exec_part) == argv
+
+
+@pytest.mark.parametrize("bootstrap_off", [False, True])
+def test_agents_leave_the_stall_watch_to_the_head_and_follow_its_bootstrap_switch(bootstrap_off: bool) -> None:
+    spec = parse_hostfile("a slots=2\nb slots=2\n", "hosts")[1]
+    given = options(stall_timeout=30.0, stall_action="stop", no_stack_bootstrap=bootstrap_off)
+    argv = agent_argv(given, host(1, spec, 2), [], 2)
+    assert argv[argv.index("--stall-timeout") + 1] == "0"  # the head sees every rank's lines; it watches
+    assert "--stall-action" not in argv  # stop with a timeout of 0 is refused, and the head stops the job
+    assert ("--no-stack-bootstrap" in argv) == bootstrap_off
+    assert argv.index("--stall-timeout") < argv.index("train.py")
