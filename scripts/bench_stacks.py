@@ -53,7 +53,8 @@ from benchlib import (
     run_launch,
     wait_exit,
 )
-from launcher.stacks import prepare_bootstrap, with_bootstrap
+from launcher.snapshot import prepare_bootstrap
+from launcher.stacks import with_bootstrap
 
 STACK_KEYS = ("sigquit", "nobootstrap")
 REPORT_RANKS = {4: 0.5, 32: 1.5}  # ranks -> target seconds from SIGQUIT to the printed report
