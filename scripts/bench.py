@@ -2,7 +2,7 @@
 
 Run it from the repository root with the project's virtualenv:
 
-    .venv/bin/python scripts/bench.py              # full run (5 repetitions, about 6 minutes)
+    .venv/bin/python scripts/bench.py              # full run (5 repetitions, 6 to 7 minutes)
     .venv/bin/python scripts/bench.py --quick      # 2 repetitions, everything still measured
     .venv/bin/python scripts/bench.py --reps 9 --json results.json
     .venv/bin/python scripts/bench.py --only nodes # only the multi-node rows (--no-nodes: all but them)
