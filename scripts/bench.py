@@ -2,10 +2,11 @@
 
 Run it from the repository root with the project's virtualenv:
 
-    .venv/bin/python scripts/bench.py              # full run (5 repetitions, about 6 minutes)
+    .venv/bin/python scripts/bench.py              # full run (5 repetitions, 6 to 7 minutes)
     .venv/bin/python scripts/bench.py --quick      # 2 repetitions, everything still measured
     .venv/bin/python scripts/bench.py --reps 9 --json results.json
     .venv/bin/python scripts/bench.py --only nodes # only the multi-node rows (--no-nodes: all but them)
+    .venv/bin/python scripts/bench.py --only stacks --reps 3   # only the stack-report rows
 
 Both tools are run as their console scripts, taken from next to sys.executable (else from
 PATH): `ddplaunch --nproc N ...` and `torchrun --standalone --nproc-per-node N ...`. Within
@@ -20,14 +21,21 @@ What is measured (all worker scripts are written to a fresh temporary directory)
              describes them): the whole command for 4 and 32 empty workers (<= 0.08), a
              rank's death to the launcher's exit (<= 0.10), 4 x 100,000 printed lines
              (<= 0.30, none lost), the launcher's peak RSS (<= 0.15), and what survives a
-             SIGKILL of the launcher (ddplaunch: 0).
+             SIGKILL of the launcher (ddplaunch: 0). Workers get ddplaunch's stack bootstrap
+             (the default), and the teardown row's failure report includes the capture of the
+             other ranks' stacks; the row checks that the report showed them.
+  sigquit, nobootstrap   the stack-report rows of issue 9 (scripts/bench_stacks.py describes
+             them): SIGQUIT to the printed report of every rank's stack, 4 ranks (<= 0.5 s)
+             and 32 (<= 1.5 s), ddplaunch only (torchrun has no such report); launch of 4
+             empty workers with --no-stack-bootstrap (<= 0.08) beside the same with it, and
+             the bootstrap's cost per worker start (< 3 ms). `--only stacks` picks both.
   nodes      multi-node rows (scripts/bench_nodes.py describes them): `--hosts` with 8 vs 2
              hosts over real sshd servers on this machine (<= 1.5), a failure on static
              node 1 -> node 0's workers stopped and its launcher exited (<= 2 s; torchrun's
              node 0 never stops), and 4 x 50,000 lines through SSH against one node (0 lost).
              `--only hosts,crossnode,sshlines` picks single ones.
 
-This module is the entry: the options, which rows run, the report. The two row modules
+This module is the entry: the options, which rows run, the report. The three row modules
 share their helpers through scripts/benchlib.py and do not import each other.
 
 Every wait is bounded; every process a launch started (found by its BENCH_TOKEN, in its
@@ -53,7 +61,9 @@ from typing import Any
 
 from bench_local import LOCAL_KEYS, WORKERS, Row, measure_local, render_local, warm_up
 from bench_nodes import NODE_KEYS, NodeRow, measure_nodes, render_nodes
-from benchlib import TOOLS, Bench, kill_token, log
+from bench_stacks import STACK_KEYS, StackRow, measure_stacks, render_stacks
+from bench_stacks import WORKERS as STACK_WORKERS
+from benchlib import EMPTY_SCRIPT, TOOLS, Bench, kill_token, log
 
 
 # -- finding the tools ------------------------------------------------------------------------
@@ -72,15 +82,19 @@ def find_tool(name: str) -> str:
 # -- the report -------------------------------------------------------------------------------
 
 
-def render(rows: list[Row], node_rows: Sequence[NodeRow] = ()) -> str:
+def render(rows: list[Row], node_rows: Sequence[NodeRow] = (), stack_rows: Sequence[StackRow] = ()) -> str:
     lines = render_local(rows)
+    if stack_rows:
+        if lines:
+            lines.append("")
+        lines.extend(render_stacks(stack_rows))
     if node_rows:
         if lines:
             lines.append("")
         lines.extend(render_nodes(node_rows))
     errors: list[str] = []
     seen: list[list[str]] = []
-    every: list[Row | NodeRow] = [*rows, *node_rows]
+    every: list[Row | NodeRow | StackRow] = [*rows, *stack_rows, *node_rows]
     for r in every:
         if not any(r.errors is s for s in seen):  # the two cross-node rows share one list
             seen.append(r.errors)
@@ -92,10 +106,12 @@ def render(rows: list[Row], node_rows: Sequence[NodeRow] = ()) -> str:
     return "\n".join(lines)
 
 
-def to_json(rows: list[Row], meta: dict, node_rows: Sequence[NodeRow] = ()) -> dict:
+def to_json(rows: list[Row], meta: dict, node_rows: Sequence[NodeRow] = (),
+            stack_rows: Sequence[StackRow] = ()) -> dict:
     out: dict[str, Any] = {"meta": meta, "results": {}}
-    for node_row in node_rows:
-        out["results"][node_row.key] = node_row.as_json()
+    others: list[NodeRow | StackRow] = [*node_rows, *stack_rows]
+    for other in others:
+        out["results"][other.key] = other.as_json()
     for row in rows:
         out["results"][row.key] = row.as_json()
     return out
@@ -110,8 +126,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 repetitions (every measurement still runs)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--only", metavar="LIST",
-                        help="comma-separated subset: launch,teardown,lines,memory,orphans, and the multi-node "
-                             "hosts,crossnode,sshlines, or 'nodes' for those three (default: all)")
+                        help="comma-separated subset: launch,teardown,lines,memory,orphans; the stack reports' "
+                             "sigquit,nobootstrap, or 'stacks' for both; the multi-node hosts,crossnode,sshlines, "
+                             "or 'nodes' for those three (default: all)")
     parser.add_argument("--no-nodes", action="store_true",
                         help="skip the multi-node rows (hosts, crossnode, sshlines)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up launches")
@@ -120,12 +137,13 @@ def main() -> int:
     if reps < 1:
         parser.error("--reps must be at least 1")
     only = {s.strip() for s in args.only.split(",")} if args.only else set()
-    unknown = only - {*LOCAL_KEYS, *NODE_KEYS, "nodes"}
+    unknown = only - {*LOCAL_KEYS, *STACK_KEYS, *NODE_KEYS, "stacks", "nodes"}
     if unknown:
         parser.error(f"--only: unknown measurement(s) {sorted(unknown)}")
-    if "nodes" in only:
-        only = (only - {"nodes"}) | set(NODE_KEYS)
-    selected = only or {*LOCAL_KEYS, *NODE_KEYS}
+    for group, keys in (("stacks", STACK_KEYS), ("nodes", NODE_KEYS)):
+        if group in only:
+            only = (only - {group}) | set(keys)
+    selected = only or {*LOCAL_KEYS, *STACK_KEYS, *NODE_KEYS}
     if args.no_nodes:
         selected -= set(NODE_KEYS)
         if not selected:
@@ -135,9 +153,11 @@ def main() -> int:
     print(f"$ {command}", flush=True)
     tools = {name: find_tool(name) for name in TOOLS}
     started = time.time()
+    load_before = os.getloadavg()[0]  # timed rows on a machine others share: say how busy it was
     with tempfile.TemporaryDirectory(prefix="ddplaunch-bench-") as tmp:
         workdir = Path(tmp)
-        for name, text in WORKERS.items():
+        (workdir / EMPTY_SCRIPT).write_text("")
+        for name, text in {**WORKERS, **STACK_WORKERS}.items():
             (workdir / name).write_text(text)
         bench = Bench(tools, workdir, run_token=uuid.uuid4().hex)
         log(f"tools: {tools['ddplaunch']} | {tools['torchrun']}; reps {reps}; workers in {workdir}")
@@ -145,6 +165,9 @@ def main() -> int:
             if not args.no_warmup:
                 warm_up(bench)
             rows = measure_local(bench, reps, selected)
+            stack_rows: list[StackRow] = []
+            if selected & set(STACK_KEYS):
+                stack_rows = measure_stacks(bench, reps, selected)
             node_rows: list[NodeRow] = []
             if selected & set(NODE_KEYS):
                 node_rows = measure_nodes(bench, reps, selected)
@@ -152,9 +175,11 @@ def main() -> int:
             for n in range(1, bench.launches + 1):  # nothing of ours may outlive the benchmark
                 kill_token(f"{bench.run_token}-{n}", timeout=2)
     elapsed = time.time() - started
+    load_after = os.getloadavg()[0]
     print(f"# {reps} rep(s) per tool, alternating; ratio = ddplaunch / torchrun median; "
-          f"{os.cpu_count()} CPU(s); {elapsed:.0f} s in all")
-    print(render(rows, node_rows))
+          f"{os.cpu_count()} CPU(s); {elapsed:.0f} s in all; load average {load_before:.2f} before, "
+          f"{load_after:.2f} after")
+    print(render(rows, node_rows, stack_rows))
     if args.json:
         meta = {
             "command": command,
@@ -165,8 +190,9 @@ def main() -> int:
             "cpu_count": os.cpu_count(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "elapsed_s": elapsed,
+            "load_average_1min": {"before": load_before, "after": load_after},
         }
-        Path(args.json).write_text(json.dumps(to_json(rows, meta, node_rows), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(to_json(rows, meta, node_rows, stack_rows), indent=2) + "\n")
         print(f"# JSON written to {args.json}")
     return 0
 

@@ -5,10 +5,14 @@ with the multi-node rows (bench_nodes.py) live in benchlib.py. What is measured 
 scripts are written to a fresh temporary directory):
 
   launch     wall time of the whole command for a worker script that is an empty file,
-             with 4 and with 32 workers.                             target ratio <= 0.08
+             with 4 and with 32 workers, ddplaunch's stack bootstrap on (its default;
+             bench_stacks.py has the same launch without it).        target ratio <= 0.08
   teardown   rank 1 sleeps 1 s, writes time.time() to a file and calls os._exit(1); the
              other ranks sleep 60 s. Measured: the moment the launcher process has exited
              (seen through a pidfd, so no polling delay) minus that timestamp.  <= 0.10
+             ddplaunch's figure includes capturing where the other ranks were (they are
+             bootstrapped Python workers) before they are stopped; each rep checks that its
+             failure report on stderr (kept in a file) showed them.
   lines      4 ranks x 100,000 lines of ~60 bytes, printed with print() in a loop.
              ddplaunch runs with --log-dir and its terminal output redirected to a file;
              torchrun with `--tee 3 --log-dir DIR` and its output redirected to a file.
@@ -44,6 +48,7 @@ from typing import Any
 import psutil
 from benchlib import (
     DDP_LINE,
+    EMPTY_SCRIPT,
     TOOLS,
     TORCH_LINE,
     Bench,
@@ -57,6 +62,7 @@ from benchlib import (
     median_of,
     ok_mark,
     result_json,
+    run_launch,
     tally_lines,
     token_processes,
     wait_exit,
@@ -67,7 +73,6 @@ LINES_PER_RANK = 100_000
 LINES_RANKS = 4
 
 WORKERS = {
-    "empty.py": "",
     "teardown.py": """\
 import os, sys, time
 if os.environ["RANK"] == "1":
@@ -99,26 +104,9 @@ time.sleep(60)
 # -- the measurements: each returns one number per call -------------------------------------
 
 
-def run_launch(bench: Bench, tool: str, nproc: int) -> float:
-    # 32 workers on a 2-CPU machine is past ddplaunch's sanity limit (4 per CPU): say we mean it
-    force = ("--force",) if tool == "ddplaunch" else ()
-    argv = bench.argv(tool, nproc, "empty.py", tool_opts=force)
-    t0 = time.perf_counter()
-    proc, token = bench.start(argv, subprocess.DEVNULL, subprocess.DEVNULL, f"launch {tool} n{nproc}")
-    try:
-        if wait_exit(proc, timeout=120) is None:
-            raise Timeout(f"{tool} launch nproc {nproc}")
-        elapsed = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"{tool} launch nproc {nproc} exited {proc.returncode}")
-        return elapsed
-    finally:
-        finish(proc, token)
-
-
 def run_bare(bench: Bench, nproc: int) -> float:
     """No launcher: the same nproc `python -u empty.py` posix_spawn'ed at once. The floor for launch."""
-    argv = [sys.executable, "-u", str(bench.workdir / "empty.py")]
+    argv = [sys.executable, "-u", str(bench.workdir / EMPTY_SCRIPT)]
     token = bench.new_token()
     env = dict(os.environ, BENCH_TOKEN=token)
     pids: list[int] = []
@@ -153,20 +141,30 @@ def run_bare(bench: Bench, nproc: int) -> float:
         kill_token(token)
 
 
-def run_teardown(bench: Bench, tool: str) -> float:
-    stamp = bench.workdir / f"stamp-{uuid.uuid4().hex}"
+# In ddplaunch's failure report when it captured the other ranks' stacks before stopping them
+CAPTURE_SHOWN = "where the other ranks were just before they were told to stop".encode()
+
+
+def run_teardown(bench: Bench, tool: str, extra: dict) -> float:
+    tag = uuid.uuid4().hex
+    stamp = bench.workdir / f"stamp-{tag}"
+    err_path = bench.workdir / f"err-teardown-{tag}.txt"
     argv = bench.argv(tool, 4, "teardown.py", str(stamp))
-    proc, token = bench.start(argv, subprocess.DEVNULL, subprocess.DEVNULL, f"teardown {tool}")
-    try:
-        exited = wait_exit(proc, timeout=90)
-        if exited is None:
-            raise Timeout(f"{tool} teardown")
-        if not stamp.exists():
-            raise RuntimeError(f"{tool} teardown: rank 1 wrote no timestamp (exit {proc.returncode})")
-        return exited - float(stamp.read_text())
-    finally:
-        finish(proc, token)
-        stamp.unlink(missing_ok=True)
+    with open(err_path, "wb") as err:
+        proc, token = bench.start(argv, subprocess.DEVNULL, err, f"teardown {tool}")
+        try:
+            exited = wait_exit(proc, timeout=90)
+            if exited is None:
+                raise Timeout(f"{tool} teardown")
+            if not stamp.exists():
+                raise RuntimeError(f"{tool} teardown: rank 1 wrote no timestamp (exit {proc.returncode})")
+            took = exited - float(stamp.read_text())
+        finally:
+            finish(proc, token)
+            stamp.unlink(missing_ok=True)
+    extra.setdefault("capture_shown", []).append(CAPTURE_SHOWN in err_path.read_bytes())
+    err_path.unlink()
+    return took
 
 
 def run_lines(bench: Bench, tool: str, extra: dict) -> float:
@@ -335,7 +333,7 @@ def measure_local(bench: Bench, reps: int, only: set[str]) -> list[Row]:
     if want("teardown"):
         log("teardown, nproc 4")
         rows.append(alternate(Row("teardown", "teardown after rank death", "s", 0.10), reps,
-                              lambda tool, _x: run_teardown(bench, tool)))
+                              lambda tool, x: run_teardown(bench, tool, x)))
     if want("lines"):
         log(f"lines, {LINES_RANKS} x {LINES_PER_RANK:,}")
         rows.append(alternate(Row("lines", f"lines {LINES_RANKS}x{LINES_PER_RANK // 1000}k, wall", "s", 0.30), reps,
@@ -432,6 +430,11 @@ def render_local(rows: list[Row]) -> list[str]:
             if d is not None:
                 text += f"; ddplaunch's own share {d - floor:+.3f} s"
             lines.append(text)
+    if "teardown" in by_key:
+        shown = by_key["teardown"].extra["ddplaunch"].get("capture_shown", [])
+        lines.append("")
+        lines.append(f"teardown, ddplaunch: its failure report said where the other ranks were (their stacks, "
+                     f"captured before they were stopped) in {sum(shown)} of {len(shown)} reps")
     if "lines" in by_key:
         row = by_key["lines"]
         lines.append("")

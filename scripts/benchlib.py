@@ -1,9 +1,10 @@
 """What the benchmark's row modules share: launching a tool, bounded waits, clean-up, the line format.
 
-scripts/bench_local.py (the single-node rows) and scripts/bench_nodes.py (the multi-node
-rows) both import this module and neither imports the other; scripts/bench.py, the entry,
-runs them and prints the report. Every launch carries a BENCH_TOKEN in its environment, so
-that `finish` and `kill_token` find all it started, however it ended.
+scripts/bench_local.py (the single-node rows), scripts/bench_stacks.py (the stack reports')
+and scripts/bench_nodes.py (the multi-node rows) import this module and not each other;
+scripts/bench.py, the entry, runs them and prints the report. Every launch carries a
+BENCH_TOKEN in its environment, so that `finish` and `kill_token` find all it started,
+however it ended.
 """
 
 from __future__ import annotations
@@ -187,6 +188,29 @@ def finish(proc: subprocess.Popen, token: str) -> None:
 
 class Timeout(Exception):
     """A bounded wait ran out."""
+
+
+# The launch rows' worker, an empty file; scripts/bench.py writes it with the row modules' own.
+EMPTY_SCRIPT = "empty.py"
+
+
+def run_launch(bench: Bench, tool: str, nproc: int, tool_opts: tuple[str, ...] = ()) -> float:
+    """Wall time of the whole command for `nproc` workers running an empty script."""
+    # 32 workers on a 2-CPU machine is past ddplaunch's sanity limit (4 per CPU): say we mean it
+    opts = ("--force", *tool_opts) if tool == "ddplaunch" else tool_opts
+    argv = bench.argv(tool, nproc, EMPTY_SCRIPT, tool_opts=opts)
+    t0 = time.perf_counter()
+    label = " ".join(("launch", tool, f"n{nproc}", *tool_opts))
+    proc, token = bench.start(argv, subprocess.DEVNULL, subprocess.DEVNULL, label)
+    try:
+        if wait_exit(proc, timeout=120) is None:
+            raise Timeout(label)
+        elapsed = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{label} exited {proc.returncode}")
+        return elapsed
+    finally:
+        finish(proc, token)
 
 
 # -- one sample -------------------------------------------------------------------------------
