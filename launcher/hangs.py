@@ -159,7 +159,7 @@ class StackReporter:
     def before_stop(self, reason: str) -> bool:
         """Read the other ranks' stacks before they are stopped; False: nothing to read (stop now)."""
         self.close()
-        if not self._targets() or self._stack_dir is None:
+        if self._stack_dir is None or not self._targets():
             return False
         self._begin("failure", reason, timeout_s=FAILURE_CAPTURE_S, job_wide=False)
         return True

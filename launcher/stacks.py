@@ -12,13 +12,9 @@ launcher keeps printing and reaping while ranks dump. capture_now() is the block
 from __future__ import annotations
 
 import enum
-import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,8 +65,17 @@ def find_py_spy(environ: Mapping[str, str] = os.environ) -> tuple[str | None, st
     if chosen:
         return chosen, ""
     beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    found = shutil.which("py-spy") or (beside if os.access(beside, os.X_OK) else None)
+    found = _on_path("py-spy", environ) or (beside if os.access(beside, os.X_OK) else None)
     return found, "" if found else "py-spy is not installed (pip install py-spy)"
+
+
+def _on_path(name: str, environ: Mapping[str, str]) -> str | None:
+    """shutil.which, without importing shutil on a failure's way to its report."""
+    for folder in environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(folder or ".", name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,9 @@ class _PySpyRun:
     """One `py-spy dump --json` run; its output goes to unnamed files, so no pipe fills and blocks it."""
 
     def __init__(self, py_spy: str, pid: int, nonblocking: bool, now: float) -> None:
+        import subprocess  # here, not at the top: most captures need no py-spy
+        import tempfile
+
         self.pid = pid
         self.started = now
         self._out: IO[bytes] = tempfile.TemporaryFile()
@@ -124,6 +132,8 @@ class _PySpyRun:
         self.close()
         if code != 0:
             return _py_spy_error(err, code)
+        import json
+
         try:
             return parse_py_spy(json.loads(out), self.pid)
         except (ValueError, KeyError, TypeError) as error:
