@@ -308,9 +308,14 @@ class StackReporter:
     def _write_details(self, text: str) -> str | None:
         try:
             folder = self._report_dir()
-            path = os.path.join(folder, f"stacks-{self._count}-{time.strftime('%Y%m%d-%H%M%S')}.txt")
-            with open(path, "w", encoding="utf-8") as file:
-                file.write(text)
+            while True:  # the folder may hold an earlier attempt's reports, or the same second's
+                path = os.path.join(folder, f"stacks-{self._count}-{time.strftime('%Y%m%d-%H%M%S')}.txt")
+                try:
+                    with open(path, "x", encoding="utf-8") as file:
+                        file.write(text)
+                    break
+                except FileExistsError:
+                    self._count += 1
         except OSError as exc:
             self._printer.note(f"could not save the full stacks: {exc}")
             return None
