@@ -156,6 +156,13 @@ class StackReporter:
         self._owed.extend(requests)
         self._next_capture()
 
+    def warm(self) -> None:
+        """Import what a capture and its report need while the workers start (they take far
+        longer than this), so a failure's stop does not wait for the imports."""
+        if self._stack_dir is not None:
+            import launcher.stackreport
+            import launcher.stacks  # noqa: F401
+
     def before_stop(self, reason: str) -> bool:
         """Read the other ranks' stacks before they are stopped; False: nothing to read (stop now)."""
         self.close()

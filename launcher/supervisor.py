@@ -199,6 +199,8 @@ class Attempt:
         self.inputs = Inputs(self.printer, self.inbox.read_fd, None if self.peers is None else self.peers.fd)
         try:
             self._spawn_all()
+            if self.reporter is not None:
+                self.reporter.warm()
             while not self._finished():
                 self._wait_for_events()
                 self._handle_signals(self.inbox.take())
