@@ -219,8 +219,11 @@ class NodeLink:
             if interrupted():
                 raise KeyboardInterrupt
             store = self._client(deadline)
-            if store.check([GENERATION]) and store.get(GENERATION).decode() == str(attempt):
-                return store
+            try:
+                if store.check([GENERATION]) and store.get(GENERATION).decode() == str(attempt):
+                    return store
+            except RuntimeError:
+                pass  # node 0 closed the last attempt's store just after we reached it
             del store  # node 0 still serves the last attempt, or has not said which yet
             time.sleep(RETRY_S)
 
