@@ -43,12 +43,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import psutil
 from benchlib import (
+    SeriesRow,
+    secs,
     DDP_LINE,
     TOOLS,
     Bench,
@@ -60,7 +62,6 @@ from benchlib import (
     log,
     median_of,
     ok_mark,
-    result_json,
     tally_lines,
     token_processes,
     wait_exit,
@@ -136,27 +137,8 @@ time.sleep(60)
 # -- rows -------------------------------------------------------------------------------------
 
 
-@dataclass
-class NodeRow:
-    """One multi-node row: named series of samples (None: failed or never), shown as cells."""
-
-    key: str
-    label: str
-    series: dict[str, list[float | None]]
-    extra: dict[str, Any] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-
-    def median(self, name: str) -> float | None:
-        return median_of(self.series[name])
-
-    def ratio(self) -> float | None:
-        return None
-
-    def target(self) -> str:
-        raise NotImplementedError
-
-    def ok(self) -> bool | None:
-        raise NotImplementedError
+class NodeRow(SeriesRow):
+    """One multi-node row, shown as ddplaunch, torchrun, reference and ratio cells."""
 
     def cells(self) -> tuple[str, str, str, str]:
         """ddplaunch, torchrun, reference, ratio."""
@@ -164,14 +146,6 @@ class NodeRow:
 
     def leftovers_ok(self) -> bool:
         return all(n == 0 for n in self.extra.get("left_behind", []))
-
-    def as_json(self) -> dict[str, Any]:
-        return result_json(label=self.label, unit="s", samples=self.series, ratio=self.ratio(),
-                           target=self.target(), ok=self.ok(), extra=self.extra, errors=self.errors)
-
-
-def secs(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f} s"
 
 
 class HostsRow(NodeRow):

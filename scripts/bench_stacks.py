@@ -38,9 +38,10 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from benchlib import (
+    SeriesRow,
+    secs,
     Bench,
     Timeout,
     attempt,
@@ -49,7 +50,6 @@ from benchlib import (
     log,
     median_of,
     ok_mark,
-    result_json,
     run_launch,
     wait_exit,
 )
@@ -228,39 +228,12 @@ def bootstrap_cost(bench: Bench, pairs: int) -> dict[str, list[float]]:
 # -- the rows ---------------------------------------------------------------------------------
 
 
-@dataclass
-class StackRow:
-    """One row: named series of samples (None: failed or never)."""
-
-    key: str
-    label: str
-    series: dict[str, list[float | None]]
-    extra: dict[str, Any] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-
-    def median(self, name: str) -> float | None:
-        return median_of(self.series[name])
-
-    def ratio(self) -> float | None:
-        return None
-
-    def target(self) -> str:
-        raise NotImplementedError
-
-    def ok(self) -> bool | None:
-        raise NotImplementedError
+class StackRow(SeriesRow):
+    """One stack-report row, shown as ddplaunch, torchrun and ratio cells."""
 
     def cells(self) -> tuple[str, str, str]:
         """ddplaunch, torchrun, ratio."""
         raise NotImplementedError
-
-    def as_json(self) -> dict[str, Any]:
-        return result_json(label=self.label, unit="s", samples=self.series, ratio=self.ratio(),
-                           target=self.target(), ok=self.ok(), extra=self.extra, errors=self.errors)
-
-
-def secs(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f} s"
 
 
 class SigquitRow(StackRow):

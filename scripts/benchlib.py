@@ -268,3 +268,35 @@ def result_json(*, label: str, unit: str, samples: Mapping[str, list[float | Non
         "extra": extra,
         "errors": errors,
     }
+
+
+@dataclass
+class SeriesRow:
+    """A row of named series of samples (None: failed or never); each kind says its target,
+    its verdict and its cells (bench_nodes.NodeRow, bench_stacks.StackRow)."""
+
+    key: str
+    label: str
+    series: dict[str, list[float | None]]
+    extra: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def median(self, name: str) -> float | None:
+        return median_of(self.series[name])
+
+    def ratio(self) -> float | None:
+        return None
+
+    def target(self) -> str:
+        raise NotImplementedError
+
+    def ok(self) -> bool | None:
+        raise NotImplementedError
+
+    def as_json(self) -> dict[str, Any]:
+        return result_json(label=self.label, unit="s", samples=self.series, ratio=self.ratio(),
+                           target=self.target(), ok=self.ok(), extra=self.extra, errors=self.errors)
+
+
+def secs(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f} s"
