@@ -318,7 +318,7 @@ class StackReporter:
             while True:  # the folder may hold an earlier attempt's reports, or the same second's
                 path = os.path.join(folder, f"stacks-{self._count}-{time.strftime('%Y%m%d-%H%M%S')}.txt")
                 try:
-                    with open(path, "x", encoding="utf-8") as file:
+                    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as file:
                         file.write(text)
                     break
                 except FileExistsError:

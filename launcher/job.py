@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from launcher.decide import Decision, decide, gather_facts
 from launcher.errors import Interrupted, LaunchError
+from launcher.logs import PRIVATE_DIR
 from launcher.options import Options
 from launcher.plan import Plan, build_plan
 from launcher.roles import Role, role_for
@@ -59,6 +60,7 @@ def launch(options: Options) -> int:
         return 1  # nothing was started
     if log_dir is not None:
         _make_dir(log_dir, "--log-dir")
+        _make_dir(os.path.join(log_dir, "errors"), "--log-dir")  # the attempts' folders go in it
     private = _private_temp_dir()  # the job's own: error files without --log-dir, stack dumps
     try:
         stack_dir = None
@@ -143,7 +145,7 @@ def run(role: Role, decision: Decision, options: Options, error_dir: str, stack_
 
 def _make_dir(path: str, flag: str) -> None:
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=PRIVATE_DIR, exist_ok=True)
     except OSError as exc:
         raise LaunchError(f"{flag} {path!r}: cannot create it ({exc.strerror}). Pick a writable directory.") from None
 
@@ -160,7 +162,7 @@ class ReportDir:
         if self._path is None:
             if self._log_dir is not None:
                 self._path = os.path.join(self._log_dir, "stacks")
-                os.makedirs(self._path, exist_ok=True)
+                os.makedirs(self._path, mode=PRIVATE_DIR, exist_ok=True)
             else:
                 import tempfile
 

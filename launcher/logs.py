@@ -24,6 +24,7 @@ MAX_LINE_BYTES = 1 << 20  # a longer line is cut into pieces, each with its pref
 TAIL_LINES = 20
 THIN_S = 5.0  # off a terminal, a progress line's updates: at most one per this, per rank and stream
 _COLOURS = (36, 32, 33, 35, 34, 96, 92, 93, 95, 94)
+PRIVATE_DIR = 0o700  # a folder ddplaunch makes for output: its owner's only (an existing one keeps its mode)
 TRACEBACK_START = b"Traceback (most recent call last):"
 _CHAINED = (b"During handling of the above exception", b"The above exception was the direct cause")
 _RANK_TAG = re.compile(rb"^\[rank\d+\]:\s?")  # torch prefixes its ranks' uncaught tracebacks with it
@@ -272,7 +273,7 @@ class Printer:
         self._log_dir = log_dir
         self._launcher_log: int | None = None
         if log_dir is not None:
-            os.makedirs(log_dir, exist_ok=True)
+            os.makedirs(log_dir, mode=PRIVATE_DIR, exist_ok=True)
             self._launcher_log = _open_append(os.path.join(log_dir, "launcher.log"))
         self._ranks: dict[int, _RankOutput] = {}
         self.last_any: float | None = None  # when any rank's last bytes arrived
@@ -441,7 +442,8 @@ def terminal_printer(
 
 
 def _open_append(path: str) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    # owner only: a rank's output may hold what its script printed of its secrets
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
 
 def _write_all(fd: int, data: bytes) -> None:

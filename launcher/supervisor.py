@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from launcher.inputs import Inputs, PeerNews, SignalWake, WorkerOutput, sooner
 from launcher.hangs import StackReporter
-from launcher.logs import Printer
+from launcher.logs import PRIVATE_DIR, Printer
 from launcher.options import STALL_EXIT_CODE, Stall
 from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
 from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
@@ -218,7 +218,7 @@ class Attempt:
     def _spawn_all(self) -> None:
         # torch's @record writes each rank's error file but makes no directory; one per attempt
         for folder in {os.path.dirname(w.error_file) for w in self.plan.workers if w.error_file}:
-            os.makedirs(folder, exist_ok=True)
+            os.makedirs(folder, mode=PRIVATE_DIR, exist_ok=True)
         for spec in self.plan.workers:
             if self.teardown.stopping:
                 return  # a signal or a failure arrived while we were still starting
