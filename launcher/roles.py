@@ -222,9 +222,10 @@ def quit_reports(options: Options) -> bool:
     """SIGQUIT prints every rank's stack, unless --signals-to-handle lists it (then it stops the
     job, as under torchrun)."""
     from launcher.options import parse_signals
+    from launcher.supervisor import SignalPlan  # the one place that decides what SIGQUIT does
 
     given = options.signals_to_handle
-    return given is None or "SIGQUIT" not in parse_signals(given).split(",")
+    return bool(SignalPlan.handling(parse_signals(given) if given else None).report)
 
 
 def check_local_addr(addr: str) -> None:
