@@ -101,7 +101,10 @@ def _typed_option(name: str, args: list[str]) -> str:
 @click.option("--max-restarts", "--max_restarts", "max_restarts", envvar="PET_MAX_RESTARTS", type=int,
               default=0, show_default=True, metavar="N",
               help="On a failure, stop all workers and start them all again, up to N times.")
-@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Extra environment for the workers (repeatable).")
+@click.option("--env", "env", multiple=True, metavar="KEY[=VALUE]",
+              help="Extra environment for the workers (repeatable); KEY alone forwards this shell's KEY.")
+@click.option("--env-file", "env_file", multiple=True, metavar="FILE",
+              help="KEY=VALUE lines for the workers' environment (repeatable; --env wins).")
 @click.option("--dry-run", "--dry_run", "dry_run", is_flag=True, help="Print the plan and exit, starting nothing.")
 @click.option("--grace", "--shutdown-timeout", "--shutdown_timeout", "grace", type=float, metavar="SECONDS",
               envvar="PET_SHUTDOWN_TIMEOUT",
@@ -117,6 +120,12 @@ def _typed_option(name: str, args: list[str]) -> str:
 @click.option("--stall-action", "stall_action", type=click.Choice(["report", "stop"]), default="report",
               show_default=True, help="On a stall, only report, or stop the job with the report as "
                                       "root cause (exit code 124).")
+@click.option("--heartbeat-timeout", "heartbeat_timeout", type=float, metavar="SECONDS",
+              help="Across hosts and nodes: a head, agent or node not heard from for this long "
+                   "is gone; its peers name it and stop. Default: 10.")
+@click.option("--kill-timeout", "kill_timeout", type=float, metavar="SECONDS",
+              help="After SIGKILL, how long to wait for the workers to die before naming those "
+                   "that would not (stuck in the kernel) and exiting. Default: 10.")
 @click.option("--no-stack-bootstrap", "no_stack_bootstrap", is_flag=True,
               help="Do not put the stack bootstrap (faulthandler on a real-time signal) into "
                    "Python workers; stacks then come from py-spy, if installed.")

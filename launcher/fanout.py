@@ -34,6 +34,7 @@ NO_DIR, NO_PYTHON = 120, 121  # exit codes of the remote preflight shell line
 # Flags the head hands to every agent unchanged (value-taking ones, then switches).
 PASSED_OPTIONS = (
     "max_restarts", "grace", "join_timeout", "master_port", "role", "signals_to_handle", "numa_binding", "stdin",
+    "heartbeat_timeout", "kill_timeout",
 )
 PASSED_SWITCHES = (
     "module", "no_python", "run_path", "local_rank_arg", "virtual_local_rank", "force", "no_stack_bootstrap",

@@ -14,7 +14,7 @@ from dataclasses import replace
 from launcher.decide import Decision, decide, gather_facts
 from launcher.errors import Interrupted, LaunchError
 from launcher.logs import PRIVATE_DIR
-from launcher.options import Options
+from launcher.options import Options, heartbeat_timeout_of, kill_timeout_of
 from launcher.plan import Plan, build_plan
 from launcher.roles import Role, role_for
 from launcher.stdin import keep_stdin_open
@@ -30,6 +30,8 @@ def run_command(options: Options) -> int:
         say_hello()
     keep_stdin_open()
     try:
+        heartbeat_timeout_of(options)  # each checked once, before anything starts
+        kill_timeout_of(options)
         if options.hosts is not None or options.hostfile is not None:
             from launcher.fanout import launch_on_hosts
 

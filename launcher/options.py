@@ -13,6 +13,14 @@ DEFAULT_GRACE_S = 30.0
 # gloo's 30), yet after anything a healthy job does in silence (a checkpoint, an evaluation).
 DEFAULT_STALL_TIMEOUT_S = 300.0
 STALL_EXIT_CODE = 124  # --stall-action stop, as timeout(1)
+# Head and agents (and static nodes) hear from each other every HEARTBEAT_INTERVAL_S; one that
+# hears nothing for the timeout calls the other side gone. Long enough for a busy 2-core host
+# under load, short enough that a cut host's GPUs are freed well within a minute.
+DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0
+HEARTBEAT_INTERVAL_S = 2.0
+# After SIGKILL, how long to wait for a worker to die before naming it as unkillable (state D:
+# wedged in a driver or a NIC) and exiting anyway.
+DEFAULT_KILL_TIMEOUT_S = 10.0
 DEFAULT_JOIN_TIMEOUT_S = 600.0  # torchrun's rendezvous join timeout
 SHUTDOWN_TIMEOUT_VARIABLE = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # torchrun's fallback for --shutdown-timeout
 OUT, ERR = 1, 2  # torchrun's Std bits, which are also the streams' file descriptors
@@ -74,6 +82,9 @@ class Options:
     stall_timeout: float | None = None  # None: DEFAULT_STALL_TIMEOUT_S; 0: off
     stall_action: str = "report"
     no_stack_bootstrap: bool = False
+    heartbeat_timeout: float | None = None  # None: DEFAULT_HEARTBEAT_TIMEOUT_S
+    kill_timeout: float | None = None  # None: DEFAULT_KILL_TIMEOUT_S
+    env_file: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,24 @@ def stall_of(options: Options) -> Stall:
     if options.stall_action == "stop" and timeout == 0:
         raise LaunchError("--stall-action stop needs a stall to act on: give --stall-timeout SECONDS above 0.")
     return Stall(timeout, options.stall_action == "stop")
+
+
+def heartbeat_timeout_of(options: Options) -> float:
+    """--heartbeat-timeout: seconds of silence after which a peer (head, agent, node) is gone."""
+    return _positive_seconds(options.heartbeat_timeout, DEFAULT_HEARTBEAT_TIMEOUT_S, "--heartbeat-timeout", "10")
+
+
+def kill_timeout_of(options: Options) -> float:
+    """--kill-timeout: seconds to wait after SIGKILL for the workers to die."""
+    return _positive_seconds(options.kill_timeout, DEFAULT_KILL_TIMEOUT_S, "--kill-timeout", "10")
+
+
+def _positive_seconds(value: float | None, default: float, flag: str, example: str) -> float:
+    if value is None:
+        return default
+    if value != value or value <= 0 or value == float("inf"):
+        raise LaunchError(f"{flag} {value:g}: use a number of seconds above 0 (e.g. {example}).")
+    return value
 
 
 def parse_nnodes(text: str) -> int:
