@@ -5,13 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup-venv.sh
-# The SSH tests start real sshd servers on loopback addresses and never skip, so install the
-# server where it is missing (a fresh Debian or Ubuntu machine has only the client).
-if [ ! -x /usr/sbin/sshd ]; then
+# The SSH tests start real sshd servers on loopback addresses, and the network-cut tests drop
+# their packets with iptables; neither ever skips, so install what is missing (a fresh Debian or
+# Ubuntu machine has only the SSH client).
+missing=()
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+if [ "${#missing[@]}" -gt 0 ]; then
     apt_log="$(mktemp)"
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server; } >"$apt_log" 2>&1; then
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >"$apt_log" 2>&1; then
         cat "$apt_log" >&2
-        echo "scripts/test.sh: installing openssh-server failed (see above); the SSH tests need /usr/sbin/sshd." >&2
+        echo "scripts/test.sh: installing ${missing[*]} failed (see above); the SSH and network-cut tests need them." >&2
         exit 1
     fi
     rm -f "$apt_log"
