@@ -4,9 +4,9 @@ Agent to head (its stdout): a sync mark, then frames of a 10-byte header (kind, 
 length) and a payload. Worker output travels as raw bytes, so the head frames lines exactly
 as on one node and one printer owns the head's terminal. Head to agent (its stdin): text
 lines; first, before the agent plans anything, "env BASE64" (the workers' --env and forwarded
-variables as JSON pairs: on stdin, no value is on any command line, where `ps` shows it to every
-user of the host); then "go ADDR PORT" (start an attempt), "end JSON" (the attempt's end, decided by the head
-for every node), "stop SIGNAME", "stacks N" (read every rank's stack and answer request N
+variables as JSON pairs: here, no value is on a command line, where `ps` shows it to every
+user of the host); then "go ADDR PORT" (start an attempt), "end JSON" (the attempt's end,
+decided by the head for every node), "stop SIGNAME", "stacks N" (read every rank's stack and answer request N
 with a STACKS frame, launcher.protocol.StackAnswer's text), and for the --stdin rank's agent "stdin BASE64" (a piece of
 the head's stdin, sent only when that agent asked with WANT_STDIN) and "stdin-eof"; end of
 file means the head is gone, and the agent stops its workers.

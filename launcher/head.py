@@ -1,6 +1,7 @@
 """The head of an SSH launch: one command starts a node agent on every host and shows them all.
 
-Life cycle: connect to every host at once; start the agents, each of which checks its host
+Life cycle: connect to every host at once; start the agents (the workers' variables go to
+each as its first stdin line, never on its command line), each of which checks its host
 (working directory, interpreter, script) and says ready, node 0 with its address and a free
 port; only when every host is ready does the head say go, so a bad host starts nothing
 anywhere. Then the agents run, their frames come back over SSH and one printer shows every
@@ -123,8 +124,9 @@ class Head:
             self._drain(printer=None)
         failed = [(h, self.agents[h.node_rank]) for h in self.hosts if h.node_rank not in self._ready]
         if failed:
-            problems = [redact(preflight_problem(h.name, a.exit_status, a.said_outside_frames(), self.workdir, self.python),
-                               self.env) for h, a in failed]
+            said = [(h, a.exit_status, a.said_outside_frames()) for h, a in failed]
+            problems = [redact(preflight_problem(h.name, status, lines, self.workdir, self.python), self.env)
+                        for h, status, lines in said]  # an agent's words may quote a value
             raise LaunchError(
                 f"{len(failed)} of {len(self.hosts)} host(s) cannot run the job; nothing was started:\n"
                 + "\n".join(f"  {p}" for p in problems)

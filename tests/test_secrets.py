@@ -146,7 +146,8 @@ def test_dry_runs_resolve_env_files_then_env_and_hide_secret_values(tmp_path: Pa
 @pytest.mark.parametrize(
     ("contents", "args", "needle"),
     [
-        ("OK=1\nMY_TOKEN='{value}\n", ["--env-file", "{file}"], "--env-file {file} line 2: the value of MY_TOKEN opens a quote"),
+        ("OK=1\nMY_TOKEN='{value}\n", ["--env-file", "{file}"],
+         "--env-file {file} line 2: the value of MY_TOKEN opens a quote"),
         ("", ["--env-file", "{file}.missing"], "--env-file {file}.missing: cannot read it (No such file or directory)"),
         ("", ["--env", "MY-TOKEN={value}"], "--env 'MY-TOKEN=<hidden, 25 chars>' is not KEY=VALUE"),
         ("", ["--env", "{value}"], "--env <hidden, 25 chars>: that is the value of HF_TOKEN"),

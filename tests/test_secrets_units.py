@@ -65,7 +65,8 @@ def test_redact_hides_each_secret_value_anywhere_and_nothing_else() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("started rank 0 pid 9: python -u train.py --hf-token=abc123", "python -u train.py --hf-token=<hidden, 6 chars>"),
+        ("started rank 0 pid 9: python -u train.py --hf-token=abc123",
+         "python -u train.py --hf-token=<hidden, 6 chars>"),
         ("HF_TOKEN=abc def", "HF_TOKEN=<hidden, 3 chars> def"),
         ("OMP_NUM_THREADS=4 per worker", "OMP_NUM_THREADS=4 per worker"),
         ("x --lr=0.1 api_key=zz", "x --lr=0.1 api_key=<hidden, 2 chars>"),
