@@ -4,7 +4,8 @@ It is the same supervisor as on one node, with two differences. Its "terminal" i
 channel back to the head (FramePrinter sends raw worker bytes; the head frames the lines, and
 replay, the head's side of it, turns each frame back into the printer call that sent it).
 And the other nodes are reached through the head (HeadLink), not a store, so an agent never
-imports torch. The head's commands arrive on stdin: a stop becomes the signal it names, sent
+imports torch. The head's commands arrive on stdin, the workers' environment first (before
+anything is planned; it is never on a command line): a stop becomes the signal it names, sent
 to ourselves, so it takes the one path every stop takes; a stack request is read by the
 supervisor's loop, which answers it with a STACKS frame; end of file (the head died, or the
 SSH connection dropped) becomes SIGTERM. The agent of the --stdin rank also gets the head's
@@ -33,6 +34,7 @@ from launcher.frames import (
     SYNC,
     WANT_STDIN,
     Frame,
+    decode_env,
     decode_go,
     decode_stacks_request,
     decode_stdin,
@@ -136,6 +138,19 @@ def handshake(master_addr: str, master_port: int, stdin_fd: int = 0, out_fd: int
     if command is None or command[0] != "go":
         raise HeadGone
     return decode_go(command[1])
+
+
+def receive_env(stdin_fd: int = 0) -> tuple[tuple[str, str], ...]:
+    """The workers' --env and forwarded variables: the head's first line, which an agent reads
+    before it plans anything (they never travel on a command line)."""
+    from launcher.errors import LaunchError
+
+    command = parse_command(_read_line(stdin_fd))
+    env = decode_env(command[1]) if command is not None and command[0] == "env" else None
+    if env is None:  # the line itself is not repeated: it may hold secrets
+        raise LaunchError("the head's first line was not the workers' environment (an env line); is "
+                          "ddplaunch the same version here and on the head?")
+    return env
 
 
 def _read_line(fd: int) -> str:

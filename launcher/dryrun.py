@@ -1,4 +1,5 @@
-"""`--dry-run`: the plan as text. Pure (plan in, text out), pinned by a golden-file test."""
+"""`--dry-run`: the plan as text. Pure (plan in, text out), pinned by a golden-file test.
+Secret-looking variables show their length only (launcher.secrets)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from launcher.options import Stall
 from launcher.plan import Plan
+from launcher.secrets import shown
 
 # CUDA_VISIBLE_DEVICES is per worker only with --virtual-local-rank
 PER_WORKER_KEYS = ("LOCAL_RANK", "RANK", "ROLE_RANK", "CUDA_VISIBLE_DEVICES", "TORCHELASTIC_ERROR_FILE")
@@ -53,13 +55,13 @@ def render_plan(plan: Plan, *, notes: tuple[str, ...] = ()) -> str:
         "  " + " ".join(_shell_quote(arg) for arg in first.argv),
         "",
         "environment added for every worker (the rest of yours passes through unchanged):",
-        *(f"  {key}={value}" for key, value in plan.common_env.items()),
+        *(f"  {shown(key, value)}" for key, value in plan.common_env.items()),
         "",
         "environment added per worker:",
     ]
     for worker in plan.workers:
         own = [k for k in PER_WORKER_KEYS if k in worker.env_added and k not in plan.common_env]
-        assignments = " ".join(f"{k}={worker.env_added[k]}" for k in own)
+        assignments = " ".join(shown(k, worker.env_added[k]) for k in own)
         out.append(f"  rank {worker.global_rank}: {assignments}")
     return "\n".join(out) + "\n"
 

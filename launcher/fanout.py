@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from launcher.errors import LaunchError
 from launcher.hosts import HostSpec, parse_hosts_flag, read_hostfile
 from launcher.plan import is_plain_int
+from launcher.secrets import shown
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -93,7 +94,9 @@ def per_host_nproc(specs: Sequence[HostSpec], nproc: str | None) -> int | None:
     return slots.pop() if slots else 1
 
 
-def agent_argv(options: Options, host: Host, env: Sequence[tuple[str, str]], nnodes: int) -> list[str]:
+def agent_argv(options: Options, host: Host, nnodes: int) -> list[str]:
+    """The agent's command line: flags only. The workers' variables follow on its stdin
+    (frames.env_line), as a command line is readable by every user of the host."""
     python = options.python or sys.executable
     argv = [python, "-m", "launcher", "--agent", "--host-name", host.name]
     argv += ["--nnodes", str(nnodes), "--node-rank", str(host.node_rank)]
@@ -111,8 +114,6 @@ def agent_argv(options: Options, host: Host, env: Sequence[tuple[str, str]], nno
     argv += [f"--{name.replace('_', '-')}" for name in PASSED_SWITCHES if getattr(options, name)]
     argv += ["--stall-timeout", "0"]  # the head sees every rank's output: it watches for a stall, job-wide
     argv += ["--run-id", options.run_id] if options.run_id else []
-    for key, value in env:
-        argv += ["--env", f"{key}={value}"]
     return [*argv, options.script, *options.script_args]
 
 
@@ -265,7 +266,7 @@ def render_hosts(
     ]
     lines += [f"{h.node_rank:<4}  {h.name}  {h.target.label}" for h in hosts]
     lines += ["", "environment forwarded to every remote worker (NCCL_*, TORCH_*, ... and --env):"]
-    lines += [f"  {key}={value}" for key, value in env] or ["  (none)"]
-    lines += ["", "command run on each host over SSH (node 0 shown):"]
-    lines.append("  " + remote_command(agent_argv(options, hosts[0], env, len(hosts)), workdir))
+    lines += [f"  {shown(key, value)}" for key, value in env] or ["  (none)"]
+    lines += ["", "command run on each host over SSH (node 0 shown; the environment above follows on its stdin):"]
+    lines.append("  " + remote_command(agent_argv(options, hosts[0], len(hosts)), workdir))
     return "\n".join(lines) + "\n"

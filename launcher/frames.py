@@ -3,8 +3,10 @@
 Agent to head (its stdout): a sync mark, then frames of a 10-byte header (kind, rank, stream,
 length) and a payload. Worker output travels as raw bytes, so the head frames lines exactly
 as on one node and one printer owns the head's terminal. Head to agent (its stdin): text
-lines, "go ADDR PORT" (start an attempt), "end JSON" (the attempt's end, decided by the head
-for every node), "stop SIGNAME", "stacks N" (read every rank's stack and answer request N
+lines; first, before the agent plans anything, "env BASE64" (the workers' --env and forwarded
+variables as JSON pairs: here, no value is on a command line, where `ps` shows it to every
+user of the host); then "go ADDR PORT" (start an attempt), "end JSON" (the attempt's end,
+decided by the head for every node), "stop SIGNAME", "stacks N" (read every rank's stack and answer request N
 with a STACKS frame, launcher.protocol.StackAnswer's text), and for the --stdin rank's agent "stdin BASE64" (a piece of
 the head's stdin, sent only when that agent asked with WANT_STDIN) and "stdin-eof"; end of
 file means the head is gone, and the agent stops its workers.
@@ -16,6 +18,7 @@ import base64
 import binascii
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 HEADER = struct.Struct("!BiBI")
@@ -122,7 +125,7 @@ def decode_go(argument: str) -> tuple[str, int]:
 def parse_command(line: str) -> tuple[str, str] | None:
     """A head's command line -> (verb, argument); None for anything else."""
     verb, _, argument = line.strip().partition(" ")
-    return (verb, argument) if verb in ("go", "stop", "end", "stdin", "stdin-eof", "stacks") else None
+    return (verb, argument) if verb in ("go", "stop", "end", "stdin", "stdin-eof", "stacks", "env") else None
 
 
 def end_line(end_text: str) -> bytes:
@@ -152,3 +155,23 @@ def decode_stdin(argument: str) -> bytes:
         return base64.b64decode(argument, validate=True)
     except binascii.Error:
         return b""
+
+
+def env_line(env: Sequence[tuple[str, str]]) -> bytes:
+    """The workers' variables for an agent, before anything else it reads. JSON keeps every value
+    exact (ensure_ascii: a value Python holds with surrogates, from a non-UTF-8 environment,
+    too); base64 keeps the line one line."""
+    return b"env " + base64.b64encode(json.dumps([list(pair) for pair in env]).encode()) + b"\n"
+
+
+def decode_env(argument: str) -> tuple[tuple[str, str], ...] | None:
+    """An env command's argument -> its (name, value) pairs; None when it is not one."""
+    try:
+        pairs = json.loads(base64.b64decode(argument, validate=True))
+    except (binascii.Error, ValueError):
+        return None
+    if not isinstance(pairs, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, str) for part in pair) for pair in pairs
+    ):
+        return None
+    return tuple((name, value) for name, value in pairs)

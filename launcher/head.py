@@ -1,6 +1,7 @@
 """The head of an SSH launch: one command starts a node agent on every host and shows them all.
 
-Life cycle: connect to every host at once; start the agents, each of which checks its host
+Life cycle: connect to every host at once; start the agents (the workers' variables go to
+each as its first stdin line, never on its command line), each of which checks its host
 (working directory, interpreter, script) and says ready, node 0 with its address and a free
 port; only when every host is ready does the head say go, so a bad host starts nothing
 anywhere. Then the agents run, their frames come back over SSH and one printer shows every
@@ -31,11 +32,12 @@ from launcher.channel import AgentChannel, ChannelEvent
 from launcher.errors import Interrupted, LaunchError
 from launcher.fanout import Host, agent_argv, prefixed_world_size, preflight_problem, remote_command
 from launcher.frames import (
-    ATTEMPT_END, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, go_line,
+    ATTEMPT_END, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, env_line, go_line,
 )
 from launcher.headstacks import AgentStacks, HeadReports
 from launcher.inputs import sooner
 from launcher.protocol import NOT_A_NODE, AttemptEnd, Referee, job_exit_code
+from launcher.secrets import redact
 from launcher.stdin_relay import ForwardedStdin
 from launcher.wakepipe import WakePipe
 
@@ -104,7 +106,8 @@ class Head:
 
     def _start_agents(self) -> None:
         for host, agent in zip(self.hosts, self.agents):
-            agent.start(remote_command(agent_argv(self.options, host, self.env, len(self.hosts)), self.workdir))
+            agent.start(remote_command(agent_argv(self.options, host, len(self.hosts)), self.workdir))
+            agent.tell(env_line(self.env))  # the agent's first line: no value goes on its command line
 
     def _post(self, event: ChannelEvent) -> None:
         """From the pump threads: one queue, and a pipe that wakes the loop."""
@@ -121,8 +124,9 @@ class Head:
             self._drain(printer=None)
         failed = [(h, self.agents[h.node_rank]) for h in self.hosts if h.node_rank not in self._ready]
         if failed:
-            problems = [preflight_problem(h.name, a.exit_status, a.said_outside_frames(), self.workdir, self.python)
-                        for h, a in failed]
+            said = [(h, a.exit_status, a.said_outside_frames()) for h, a in failed]
+            problems = [redact(preflight_problem(h.name, status, lines, self.workdir, self.python), self.env)
+                        for h, status, lines in said]  # an agent's words may quote a value
             raise LaunchError(
                 f"{len(failed)} of {len(self.hosts)} host(s) cannot run the job; nothing was started:\n"
                 + "\n".join(f"  {p}" for p in problems)
@@ -241,7 +245,7 @@ class Head:
             elif event.kind == "err":
                 for line in agent.read_err(event.data):
                     if printer is not None and line.strip():
-                        printer.note(f"{host.name}: {line}")
+                        printer.note(f"{host.name}: {redact(line, self.env)}")  # an agent's words may quote a value
             else:
                 agent.exited(event.status)
                 if printer is not None:

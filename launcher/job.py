@@ -30,6 +30,7 @@ def run_command(options: Options) -> int:
         say_hello()
     keep_stdin_open()
     try:
+        options = with_env_resolved(options)
         heartbeat_timeout_of(options)  # each checked once, before anything starts
         kill_timeout_of(options)
         if options.hosts is not None or options.hostfile is not None:
@@ -46,6 +47,33 @@ def run_command(options: Options) -> int:
 
         say_exit(code)
     return code
+
+
+def with_env_resolved(options: Options) -> Options:
+    """--env-file and --env, read and resolved once, here; from then on `options.env` holds
+    KEY=VALUE only. An agent gets them so from its head, on stdin: never on a command line."""
+    from launcher.plan import resolve_env
+
+    if options.agent:
+        from launcher.agent import receive_env
+
+        pairs = receive_env()
+    else:
+        files = [(path, _read_env_file(path)) for path in options.env_file]
+        pairs = resolve_env(options.env, files, os.environ, gpu_ids_given=options.gpu_ids is not None)
+    return replace(options, env=tuple(f"{key}={value}" for key, value in pairs), env_file=())
+
+
+def _read_env_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", newline="") as file:  # a lone \r in a value stays
+            return file.read()
+    except OSError as exc:
+        raise LaunchError(f"--env-file {path}: cannot read it ({exc.strerror}). Check the path.") from None
+    except UnicodeDecodeError as exc:
+        raise LaunchError(
+            f"--env-file {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8."
+        ) from None
 
 
 def launch(options: Options) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 from launcher.live import LiveArea, is_terminal, same_terminal, terminal_size
+from launcher.secrets import scrub
 
 Stream = Literal[1, 2]  # the worker's stdout or stderr, as file descriptor numbers
 STREAMS: tuple[Stream, Stream] = (1, 2)
@@ -400,7 +401,7 @@ class Printer:
         """An event for launcher.log only (when --log-dir is set)."""
         if self._launcher_log is not None:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-            _write_all(self._launcher_log, f"{stamp} {text}\n".encode())
+            _write_all(self._launcher_log, f"{stamp} {scrub(text)}\n".encode())  # launcher.secrets: no token in a file
 
     def block(self, text: str) -> None:
         """A pre-rendered block (the failure report) to stderr, and to launcher.log."""

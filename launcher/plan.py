@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
 from launcher.devices import DeviceMap
 from launcher.errors import LaunchError
+from launcher.secrets import hidden, looks_secret, shown
 from launcher.snapshot import BOOTSTRAP_DIR, STACK_SIGNAL, STACKS_VARIABLE, stacks_variable
 
 ProgramKind = Literal["script", "module", "exec", "run-path"]
@@ -68,7 +69,10 @@ RUN_PATH_CODE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.
 # spelling; PY_COLORS is pytest's and tox's. TTY_INTERACTIVE=0 keeps rich's colour but not its
 # cursor-moving live displays, which several ranks would draw over each other.
 COLOUR_VARIABLES = (("FORCE_COLOR", "1"), ("CLICOLOR_FORCE", "1"), ("PY_COLORS", "1"), ("TTY_INTERACTIVE", "0"))
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_EXPORT = re.compile(r"^export[ \t]+")  # --env-file lines may be written for a shell
+_BLANKS = " \t"
+_QUOTES = ("'", '"')
 
 
 @dataclass(frozen=True)
@@ -230,25 +234,114 @@ def resolve_nproc(
     return nproc
 
 
-def parse_env_assignments(pairs: tuple[str, ...], *, gpu_ids_given: bool) -> tuple[tuple[str, str], ...]:
-    """--env KEY=VALUE (repeatable): checked here so a typo fails before anything starts."""
+EnvPairs = tuple[tuple[str, str], ...]
+
+
+def parse_env_assignments(pairs: tuple[str, ...], *, gpu_ids_given: bool) -> EnvPairs:
+    """--env KEY=VALUE (repeatable): checked here so a typo fails before anything starts.
+    (`resolve_env` has turned --env KEY and --env-file into such pairs by the time a launch
+    reads them.)"""
     parsed: list[tuple[str, str]] = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not _ENV_KEY.match(key):
+        if not sep or not is_env_name(key):
             raise LaunchError(
-                f"--env {pair!r} is not KEY=VALUE. Write it as --env NAME=value "
+                f"--env {(shown(key, value) if sep else pair)!r} is not KEY=VALUE. Write it as --env NAME=value "
                 "(NAME made of letters, digits and _), e.g. --env NCCL_DEBUG=INFO."
             )
-        if key in RANK_VARIABLES or (key == "CUDA_VISIBLE_DEVICES" and gpu_ids_given):
-            flag = _FLAG_FOR.get(key)
-            hint = f"use {flag} instead" if flag else "the launcher sets it for every worker"
-            raise LaunchError(
-                f"--env {key}=... would override a variable ddplaunch sets per worker; "
-                f"{hint}."
-            )
-        parsed.append((key, value))
+        parsed.append(_checked("--env", key, value, gpu_ids_given))
     return tuple(parsed)
+
+
+def resolve_env(
+    args: tuple[str, ...], files: Sequence[tuple[str, str]], environ: Mapping[str, str], *, gpu_ids_given: bool
+) -> EnvPairs:
+    """--env-file FILE (each file's text, in order), then --env KEY=VALUE or KEY (this shell's
+    KEY, as `docker run -e KEY`): one variable once, the last word wins."""
+    chosen: dict[str, str] = {}
+    for name, text in files:
+        chosen.update(parse_env_file(text, name, gpu_ids_given=gpu_ids_given))
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep and is_env_name(key):
+            if key not in environ:
+                raise LaunchError(_unset_message(key, environ))
+            value = environ[key]
+        elif not sep or not is_env_name(key):
+            raise LaunchError(
+                f"--env {(shown(key, value) if sep else arg)!r} is not KEY=VALUE (nor KEY). Write --env "
+                "NAME=value, or --env NAME to forward this shell's NAME (NAME made of letters, digits "
+                "and _), e.g. --env NCCL_DEBUG=INFO."
+            )
+        chosen[key] = _checked("--env", key, value, gpu_ids_given)[1]
+    return tuple(chosen.items())
+
+
+def _unset_message(key: str, environ: Mapping[str, str]) -> str:
+    """--env KEY with KEY unset here; `--env "$HF_TOKEN"` (the value, not the name) must not echo it."""
+    named = next((name for name, value in environ.items() if value == key and looks_secret(name)), None)
+    if named is not None:
+        return (
+            f"--env {hidden(key)}: that is the value of {named}, not a variable's name, and it is not "
+            f"printed here. To forward {named}, write --env {named} (no $)."
+        )
+    return (
+        f"--env {key}: {key} is not set in this shell, so there is nothing to forward. "
+        f"Set it (export {key}=...), or give the value: --env {key}=VALUE."
+    )
+
+
+def parse_env_file(text: str, name: str, *, gpu_ids_given: bool = False) -> EnvPairs:
+    """An --env-file's text. One variable per line, `NAME=value`:
+
+    - blank lines, and lines whose first non-blank character is `#`, are skipped;
+    - `export ` before NAME is allowed (a file a shell can also source); blanks around NAME,
+      around `=` and at the ends of the value are dropped;
+    - a value wholly in single or double quotes loses them, and what is inside is kept exactly
+      (blanks, `#`, the other quote, even the same quote: there are no escapes); a value that
+      starts with a quote must end with the same one (a value never spans lines);
+    - anything else (an unquoted value) is taken literally: `#` in it is no comment, `$X` is
+      not expanded.
+    A bad line is an error naming the file and the line, never its value.
+    """
+    pairs: list[tuple[str, str]] = []
+    for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        line = line.removesuffix("\r").strip(_BLANKS)
+        if not line or line.startswith("#"):
+            continue
+        where = f"--env-file {name} line {number}:"
+        key, sep, value = _EXPORT.sub("", line, count=1).partition("=")
+        key, value = key.strip(_BLANKS), value.strip(_BLANKS)
+        if not sep or not is_env_name(key):
+            raise LaunchError(
+                f"{where} not NAME=value. Write one variable per line as NAME=value (NAME made of "
+                "letters, digits and _; `export ` before it is allowed); # starts a comment line."
+            )
+        if value[:1] in _QUOTES:
+            if len(value) < 2 or value[-1] != value[0]:
+                raise LaunchError(
+                    f"{where} the value of {key} opens a quote ({value[0]}) that the line does not close. "
+                    "Close it at the end of the line (a value cannot span lines)."
+                )
+            value = value[1:-1]
+        pairs.append(_checked(where, key, value, gpu_ids_given))
+    return tuple(pairs)
+
+
+def is_env_name(text: str) -> bool:
+    """fullmatch: `$` alone would also accept a name ending in a newline."""
+    return _ENV_KEY.fullmatch(text) is not None
+
+
+def _checked(where: str, key: str, value: str, gpu_ids_given: bool) -> tuple[str, str]:
+    """A variable a worker may be given: not one ddplaunch sets, and a value an environment can hold."""
+    if key in RANK_VARIABLES or (key == "CUDA_VISIBLE_DEVICES" and gpu_ids_given):
+        flag = _FLAG_FOR.get(key)
+        hint = f"use {flag} instead" if flag else "the launcher sets it for every worker"
+        raise LaunchError(f"{where} {key}=... would override a variable ddplaunch sets per worker; {hint}.")
+    if "\0" in value:
+        raise LaunchError(f"{where} the value of {key} holds a NUL character, which no environment can hold.")
+    return key, value
 
 
 def validate_topology(nnodes: int, node_rank: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from launcher.secrets import scrub
 from launcher.supervisor import AttemptResult, JobResult, WorkerProcess, describe_exit, signal_name
 
 if TYPE_CHECKING:
@@ -149,7 +150,8 @@ def finish(result: JobResult, printer: Printer, say: Callable[[str], None]) -> N
         say(f"root cause on another node: {last.elsewhere.describe()} (its report is in that node's output)")
     elif last.root_cause is not None:
         tail = printer.tail(last.root_cause.spec.global_rank)
-        printer.block(render_failure(last, tail, printer.colour, raised=raised_before_stop(last, printer)))
+        report = render_failure(last, tail, printer.colour, raised=raised_before_stop(last, printer))
+        printer.block(scrub(report))  # a --hf-token=... in the command, a TOKEN=... a rank printed
     elif last.stalled is not None:
         say(f"root cause: the job stalled ({last.stalled}); the report above shows where each rank was")
     elif last.stop_signal is not None:

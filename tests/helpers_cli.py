@@ -276,7 +276,8 @@ def processes_with_token(token: str, *, in_command_line: bool = False) -> list[p
     """Live processes whose environment carries this test's token: the job's whole tree.
 
     in_command_line=True also counts those that only name it in their command line: an SSH
-    head and its agents, which pass the token on to the workers with --env.
+    head and its agents, when tests give it as --run-id too (--env values go to an agent on its
+    stdin, not its command line).
     """
     found = []
     for proc in psutil.process_iter(["pid"]):

@@ -35,7 +35,7 @@ def host(rank: int, spec: HostSpec, nproc: int | None = None) -> Host:
 def test_hostfile_gpus_become_that_hosts_gpu_ids() -> None:
     specs = parse_hostfile("a slots=2 gpus=0,1\nb slots=2 gpus=1,3\n", "hosts")
     nproc = per_host_nproc(specs, None)
-    argv = agent_argv(options(hosts=None, hostfile="hosts"), host(1, specs[1], nproc), [], 2)
+    argv = agent_argv(options(hosts=None, hostfile="hosts"), host(1, specs[1], nproc), 2)
     assert argv[argv.index("--gpu-ids") + 1] == "1,3"
     assert argv[argv.index("--nproc") + 1] == "2"
     assert argv[argv.index("--node-rank") + 1] == "1" and argv[argv.index("--nnodes") + 1] == "2"
@@ -47,7 +47,7 @@ def test_hostfile_gpus_become_that_hosts_gpu_ids() -> None:
 def test_every_agent_is_told_which_rank_reads_stdin(stdin: str) -> None:
     """Each agent checks whether the rank is its own; only that one asks the head for stdin."""
     spec = parse_hostfile("a slots=2\nb slots=2\n", "hosts")[1]
-    argv = agent_argv(options(stdin=stdin), host(1, spec, 2), [], 2)
+    argv = agent_argv(options(stdin=stdin), host(1, spec, 2), 2)
     assert argv[argv.index("--stdin") + 1] == stdin
     assert argv.index("--stdin") < argv.index("train.py")
 
@@ -77,7 +77,7 @@ def test_the_remote_line_is_one_shell_word_per_argument() -> None:
 def test_agents_leave_the_stall_watch_to_the_head_and_follow_its_bootstrap_switch(bootstrap_off: bool) -> None:
     spec = parse_hostfile("a slots=2\nb slots=2\n", "hosts")[1]
     given = options(stall_timeout=30.0, stall_action="stop", no_stack_bootstrap=bootstrap_off)
-    argv = agent_argv(given, host(1, spec, 2), [], 2)
+    argv = agent_argv(given, host(1, spec, 2), 2)
     assert argv[argv.index("--stall-timeout") + 1] == "0"  # the head sees every rank's lines; it watches
     assert "--stall-action" not in argv  # stop with a timeout of 0 is refused, and the head stops the job
     assert ("--no-stack-bootstrap" in argv) == bootstrap_off

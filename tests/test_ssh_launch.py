@@ -52,7 +52,7 @@ time.sleep(600)
 
 
 def nothing_left(token: str, pool: SshdPool) -> None:
-    # Workers carry the token in their environment, the head and the agents in their command line.
+    # Workers carry the token in their environment, the head and the agents in their command line (--run-id).
     wait_until(lambda: not processes_with_token(token, in_command_line=True), 15, "no worker or agent of the job left")
     wait_until(lambda: not pool.session_processes(), 15, "no SSH session left on any host")
 
@@ -61,11 +61,13 @@ def nothing_left(token: str, pool: SshdPool) -> None:
 def launch(start, ssh_home: SshHome, job_env: dict[str, str], token: str, sshd_pool: SshdPool):
     """launch(*args): ddplaunch with the test HOME; workers get the token through --env.
 
-    The token fixture kills what is left, head and agents included (they name the token).
+    The token fixture kills what is left, head and agents included: they name the token in
+    their command line as --run-id (an --env value never reaches an agent's command line).
     """
 
     def _launch(*args: str, env: dict[str, str] | None = None, input: bytes | None = None) -> Run:
-        return start("--env", f"{TOKEN_VARIABLE}={token}", *args, env=ssh_home.env(env or job_env), input=input)
+        marks = ("--env", f"{TOKEN_VARIABLE}={token}", "--run-id", token)
+        return start(*marks, *args, env=ssh_home.env(env or job_env), input=input)
 
     return _launch
 
@@ -278,7 +280,7 @@ def test_two_jobs_on_the_same_hosts_leave_each_other_alone(
     script = write_script(tmp_path / "sleeper.py", SLEEPER)
     tokens = ["first-" + os.urandom(4).hex(), "second-" + os.urandom(4).hex()]
     runs = [
-        start("--env", f"{TOKEN_VARIABLE}={t}", "--hosts", "host1,host2", "--nproc", "1", script,
+        start("--env", f"{TOKEN_VARIABLE}={t}", "--run-id", t, "--hosts", "host1,host2", "--nproc", "1", script,
               env=ssh_home.env(job_env))
         for t in tokens
     ]
@@ -415,7 +417,8 @@ def test_remote_progress_bars_redraw_on_the_heads_terminal(
     """Agents send raw bytes; the head, at a terminal, redraws each rank's bar in place and tells
     remote workers its width and colour (their own stdout is a pipe on an SSH channel)."""
     script = write_script(tmp_path / "bar.py", REMOTE_BAR)
-    argv = launcher_argv("--env", f"{TOKEN_VARIABLE}={token}", "--hosts", "host1,host2", "--nproc", "1", script)
+    marks = ("--env", f"{TOKEN_VARIABLE}={token}", "--run-id", token)
+    argv = launcher_argv(*marks, "--hosts", "host1,host2", "--nproc", "1", script)
     code, data = run_on_terminal(argv, cwd=tmp_path, env=ssh_home.env(job_env), size=(100, 30), timeout=60)
     assert code == 0, data[-3000:]
     screen = Terminal(100, 30)

@@ -96,7 +96,7 @@ def nothing_left(token: str, pool: SshdPool) -> None:
 @pytest.fixture
 def launch(start, ssh_home: SshHome, job_env: dict[str, str], token: str):
     def _launch(*args: str) -> Run:
-        return start("--env", f"{TOKEN_VARIABLE}={token}", *args, env=ssh_home.env(job_env))
+        return start("--env", f"{TOKEN_VARIABLE}={token}", "--run-id", token, *args, env=ssh_home.env(job_env))
 
     return _launch
 

@@ -531,13 +531,13 @@ def ssh_hosts(count: int, nproc: int | None) -> list[Host]:
 def test_the_head_passes_torchruns_worker_options_to_every_agent() -> None:
     given = options(role="trainer", signals_to_handle="SIGTERM,SIGUSR1", numa_binding="node", grace=5.0,
                     virtual_local_rank=True, run_path=True, force=True, hosts="h0,h1")
-    argv = agent_argv(given, ssh_hosts(2, 2)[1], [], 2)
+    argv = agent_argv(given, ssh_hosts(2, 2)[1], 2)
     for flag, value in [("--role", "trainer"), ("--signals-to-handle", "SIGTERM,SIGUSR1"), ("--numa-binding", "node"),
                         ("--grace", "5")]:
         assert argv[argv.index(flag) + 1] == value
     for switch in ("--virtual-local-rank", "--run-path", "--force"):
         assert switch in argv
-    plain = agent_argv(options(hosts="h0,h1"), ssh_hosts(2, 2)[1], [], 2)
+    plain = agent_argv(options(hosts="h0,h1"), ssh_hosts(2, 2)[1], 2)
     assert "--role" not in plain and "--force" not in plain and "--signals-to-handle" not in plain
 
 
