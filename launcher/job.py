@@ -134,6 +134,7 @@ def run(role: Role, decision: Decision, options: Options, error_dir: str, stack_
             signals=SignalPlan.handling(inputs.signals_to_handle if options.signals_to_handle or options.agent else None),
             stdin=role.stdin(printer, first),
             stacks=StackSettings(decision.stall, ReportDir(decision.log_dir)),
+            kill_timeout=kill_timeout_of(options),
         )
         finish(result, printer, lambda text: role.say(printer, text))
         return result.exit_code

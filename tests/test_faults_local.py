@@ -8,9 +8,10 @@ The freezer and tmpfs tests need root (the CI machine runs them as root: never s
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,81 @@ def _read_slowly(proc: subprocess.Popen[bytes]) -> tuple[int, int, int]:
         assert time.monotonic() < deadline, "the flood took over 60 s"
         time.sleep(0.001)  # the slow reader: the pipe stays full
     return received, start_rss, peak_rss
+
+
+# -- a worker that SIGKILL cannot end ------------------------------------------------------------
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+@pytest.fixture
+def freezer(token: str) -> Iterator[Callable[[int], None]]:
+    """freeze(pid): puts one test worker into a cgroup v1 freezer group of this test's own
+    (state D, wchan __refrigerator, SIGKILL left pending). Afterwards the group is thawed, so
+    the pending SIGKILL ends the worker, and removed."""
+    group = FREEZER / f"ddplaunch-test-{token}"
+    group.mkdir()
+    frozen: list[int] = []
+
+    def freeze(pid: int) -> None:
+        (group / "cgroup.procs").write_text(f"{pid}\n")
+        frozen.append(pid)
+        (group / "freezer.state").write_text("FROZEN\n")
+        wait_until(lambda: (group / "freezer.state").read_text().strip() == "FROZEN", 5, "the freezer to freeze")
+
+    try:
+        yield freeze
+    finally:
+        (group / "freezer.state").write_text("THAWED\n")
+        for pid in frozen:
+            wait_until(lambda: not _alive(pid), 10, f"frozen pid {pid} to die once thawed")
+        wait_until(lambda: not (group / "cgroup.procs").read_text().strip(), 5, "the group to empty")
+        group.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+# Rank 1 writes its pid and waits to be frozen; rank 0 fails once the test opens the fifo.
+FREEZE_ME = """
+import os, sys, time
+rank, here = os.environ["RANK"], sys.argv[1]
+if rank == "1":
+    with open(os.path.join(here, "pid.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(os.path.join(here, "pid.tmp"), os.path.join(here, "pid"))
+    print("ready 1", flush=True)
+    time.sleep(300)
+print("ready 0", flush=True)
+open(os.path.join(here, "go")).read()  # blocks until the test has frozen rank 1
+raise SystemExit(5)
+"""
+
+
+@NEEDS_ROOT
+def test_a_worker_that_would_not_die_is_named_and_the_launcher_exits(
+    start, freezer: Callable[[int], None], tmp_path: Path, token: str
+) -> None:
+    script = write_script(tmp_path / "freeze_me.py", FREEZE_ME)
+    os.mkfifo(tmp_path / "go")
+    run = start("--nproc", "2", "--grace", "0.5", "--kill-timeout", "1", script, str(tmp_path))
+    run.wait_lines("ready", 2)
+    stuck = int((tmp_path / "pid").read_text())
+    freezer(stuck)
+    with open(tmp_path / "go", "w"):
+        pass  # rank 0 reads end of file and fails
+    failed = time.monotonic()
+    assert run.wait(timeout=15) == 5
+    took = time.monotonic() - failed
+    assert took < 0.5 + 1 + 2.0, f"exited {took:.1f}s after the failure (grace 0.5 s + kill timeout 1 s)"
+    assert f"rank 1 (local rank 1, pid {stuck}): would not die (below)" in run.err
+    # The kernel names where the task froze: __refrigerator, or the sleep it froze in.
+    said = rf"ddplaunch: rank 1 \(pid {stuck}\) would not die: state D \(disk sleep\) in \w+; "
+    assert re.search(said + "the machine may need its GPU reset or a reboot", run.err), run.err
+    assert "exit code 5" in run.err
+    assert [p.pid for p in processes_with_token(token)] == [stuck]  # the guard stood down; only it is left
