@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers_cli import launcher_argv, processes_with_token, run_cli, wait_until, write_script
+from helpers_cli import TOKEN_VARIABLE, launcher_argv, processes_with_token, run_cli, wait_until, write_script
+from sshd import SshHome
 
 from launcher.logs import Printer
 
@@ -233,3 +234,23 @@ def test_a_worker_that_would_not_die_is_named_and_the_launcher_exits(
     assert re.search(said + "the machine may need its GPU reset or a reboot", run.err), run.err
     assert "exit code 5" in run.err
     assert [p.pid for p in processes_with_token(token)] == [stuck]  # the guard stood down; only it is left
+
+
+@NEEDS_ROOT
+def test_over_ssh_the_agent_gives_up_too_and_the_head_shows_its_note(
+    start, freezer: Callable[[int], None], ssh_home: SshHome, job_env: dict[str, str], tmp_path: Path, token: str
+) -> None:
+    script = write_script(tmp_path / "freeze_me.py", FREEZE_ME)
+    os.mkfifo(tmp_path / "go")
+    run = start(
+        "--env", f"{TOKEN_VARIABLE}={token}", "--hosts", "host3", "--nproc", "2", "--grace", "0.5",
+        "--kill-timeout", "1", script, str(tmp_path), env=ssh_home.env(job_env),
+    )
+    run.wait_lines("ready", 2, timeout=60)
+    stuck = int((tmp_path / "pid").read_text())
+    freezer(stuck)
+    with open(tmp_path / "go", "w"):
+        pass
+    assert run.wait(timeout=30) == 5, run.err
+    said = rf"ddplaunch: host3: rank 1 \(pid {stuck}\) would not die: state D \(disk sleep\) in \w+; "
+    assert re.search(said + "the machine may need its GPU reset or a reboot", run.err), run.err
