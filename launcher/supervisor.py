@@ -528,15 +528,19 @@ def run_job(
     stdin: int | None = None,
     stacks: StackSettings | None = None,
     kill_timeout: float = DEFAULT_KILL_TIMEOUT_S,
+    temp_dir: str | None = None,
 ) -> JobResult:
     """Run attempts until one succeeds, a signal stops us, or restarts run out.
 
     With `peers` (multi-node) the first attempt has already joined; every node takes the
     same restart decision because it rests on the job-wide end they all read. `stdin` goes to
     the --stdin rank of every attempt, so a restarted rank reads on where the last one stopped.
+    `temp_dir`: the job's private folder, which the guard removes should the launcher be killed.
     """
     marker = f"{JOB_ID_VARIABLE}={job_id}".encode() if job_id else None
-    watchdog = Watchdog.start(marker) if use_watchdog else None
+    watchdog = Watchdog.start(marker, kill_timeout) if use_watchdog else None
+    if watchdog is not None and temp_dir is not None:
+        watchdog.remove_after(temp_dir)
     become_subreaper()
     try:
         with SignalInbox(signals) as inbox:

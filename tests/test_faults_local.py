@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +20,41 @@ from helpers_cli import TOKEN_VARIABLE, launcher_argv, processes_with_token, run
 from sshd import SshHome
 
 from launcher.logs import Printer
+from launcher.watchdog import Orders, read_orders
 
 NEEDS_ROOT = pytest.mark.skipif(
     os.geteuid() != 0 and not os.environ.get("CI"), reason="mounts a tmpfs / uses the cgroup freezer: needs root"
 )
+
+
+# -- the launcher killed with kill -9: its temp dir ---------------------------------------------
+
+
+def test_the_guard_removes_the_temp_dir_of_a_launcher_killed_with_sigkill(
+    start, job_env: dict[str, str], tmp_path: Path, token: str
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    script = write_script(tmp_path / "wait.py", "import os, time\nprint('ready', os.environ['RANK'], flush=True)\ntime.sleep(300)\n")
+    run = start("--nproc", "2", script, env=dict(job_env, TMPDIR=str(temp)))
+    run.wait_lines("ready", 2)
+    private = [p.name for p in temp.iterdir()]
+    assert len(private) == 1 and private[0].startswith(f"ddplaunch-{run.proc.pid}-"), private
+    assert (temp / private[0] / "attempt0").is_dir()
+    run.signal(signal.SIGKILL)
+    run.wait()
+    wait_until(lambda: not processes_with_token(token), 5, "the guard to stop the workers")
+    wait_until(lambda: not any(temp.iterdir()), 5, f"the guard to remove {private[0]}")
+
+
+def test_the_guard_reads_every_order_up_to_the_launchers_end() -> None:
+    read_fd, write_fd = os.pipe()
+    odd = "/tmp/a b\nc"  # a newline in a path cannot cut its order
+    os.write(write_fd, f"+10\n+11\n-10\nrm {os.fsencode(odd).hex()}\n".encode())
+    os.close(write_fd)
+    orders = read_orders(read_fd)
+    os.close(read_fd)
+    assert orders == Orders(groups={11}, folders=[odd.encode()], clean=False)
 
 
 # -- a --log-dir that fills up ----------------------------------------------------------------
@@ -254,3 +286,22 @@ def test_over_ssh_the_agent_gives_up_too_and_the_head_shows_its_note(
     assert run.wait(timeout=30) == 5, run.err
     said = rf"ddplaunch: host3: rank 1 \(pid {stuck}\) would not die: state D \(disk sleep\) in \w+; "
     assert re.search(said + "the machine may need its GPU reset or a reboot", run.err), run.err
+
+
+@NEEDS_ROOT
+def test_the_guard_of_a_killed_launcher_gives_up_on_a_frozen_worker_and_still_cleans_up(
+    start, freezer: Callable[[int], None], job_env: dict[str, str], tmp_path: Path, token: str
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    script = write_script(tmp_path / "freeze_me.py", FREEZE_ME)
+    os.mkfifo(tmp_path / "go")
+    run = start("--nproc", "2", "--kill-timeout", "1", script, str(tmp_path), env=dict(job_env, TMPDIR=str(temp)))
+    run.wait_lines("ready", 2)
+    stuck = int((tmp_path / "pid").read_text())
+    freezer(stuck)
+    run.signal(signal.SIGKILL)
+    run.wait()
+    # The guard: SIGTERM, 1 s, SIGKILL, then at most --kill-timeout (1 s) before it removes the dir.
+    wait_until(lambda: not any(temp.iterdir()), 5, "the guard to remove the temp dir")
+    wait_until(lambda: [p.pid for p in processes_with_token(token)] == [stuck], 2, "all but the frozen one to go")
