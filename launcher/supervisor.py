@@ -233,7 +233,10 @@ class Attempt:
     def _spawn_all(self) -> None:
         # torch's @record writes each rank's error file but makes no directory; one per attempt
         for folder in {os.path.dirname(w.error_file) for w in self.plan.workers if w.error_file}:
-            os.makedirs(folder, mode=PRIVATE_DIR, exist_ok=True)
+            try:
+                os.makedirs(folder, mode=PRIVATE_DIR, exist_ok=True)
+            except OSError as exc:  # a --log-dir that filled up or went read-only: the job goes on
+                self.printer.note(f"cannot make {folder} ({exc.strerror}): no error file from torch's @record this attempt")
         for spec in self.plan.workers:
             if self.teardown.stopping:
                 return  # a signal or a failure arrived while we were still starting

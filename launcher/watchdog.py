@@ -143,10 +143,30 @@ def _stop_job(groups: set[int], job_marker: bytes | None, kill_timeout: float) -
 
 def _wait_gone(groups: set[int], job_marker: bytes | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (
-        any(_group_alive(g) for g in groups) or _marked_processes(job_marker)
-    ):
+    while time.monotonic() < deadline and _job_alive(groups, job_marker):
         time.sleep(_POLL_S)  # nothing to wait on: these processes are not our children
+
+
+def _job_alive(groups: set[int], job_marker: bytes | None) -> bool:
+    """A live process in one of the groups, or carrying the marker. Zombies do not count: the
+    killed workers' new parent may never reap them, and they hold nothing."""
+    return bool(_live_in_groups(groups)) or bool(_marked_processes(job_marker))
+
+
+def _live_in_groups(groups: set[int]) -> list[int]:
+    if not groups:
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as stat_file:
+                    fields = stat_file.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != b"Z" and int(fields[2]) in groups:
+                found.append(int(entry))
+    return found
 
 
 def _remove(folders: list[bytes]) -> None:
@@ -192,11 +212,3 @@ def _signal_groups(groups: set[int], sig: int) -> None:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True

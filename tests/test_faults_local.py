@@ -20,6 +20,9 @@ from helpers_cli import TOKEN_VARIABLE, launcher_argv, processes_with_token, run
 from sshd import SshHome
 
 from launcher.logs import Printer
+from launcher.procfs import KernelWait
+from launcher.report import unkillable_line
+from launcher.supervisor import Unkillable
 from launcher.watchdog import Orders, read_orders
 
 NEEDS_ROOT = pytest.mark.skipif(
@@ -47,6 +50,7 @@ def test_the_guard_removes_the_temp_dir_of_a_launcher_killed_with_sigkill(
     wait_until(lambda: not any(temp.iterdir()), 5, f"the guard to remove {private[0]}")
 
 
+@pytest.mark.unit
 def test_the_guard_reads_every_order_up_to_the_launchers_end() -> None:
     read_fd, write_fd = os.pipe()
     odd = "/tmp/a b\nc"  # a newline in a path cannot cut its order
@@ -60,6 +64,7 @@ def test_the_guard_reads_every_order_up_to_the_launchers_end() -> None:
 # -- a --log-dir that fills up ----------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_a_failing_rank_file_warns_once_and_the_terminal_gets_every_line(tmp_path: Path) -> None:
     """/dev/full fails every write with ENOSPC: rank0.log pointing there is a full disk."""
     logs = tmp_path / "logs"
@@ -305,3 +310,23 @@ def test_the_guard_of_a_killed_launcher_gives_up_on_a_frozen_worker_and_still_cl
     # The guard: SIGTERM, 1 s, SIGKILL, then at most --kill-timeout (1 s) before it removes the dir.
     wait_until(lambda: not any(temp.iterdir()), 5, "the guard to remove the temp dir")
     wait_until(lambda: [p.pid for p in processes_with_token(token)] == [stuck], 2, "all but the frozen one to go")
+
+
+# -- the words for a process that would not die --------------------------------------------------
+
+D = KernelWait("D (disk sleep)", "__refrigerator")
+HINT = "the machine may need its GPU reset or a reboot"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("stuck", "line"),
+    [
+        (Unkillable(1234, 1, True, D), f"rank 1 (pid 1234) would not die: state D (disk sleep) in __refrigerator; {HINT}"),
+        (Unkillable(1240, 1, False, D), f"a child of rank 1 (pid 1240) would not die: state D (disk sleep) in __refrigerator; {HINT}"),
+        (Unkillable(1250, None, False, D), f"a process the workers left (pid 1250) would not die: state D (disk sleep) in __refrigerator; {HINT}"),
+        (Unkillable(7, 0, True, KernelWait("R (running)", None)), f"rank 0 (pid 7) would not die: state R (running); {HINT}"),
+    ],
+)
+def test_a_process_that_would_not_die_is_named_with_its_state_and_wchan(stuck: Unkillable, line: str) -> None:
+    assert unkillable_line(stuck) == line
