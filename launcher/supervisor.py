@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 from launcher.inputs import Inputs, PeerNews, SignalWake, WorkerOutput, sooner
 from launcher.hangs import StackReporter
 from launcher.logs import PRIVATE_DIR, Printer
-from launcher.options import STALL_EXIT_CODE, Stall
-from launcher.options import DEFAULT_KILL_TIMEOUT_S
+from launcher.options import DEFAULT_KILL_TIMEOUT_S, STALL_EXIT_CODE, Stall
 from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
 from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from launcher.protocol import Peers
@@ -435,6 +434,8 @@ class Attempt:
         if self.teardown.kill_due():
             self.printer.note(f"workers still running {self.grace:g}s after the stop signal: sending SIGKILL")
             self._kill_now()
+        if self.teardown.give_up_due():
+            self._give_up()
         if not self.tree.all_exited() or not self._tree_alive():
             return
         sent = self.teardown.signal_sent
@@ -448,6 +449,7 @@ class Attempt:
     def _give_up(self) -> None:
         """SIGKILL did not end them in --kill-timeout: name them and end the attempt without
         them (their pipes are not drained either: a process that cannot die may hold them)."""
+        self.teardown.give_up()
         self._reap()
         self.unkillable = find_unkillable(self.tree.workers)
         if self.unkillable:
@@ -461,14 +463,11 @@ class Attempt:
         return self.tree.alive()
 
     def _finished(self) -> bool:
-        if self.teardown.given_up():
-            self._give_up()
-            return True
-        if not self.tree.all_exited() or self._tree_alive():
+        if not self.teardown.gave_up and (not self.tree.all_exited() or self._tree_alive()):
             return False
         if self._awaiting_peers():
             return False
-        if not self.inputs.pipes_open():
+        if not self.inputs.pipes_open() or self.teardown.gave_up:
             return True
         self.teardown.tree_gone()
         return self.teardown.drain_over()

@@ -33,6 +33,7 @@ class Teardown:
         self._kill_at: float | None = None
         self._drain_until: float | None = None
         self._give_up_at: float | None = None  # the first SIGKILL's time + kill_timeout
+        self.gave_up = False  # what SIGKILL left is no longer waited for
 
     @property
     def stopping(self) -> bool:
@@ -52,12 +53,17 @@ class Teardown:
         kill_timeout from the first one is given up on (a second SIGKILL gives no more time)."""
         self.signal_sent = signal.SIGKILL
         self._kill_at = None
-        if self._give_up_at is None:
+        if self._give_up_at is None and not self.gave_up:
             self._give_up_at = self._clock() + self.kill_timeout
 
-    def given_up(self) -> bool:
-        """kill_timeout has passed since SIGKILL: stop waiting for the tree to end."""
+    def give_up_due(self) -> bool:
+        """kill_timeout has passed since SIGKILL: time to stop waiting for the tree to end."""
         return self._give_up_at is not None and self._clock() >= self._give_up_at
+
+    def give_up(self) -> None:
+        """What is left is given up on, once: nothing more is due for it."""
+        self.gave_up = True
+        self._give_up_at = None
 
     def kill_due(self) -> bool:
         return self._kill_at is not None and self._clock() >= self._kill_at

