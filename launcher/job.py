@@ -100,7 +100,7 @@ def launch(options: Options) -> int:
             prepare_bootstrap()
             stack_dir = os.path.join(private, "stacks")
             os.mkdir(stack_dir, 0o700)
-        return run(role, prepared, options, error_dir or private, stack_dir)
+        return run(role, prepared, options, error_dir or private, stack_dir, private)
     finally:
         import shutil
 
@@ -130,8 +130,12 @@ def show_dry_run(decision: Decision, error_dir: str | None, options: Options) ->
     return 0
 
 
-def run(role: Role, decision: Decision, options: Options, error_dir: str, stack_dir: str | None = None) -> int:
-    """Attempts until the job ends; returns its exit code."""
+def run(
+    role: Role, decision: Decision, options: Options, error_dir: str, stack_dir: str | None = None,
+    temp_dir: str | None = None,
+) -> int:
+    """Attempts until the job ends; returns its exit code. `temp_dir`: the job's private
+    folder (removed by the caller, or by the guard if this launcher is killed)."""
     from launcher.report import finish
     from launcher.supervisor import SignalPlan, StackSettings, run_job
 
@@ -162,6 +166,8 @@ def run(role: Role, decision: Decision, options: Options, error_dir: str, stack_
             signals=SignalPlan.handling(inputs.signals_to_handle if options.signals_to_handle or options.agent else None),
             stdin=role.stdin(printer, first),
             stacks=StackSettings(decision.stall, ReportDir(decision.log_dir)),
+            kill_timeout=kill_timeout_of(options),
+            temp_dir=temp_dir,
         )
         finish(result, printer, lambda text: role.say(printer, text))
         return result.exit_code

@@ -21,7 +21,13 @@ from launcher.secrets import scrub
 
 Stream = Literal[1, 2]  # the worker's stdout or stderr, as file descriptor numbers
 STREAMS: tuple[Stream, Stream] = (1, 2)
-MAX_LINE_BYTES = 1 << 20  # a longer line is cut into pieces, each with its prefix
+# A longer line is cut into pieces, each with its prefix: a rank that writes without newlines
+# (200 MB of 'x') never makes the launcher hold more than this of its unfinished line. Per rank
+# the launcher keeps at most, beside one READ_CHUNK being read: 2 streams x (the framer's
+# unfinished line + rankN.log's) + TAIL_LINES cut lines = 24 x 64 KiB = 1.5 MiB. The terminal
+# needs no buffer: a slow reader holds the launcher in its write, so the worker waits on its
+# pipe, and rankN.log gets every byte, cut or not.
+MAX_LINE_BYTES = 1 << 16
 TAIL_LINES = 20
 THIN_S = 5.0  # off a terminal, a progress line's updates: at most one per this, per rank and stream
 _COLOURS = (36, 32, 33, 35, 34, 96, 92, 93, 95, 94)
@@ -176,6 +182,7 @@ class _RankLog:
     def __init__(self, path: str) -> None:
         self.fd = _open_append(path)
         self._partial = {1: b"", 2: b""}
+        self._cut = {1: False, 2: False}  # a line past the limit went in unfinished: its end still owes "\n"
 
     def write(self, stream: Stream, data: bytes) -> None:
         pending = self._partial[stream]
@@ -191,18 +198,22 @@ class _RankLog:
             end = end or len(data)  # a line past the limit goes in as it comes
             self._partial[stream] = data[end:]
             data = data[:end]
+        self._cut[stream] = not data.endswith(b"\n")
         _write_all(self.fd, data)
 
     def end(self, stream: Stream) -> None:
         """The stream ended: its last line goes in, with the newline it lacked."""
-        if self._partial[stream]:
+        if self._partial[stream] or self._cut[stream]:
             _write_all(self.fd, self._partial[stream] + b"\n")
             self._partial[stream] = b""
+            self._cut[stream] = False
 
     def close(self) -> None:
-        for stream in STREAMS:
-            self.end(stream)
-        os.close(self.fd)
+        try:
+            for stream in STREAMS:
+                self.end(stream)
+        finally:
+            os.close(self.fd)
 
 
 class _RankOutput:
@@ -272,6 +283,7 @@ class Printer:
         self._shown_ranks = shown_ranks
         self._shows = shows
         self._log_dir = log_dir
+        self._files_failed = False  # a write to log_dir failed: no file is written after that
         self._launcher_log: int | None = None
         if log_dir is not None:
             os.makedirs(log_dir, mode=PRIVATE_DIR, exist_ok=True)
@@ -292,7 +304,7 @@ class Printer:
 
     def add_ranks(self, world_ranks: list[int]) -> None:
         """Ranks whose output this printer takes (a multi-node agent learns its own late)."""
-        log_dir = self._log_dir
+        log_dir = None if self._files_failed else self._log_dir
         for rank in world_ranks:
             if rank in self._ranks:
                 continue
@@ -309,7 +321,7 @@ class Printer:
         output = self._ranks[rank]
         output.last_output = self.last_any = self._clock()
         if output.log is not None:
-            output.log.write(stream, data)
+            self._to_files(output.log.write, stream, data)
         framer = output.framers[stream]
         lines = framer.feed(data)
         area = self._live[stream]
@@ -329,7 +341,7 @@ class Printer:
         """The pipe closed: a last line without newline still goes out (a bar: its last state)."""
         output = self._ranks[rank]
         if output.log is not None:
-            output.log.end(stream)
+            self._to_files(output.log.end, stream)
         area = self._live[stream]
         if area is not None:
             area.pending((rank, stream), b"", b"", False)
@@ -401,27 +413,52 @@ class Printer:
         """An event for launcher.log only (when --log-dir is set)."""
         if self._launcher_log is not None:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-            _write_all(self._launcher_log, f"{stamp} {scrub(text)}\n".encode())  # launcher.secrets: no token in a file
+            self._to_files(_write_all, self._launcher_log, f"{stamp} {scrub(text)}
+".encode())  # launcher.secrets: no token in a file
 
     def block(self, text: str) -> None:
         """A pre-rendered block (the failure report) to stderr, and to launcher.log."""
         self._write(2, text.encode("utf-8", "replace"))
         self._refresh(2)
         if self._launcher_log is not None:
-            _write_all(self._launcher_log, _strip_ansi(text).encode("utf-8", "replace"))
+            self._to_files(_write_all, self._launcher_log, _strip_ansi(text).encode("utf-8", "replace"))
 
     def close(self) -> None:
         """Unfinished lines come out as lines (a host lost over SSH never ends its streams)."""
         for output in self._ranks.values():
             for stream in STREAMS:
                 self._emit(output, stream, output.framers[stream].flush())
-            if output.log is not None:
-                output.log.close()
-                output.log = None
+            log, output.log = output.log, None
+            if log is not None:
+                self._to_files(log.close)
         for area in self._areas():
             area.close()
+        self._close_files()
+
+    def _to_files(self, write: Callable[..., None], *args: object) -> None:
+        """A write to the log directory. The first that fails (disk full, a read-only or lost
+        mount) ends every file there, said once; the workers and the terminal go on."""
+        try:
+            write(*args)
+        except OSError as exc:
+            if not self._files_failed:
+                self._files_failed = True
+                self._close_files()
+                self.note(self._files_failed_text(exc))
+
+    def _files_failed_text(self, exc: OSError) -> str:
+        every = all(all(output.shown.values()) for output in self._ranks.values())
+        shown = "every line" if every else "every line of the ranks it shows"
+        why = exc.strerror or str(exc)
+        return f"cannot write to --log-dir {self._log_dir} ({why}): the files stop here; the terminal still shows {shown}"
+
+    def _close_files(self) -> None:
+        for output in self._ranks.values():
+            if output.log is not None:
+                _close_quietly(output.log.fd)
+                output.log = None
         if self._launcher_log is not None:
-            os.close(self._launcher_log)
+            _close_quietly(self._launcher_log)
         self._launcher_log = None
 
 
@@ -445,6 +482,13 @@ def terminal_printer(
 def _open_append(path: str) -> int:
     # owner only: a rank's output may hold what its script printed of its secrets
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:  # a full disk may fail the close too; the fd is released all the same
+        pass
 
 
 def _write_all(fd: int, data: bytes) -> None:

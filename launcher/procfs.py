@@ -41,6 +41,27 @@ def read_stat(pid: int) -> ProcStat | None:
     return ProcStat(_STATES.get(fields[0], "other"), int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS)
 
 
+@dataclass(frozen=True)
+class KernelWait:
+    """Where a process that would not die sits: its state as /proc/<pid>/status words it
+    ("D (disk sleep)") and the kernel function it sleeps in ("__refrigerator"), if any."""
+
+    state: str
+    wchan: str | None
+
+
+def read_kernel_wait(pid: int) -> KernelWait | None:
+    status = read_status(pid)
+    if status is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/wchan", "rb") as f:
+            wchan = f.read().decode(errors="replace").strip()
+    except OSError:
+        wchan = ""
+    return KernelWait(status.get("State", "?"), None if wchan in ("", "0") else wchan)  # "0": running
+
+
 def read_status(pid: int, tid: int | None = None) -> dict[str, str] | None:
     """/proc/<pid>/status (or one thread's) as a dict: "SigCgt" -> "0000000000004a02", ..."""
     path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"

@@ -7,17 +7,19 @@ about 50 ms here, which alone would double the time from a rank's death to the l
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from launcher.secrets import scrub
-from launcher.supervisor import AttemptResult, JobResult, WorkerProcess, describe_exit, signal_name
+from launcher.supervisor import AttemptResult, JobResult, Unkillable, WorkerProcess, describe_exit, signal_name
 
 if TYPE_CHECKING:
     from launcher.logs import Printer
     from launcher.plan import Plan
 
 OOM_HINT = "killed, possibly out of memory (SIGKILL)"
+UNKILLABLE_HINT = "the machine may need its GPU reset or a reboot"
 
 
 def exit_text(worker: WorkerProcess) -> str:
@@ -51,7 +53,7 @@ def other_worker_line(worker: WorkerProcess, raised: str | None = None) -> str:
     rank = worker.spec.global_rank
     where = f"rank {rank} (local rank {worker.spec.local_rank}, pid {worker.pid})"
     if worker.exit_code is None:
-        return f"{where}: still running"
+        return f"{where}: would not die (below)" if signal.SIGKILL in worker.signals_sent else f"{where}: still running"
     if raised is not None:
         if worker.term_signal is not None and worker.term_signal in worker.signals_sent:
             return f"{where}: failed too, raising {raised} (then terminated by ddplaunch, {signal_name(worker.term_signal)})"
@@ -155,6 +157,20 @@ def finish(result: JobResult, printer: Printer, say: Callable[[str], None]) -> N
     elif last.stalled is not None:
         say(f"root cause: the job stalled ({last.stalled}); the report above shows where each rank was")
     elif last.stop_signal is not None:
-        say(f"stopped by {signal_name(last.stop_signal)}; all workers ended")
+        say(f"stopped by {signal_name(last.stop_signal)}; {'not ' if last.unkillable else ''}all workers ended")
+    for stuck in last.unkillable:
+        printer.note(unkillable_line(stuck))  # a note, not `say`: an agent's reaches the head's terminal
     if last.exit_code != 0:
         say(f"exit code {last.exit_code}")
+
+
+def unkillable_line(stuck: Unkillable) -> str:
+    """rank 1 (pid 1234) would not die: state D (disk sleep) in __refrigerator; the machine ..."""
+    if stuck.rank is None:
+        who = f"a process the workers left (pid {stuck.pid})"
+    elif stuck.is_worker:
+        who = f"rank {stuck.rank} (pid {stuck.pid})"
+    else:
+        who = f"a child of rank {stuck.rank} (pid {stuck.pid})"
+    where = f" in {stuck.wait.wchan}" if stuck.wait.wchan else ""
+    return f"{who} would not die: state {stuck.wait.state}{where}; {UNKILLABLE_HINT}"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from launcher.inputs import Inputs, PeerNews, SignalWake, WorkerOutput, sooner
 from launcher.hangs import StackReporter
 from launcher.logs import PRIVATE_DIR, Printer
-from launcher.options import STALL_EXIT_CODE, Stall
+from launcher.options import DEFAULT_KILL_TIMEOUT_S, STALL_EXIT_CODE, Stall
 from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
 from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from launcher.protocol import Peers
@@ -34,6 +34,7 @@ from launcher.workers import WorkerProcess as WorkerProcess  # re-exported: repo
 
 if TYPE_CHECKING:
     from launcher.hangs import Finished
+    from launcher.procfs import KernelWait
     from launcher.protocol import AttemptEnd, EndKind
     from launcher.snapshot import RankSnapshot
     from launcher.stacks import Target
@@ -71,6 +72,16 @@ class SignalPlan:
 
 
 @dataclass(frozen=True)
+class Unkillable:
+    """A process of the tree still alive --kill-timeout after SIGKILL (stuck in the kernel)."""
+
+    pid: int
+    rank: int | None  # whose process group it is in; None: it left every worker's group
+    is_worker: bool  # the rank's own process, else one of its descendants
+    wait: KernelWait
+
+
+@dataclass(frozen=True)
 class AttemptResult:
     """How one attempt ended: its workers, the first failure, the stop signal the launcher got."""
 
@@ -83,6 +94,7 @@ class AttemptResult:
     stalled: str | None = None  # --stall-action stop: why the job was stopped
     others_at_failure: tuple[RankSnapshot, ...] = ()  # where the other ranks were when the root cause died
     stop_began: float | None = None  # when the workers were told to stop (the printer's clock)
+    unkillable: tuple[Unkillable, ...] = ()  # given up on after SIGKILL; the job ends without them
 
     @property
     def exit_code(self) -> int:
@@ -174,6 +186,7 @@ class Attempt:
     peers: Peers | None = None
     stdin: int | None = None  # what the --stdin rank reads, if it is on this node; None: /dev/null
     stacks: StackSettings | None = None  # None: no stack reports (SIGQUIT says so)
+    kill_timeout: float = DEFAULT_KILL_TIMEOUT_S  # how long SIGKILL may take before we give up on what is left
     clock: Callable[[], float] = time.monotonic
     signal_received: int | None = None  # the first stop signal that reached the launcher
     root_cause: WorkerProcess | None = None
@@ -181,12 +194,13 @@ class Attempt:
     ended_by: AttemptEnd | None = None
     stalled: str | None = None
     others_at_failure: tuple[RankSnapshot, ...] = ()
+    unkillable: tuple[Unkillable, ...] = ()
     _told_success: bool = False
     _failure: tuple[str, int] | None = None  # told to peers and acted on once the others' stacks are read
 
     def __post_init__(self) -> None:
         self.tree = WorkerTree(self.watchdog, self.clock)
-        self.teardown = Teardown(self.grace, self.clock)
+        self.teardown = Teardown(self.grace, self.clock, self.kill_timeout)
         self.reporter: StackReporter | None = None
         if self.stacks is not None:
             self.reporter = StackReporter(
@@ -212,13 +226,16 @@ class Attempt:
             self.inputs.close()
         return AttemptResult(
             tuple(self.tree.workers), self.root_cause, self.signal_received, self.spawn_error, self.ended_by,
-            self.plan.node_rank, self.stalled, self.others_at_failure, self.teardown.began_at,
+            self.plan.node_rank, self.stalled, self.others_at_failure, self.teardown.began_at, self.unkillable,
         )
 
     def _spawn_all(self) -> None:
         # torch's @record writes each rank's error file but makes no directory; one per attempt
         for folder in {os.path.dirname(w.error_file) for w in self.plan.workers if w.error_file}:
-            os.makedirs(folder, mode=PRIVATE_DIR, exist_ok=True)
+            try:
+                os.makedirs(folder, mode=PRIVATE_DIR, exist_ok=True)
+            except OSError as exc:  # a --log-dir that filled up or went read-only: the job goes on
+                self.printer.note(f"cannot make {folder} ({exc.strerror}): no error file from torch's @record this attempt")
         for spec in self.plan.workers:
             if self.teardown.stopping:
                 return  # a signal or a failure arrived while we were still starting
@@ -417,6 +434,8 @@ class Attempt:
         if self.teardown.kill_due():
             self.printer.note(f"workers still running {self.grace:g}s after the stop signal: sending SIGKILL")
             self._kill_now()
+        if self.teardown.give_up_due():
+            self._give_up()
         if not self.tree.all_exited() or not self._tree_alive():
             return
         sent = self.teardown.signal_sent
@@ -427,19 +446,50 @@ class Attempt:
             # They left their group, so the group signal missed them: send what the rest got.
             self.tree.signal_strays(sent)
 
+    def _give_up(self) -> None:
+        """SIGKILL did not end them in --kill-timeout: name them and end the attempt without
+        them (their pipes are not drained either: a process that cannot die may hold them)."""
+        self.teardown.give_up()
+        self._reap()
+        self.unkillable = find_unkillable(self.tree.workers)
+        if self.unkillable:
+            self.printer.note(
+                f"{len(self.unkillable)} process(es) still alive {self.kill_timeout:g}s after SIGKILL: "
+                "not waiting for them (--kill-timeout)"
+            )
+
     def _tree_alive(self) -> bool:
         self._reap()
         return self.tree.alive()
 
     def _finished(self) -> bool:
-        if not self.tree.all_exited() or self._tree_alive():
+        if not self.teardown.gave_up and (not self.tree.all_exited() or self._tree_alive()):
             return False
         if self._awaiting_peers():
             return False
-        if not self.inputs.pipes_open():
+        if not self.inputs.pipes_open() or self.teardown.gave_up:
             return True
         self.teardown.tree_gone()
         return self.teardown.drain_over()
+
+
+def find_unkillable(workers: list[WorkerProcess]) -> tuple[Unkillable, ...]:
+    """The tree's live processes, each with its rank: as a subreaper the launcher is the
+    ancestor of all of them; those in its own process group are its own helpers, not the tree."""
+    from launcher.procfs import children_map, descendants, read_kernel_wait
+
+    ranks = {w.pid: w.spec.global_rank for w in workers}
+    own_group = os.getpgid(0)
+    found = []
+    for pid in descendants(os.getpid(), children_map()):
+        try:
+            group = os.getpgid(pid)
+        except ProcessLookupError:
+            continue
+        wait = read_kernel_wait(pid)
+        if group != own_group and wait is not None and not wait.state.startswith("Z"):
+            found.append(Unkillable(pid, ranks.get(group), pid in ranks, wait))
+    return tuple(found)
 
 
 def describe_exit(worker: WorkerProcess) -> str:
@@ -479,15 +529,20 @@ def run_job(
     signals: SignalPlan = SignalPlan(),
     stdin: int | None = None,
     stacks: StackSettings | None = None,
+    kill_timeout: float = DEFAULT_KILL_TIMEOUT_S,
+    temp_dir: str | None = None,
 ) -> JobResult:
     """Run attempts until one succeeds, a signal stops us, or restarts run out.
 
     With `peers` (multi-node) the first attempt has already joined; every node takes the
     same restart decision because it rests on the job-wide end they all read. `stdin` goes to
     the --stdin rank of every attempt, so a restarted rank reads on where the last one stopped.
+    `temp_dir`: the job's private folder, which the guard removes should the launcher be killed.
     """
     marker = f"{JOB_ID_VARIABLE}={job_id}".encode() if job_id else None
-    watchdog = Watchdog.start(marker) if use_watchdog else None
+    watchdog = Watchdog.start(marker, kill_timeout) if use_watchdog else None
+    if watchdog is not None and temp_dir is not None:
+        watchdog.remove_after(temp_dir)
     become_subreaper()
     try:
         with SignalInbox(signals) as inbox:
@@ -498,7 +553,7 @@ def run_job(
                     printer.note(f"waiting for every node to join restart {restart}")
                     peers.join(restart, interrupted)
                 plan = plan_for_attempt(restart)
-                result = Attempt(plan, printer, inbox, grace, watchdog, peers, stdin, stacks).run()
+                result = Attempt(plan, printer, inbox, grace, watchdog, peers, stdin, stacks, kill_timeout).run()
                 if peers is not None:
                     peers.end_attempt(interrupted)
                 if not _should_restart(result, restart, max_restarts):
@@ -516,6 +571,8 @@ def run_job(
 def _should_restart(result: AttemptResult, restart: int, max_restarts: int) -> bool:
     if result.exit_code == 0 or result.stop_signal is not None or result.stalled is not None:
         return False
+    if result.unkillable:
+        return False  # what would not die still holds its GPU: a new attempt would not get it
     if restart >= max_restarts:
         return False
     return result.ended_by is None or result.ended_by.kind == "failed"

@@ -12,6 +12,7 @@ from launcher.teardown import DRAIN_AFTER_DEATH_S, Teardown
 pytestmark = pytest.mark.unit
 
 GRACE = 5.0
+KILL_TIMEOUT = 2.0
 
 
 class FakeClock:
@@ -30,11 +31,13 @@ class Seen:
     kill_due: bool = False
     due_in: float | None = None
     drain_over: bool = False
+    give_up_due: bool = False
+    gave_up: bool = False
 
 
 def seen(teardown: Teardown) -> Seen:
     sent = None if teardown.signal_sent is None else signal.Signals(teardown.signal_sent).name
-    return Seen(sent, teardown.kill_due(), teardown.due_in(), teardown.drain_over())
+    return Seen(sent, teardown.kill_due(), teardown.due_in(), teardown.drain_over(), teardown.give_up_due(), teardown.gave_up)
 
 
 def act(teardown: Teardown, action: str) -> None:
@@ -42,6 +45,8 @@ def act(teardown: Teardown, action: str) -> None:
         teardown.begin(signal.Signals[action.removeprefix("begin ")])
     elif action == "kill now":
         teardown.kill_now()
+    elif action == "give up":
+        teardown.give_up()
     elif action == "tree gone":
         teardown.tree_gone()
     else:
@@ -59,8 +64,8 @@ SCENARIOS: dict[str, list[tuple[float, str, Seen]]] = {
         (14.5, "look", Seen("SIGTERM", due_in=0.5)),
         (15.0, "look", Seen("SIGTERM", kill_due=True, due_in=0.0)),
         (17.0, "look", Seen("SIGTERM", kill_due=True, due_in=0.0)),
-        (17.0, "kill now", Seen("SIGKILL")),
-        (99.0, "look", Seen("SIGKILL")),
+        (17.0, "kill now", Seen("SIGKILL", due_in=KILL_TIMEOUT)),
+        (99.0, "look", Seen("SIGKILL", due_in=0.0, give_up_due=True)),
     ],
     "a second begin keeps the first signal and its deadline": [
         (0.0, "begin SIGTERM", Seen("SIGTERM", due_in=GRACE)),
@@ -69,13 +74,26 @@ SCENARIOS: dict[str, list[tuple[float, str, Seen]]] = {
     ],
     "a second Ctrl-C kills before the grace is over, and nothing is due after": [
         (0.0, "begin SIGINT", Seen("SIGINT", due_in=GRACE)),
-        (1.0, "kill now", Seen("SIGKILL")),
-        (GRACE, "look", Seen("SIGKILL")),
+        (1.0, "kill now", Seen("SIGKILL", due_in=KILL_TIMEOUT)),
+        (GRACE, "look", Seen("SIGKILL", due_in=0.0, give_up_due=True)),
     ],
     "killed with no graceful stop first: a later begin sends nothing": [
-        (0.0, "kill now", Seen("SIGKILL")),
-        (1.0, "begin SIGTERM", Seen("SIGKILL")),
-        (GRACE + 1.0, "look", Seen("SIGKILL")),
+        (0.0, "kill now", Seen("SIGKILL", due_in=KILL_TIMEOUT)),
+        (1.0, "begin SIGTERM", Seen("SIGKILL", due_in=KILL_TIMEOUT - 1.0)),
+        (GRACE + 1.0, "look", Seen("SIGKILL", due_in=0.0, give_up_due=True)),
+    ],
+    "after SIGKILL the wait is bounded: a process that would not die is given up on": [
+        (0.0, "begin SIGTERM", Seen("SIGTERM", due_in=GRACE)),
+        (GRACE, "kill now", Seen("SIGKILL", due_in=KILL_TIMEOUT)),
+        (GRACE + KILL_TIMEOUT - 0.5, "look", Seen("SIGKILL", due_in=0.5)),
+        (GRACE + KILL_TIMEOUT, "look", Seen("SIGKILL", due_in=0.0, give_up_due=True)),
+        (GRACE + KILL_TIMEOUT, "give up", Seen("SIGKILL", gave_up=True)),
+        (99.0, "kill now", Seen("SIGKILL", gave_up=True)),
+    ],
+    "a second SIGKILL (Ctrl-C again) gives no more time": [
+        (0.0, "kill now", Seen("SIGKILL", due_in=KILL_TIMEOUT)),
+        (1.5, "kill now", Seen("SIGKILL", due_in=KILL_TIMEOUT - 1.5)),
+        (KILL_TIMEOUT, "look", Seen("SIGKILL", due_in=0.0, give_up_due=True)),
     ],
     "the drain starts when the tree is gone, once": [
         (0.0, "tree gone", Seen(due_in=DRAIN_AFTER_DEATH_S)),
@@ -88,6 +106,7 @@ SCENARIOS: dict[str, list[tuple[float, str, Seen]]] = {
         (5.0, "look", Seen("SIGTERM", kill_due=True, due_in=0.0)),
         (5.0, "kill now", Seen("SIGKILL", due_in=0.5)),
         (5.5, "look", Seen("SIGKILL", due_in=0.0, drain_over=True)),
+        (5.0 + KILL_TIMEOUT, "look", Seen("SIGKILL", due_in=0.0, drain_over=True, give_up_due=True)),
     ],
 }
 
@@ -95,7 +114,7 @@ SCENARIOS: dict[str, list[tuple[float, str, Seen]]] = {
 @pytest.mark.parametrize("steps", SCENARIOS.values(), ids=SCENARIOS.keys())
 def test_scenario(steps: list[tuple[float, str, Seen]]) -> None:
     clock = FakeClock()
-    teardown = Teardown(GRACE, clock)
+    teardown = Teardown(GRACE, clock, KILL_TIMEOUT)
     for at, action, expected in steps:
         clock.now = at
         act(teardown, action)
