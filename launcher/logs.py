@@ -413,8 +413,7 @@ class Printer:
         """An event for launcher.log only (when --log-dir is set)."""
         if self._launcher_log is not None:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-            self._to_files(_write_all, self._launcher_log, f"{stamp} {scrub(text)}
-".encode())  # launcher.secrets: no token in a file
+            self._to_files(_write_all, self._launcher_log, f"{stamp} {scrub(text)}\n".encode())  # launcher.secrets: no token in a file
 
     def block(self, text: str) -> None:
         """A pre-rendered block (the failure report) to stderr, and to launcher.log."""
