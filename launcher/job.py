@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from launcher.decide import Decision, decide, gather_facts
 from launcher.errors import Interrupted, LaunchError
+from launcher.limits import ensure_descriptors
 from launcher.logs import PRIVATE_DIR
 from launcher.options import Options, heartbeat_timeout_of, kill_timeout_of
 from launcher.plan import Plan, build_plan
@@ -54,6 +55,8 @@ def launch(options: Options) -> int:
     log_dir = options.log_dir or None
     error_dir = os.path.join(log_dir, "errors") if log_dir else None
     decision = decide(options, facts, error_dir, head_links_nodes=options.agent)
+    # before anything starts, even a dry run: too few open files is a mistake it should show
+    ensure_descriptors(decision.inputs.nproc, log_files=decision.log_dir is not None or decision.files_wanted is not None)
     if options.dry_run:
         return show_dry_run(decision, error_dir, options)
     role = role_for(options, decision)
