@@ -24,8 +24,8 @@ _HOSTFILE_FORMS = (
 )
 # A leading '-' would read as an option to ssh-like tools; the rest is what host names and
 # ~/.ssh/config aliases use in practice.
-_HOST_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.$-]*$")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # fullmatch: "$" would let a final newline in
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.$-]*")
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def _parse_address(entry: str) -> tuple[str | None, str, int | None]:
             raise _AddressError("the user name before '@' is empty")
         if "@" in rest:
             raise _AddressError("it has more than one '@'")
-        if not _USER_NAME.match(user):
+        if not _USER_NAME.fullmatch(user):
             raise _AddressError(f"{user!r} is not a user name")
     if rest.startswith("["):
         host, port_text = _split_bracketed(rest)
@@ -189,7 +189,7 @@ def _parse_address(entry: str) -> tuple[str | None, str, int | None]:
     else:
         host, colon, after = rest.partition(":")
         port_text = after if colon else None
-        if not _HOST_NAME.match(host):
+        if not _HOST_NAME.fullmatch(host):
             raise _AddressError("the host name is empty" if not host else f"{host!r} is not a host name")
     return user, host, None if port_text is None else _parse_port(port_text)
 
