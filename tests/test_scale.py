@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import resource
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers_cli import TOKEN_VARIABLE, launcher_argv, processes_with_token
+from helpers_cli import TOKEN_VARIABLE, launcher_argv, processes_with_token, wait_until, write_script
+from sshd import SshdPool, start_sshd_pool
 
 from launcher.limits import FIXED, PER_WORKER_LOG, PER_WORKER_PIPES, SPAWN_TRANSIENT, descriptors_needed
 
@@ -95,3 +96,42 @@ def test_too_small_a_hard_limit_is_an_error_naming_it_and_starts_nothing(job_env
     assert "Traceback" not in result.stderr
     assert not marker.exists() and list(temp.iterdir()) == []
     assert TOKEN_VARIABLE in job_env
+
+
+# -- 16 SSH hosts ---------------------------------------------------------------------------
+
+WIDE_HOSTS = 16
+WIDE_FIRST_ADDRESS = "127.0.8.2"  # 127.0.8.2..17: apart from the suite's pool (127.0.1.x) and the bench's
+SAY_HELLO = """
+import os
+print(f"hello from rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} on node {os.environ['GROUP_RANK']}", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def wide_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdPool]:
+    pool = start_sshd_pool(WIDE_HOSTS, tmp_path_factory.mktemp("wide-sshd"), first_address=WIDE_FIRST_ADDRESS,
+                           alias_prefix="wide", port=0, timeout=30.0)
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+def test_a_16_host_job_connects_runs_every_rank_and_leaves_nothing(
+    wide_pool: SshdPool, tmp_path: Path, job_env: dict[str, str], token: str
+) -> None:
+    home = wide_pool.make_home(tmp_path / "home")
+    script = write_script(tmp_path / "hello.py", SAY_HELLO)
+    result = subprocess.run(
+        launcher_argv("--hosts", ",".join(wide_pool.aliases), "--nproc", "1", "--heartbeat-timeout", "5",
+                      "--env", f"{TOKEN_VARIABLE}={token}", script),
+        env=home.env(job_env), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = sorted(line.split("| ", 1)[1] for line in result.stdout.splitlines() if "hello from rank" in line)
+    assert said == sorted(f"hello from rank {r} of {WIDE_HOSTS} on node {r}" for r in range(WIDE_HOSTS))
+    # Workers carry the token in their environment, agents in their command line (--env).
+    wait_until(lambda: not processes_with_token(token, in_command_line=True), 15, "no worker or agent left")
+    wait_until(lambda: not wide_pool.session_processes(), 15, "no SSH session left on any of the 16 hosts")
