@@ -10,6 +10,7 @@ never with a traceback. Examples are kept few so the whole file runs in seconds.
 from __future__ import annotations
 
 import base64
+import os
 import json
 import struct
 
@@ -351,12 +352,20 @@ def test_random_command_lines_with_dry_run_exit_0_or_2_without_a_traceback(
 
     import cli
 
-    script = tmp_path_factory.getbasetemp() / "train.py"
+    base = tmp_path_factory.getbasetemp()
+    script = base / "train.py"
     script.write_text("print('hi')\n")
+    (base / "empty-bin").mkdir(exist_ok=True)
     args = ["--dry-run"]
     for (name, is_flag), value in chosen:
         args += [name] if is_flag else [name, value]
-    env = {"DDPLAUNCH_CLUSTER": "none", "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": None}
+    # No nvidia-smi on PATH (a GPU box would run it at every example), a HOME of no ~/.ssh, and
+    # none of the caller's torchrun or cluster variables.
+    env: dict[str, str | None] = {
+        key: None for key in os.environ if key.startswith(("PET_", "SLURM_", "OMPI_", "MASTER_", "TORCH"))
+    }
+    env.update({"DDPLAUNCH_CLUSTER": "none", "PATH": str(base / "empty-bin"), "HOME": str(base),
+                "CUDA_VISIBLE_DEVICES": None})
     result = CliRunner().invoke(cli.command, [*args, str(script)], env=env)
     assert result.exit_code in (0, 2), (args, result.output, result.exc_info)
     assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exc_info)
