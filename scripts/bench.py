@@ -17,12 +17,12 @@ untimed warm-up launch of each tool comes first, so neither pays for a cold page
 
 What is measured (all worker scripts are written to a fresh temporary directory):
 
-  launch, teardown, lines, memory, orphans, ranks256   the single-node rows (scripts/bench_local.py
-             describes them): the whole command for 4 and 32 empty workers (<= 0.08), a
-             rank's death to the launcher's exit (<= 0.10), 4 x 100,000 printed lines
-             (<= 0.30, none lost), the launcher's peak RSS (<= 0.15), what survives a
-             SIGKILL of the launcher (ddplaunch: 0), and 256 ranks printing a line each (<= 0.5). Workers get ddplaunch's stack bootstrap
-             (the default), and the teardown row's failure report includes the capture of the
+  launch, teardown, lines, memory, orphans, ranks256   the single-node rows
+             (scripts/bench_local.py describes them): the whole command for 4 and 32 empty
+             workers (<= 0.08), a rank's death to the launcher's exit (<= 0.10), 4 x 100,000
+             printed lines (<= 0.30, none lost), the launcher's peak RSS (<= 0.15), what
+             survives a SIGKILL of the launcher (ddplaunch: 0), and 256 ranks printing a line
+             each (<= 0.5). Workers get ddplaunch's stack bootstrap (the default), and the teardown row's failure report includes the capture of the
              other ranks' stacks; the row checks that the report showed them.
   sigquit, nobootstrap   the stack-report rows of issue 9 (scripts/bench_stacks.py describes
              them): SIGQUIT to the printed report of every rank's stack, 4 ranks (<= 0.5 s)
