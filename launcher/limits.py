@@ -71,7 +71,10 @@ def ensure_descriptors(nproc: int, log_files: bool) -> None:
         raise LaunchError(too_few_message(nproc, log_files, needed, soft, hard))
     if _raised is None:
         _raised = _reserve(soft)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):  # a hard limit above the kernel's nr_open cannot be worn
+        raise LaunchError(too_few_message(nproc, log_files, needed, soft, soft)) from None
 
 
 def too_few_message(nproc: int, log_files: bool, needed: int, soft: int, hard: int) -> str:
@@ -87,7 +90,8 @@ def too_few_message(nproc: int, log_files: bool, needed: int, soft: int, hard: i
 def _reserve(original_soft: int) -> Raised | None:
     parked = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     slots = tuple(os.dup(parked) for _ in range(SPAWN_SLOTS))  # the lowest free: low
-    if max(slots) >= original_soft:  # so many already open that no slot is low: leave as is
+    if max(slots) >= original_soft:  # so many open already that no slot is low: workers then
+        # inherit the raised limit, which is harmless, rather than fail to start
         for fd in (parked, *slots):
             os.close(fd)
         return None
