@@ -107,6 +107,11 @@ def discover_gpus() -> tuple[Gpu, ...]:
     return parse_nvidia_smi(done.stdout)
 
 
+def is_gpu_id(token: str) -> bool:
+    """An index as nvidia-smi numbers GPUs, or a GPU/MIG UUID."""
+    return _ID_TOKEN.fullmatch(token) is not None
+
+
 def parse_gpu_ids(text: str) -> tuple[str, ...]:
     """Validate the --gpu-ids list: indices or UUIDs, comma separated, no duplicates."""
     tokens = [t.strip() for t in text.split(",")]
@@ -116,7 +121,7 @@ def parse_gpu_ids(text: str) -> tuple[str, ...]:
                 f"--gpu-ids {text!r} has an empty entry. Give a comma-separated list "
                 "of GPU indices or UUIDs with no gaps, e.g. --gpu-ids 0,2,4,6."
             )
-        if not _ID_TOKEN.fullmatch(token):
+        if not is_gpu_id(token):
             raise LaunchError(
                 f"--gpu-ids: {token!r} is not a GPU index or UUID. Use non-negative "
                 "indices as nvidia-smi numbers them (e.g. --gpu-ids 0,2) or UUIDs (GPU-...)."

@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from launcher.devices import is_gpu_id
 from launcher.errors import LaunchError
 from launcher.plan import is_plain_int, tcp_port
 
@@ -163,6 +164,13 @@ def _parse_gpus(value: str, where: str) -> tuple[str, ...]:
         raise LaunchError(
             f"{where}: gpus={value} has an empty GPU id; list indexes or UUIDs separated by single commas, "
             "e.g. gpus=0,1."
+        )
+    wrong = next((gpu for gpu in ids if not is_gpu_id(gpu)), None)
+    if wrong is not None:
+        # they become that host's --gpu-ids: caught here, not later by its agent
+        raise LaunchError(
+            f"{where}: gpus={value}: {wrong!r} is not a GPU index or UUID; list indexes as nvidia-smi "
+            "numbers them, or UUIDs (GPU-...), e.g. gpus=0,1."
         )
     repeated = next((gpu for i, gpu in enumerate(ids) if gpu in ids[:i]), None)
     if repeated is not None:

@@ -154,13 +154,18 @@ def test_valid_hosts_mean_user_host_and_port(entries: list[tuple[str, tuple[str 
 
 
 @FEW
-@given(ANY_TEXT)
+@given(st.one_of(ANY_TEXT, NEAR.map(lambda text: f"node1 gpus={text}")))
+@example("node1 gpus=x")
+@example("node1 gpus=٣")
 def test_any_hostfile_parses_or_is_a_launch_error(text: str) -> None:
     try:
         specs = parse_hostfile(text, "hosts.txt")
     except LaunchError:
         return
     assert specs and all(s.slots is None or s.slots >= 1 for s in specs)
+    for spec in specs:
+        if spec.gpus is not None:  # they become that host's --gpu-ids: an error there would come late, remotely
+            assert parse_gpu_ids(",".join(spec.gpus)) == spec.gpus
 
 
 @FEW
