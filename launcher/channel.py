@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from launcher.frames import EXIT, Frame, FrameError, FrameReader
+from launcher.frames import (
+    ATTEMPT_END, DATA, END_OF_STREAM, EXIT, READY, Frame, FrameError, FrameReader, decode_exit, decode_ready,
+)
 
 READ_BYTES = 1 << 16
 STDERR_TAIL = 20  # lines of the agent's stderr kept to explain an agent that never said ready
@@ -90,15 +92,20 @@ class AgentChannel:
         """The frames completed by this piece of the agent's stdout, less its own EXIT, kept here."""
         if not data:
             return []  # the exit event follows
+        good: list[Frame] = []
         try:
-            frames = self.frames.feed(data)
+            for frame in self.frames.feed(data):
+                check_frame(frame)
+                if frame.kind == EXIT:
+                    self.said_exit = decode_exit(frame)
+                else:
+                    good.append(frame)
         except FrameError as exc:
-            self.stderr_tail.append(str(exc))
-            return []
-        for frame in frames:
-            if frame.kind == EXIT:
-                self.said_exit = int(frame.text)
-        return [frame for frame in frames if frame.kind != EXIT]
+            # Garbage from one host is that host's error, named among what it said outside
+            # frames; nothing after it is read. The frames before it were good.
+            self.frames.give_up()
+            self.stderr_tail = (self.stderr_tail + [str(exc)])[-STDERR_TAIL:]
+        return good
 
     def read_err(self, data: bytes) -> list[str]:
         if not data:
@@ -132,3 +139,19 @@ class AgentChannel:
     @property
     def exit_code(self) -> int | None:
         return self.said_exit if self.said_exit is not None else self.exit_status
+
+
+def check_frame(frame: Frame) -> None:
+    """FrameError for a frame whose head-side reader would fail on it: a stream that is not
+    stdout or stderr, a negative rank, READY or ATTEMPT_END text that does not decode."""
+    if frame.kind in (DATA, END_OF_STREAM) and (frame.rank < 0 or frame.stream not in (1, 2)):
+        raise FrameError(f"output of rank {frame.rank} stream {frame.stream}: no such rank or stream")
+    if frame.kind == READY:
+        decode_ready(frame)
+    elif frame.kind == ATTEMPT_END:
+        from launcher.protocol import AttemptEnd
+
+        try:
+            AttemptEnd.from_text(frame.text)
+        except (ValueError, TypeError, OverflowError) as exc:  # json's 1e400 is inf: int() overflows
+            raise FrameError(f"ATTEMPT_END {frame.payload[:80]!r}: {exc}") from None

@@ -15,7 +15,8 @@ NVIDIA_SMI_TIMEOUT_S = 20.0
 # nvidia-smi exits 6 with "No devices were found" on a box with a driver and no GPU.
 NVIDIA_SMI_NO_DEVICES = 6
 
-_ID_TOKEN = re.compile(r"^(\d+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+)$")
+# [0-9], not \d: \d also takes '٣', which int() reads as 3; fullmatch: "$" lets a final "\n" in
+_ID_TOKEN = re.compile(r"[0-9]+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+")
 # nvidia-smi writes 00000000:1B:00.0 (older drivers 0000:1B:00.0); sysfs 0000:1b:00.0.
 _PCI_BUS_ID = re.compile(r"^([0-9a-fA-F]{1,8}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 
@@ -106,6 +107,11 @@ def discover_gpus() -> tuple[Gpu, ...]:
     return parse_nvidia_smi(done.stdout)
 
 
+def is_gpu_id(token: str) -> bool:
+    """An index as nvidia-smi numbers GPUs, or a GPU/MIG UUID."""
+    return _ID_TOKEN.fullmatch(token) is not None
+
+
 def parse_gpu_ids(text: str) -> tuple[str, ...]:
     """Validate the --gpu-ids list: indices or UUIDs, comma separated, no duplicates."""
     tokens = [t.strip() for t in text.split(",")]
@@ -115,7 +121,7 @@ def parse_gpu_ids(text: str) -> tuple[str, ...]:
                 f"--gpu-ids {text!r} has an empty entry. Give a comma-separated list "
                 "of GPU indices or UUIDs with no gaps, e.g. --gpu-ids 0,2,4,6."
             )
-        if not _ID_TOKEN.match(token):
+        if not is_gpu_id(token):
             raise LaunchError(
                 f"--gpu-ids: {token!r} is not a GPU index or UUID. Use non-negative "
                 "indices as nvidia-smi numbers them (e.g. --gpu-ids 0,2) or UUIDs (GPU-...)."

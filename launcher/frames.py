@@ -59,8 +59,23 @@ def encode_ready(master_addr: str, master_port: int) -> bytes:
 
 
 def decode_ready(frame: Frame) -> tuple[str, int]:
-    found = json.loads(frame.payload)
-    return str(found["addr"]), int(found["port"])
+    """FrameError when the payload is not READY's JSON (AgentChannel checks before the head reads)."""
+    try:
+        found = json.loads(frame.payload)
+        addr, port = found["addr"], found["port"]
+    except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+        raise FrameError(f"READY {frame.payload[:80]!r}: {exc}") from None
+    if not isinstance(addr, str) or type(port) is not int or not 0 <= port <= 65535:
+        raise FrameError(f"READY {frame.payload[:80]!r}: not an address and a port")
+    return addr, port
+
+
+def decode_exit(frame: Frame) -> int:
+    """EXIT's exit code; FrameError when it is not one."""
+    text = frame.payload.decode("ascii", "replace").strip()
+    if not text.lstrip("-").isdigit() or not text.isascii():
+        raise FrameError(f"EXIT {frame.payload[:80]!r}: not an exit code")
+    return int(text)
 
 
 class FrameReader:
@@ -70,8 +85,12 @@ class FrameReader:
         self._buffer = bytearray()
         self._synced = False
         self.noise = b""  # what came before the agent's first frame
+        self.failed = False  # after garbage nothing more is read: no frame boundary can be trusted
 
     def feed(self, data: bytes) -> list[Frame]:
+        """The frames `data` completes; FrameError once, at the first bytes that are no frame."""
+        if self.failed:
+            return []  # and kept nowhere: a host sending garbage must not fill the head's memory
         self._buffer += data
         if not self._synced and not self._sync():
             return []
@@ -79,13 +98,20 @@ class FrameReader:
         while len(self._buffer) >= HEADER.size:
             kind, rank, stream, length = HEADER.unpack_from(self._buffer)
             if not DATA <= kind <= LAST_KIND or length > MAX_PAYLOAD:
-                raise FrameError(bytes(self._buffer[:200]).decode("utf-8", "replace"))
+                garbage = bytes(self._buffer[:200]).decode("utf-8", "replace")
+                self.give_up()
+                raise FrameError(garbage)
             end = HEADER.size + length
             if len(self._buffer) < end:
                 break
             frames.append(Frame(kind, rank, stream, bytes(self._buffer[HEADER.size : end])))
             del self._buffer[:end]
         return frames
+
+    def give_up(self) -> None:
+        """Read no more: the stream broke here (garbage, or a frame its reader cannot use)."""
+        self.failed = True
+        self._buffer = bytearray()
 
     def _sync(self) -> bool:
         at = self._buffer.find(SYNC)

@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from launcher.devices import is_gpu_id
 from launcher.errors import LaunchError
 from launcher.plan import is_plain_int, tcp_port
 
@@ -24,8 +25,8 @@ _HOSTFILE_FORMS = (
 )
 # A leading '-' would read as an option to ssh-like tools; the rest is what host names and
 # ~/.ssh/config aliases use in practice.
-_HOST_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.$-]*$")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # fullmatch: "$" would let a final newline in
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.$-]*")
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,13 @@ def _parse_gpus(value: str, where: str) -> tuple[str, ...]:
             f"{where}: gpus={value} has an empty GPU id; list indexes or UUIDs separated by single commas, "
             "e.g. gpus=0,1."
         )
+    wrong = next((gpu for gpu in ids if not is_gpu_id(gpu)), None)
+    if wrong is not None:
+        # they become that host's --gpu-ids: caught here, not later by its agent
+        raise LaunchError(
+            f"{where}: gpus={value}: {wrong!r} is not a GPU index or UUID; list indexes as nvidia-smi "
+            "numbers them, or UUIDs (GPU-...), e.g. gpus=0,1."
+        )
     repeated = next((gpu for i, gpu in enumerate(ids) if gpu in ids[:i]), None)
     if repeated is not None:
         raise LaunchError(f"{where}: gpus={value} lists GPU {repeated} twice; each worker needs its own GPU.")
@@ -180,7 +188,7 @@ def _parse_address(entry: str) -> tuple[str | None, str, int | None]:
             raise _AddressError("the user name before '@' is empty")
         if "@" in rest:
             raise _AddressError("it has more than one '@'")
-        if not _USER_NAME.match(user):
+        if not _USER_NAME.fullmatch(user):
             raise _AddressError(f"{user!r} is not a user name")
     if rest.startswith("["):
         host, port_text = _split_bracketed(rest)
@@ -189,7 +197,7 @@ def _parse_address(entry: str) -> tuple[str | None, str, int | None]:
     else:
         host, colon, after = rest.partition(":")
         port_text = after if colon else None
-        if not _HOST_NAME.match(host):
+        if not _HOST_NAME.fullmatch(host):
             raise _AddressError("the host name is empty" if not host else f"{host!r} is not a host name")
     return user, host, None if port_text is None else _parse_port(port_text)
 

@@ -13,9 +13,10 @@ from dataclasses import replace
 
 from launcher.decide import Decision, decide, gather_facts
 from launcher.errors import Interrupted, LaunchError
+from launcher.limits import ensure_descriptors
 from launcher.logs import PRIVATE_DIR
 from launcher.options import Options, heartbeat_timeout_of, kill_timeout_of
-from launcher.plan import Plan, build_plan
+from launcher.plan import Plan, build_plan, is_plain_int
 from launcher.roles import Role, role_for
 from launcher.stdin import keep_stdin_open
 
@@ -78,10 +79,16 @@ def _read_env_file(path: str) -> str:
 
 def launch(options: Options) -> int:
     """This node's part of the job."""
+    if options.nproc is not None and is_plain_int(options.nproc.strip()):
+        # planning is linear in --nproc: a typo such as --nproc 99999999 --force must be
+        # refused now, not after minutes of it (checked again below with what was decided)
+        ensure_descriptors(int(options.nproc), log_files=options.log_dir is not None)
     facts = gather_facts(options)
     log_dir = options.log_dir or None
     error_dir = os.path.join(log_dir, "errors") if log_dir else None
     decision = decide(options, facts, error_dir, head_links_nodes=options.agent)
+    # before anything starts, even a dry run: too few open files is a mistake it should show
+    ensure_descriptors(decision.inputs.nproc, log_files=decision.log_dir is not None or decision.files_wanted is not None)
     if options.dry_run:
         return show_dry_run(decision, error_dir, options)
     role = role_for(options, decision)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from launcher.limits import original_limit
 from launcher.plan import Worker
 from launcher.watchdog import Watchdog
 
@@ -56,15 +57,19 @@ def start_process(
     posix_spawn has no affinity attribute, but a child starts with the mask of the thread that
     spawned it, so this thread wears the worker's mask for the spawn. The mask is per thread:
     no other thread, and so no other start, can inherit it meanwhile.
+
+    The open-files limit is worn the same way, for the same reason (launcher.limits), though it
+    is the whole process's.
     """
-    if cpus is None:
-        return os.posix_spawnp(argv[0], list(argv), environment, file_actions=actions, setsid=True)
-    own = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        return os.posix_spawnp(argv[0], list(argv), environment, file_actions=actions, setsid=True)
-    finally:
-        os.sched_setaffinity(0, own)
+    with original_limit(actions) as low_actions:
+        if cpus is None:
+            return os.posix_spawnp(argv[0], list(argv), environment, file_actions=low_actions, setsid=True)
+        own = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, cpus)
+        try:
+            return os.posix_spawnp(argv[0], list(argv), environment, file_actions=low_actions, setsid=True)
+        finally:
+            os.sched_setaffinity(0, own)
 
 
 class WorkerTree:

@@ -17,12 +17,12 @@ untimed warm-up launch of each tool comes first, so neither pays for a cold page
 
 What is measured (all worker scripts are written to a fresh temporary directory):
 
-  launch, teardown, lines, memory, orphans   the single-node rows (scripts/bench_local.py
-             describes them): the whole command for 4 and 32 empty workers (<= 0.08), a
-             rank's death to the launcher's exit (<= 0.10), 4 x 100,000 printed lines
-             (<= 0.30, none lost), the launcher's peak RSS (<= 0.15), and what survives a
-             SIGKILL of the launcher (ddplaunch: 0). Workers get ddplaunch's stack bootstrap
-             (the default), and the teardown row's failure report includes the capture of the
+  launch, teardown, lines, memory, orphans, ranks256   the single-node rows
+             (scripts/bench_local.py describes them): the whole command for 4 and 32 empty
+             workers (<= 0.08), a rank's death to the launcher's exit (<= 0.10), 4 x 100,000
+             printed lines (<= 0.30, none lost), the launcher's peak RSS (<= 0.15), what
+             survives a SIGKILL of the launcher (ddplaunch: 0), and 256 ranks printing a line
+             each (<= 0.5). Workers get ddplaunch's stack bootstrap (the default), and the teardown row's failure report includes the capture of the
              other ranks' stacks; the row checks that the report showed them.
   sigquit, nobootstrap   the stack-report rows of issue 9 (scripts/bench_stacks.py describes
              them): SIGQUIT to the printed report of every rank's stack, 4 ranks (<= 0.5 s)
@@ -32,8 +32,9 @@ What is measured (all worker scripts are written to a fresh temporary directory)
   nodes      multi-node rows (scripts/bench_nodes.py describes them): `--hosts` with 8 vs 2
              hosts over real sshd servers on this machine (<= 1.5), a failure on static
              node 1 -> node 0's workers stopped and its launcher exited (<= 2 s; torchrun's
-             node 0 never stops), and 4 x 50,000 lines through SSH against one node (0 lost).
-             `--only hosts,crossnode,sshlines` picks single ones.
+             node 0 never stops), 4 x 50,000 lines through SSH against one node (0 lost), and
+             the connect phase of 16 hosts against 2 (<= 2.0). `--only hosts,crossnode,sshlines,connect16`
+             picks single ones.
 
 This module is the entry: the options, which rows run, the report. The three row modules
 share their helpers through scripts/benchlib.py and do not import each other.
@@ -126,11 +127,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 repetitions (every measurement still runs)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--only", metavar="LIST",
-                        help="comma-separated subset: launch,teardown,lines,memory,orphans; the stack reports' "
-                             "sigquit,nobootstrap, or 'stacks' for both; the multi-node hosts,crossnode,sshlines, "
-                             "or 'nodes' for those three (default: all)")
+                        help="comma-separated subset: launch,teardown,lines,memory,orphans,ranks256; the stack reports' "
+                             "sigquit,nobootstrap, or 'stacks' for both; the multi-node hosts,crossnode,sshlines,connect16, "
+                             "or 'nodes' for those four (default: all)")
     parser.add_argument("--no-nodes", action="store_true",
-                        help="skip the multi-node rows (hosts, crossnode, sshlines)")
+                        help="skip the multi-node rows (hosts, crossnode, sshlines, connect16)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up launches")
     args = parser.parse_args()
     reps = 2 if args.quick else args.reps

@@ -21,6 +21,10 @@ scripts are written to a fresh temporary directory):
              lost = 400,000 minus lines counted.              <= 0.30 with none lost
   memory     peak RSS (VmHWM from /proc/PID/status, sampled every 20 ms, max kept) of the
              launcher process itself, not its workers, for 4 workers that sleep 2 s.  <= 0.15
+  ranks256   256 workers that each print one line (`ranks256 line RANK`), ddplaunch with
+             --force, stdout to a file: wall time of the whole command, and every rank's line
+             checked. ddplaunch's launcher holds two pipes per rank (launcher.limits raises
+             its open-files limit when needed).                       target ratio <= 0.5
   orphans    4 workers that each start a child sleeping 60 s, then write a "ready" file.
              Once all 4 are ready the launcher pid gets SIGKILL; 3 s later the processes
              still alive that carry this launch's BENCH_TOKEN in their environment are
@@ -68,7 +72,9 @@ from benchlib import (
     wait_exit,
 )
 
-LOCAL_KEYS = ("launch", "teardown", "lines", "memory", "orphans")
+LOCAL_KEYS = ("launch", "teardown", "lines", "memory", "orphans", "ranks256")
+WIDE_NPROC = 256
+WIDE_TARGET = 0.5
 LINES_PER_RANK = 100_000
 LINES_RANKS = 4
 
@@ -84,6 +90,10 @@ if os.environ["RANK"] == "1":
 time.sleep(60)
 """,
     "lines.py": lines_script(LINES_PER_RANK),
+    "one_line.py": """\
+import os
+print("ranks256 line", os.environ["RANK"], flush=True)
+""",
     "sleep2.py": """\
 import time
 time.sleep(2)
@@ -273,6 +283,32 @@ def run_orphans(bench: Bench, tool: str, extra: dict) -> float:
         shutil.rmtree(ready, ignore_errors=True)
 
 
+def run_wide(bench: Bench, tool: str, extra: dict) -> float:
+    """256 ranks, one line each: wall time; the ranks whose line reached stdout go in extra."""
+    out_path = bench.workdir / f"out-wide-{tool}-{uuid.uuid4().hex[:8]}.txt"
+    opts = ("--force",) if tool == "ddplaunch" else ()
+    argv = bench.argv(tool, WIDE_NPROC, "one_line.py", tool_opts=opts)
+    try:
+        with open(out_path, "wb") as out:
+            t0 = time.perf_counter()
+            proc, token = bench.start(argv, out, subprocess.DEVNULL, f"ranks256 {tool}")
+            try:
+                if wait_exit(proc, timeout=300) is None:
+                    raise Timeout(f"{tool} ranks256")
+                elapsed = time.perf_counter() - t0
+            finally:
+                finish(proc, token)
+        seen = set(re.findall(rb"ranks256 line (\d+)$", out_path.read_bytes(), re.MULTILINE))
+        extra.setdefault("ranks_heard", []).append(len(seen))
+        if proc.returncode != 0:
+            raise RuntimeError(f"{tool} ranks256 exited {proc.returncode}")
+        if len(seen) != WIDE_NPROC:
+            raise RuntimeError(f"{tool} ranks256: {len(seen)} of {WIDE_NPROC} ranks' lines reached stdout")
+        return elapsed
+    finally:
+        out_path.unlink(missing_ok=True)
+
+
 # -- running reps, alternating --------------------------------------------------------------
 
 
@@ -342,6 +378,10 @@ def measure_local(bench: Bench, reps: int, only: set[str]) -> list[Row]:
         log("memory, nproc 4")
         rows.append(alternate(Row("memory", "launcher peak RSS", "MiB", 0.15), reps,
                               lambda tool, _x: run_memory(bench, tool)))
+    if want("ranks256"):
+        log(f"ranks256: {WIDE_NPROC} workers, one line each")
+        rows.append(alternate(Row("ranks256", f"launch, nproc {WIDE_NPROC}, a line each", "s", WIDE_TARGET), reps,
+                              lambda tool, x: run_wide(bench, tool, x)))
     if want("orphans"):
         log("orphans after SIGKILL of the launcher, nproc 4")
         rows.append(alternate(Row("orphans", "survivors of SIGKILL", "procs", None), reps,
@@ -446,6 +486,11 @@ def render_local(rows: list[Row]) -> list[str]:
             lines.append(f"lines lost on stdout ({total:,} expected per run), {tool:<9}: per rep {lost}"
                          f"{'' if not per else f'; last run per rank {per[-1]}'}"
                          f"; lost in its --log-dir files: {in_files}")
+    if "ranks256" in by_key:
+        row = by_key["ranks256"]
+        lines.append("")
+        lines.append(f"ranks256: ranks whose line reached stdout, of {WIDE_NPROC}, per rep: "
+                     + "; ".join(f"{tool} {row.extra[tool].get('ranks_heard', [])}" for tool in TOOLS))
     if "orphans" in by_key:
         row = by_key["orphans"]
         lines.append("")

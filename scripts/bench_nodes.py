@@ -12,6 +12,11 @@ the helpers they share with the single-node rows (bench_local.py) live in benchl
              The notes split the time by the head's own stderr lines (connecting, connected,
              all agents ready), and say how many workers saw the SIGTERM (a handler writes
              `term-<RANK>`) rather than a SIGKILL, and how often the head called a host lost.
+  connect16  the connect phase alone: `ddplaunch --hosts` with 16 hosts and with 2, --nproc 1
+             (alternating), a worker that exits at once. Measured: from Popen to the head's
+             "all N hosts ready" line (every SSH session open, every agent started and
+             checked). Then the job must end 0 and leave no worker, agent or SSH session.
+             Ratio 16 hosts / 2 hosts (16 agents share 2 CPUs here).  target <= 2.0
   crossnode  static mode, 2 nodes x 2 workers, both launchers on this machine. Every worker
              does init_process_group("gloo") + barrier; rank 3 (node 1) then writes
              time.time() and calls os._exit(1); the others sleep 60 s with a SIGTERM handler
@@ -25,8 +30,8 @@ the helpers they share with the single-node rows (bench_local.py) live in benchl
              (`ddplaunch --nproc 4`). Wall time, ratio ssh / local, lines per second over the
              wall time and from the first line on (start-up aside). Target: 0 lines lost.
 
-The "hosts" are 8 OpenSSH servers (scripts/sshd.py) on 127.0.1.40-47 of this one machine,
-reached through a throw-away HOME whose ~/.ssh/config names them bench1..bench8: they
+The "hosts" are 8 OpenSSH servers (16 when connect16 runs) (scripts/sshd.py) on 127.0.1.40+
+of this one machine, reached through a throw-away HOME whose ~/.ssh/config names them bench1..: they
 share this machine's CPUs, so 8 hosts cost 4x the CPU of 2 hosts here (each node agent
 is a login shell plus a Python start). torchrun has no SSH mode: its column is n/a there.
 The pool is stopped, with every session it holds, in a finally block.
@@ -68,11 +73,13 @@ from benchlib import (
 )
 from sshd import SshdPool, SshHome, start_sshd_pool
 
-NODE_KEYS = ("hosts", "crossnode", "sshlines")
+NODE_KEYS = ("hosts", "crossnode", "sshlines", "connect16")
 POOL_FIRST_ADDRESS = "127.0.1.40"  # the test suite's servers use 127.0.1.2-9
 POOL_ALIAS = "bench"
 HOST_COUNTS = (2, 8)
 HOSTS_TARGET = 1.5
+CONNECT_COUNTS = (2, 16)
+CONNECT_TARGET = 2.0
 CROSSNODE_TARGET_S = 2.0
 CROSSNODE_BOUND_S = 10.0  # after rank 3's failure, how long node 0 is given to stop
 SSH_LINES_PER_RANK = 50_000
@@ -131,6 +138,10 @@ if rank == 3:  # fail once the others are past the barrier, asleep with their ha
 time.sleep(60)
 """,
     "lines50k.py": lines_script(SSH_LINES_PER_RANK),
+    "hello.py": """\
+import os
+print("hello from rank", os.environ["RANK"], flush=True)
+""",
 }
 
 
@@ -164,6 +175,33 @@ class HostsRow(NodeRow):
 
     def cells(self) -> tuple[str, str, str, str]:
         few, many = HOST_COUNTS
+        ratio = self.ratio()
+        return (
+            f"{secs(self.median(f'{many} hosts'))} ({many} hosts)",
+            "n/a (no SSH mode)",
+            f"{secs(self.median(f'{few} hosts'))} ({few} hosts)",
+            "n/a" if ratio is None else f"{ratio:.3f} ({many}/{few})",
+        )
+
+
+class ConnectRow(NodeRow):
+    """series: "N hosts" -> seconds from Popen to every agent ready."""
+
+    def ratio(self) -> float | None:
+        few, many = (self.median(f"{n} hosts") for n in CONNECT_COUNTS)
+        return many / few if few and many is not None else None
+
+    def target(self) -> str:
+        return f"<= {CONNECT_TARGET:g} ({CONNECT_COUNTS[1]}/{CONNECT_COUNTS[0]})"
+
+    def ok(self) -> bool | None:
+        ratio = self.ratio()
+        if ratio is None:
+            return None
+        return ratio <= CONNECT_TARGET and self.leftovers_ok() and not self.errors
+
+    def cells(self) -> tuple[str, str, str, str]:
+        few, many = CONNECT_COUNTS
         ratio = self.ratio()
         return (
             f"{secs(self.median(f'{many} hosts'))} ({many} hosts)",
@@ -391,6 +429,35 @@ def run_hosts(nodes: Nodes, count: int, extra: dict[str, Any]) -> float:
         shutil.rmtree(ready, ignore_errors=True)
 
 
+def run_connect(nodes: Nodes, count: int, extra: dict[str, Any]) -> float:
+    """Seconds from Popen to the head's "all N hosts ready"; the job then runs to its end."""
+    bench = nodes.bench
+    token = bench.new_token()
+    argv = [nodes.ddplaunch, "--hosts", nodes.hosts(count), "--nproc", "1", "--env", f"BENCH_TOKEN={token}",
+            str(bench.workdir / "hello.py")]
+    t0 = time.perf_counter()
+    proc, _ = bench.start(argv, subprocess.DEVNULL, subprocess.PIPE, f"connect {count}", env=nodes.ssh_env(), token=token)
+    assert proc.stderr is not None
+    watch = StderrWatch(proc.stderr, t0)
+    try:
+        if wait_exit(proc, timeout=START_TIMEOUT_S) is None:
+            raise Timeout(f"connect {count}: the job did not end within {START_TIMEOUT_S:g} s")
+        procs, sessions = nodes.left_behind(token)
+        watch.close()
+        extra.setdefault("left_behind", []).append(procs + sessions)
+        extra.setdefault("connected_s", []).append(watch.phases["connected"])
+        ready = watch.phases["agents_ready"]
+        if proc.returncode != 0 or ready is None:
+            raise RuntimeError(f"connect {count}: exit {proc.returncode}, hosts ready at {ready}: {watch.said()}")
+        if procs or sessions:
+            raise RuntimeError(f"{procs} process(es) and {sessions} SSH session(s) left after the job")
+        return ready
+    finally:
+        finish(proc, token)
+        nodes.kill_sessions()
+        watch.close()
+
+
 def static_argv(nodes: Nodes, tool: str, node_rank: int, port: int, outdir: Path) -> list[str]:
     common = ["--nnodes", "2", "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
     script = [str(nodes.bench.workdir / "crossnode.py"), str(outdir)]
@@ -511,15 +578,18 @@ def measure_nodes(bench: Bench, reps: int, selected: set[str]) -> list[NodeRow]:
     nodes = Nodes(bench)
     rows: list[NodeRow] = []
     try:
-        if selected & {"hosts", "sshlines"}:
+        if selected & {"hosts", "sshlines", "connect16"}:
             t0 = time.perf_counter()
-            nodes.pool = start_sshd_pool(max(HOST_COUNTS), bench.workdir / "sshd",
+            size = max(HOST_COUNTS + (CONNECT_COUNTS if "connect16" in selected else ()))
+            nodes.pool = start_sshd_pool(size, bench.workdir / "sshd",
                                          first_address=POOL_FIRST_ADDRESS, alias_prefix=POOL_ALIAS)
             nodes.home = nodes.pool.make_home(bench.workdir / "ssh-home")
             log(f"sshd pool: {', '.join(f'{s.alias}={s.address}:{s.port}' for s in nodes.pool.servers)} "
                 f"({time.perf_counter() - t0:.2f} s to start)")
         if "hosts" in selected:
             rows.append(measure_hosts(nodes, reps))
+        if "connect16" in selected:
+            rows.append(measure_connect(nodes, reps))
         if "crossnode" in selected:
             rows.extend(measure_crossnode(nodes, reps))
         if "sshlines" in selected:
@@ -539,6 +609,19 @@ def measure_hosts(nodes: Nodes, reps: int) -> NodeRow:
         for count in HOST_COUNTS:
             name = f"{count} hosts"
             row.series[name].append(sample(row, rep, reps, name, run_hosts, nodes, count, row.extra[name]))
+    row.extra["left_behind"] = [n for name in row.series for n in row.extra[name].get("left_behind", [])]
+    return row
+
+
+def measure_connect(nodes: Nodes, reps: int) -> NodeRow:
+    few, many = CONNECT_COUNTS
+    log(f"connect16: {many} vs {few} hosts over SSH, --nproc 1, until every agent is ready")
+    row = ConnectRow("connect16", f"connect: {many} vs {few} hosts to every agent ready",
+                     {f"{n} hosts": [] for n in CONNECT_COUNTS}, {f"{n} hosts": {} for n in CONNECT_COUNTS})
+    for rep in range(reps):
+        for count in CONNECT_COUNTS:
+            name = f"{count} hosts"
+            row.series[name].append(sample(row, rep, reps, name, run_connect, nodes, count, row.extra[name]))
     row.extra["left_behind"] = [n for name in row.series for n in row.extra[name].get("left_behind", [])]
     return row
 
@@ -587,13 +670,22 @@ def render_nodes(rows: Sequence[NodeRow]) -> list[str]:
     header = ("multi-node measurement", "ddplaunch (median)", "torchrun (median)", "reference (median)",
               "ratio", "target", "ok?")
     body = [(row.label, *row.cells(), row.target(), ok_mark(row.ok())) for row in rows]
-    lines = [(f"# multi-node: the hosts are {max(HOST_COUNTS)} sshd servers on {POOL_FIRST_ADDRESS}+ of this "
+    servers = max(HOST_COUNTS + (CONNECT_COUNTS if any(row.key == "connect16" for row in rows) else ()))
+    lines = [(f"# multi-node: the hosts are {servers} sshd servers on {POOL_FIRST_ADDRESS}+ of this "
               "one machine (they share its CPUs)")]
     lines += draw_table(header, body)
     by_key = {row.key: row for row in rows}
     if "hosts" in by_key:
         lines.append("")
         lines += hosts_notes(by_key["hosts"])
+    if "connect16" in by_key:
+        row = by_key["connect16"]
+        lines.append("")
+        for count in CONNECT_COUNTS:
+            x = row.extra[f"{count} hosts"]
+            lines.append(f"connect16, {count} hosts: every agent ready after {rounded(row.series[f'{count} hosts'])} s "
+                         f"per rep (all SSH sessions open, agents started, after {rounded(x.get('connected_s', []))} s); "
+                         f"processes/sessions left {x.get('left_behind', [])}")
     if "crossnode_workers" in by_key:
         row = by_key["crossnode_workers"]
         lines.append("")
