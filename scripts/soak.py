@@ -13,8 +13,8 @@ no live process carries the marker (/proc/*/environ), none of the launch's proce
 zombie, the TMPDIR is empty, and the launcher's peak RSS (os.wait4's ru_maxrss: the launcher
 is this script's child) is recorded; at the end the first and last runs of each scenario
 are compared. A `ddplaunch-<pid>-*` left in TMPDIR by a SIGKILLed launcher is counted on its
-own (the launcher that made it ran no code to remove it; the guard may), and fails the soak
-unless --tolerate-kill9-dirs.
+own (the launcher that made it ran no code to remove it: its guard must), and fails the soak
+like any other left dir.
 
     scripts/soak.py                # 200 launches
     scripts/soak.py --runs 10      # two of each, a few seconds
@@ -335,11 +335,10 @@ def table(tallies: dict[str, Tally]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
-def verdict(tallies: dict[str, Tally], tolerate_kill9_dirs: bool) -> bool:
+def verdict(tallies: dict[str, Tally]) -> bool:
     every = [t for t in tallies.values()]
-    if any(t.failures or t.total("left_processes") or t.total("left_dirs") or t.total("zombies") for t in every):
-        return False
-    if not tolerate_kill9_dirs and any(t.total("kill9_dirs") for t in every):
+    left = ("left_processes", "left_dirs", "kill9_dirs", "zombies")
+    if any(t.failures or any(t.total(what) for what in left) for t in every):
         return False
     return not any(t.rss_grew() for t in every if len(t.outcomes) >= 2 * RSS_WINDOW)
 
@@ -351,14 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ddplaunch", default=str(Path(sys.executable).with_name("ddplaunch")),
                         help="the launcher to soak (default: the one beside this Python)")
     parser.add_argument("--keep", action="store_true", help="keep every run's directory, not only failed ones'")
-    parser.add_argument("--tolerate-kill9-dirs", action="store_true",
-                        help="a SIGKILLed launcher's ddplaunch-<pid>-* temp dir is reported but does not fail")
     args = parser.parse_args(argv)
     root = args.dir or Path(tempfile.mkdtemp(prefix="ddplaunch-soak-"))
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     tallies = soak(args.runs, root, args.ddplaunch, args.keep, progress=args.runs >= 50)
-    good = verdict(tallies, args.tolerate_kill9_dirs)
+    good = verdict(tallies)
     print(table(tallies))
     print(f"{args.runs} launches in {time.monotonic() - started:.1f}s; {'nothing left' if good else 'FAILED'}")
     if args.dir is None and good and not args.keep:
