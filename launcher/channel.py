@@ -2,7 +2,9 @@
 
 Two pump threads per channel post one typed event each time they read (ChannelEvent) onto
 the head's queue; everything else runs on the head's thread, in the order the events came,
-so a channel is closed only after every byte it sent before its exit has been read.
+so a channel is closed only after every byte it sent before its exit has been read. Every
+byte from the agent counts as its word (launcher.heartbeat): from its first ready on, an agent
+silent for the heartbeat timeout is abandoned (a cut network closes nothing by itself).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from launcher.frames import EXIT, Frame, FrameError, FrameReader
+from launcher.frames import BEAT_LINE, EXIT, Frame, FrameError, FrameReader
+from launcher.heartbeat import Silence
 
 READ_BYTES = 1 << 16
 STDERR_TAIL = 20  # lines of the agent's stderr kept to explain an agent that never said ready
@@ -41,6 +44,8 @@ class AgentChannel:
         self.stderr_tail: list[str] = []
         self.exit_status: int | None = None  # SSH's, -1 when none came
         self.said_exit: int | None = None  # the agent's own EXIT frame
+        self.silence: Silence | None = None  # watched from the agent's first ready on
+        self.silent = False  # abandoned: nothing heard from it for the heartbeat timeout
 
     # -- the transport ------------------------------------------------------------------------
 
@@ -81,6 +86,28 @@ class AgentChannel:
             except OSError:
                 pass
 
+    def beat(self) -> None:
+        """The head's heartbeat; skipped when the SSH window is shut (sendall would block:
+        the agent has not read for a while, and its own silence will tell)."""
+        if self.running and self._channel.send_ready():
+            self.tell(BEAT_LINE)
+
+    def watch(self, timeout: float) -> None:
+        """From now on, silence for `timeout` means the agent is gone (the first call counts)."""
+        if self.silence is None:
+            self.silence = Silence(timeout)
+
+    @property
+    def went_silent(self) -> bool:
+        return self.running and self.silence is not None and self.silence.over
+
+    def abandon(self) -> None:
+        """Silent too long: closed now, lost, its session dropped (its pumps then end). The
+        close sends nothing that waits for the dead link: paramiko's packetizer closes first."""
+        self.silent = True
+        self.exit_status = -1
+        self._client.close()
+
     def close(self) -> None:
         self._client.close()
 
@@ -90,6 +117,7 @@ class AgentChannel:
         """The frames completed by this piece of the agent's stdout, less its own EXIT, kept here."""
         if not data:
             return []  # the exit event follows
+        self._heard()
         try:
             frames = self.frames.feed(data)
         except FrameError as exc:
@@ -103,12 +131,18 @@ class AgentChannel:
     def read_err(self, data: bytes) -> list[str]:
         if not data:
             return []
+        self._heard()
         lines = data.decode("utf-8", "replace").splitlines()
         self.stderr_tail = (self.stderr_tail + lines)[-STDERR_TAIL:]
         return lines
 
+    def _heard(self) -> None:
+        if self.silence is not None:
+            self.silence.heard()
+
     def exited(self, status: int) -> None:
-        self.exit_status = status
+        if not self.silent:  # abandoned, it stays lost whatever the dropped session says
+            self.exit_status = status
 
     def said_outside_frames(self) -> list[str]:
         """What the agent, or the shell before it, printed that is not frames: stderr, then stdout."""

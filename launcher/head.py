@@ -8,7 +8,11 @@ rank's lines. The head links the nodes (no store, so agents never import torch):
 node to report how an attempt ended speaks for all (launcher.protocol.Referee decides), and
 the head tells every node at once; restarts start when every node is ready again. Ctrl-C
 here becomes a stop sent to every agent; a host whose connection drops stops its own
-workers (its agent reads end of file) and the head ends the attempt for the others. The
+workers (its agent reads end of file) and the head ends the attempt for the others. A
+network that drops packets closes nothing, so the head and each agent also beat to each
+other every HEARTBEAT_INTERVAL_S: a host silent for --heartbeat-timeout after its first ready
+is lost the same way (its session is dropped, the others are stopped), and an agent that
+hears nothing from the head for as long stops its own workers. The
 head's stdin goes to the --stdin rank's agent, a piece each time it asks (launcher.stdin_relay).
 Stack reports are job-wide and the head's: SIGQUIT, or a stall of the whole job's output
 (the head sees every line), asks every agent for its ranks' stacks (launcher.headstacks)
@@ -31,10 +35,12 @@ from launcher.channel import AgentChannel, ChannelEvent
 from launcher.errors import Interrupted, LaunchError
 from launcher.fanout import Host, agent_argv, prefixed_world_size, preflight_problem, remote_command
 from launcher.frames import (
-    ATTEMPT_END, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, go_line,
+    ATTEMPT_END, HEARTBEAT, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, go_line,
 )
 from launcher.headstacks import AgentStacks, HeadReports
+from launcher.heartbeat import Metronome
 from launcher.inputs import sooner
+from launcher.options import HEARTBEAT_INTERVAL_S, heartbeat_timeout_of
 from launcher.protocol import NOT_A_NODE, AttemptEnd, Referee, job_exit_code
 from launcher.stdin_relay import ForwardedStdin
 from launcher.wakepipe import WakePipe
@@ -76,6 +82,9 @@ class Head:
         self._stdin: ForwardedStdin | None = None  # while the loop runs
         self._reports = _head_reports(options, hosts, self.agents)
         self._stalled: str | None = None  # --stall-action stop ended the job: why
+        self._silence_s = heartbeat_timeout_of(options)
+        self._beats = Metronome(HEARTBEAT_INTERVAL_S)
+        self._stopped_waiting: set[int] = set()  # node ranks told to stop waiting for a go
 
     def run(self) -> int:
         from launcher.options import parse_signals
@@ -117,8 +126,11 @@ class Head:
             if time.monotonic() > deadline:
                 slow = ", ".join(h.name for h in self._unanswered())
                 raise LaunchError(f"no answer from the agent on {slow} within {READY_TIMEOUT_S:g}s; nothing was started.")
-            _wait_readable(self._wake.read_fd, deadline - time.monotonic())
+            _wait_readable(self._wake.read_fd, min(deadline - time.monotonic(), self._touch_due_in()))
             self._drain(printer=None)
+            silent = self._keep_in_touch()
+            if silent:
+                raise LaunchError("; ".join(self._silent_line(h) for h in silent) + "; nothing was started.")
         failed = [(h, self.agents[h.node_rank]) for h in self.hosts if h.node_rank not in self._ready]
         if failed:
             problems = [preflight_problem(h.name, a.exit_status, a.said_outside_frames(), self.workdir, self.python)
@@ -165,11 +177,14 @@ class Head:
         try:
             while not all(a.closed for a in self.agents):
                 printer.tick()
-                for key, _ in selector.select(sooner(printer.due_in(), self._reports.due_in())):
+                wait = sooner(sooner(printer.due_in(), self._reports.due_in()), self._touch_due_in())
+                for key, _ in selector.select(wait):
                     if isinstance(key.data, ForwardedStdin):
                         key.data.forward()
                 self._handle_signals(inbox, printer)
                 self._drain(printer)
+                for host in self._keep_in_touch():
+                    self._lose_silent(host, printer)
                 self._advance_stacks(printer)
         finally:
             self._reports.end_attempt()
@@ -200,8 +215,14 @@ class Head:
 
         lost = [h for h in self.hosts if self.agents[h.node_rank].lost]
         for host in lost:
-            printer.note(f"lost {host.name} (node {host.node_rank}): its connection or agent ended without an exit status")
-        code = job_exit_code([a.exit_code for a in self.agents], any_lost=bool(lost))
+            if self.agents[host.node_rank].silent:
+                printer.note(f"{self._silent_line(host)}: the network or the host is down")
+            else:
+                printer.note(f"lost {host.name} (node {host.node_rank}): its connection or agent ended without an exit status")
+        # An agent stopped from waiting for a go exits "interrupted" (130) because we told it
+        # to: the job's code is the lost host's.
+        codes = [None if a.node_rank in self._stopped_waiting else a.exit_code for a in self.agents]
+        code = job_exit_code(codes, any_lost=bool(lost))
         if self._stalled is not None:
             printer.note(f"root cause: the job stalled ({self._stalled}); the report above shows where each rank was")
             code = STALL_EXIT_CODE
@@ -225,6 +246,44 @@ class Head:
         end = AttemptEnd("stalled", NOT_A_NODE, "the SSH head", f"the job stalled: {reason}", STALL_EXIT_CODE)
         self._tell_every_host(self._referee.node_ended(end.to_text()))
 
+    # -- heartbeats: a host that says nothing for the timeout is gone ------------------------------
+
+    def _touch_due_in(self) -> float:
+        """Seconds until the next beat is due or the first watched host would be gone."""
+        watched = [a.silence.due_in() for a in self.agents if a.running and a.silence is not None]
+        return min([self._beats.due_in(), *watched])
+
+    def _keep_in_touch(self) -> list[Host]:
+        """Beat to every agent when due; the hosts that fell silent now, abandoned (closed, lost).
+        Called after a drain, so every byte that came before counts."""
+        if self._beats.take():
+            for agent in self.agents:
+                agent.beat()
+        silent = [h for h in self.hosts if self.agents[h.node_rank].went_silent]
+        for host in silent:
+            self.agents[host.node_rank].abandon()
+        return silent
+
+    def _lose_silent(self, host: Host, printer: Printer) -> None:
+        """As a host whose connection dropped: the attempt ends as "lost" on every other host."""
+        printer.note(f"{self._silent_line(host)}: stopping the workers on every other host")
+        why = f"nothing heard from it for {self._silence_s:g} s: the network or the host is down"
+        self._tell_every_host(self._referee.host_ended(
+            host.node_rank, host.name, lost=True, exit_code=None,
+            every_host_closed=all(a.closed for a in self.agents), why=why,
+        ))
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        """A host is lost, so no restart can start: the agents that wait for its go (which an
+        attempt's end does not reach) stop, as on SIGTERM, and the job ends."""
+        for node_rank in self._ready.keys() - self._stopped_waiting:
+            self._stopped_waiting.add(node_rank)  # once: a second stop would kill at once
+            self.agents[node_rank].tell(b"stop SIGTERM\n")
+
+    def _silent_line(self, host: Host) -> str:
+        return f"lost {host.name} (node {host.node_rank}): nothing heard from it for {self._silence_s:g} s"
+
     # -- events: what the agents said, in the order they said it ---------------------------------
 
     def _drain(self, printer: Printer | None) -> None:
@@ -242,7 +301,7 @@ class Head:
                 for line in agent.read_err(event.data):
                     if printer is not None and line.strip():
                         printer.note(f"{host.name}: {line}")
-            else:
+            elif not agent.silent:  # an abandoned host's dropped session says nothing new
                 agent.exited(event.status)
                 if printer is not None:
                     self._on_exit(host, agent, printer)
@@ -250,6 +309,9 @@ class Head:
     def _on_frame(self, host: Host, frame: Frame, printer: Printer | None) -> None:
         if frame.kind == READY:
             self._ready[host.node_rank] = decode_ready(frame)
+            self.agents[host.node_rank].watch(self._silence_s)  # its agent beats from here on
+            if printer is not None and any(a.lost for a in self.agents):
+                self._stop_waiting()  # ready for a restart that cannot come
             if printer is not None and len(self._ready) == len(self.hosts):
                 self._send_go()  # every node is ready for a restart
                 self._reports.begin_attempt(printer)
@@ -261,6 +323,8 @@ class Head:
             self._tell_every_host(self._referee.node_succeeded(host.node_rank, host.name))
         elif frame.kind == OVER:
             self._referee.node_over(host.node_rank)
+        elif frame.kind == HEARTBEAT:
+            pass  # its bytes were its word (AgentChannel.read_out)
         elif frame.kind == WANT_STDIN:
             if self._stdin is not None:
                 self._stdin.want(self.agents[host.node_rank], frame.rank)
@@ -272,11 +336,12 @@ class Head:
             host.node_rank, host.name, lost=agent.lost, exit_code=agent.exit_code,
             every_host_closed=all(a.closed for a in self.agents),
         )
-        if end is None:
-            return
+        if end is not None:
+            if agent.lost:
+                printer.note(f"lost {host.name} (node {host.node_rank}): stopping the workers on every other host")
+            self._tell_every_host(end)
         if agent.lost:
-            printer.note(f"lost {host.name} (node {host.node_rank}): stopping the workers on every other host")
-        self._tell_every_host(end)
+            self._stop_waiting()
 
     def _tell_every_host(self, end: str | None) -> None:
         if end is not None:
