@@ -188,3 +188,82 @@ def test_a_running_agent_takes_the_heads_silence_as_its_end_of_file(monkeypatch:
     assert killed == [(os.getpid(), signal.SIGTERM)]
     assert beats.gone
     os.close(head_reads)
+
+
+# -- the head's side, before its go: a ready host that falls silent ---------------------------
+
+
+class Session:
+    """Stands in for a paramiko channel: says `out`, then nothing until closed."""
+
+    def __init__(self, out: bytes) -> None:
+        self.out = [out] if out else []
+        self.sent: list[bytes] = []
+        self.closed = threading.Event()
+
+    def exec_command(self, command: str) -> None:
+        pass
+
+    def recv(self, size: int) -> bytes:
+        if self.out:
+            return self.out.pop(0)
+        self.closed.wait(WAIT_S)
+        return b""
+
+    recv_stderr = recv
+
+    def recv_exit_status(self) -> int:
+        return -1
+
+    def send_ready(self) -> bool:
+        return True
+
+    def sendall(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def shutdown_write(self) -> None:
+        pass
+
+
+class Client:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get_transport(self) -> Client:
+        return self
+
+    def open_session(self) -> Session:
+        return self.session
+
+    def close(self) -> None:
+        self.session.closed.set()
+
+
+def test_the_head_gives_up_before_its_go_on_a_ready_host_that_fell_silent() -> None:
+    """Host a says ready, then nothing (cut off); host b is still starting. Without its go no
+    worker runs anywhere: the head names a and stops, within the timeout, not READY_TIMEOUT_S."""
+    from launcher.channel import AgentChannel
+    from launcher.errors import LaunchError
+    from launcher.fanout import Host
+    from launcher.frames import encode_ready
+    from launcher.head import Head
+    from launcher.hosts import HostSpec
+    from launcher.options import Options
+    from launcher.ssh import SshTarget
+
+    names = ("a", "b")
+    hosts = [Host(rank, HostSpec(n, n), SshTarget(n, n, 22, "u", ())) for rank, n in enumerate(names)]
+    fields = {name: None for name in Options.__dataclass_fields__}
+    options = Options(**{**fields, "script": "train.py", "script_args": (), "heartbeat_timeout": 0.5})
+    head = Head(options, hosts, [], "/work")
+    sessions = [Session(SYNC + encode_ready("10.0.0.1", 29500)), Session(b"")]
+    head.agents[:] = [AgentChannel(h.node_rank, Client(s), head._post) for h, s in zip(hosts, sessions)]
+    for agent in head.agents:
+        agent.start("agent")
+    started = time.monotonic()
+    with pytest.raises(LaunchError, match=r"lost a \(node 0\): nothing heard from it for 0.5 s; nothing was started"):
+        head._await_ready()
+    assert 0.5 <= time.monotonic() - started < WAIT_S
+    assert sessions[0].closed.is_set() and not sessions[1].closed.is_set()  # a's session dropped
+    assert all(BEAT_LINE in s.sent for s in sessions)  # the head beat to both meanwhile
+    sessions[1].closed.set()
