@@ -93,7 +93,8 @@ class Head:
         try:
             with _Status(f"connecting to {len(self.hosts)} host(s)") as status:
                 accept_new = self.options.ssh_accept_new_host_keys
-                self.agents[:] = connect(self.hosts, self._post, accept_new_host_keys=accept_new)
+                outlast = self._silence_s + HEARTBEAT_INTERVAL_S
+                self.agents[:] = connect(self.hosts, self._post, accept_new_host_keys=accept_new, outlast_s=outlast)
                 self._start_agents()
                 status(f"waiting for {len(self.hosts)} host(s) to be ready")
                 self._await_ready()
@@ -372,14 +373,20 @@ def _head_reports(options: Options, hosts: Sequence[Host], agents: Sequence[Agen
 
 
 def connect(
-    hosts: Sequence[Host], post: Callable[[ChannelEvent], None], *, accept_new_host_keys: bool
+    hosts: Sequence[Host], post: Callable[[ChannelEvent], None], *, accept_new_host_keys: bool, outlast_s: float = 0.0,
 ) -> list[AgentChannel]:
-    """Every host at once, or none (launcher.ssh.connect_all); one channel per host, by node rank."""
-    from launcher.ssh import connect_all
+    """Every host at once, or none (launcher.ssh.connect_all); one channel per host, by node rank.
+    TCP gives up on a silent link no sooner than `outlast_s`: the heartbeat, which names the
+    host, has the first word."""
+    from launcher.ssh import DEAD_LINK_S, connect_all
+
+    dead_link_s = max(DEAD_LINK_S, outlast_s)
 
     added: list[str] = []
     try:
-        clients = connect_all([h.target for h in hosts], accept_new_host_keys=accept_new_host_keys, added_keys=added)
+        clients = connect_all(
+            [h.target for h in hosts], accept_new_host_keys=accept_new_host_keys, added_keys=added, dead_link_s=dead_link_s
+        )
     finally:
         for line in added:  # as OpenSSH says "Permanently added ..."
             print(f"ddplaunch: {line}", file=sys.stderr, flush=True)

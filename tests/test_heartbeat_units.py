@@ -267,3 +267,17 @@ def test_the_head_gives_up_before_its_go_on_a_ready_host_that_fell_silent() -> N
     assert sessions[0].closed.is_set() and not sessions[1].closed.is_set()  # a's session dropped
     assert all(BEAT_LINE in s.sent for s in sessions)  # the head beat to both meanwhile
     sessions[1].closed.set()
+
+
+@pytest.mark.parametrize(("dead_link_s", "user_timeout_ms", "keepalive_s"), [(20.0, 20000, 5), (62.0, 62000, 15)])
+def test_tcp_gives_up_on_a_silent_link_no_sooner_than_asked(dead_link_s: float, user_timeout_ms: int, keepalive_s: int) -> None:
+    """The head asks for --heartbeat-timeout plus a beat (at least ssh.DEAD_LINK_S), so that a
+    longer timeout is not cut short by the kernel dropping the connection first."""
+    import socket
+
+    from launcher.ssh import _notice_dead_links
+
+    with socket.socket() as sock:
+        _notice_dead_links(sock, dead_link_s)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == user_timeout_ms
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == keepalive_s
