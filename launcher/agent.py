@@ -46,7 +46,7 @@ from launcher.frames import (
     encode_ready,
     parse_command,
 )
-from launcher.heartbeat import Metronome, Silence
+from launcher.heartbeat import Metronome, Silence, beat_interval
 from launcher.logs import Printer, Stream
 from launcher.protocol import AttemptEnd, EndKind, StackAnswer
 from launcher.wakepipe import WakePipe
@@ -117,7 +117,7 @@ HEARTBEAT_FRAME = encode(HEARTBEAT, b"")
 class Heartbeat:
     """The agent's side of the heartbeats, from its first ready to its exit.
 
-    A thread sends a HEARTBEAT frame every HEARTBEAT_INTERVAL_S and watches the head's word:
+    A thread sends a HEARTBEAT frame every beat_interval and watches the head's word:
     every line from the head counts (the reader calls heard()), its "beat" every interval
     among them. Silent for the whole timeout, the head is gone (the network or its host is
     down): the wire gives up, so no write blocks on it, and the action given to when_silent
@@ -127,10 +127,8 @@ class Heartbeat:
     def __init__(
         self, timeout: float, out_fd: int = 1, *, wire: HeadWire = _WIRE, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        from launcher.options import HEARTBEAT_INTERVAL_S
-
         self.silence = Silence(timeout, clock)
-        self._beats = Metronome(HEARTBEAT_INTERVAL_S, clock)
+        self._beats = Metronome(beat_interval(timeout), clock)
         self._out_fd = out_fd
         self._wire = wire
         self._lock = threading.Lock()
@@ -165,6 +163,9 @@ class Heartbeat:
                 self._wire.send_if_free(self._out_fd, HEARTBEAT_FRAME)
 
     def _give_up(self) -> None:
+        # If the head is only slow, not gone, this says why the workers stop (if it fits now).
+        why = f"nothing heard from the head for {self.silence.timeout:g} s: stopping this node's workers"
+        self._wire.send_if_free(self._out_fd, encode(NOTE, why.encode()))
         with self._lock:
             self._wire.give_up()
             action = self._on_silence

@@ -46,6 +46,7 @@ class AgentChannel:
         self.said_exit: int | None = None  # the agent's own EXIT frame
         self.silence: Silence | None = None  # watched from the agent's first ready on
         self.silent = False  # abandoned: nothing heard from it for the heartbeat timeout
+        self._sending = threading.Lock()  # the head's thread and its beats' share the channel: whole lines
 
     # -- the transport ------------------------------------------------------------------------
 
@@ -72,6 +73,10 @@ class AgentChannel:
             self._post(ChannelEvent(self.node_rank, "exit", status=channel.recv_exit_status()))
 
     def tell(self, line: bytes) -> None:
+        with self._sending:
+            self._send(line)
+
+    def _send(self, line: bytes) -> None:
         if self.running:
             try:
                 self._channel.sendall(line)
@@ -87,10 +92,16 @@ class AgentChannel:
                 pass
 
     def beat(self) -> None:
-        """The head's heartbeat; skipped when the SSH window is shut (sendall would block:
-        the agent has not read for a while, and its own silence will tell)."""
-        if self.running and self._channel.send_ready():
-            self.tell(BEAT_LINE)
+        """The head's heartbeat, from the beats' thread. It never waits: skipped while a line is
+        being sent, or when the SSH window is shut (the agent has not read for a while, and
+        its own silence will tell)."""
+        if not self._sending.acquire(blocking=False):
+            return
+        try:
+            if self.running and self._channel.send_ready():
+                self._send(BEAT_LINE)
+        finally:
+            self._sending.release()
 
     def watch(self, timeout: float) -> None:
         """From now on, silence for `timeout` means the agent is gone (the first call counts)."""

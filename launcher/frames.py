@@ -8,9 +8,9 @@ for every node), "stop SIGNAME", "stacks N" (read every rank's stack and answer 
 with a STACKS frame, launcher.protocol.StackAnswer's text), and for the --stdin rank's agent "stdin BASE64" (a piece of
 the head's stdin, sent only when that agent asked with WANT_STDIN) and "stdin-eof"; end of
 file means the head is gone, and the agent stops its workers. Each side beats to the other
-every HEARTBEAT_INTERVAL_S, in every phase: the agent a HEARTBEAT frame, the head a "beat"
-line; a side that hears nothing at all for --heartbeat-timeout calls the other gone
-(launcher.heartbeat), as at end of file.
+every HEARTBEAT_INTERVAL_S (faster for a short timeout), in every phase: the agent a
+HEARTBEAT frame, the head a "beat" line; a side that hears nothing at all for
+--heartbeat-timeout calls the other gone (launcher.heartbeat), as at end of file.
 """
 
 from __future__ import annotations

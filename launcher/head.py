@@ -10,10 +10,11 @@ the head tells every node at once; restarts start when every node is ready again
 here becomes a stop sent to every agent; a host whose connection drops stops its own
 workers (its agent reads end of file) and the head ends the attempt for the others. A
 network that drops packets closes nothing, so the head and each agent also beat to each
-other every HEARTBEAT_INTERVAL_S: a host silent for --heartbeat-timeout after its first ready
-is lost the same way (its session is dropped, the others are stopped), and an agent that
-hears nothing from the head for as long stops its own workers. The
-head's stdin goes to the --stdin rank's agent, a piece each time it asks (launcher.stdin_relay).
+other every HEARTBEAT_INTERVAL_S (faster for a short timeout; the head's from a thread, so
+a loop held up on the terminal still beats): a host silent for --heartbeat-timeout after its
+first ready is lost the same way (its session is dropped, the others are stopped), and an
+agent that hears nothing from the head for as long stops its own workers. The head's stdin
+goes to the --stdin rank's agent, a piece each time it asks (launcher.stdin_relay).
 Stack reports are job-wide and the head's: SIGQUIT, or a stall of the whole job's output
 (the head sees every line), asks every agent for its ranks' stacks (launcher.headstacks)
 and prints one report; --stall-action stop then ends the attempt everywhere as "stalled".
@@ -26,6 +27,7 @@ import queue
 import selectors
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -38,7 +40,7 @@ from launcher.frames import (
     ATTEMPT_END, HEARTBEAT, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, go_line,
 )
 from launcher.headstacks import AgentStacks, HeadReports
-from launcher.heartbeat import Metronome
+from launcher.heartbeat import beat_interval
 from launcher.inputs import sooner
 from launcher.options import HEARTBEAT_INTERVAL_S, heartbeat_timeout_of
 from launcher.protocol import NOT_A_NODE, AttemptEnd, Referee, job_exit_code
@@ -83,7 +85,7 @@ class Head:
         self._reports = _head_reports(options, hosts, self.agents)
         self._stalled: str | None = None  # --stall-action stop ended the job: why
         self._silence_s = heartbeat_timeout_of(options)
-        self._beats = Metronome(HEARTBEAT_INTERVAL_S)
+        self._beats: _Beats | None = None  # from the agents' start to the close
         self._stopped_waiting: set[int] = set()  # node ranks told to stop waiting for a go
 
     def run(self) -> int:
@@ -115,6 +117,7 @@ class Head:
     def _start_agents(self) -> None:
         for host, agent in zip(self.hosts, self.agents):
             agent.start(remote_command(agent_argv(self.options, host, self.env, len(self.hosts)), self.workdir))
+        self._beats = _Beats(self.agents, beat_interval(self._silence_s))  # each agent watches from its ready on
 
     def _post(self, event: ChannelEvent) -> None:
         """From the pump threads: one queue, and a pipe that wakes the loop."""
@@ -127,9 +130,10 @@ class Head:
             if time.monotonic() > deadline:
                 slow = ", ".join(h.name for h in self._unanswered())
                 raise LaunchError(f"no answer from the agent on {slow} within {READY_TIMEOUT_S:g}s; nothing was started.")
-            _wait_readable(self._wake.read_fd, min(deadline - time.monotonic(), self._touch_due_in()))
+            left, silence = deadline - time.monotonic(), self._silence_due_in()
+            _wait_readable(self._wake.read_fd, left if silence is None else min(left, silence))
             self._drain(printer=None)
-            silent = self._keep_in_touch()
+            silent = self._abandon_silent()
             if silent:
                 raise LaunchError("; ".join(self._silent_line(h) for h in silent) + "; nothing was started.")
         failed = [(h, self.agents[h.node_rank]) for h in self.hosts if h.node_rank not in self._ready]
@@ -178,13 +182,13 @@ class Head:
         try:
             while not all(a.closed for a in self.agents):
                 printer.tick()
-                wait = sooner(sooner(printer.due_in(), self._reports.due_in()), self._touch_due_in())
+                wait = sooner(sooner(printer.due_in(), self._reports.due_in()), self._silence_due_in())
                 for key, _ in selector.select(wait):
                     if isinstance(key.data, ForwardedStdin):
                         key.data.forward()
                 self._handle_signals(inbox, printer)
                 self._drain(printer)
-                for host in self._keep_in_touch():
+                for host in self._abandon_silent():
                     self._lose_silent(host, printer)
                 self._advance_stacks(printer)
         finally:
@@ -249,17 +253,14 @@ class Head:
 
     # -- heartbeats: a host that says nothing for the timeout is gone ------------------------------
 
-    def _touch_due_in(self) -> float:
-        """Seconds until the next beat is due or the first watched host would be gone."""
+    def _silence_due_in(self) -> float | None:
+        """Seconds until the first watched host would be gone; None while none is watched."""
         watched = [a.silence.due_in() for a in self.agents if a.running and a.silence is not None]
-        return min([self._beats.due_in(), *watched])
+        return min(watched, default=None)
 
-    def _keep_in_touch(self) -> list[Host]:
-        """Beat to every agent when due; the hosts that fell silent now, abandoned (closed, lost).
-        Called after a drain, so every byte that came before counts."""
-        if self._beats.take():
-            for agent in self.agents:
-                agent.beat()
+    def _abandon_silent(self) -> list[Host]:
+        """The hosts that fell silent now, abandoned (closed, lost). Called after a drain, so
+        every byte that came before counts, however long the loop was held up."""
         silent = [h for h in self.hosts if self.agents[h.node_rank].went_silent]
         for host in silent:
             self.agents[host.node_rank].abandon()
@@ -354,6 +355,8 @@ class Head:
 
     def _close(self) -> None:
         """Closing our side is the agents' signal to stop (end of file); wait for them, bounded."""
+        if self._beats is not None:
+            self._beats.stop()
         for agent in self.agents:
             agent.shutdown_write()
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
@@ -363,6 +366,29 @@ class Head:
         for agent in self.agents:
             agent.close()
         self._wake.close()
+
+
+class _Beats:
+    """The head's beat to every agent every `interval`, from a thread of its own: a
+    loop held up on its terminal (Ctrl-S, a slow pipe) must not make the agents think the head
+    is gone and stop a healthy job."""
+
+    def __init__(self, agents: Sequence[AgentChannel], interval: float) -> None:
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, args=(agents,), name="ddplaunch-beats", daemon=True)
+        self._thread.start()
+
+    def _run(self, agents: Sequence[AgentChannel]) -> None:
+        while True:
+            for agent in agents:
+                agent.beat()
+            if self._stop.wait(self._interval):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=CLOSE_TIMEOUT_S)  # a beat never waits (AgentChannel.beat)
 
 
 def _head_reports(options: Options, hosts: Sequence[Host], agents: Sequence[AgentChannel]) -> HeadReports:
@@ -385,7 +411,8 @@ def connect(
     added: list[str] = []
     try:
         clients = connect_all(
-            [h.target for h in hosts], accept_new_host_keys=accept_new_host_keys, added_keys=added, dead_link_s=dead_link_s
+            [h.target for h in hosts], accept_new_host_keys=accept_new_host_keys, added_keys=added,
+            dead_link_s=dead_link_s,
         )
     finally:
         for line in added:  # as OpenSSH says "Permanently added ..."

@@ -1,16 +1,27 @@
 """How long a peer has said nothing, and when it is gone (pure: the clock is injected).
 
-The SSH head and each agent beat to each other every HEARTBEAT_INTERVAL_S (launcher.options)
-and count every byte from the other side as its word. A packet-dropping network closes no
-connection (TCP only gives up after minutes, or after ssh.DEAD_LINK_S with data unanswered),
-so silence is the only sign: one side that hears nothing for --heartbeat-timeout calls the
-other gone. Both sides keep one Silence per peer; their loops ask it when to look again.
+The SSH head and each agent beat to each other every HEARTBEAT_INTERVAL_S (launcher.options;
+faster for a short timeout: beat_interval) and count every byte from the other side as its
+word. A packet-dropping network closes no connection (TCP gives up only after minutes, or
+after the head's dead-link timeout with data unanswered), so silence is the only sign: a
+side that hears nothing for --heartbeat-timeout calls the other gone. Each side keeps one
+Silence per peer and asks it when to look again.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+from launcher.options import HEARTBEAT_INTERVAL_S
+
+BEATS_PER_TIMEOUT = 4  # a timeout shorter than 4 intervals beats faster: jitter is not silence
+
+
+def beat_interval(timeout: float) -> float:
+    """How often each side beats: every HEARTBEAT_INTERVAL_S, or faster for a short timeout
+    (--heartbeat-timeout 2 beats every 0.5 s), so that a late beat or two is not silence."""
+    return min(HEARTBEAT_INTERVAL_S, timeout / BEATS_PER_TIMEOUT)
 
 
 class Silence:

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from launcher.frames import BEAT_LINE, HEARTBEAT, LAST_KIND, SYNC, FrameError, FrameReader, encode, go_line, parse_command
+from launcher.frames import (
+    BEAT_LINE, HEARTBEAT, LAST_KIND, NOTE, SYNC, FrameError, FrameReader, encode, go_line, parse_command,
+)
 from launcher.heartbeat import Metronome, Silence
 
 pytestmark = pytest.mark.unit
@@ -59,6 +61,13 @@ def test_the_metronome_beats_at_once_then_every_interval() -> None:
     assert not beats.take() and beats.due_in() == 0.5
     clock.now += 0.7  # late (a busy loop): the next one is an interval from now, not from then
     assert beats.take() and beats.due_in() == 2.0
+
+
+@pytest.mark.parametrize(("timeout", "interval"), [(10.0, 2.0), (60.0, 2.0), (3.0, 0.75), (2.0, 0.5)])
+def test_a_short_timeout_beats_faster_so_a_late_beat_is_not_silence(timeout: float, interval: float) -> None:
+    from launcher.heartbeat import beat_interval
+
+    assert beat_interval(timeout) == interval
 
 
 # -- the byte protocol: one more frame kind, one more verb -------------------------------------
@@ -143,6 +152,9 @@ def test_the_agent_beats_at_once_and_calls_a_silent_head_gone_once() -> None:
     assert gone.wait(WAIT_S)
     assert len(calls) == 1 and 1.9 <= calls[0] < 0.9 + 1.0 + 1.0
     assert wire.gone and not wire.send(write_fd, b"x")
+    *beats_sent, last = FrameReader().feed(SYNC + os.read(read_fd, 1 << 16))
+    assert {f.kind for f in beats_sent} == {HEARTBEAT} and len(beats_sent) >= 3  # every 0.25 s
+    assert last.kind == NOTE and last.text == "nothing heard from the head for 1 s: stopping this node's workers"
     late: list[int] = []
     beats.when_silent(lambda: late.append(1))  # attached after the silence: runs at once
     assert late == [1]
@@ -258,15 +270,15 @@ def test_the_head_gives_up_before_its_go_on_a_ready_host_that_fell_silent() -> N
     head = Head(options, hosts, [], "/work")
     sessions = [Session(SYNC + encode_ready("10.0.0.1", 29500)), Session(b"")]
     head.agents[:] = [AgentChannel(h.node_rank, Client(s), head._post) for h, s in zip(hosts, sessions)]
-    for agent in head.agents:
-        agent.start("agent")
+    head._start_agents()
     started = time.monotonic()
     with pytest.raises(LaunchError, match=r"lost a \(node 0\): nothing heard from it for 0.5 s; nothing was started"):
         head._await_ready()
     assert 0.5 <= time.monotonic() - started < WAIT_S
     assert sessions[0].closed.is_set() and not sessions[1].closed.is_set()  # a's session dropped
     assert all(BEAT_LINE in s.sent for s in sessions)  # the head beat to both meanwhile
-    sessions[1].closed.set()
+    sessions[1].closed.set()  # b ends too
+    head._close()
 
 
 @pytest.mark.parametrize(("dead_link_s", "user_timeout_ms", "keepalive_s"), [(20.0, 20000, 5), (62.0, 62000, 15)])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers_cli import TOKEN_VARIABLE, Run, wait_until, write_script
+from helpers_cli import TOKEN_VARIABLE, Run, launcher_argv, wait_until, write_script
 from sshd import SshdPool, SshHome, start_sshd_pool
 
 TIMEOUT_S = 3
@@ -142,3 +142,33 @@ def test_a_host_cut_off_while_the_others_wait_to_restart_ends_the_job(
         assert "lost cut2 (node 1): nothing heard from it for 3 s" in job.run.err
         wait_until(lambda: all(gone(pid) for pid in job.workers), NO_WORKER_S - (time.monotonic() - cut_at),
                    "no worker left on either host")
+
+
+CHATTY = """
+import sys
+for i in range(2000):
+    print(f"line {i} " + "y" * 1000)
+sys.stdout.flush()
+"""
+
+
+def test_a_head_held_up_on_its_terminal_is_not_taken_for_gone(
+    cut_home: SshHome, job_env: dict[str, str], token: str, tmp_path: Path
+) -> None:
+    """No packet is dropped here: the head's own stdout stops being read (a terminal paused
+    with Ctrl-S), so its loop blocks on a write for longer than the timeout. Its beats come
+    from a thread of their own, so the agents wait, and the job ends well once it is read."""
+    script = write_script(tmp_path / "chatty.py", CHATTY)
+    argv = launcher_argv("--hosts", "cut1,cut2", "--nproc", "1", "--heartbeat-timeout", "2",
+                         "--env", f"{TOKEN_VARIABLE}={token}", script)
+    with (tmp_path / "err").open("wb") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=cut_home.env(job_env), cwd=tmp_path)
+        try:
+            assert proc.stdout is not None and os.read(proc.stdout.fileno(), 1)  # running; 4 MB will not fit the pipe
+            time.sleep(2.5 * 2)  # the stall itself is what is tested: unread for 2.5 timeouts
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            proc.kill() if proc.poll() is None else None
+    said = (tmp_path / "err").read_text()
+    assert proc.returncode == 0, said
+    assert out.count(b" | line ") == 2 * 2000 and "nothing heard" not in said
