@@ -9,15 +9,19 @@ anything is planned; it is never on a command line): a stop becomes the signal i
 to ourselves, so it takes the one path every stop takes; a stack request is read by the
 supervisor's loop, which answers it with a STACKS frame; end of file (the head died, or the
 SSH connection dropped) becomes SIGTERM. The agent of the --stdin rank also gets the head's
-stdin there, a piece at a time (launcher.stdin_relay).
+stdin there, a piece at a time (launcher.stdin_relay). From its first ready on, the agent
+beats to the head and watches the head's beats (Heartbeat): a head silent for
+--heartbeat-timeout (a network that drops packets closes nothing) is gone, as at end of file.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import select
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -27,6 +31,7 @@ from launcher.frames import (
     DATA,
     END_OF_STREAM,
     EVENT,
+    HEARTBEAT,
     NOTE,
     OVER,
     STACKS,
@@ -43,7 +48,8 @@ from launcher.frames import (
     encode_ready,
     parse_command,
 )
-from launcher.logs import Printer, Stream, _write_all
+from launcher.heartbeat import Metronome, Silence, beat_interval
+from launcher.logs import Printer, Stream
 from launcher.protocol import AttemptEnd, EndKind, StackAnswer
 from launcher.wakepipe import WakePipe
 
@@ -51,7 +57,122 @@ if TYPE_CHECKING:
     from launcher.snapshot import RankSnapshot
 
 T = TypeVar("T")
-_TO_HEAD = threading.Lock()  # two threads send frames: the supervisor's and the stdin pipe's
+
+
+class HeadWire:
+    """The agent's stdout, its one line to the head, written by three threads (the supervisor's,
+    the stdin pipe's, the heartbeat's): one lock keeps each frame whole.
+
+    No write waits past the head's end. A head that stops reading (a cut network: the SSH
+    window fills, then the pipe to sshd) would block a plain write forever, and with it the
+    loop that must stop the workers. So each piece goes out only when poll says there is room,
+    at most PIPE_BUF bytes (a pipe with room takes that many without blocking), and the poll
+    also wakes when the head is declared gone (give_up): from then on every write fails at once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gone = WakePipe()  # rung once: the head is gone
+        self.gone = False
+
+    def send(self, fd: int, data: bytes) -> bool:
+        """Write all of `data`; False when the head is gone (before or while writing)."""
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                if self.gone or not self._room(fd, None):
+                    return False
+                view = view[os.write(fd, view[: select.PIPE_BUF]) :]
+            return True
+
+    def send_if_free(self, fd: int, data: bytes) -> bool:
+        """A small message, now or never: skipped while another frame is being written or the
+        pipe is full (the bytes already waiting say as much as a beat). Never blocks."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self.gone or not self._room(fd, 0.0):
+                return False
+            return os.write(fd, data) == len(data)
+        finally:
+            self._lock.release()
+
+    def give_up(self) -> None:
+        """The head is gone: writes under way and to come fail at once."""
+        self.gone = True
+        self._gone.ring()
+
+    def _room(self, fd: int, timeout: float | None) -> bool:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        poller.register(self._gone.read_fd, select.POLLIN)
+        ready = dict(poller.poll(None if timeout is None else timeout * 1000))
+        if self._gone.read_fd in ready or self.gone:
+            return False
+        return bool(ready.get(fd, 0) & select.POLLOUT)  # POLLERR/POLLHUP: the write says why
+
+
+_WIRE = HeadWire()  # one per agent process: stdout is its only line to the head
+HEARTBEAT_FRAME = encode(HEARTBEAT, b"")
+
+
+class Heartbeat:
+    """The agent's side of the heartbeats, from its first ready to its exit.
+
+    A thread sends a HEARTBEAT frame every beat_interval and watches the head's word:
+    every line from the head counts (the reader calls heard()), its "beat" every interval
+    among them. Silent for the whole timeout, the head is gone (the network or its host is
+    down): the wire gives up, so no write blocks on it, and the action given to when_silent
+    runs once: the stop that stdin's end of file makes.
+    """
+
+    def __init__(
+        self, timeout: float, out_fd: int = 1, *, wire: HeadWire = _WIRE, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.silence = Silence(timeout, clock)
+        self._beats = Metronome(beat_interval(timeout), clock)
+        self._out_fd = out_fd
+        self._wire = wire
+        self._lock = threading.Lock()
+        self._on_silence: Callable[[], None] | None = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="ddplaunch-heartbeat", daemon=True).start()
+
+    def heard(self) -> None:
+        self.silence.heard()
+
+    @property
+    def gone(self) -> bool:
+        return self._wire.gone
+
+    def when_silent(self, action: Callable[[], None]) -> None:
+        """Run `action` once when the head falls silent; at once if it already has."""
+        with self._lock:
+            if not self._wire.gone:
+                self._on_silence = action
+                return
+        action()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(self._beats.due_in(), self.silence.due_in())):
+            if self.silence.over:
+                self._give_up()
+                return
+            if self._beats.take():
+                self._wire.send_if_free(self._out_fd, HEARTBEAT_FRAME)
+
+    def _give_up(self) -> None:
+        # If the head is only slow, not gone, this says why the workers stop (if it fits now).
+        why = f"nothing heard from the head for {self.silence.timeout:g} s: stopping this node's workers"
+        self._wire.send_if_free(self._out_fd, encode(NOTE, why.encode()))
+        with self._lock:
+            self._wire.give_up()
+            action = self._on_silence
+        if action is not None:
+            action()
 
 
 class HeadGone(Exception):
@@ -106,18 +227,17 @@ def replay(frame: Frame, printer: Printer, host_name: str) -> None:
 
 
 def send_to_head(data: bytes, out_fd: int = 1) -> bool:
-    """Write to the head; False when it is gone (stdin's end of file then stops the workers)."""
+    """Write to the head; False when it is gone (stdin's end of file, or the head's silence,
+    then stops the workers)."""
     try:
-        with _TO_HEAD:
-            _write_all(out_fd, data)
-        return True
+        return _WIRE.send(out_fd, data)
     except OSError:
         return False
 
 
 def say_hello(out_fd: int = 1) -> None:
     """The agent's first bytes: the mark after which the head reads frames."""
-    _write_all(out_fd, SYNC)
+    send_to_head(SYNC, out_fd)
 
 
 def say_exit(code: int, out_fd: int = 1) -> None:
@@ -130,14 +250,18 @@ def ssh_server_address(environ: dict[str, str]) -> str | None:
     return fields[2] if len(fields) == 4 else None
 
 
-def handshake(master_addr: str, master_port: int, stdin_fd: int = 0, out_fd: int = 1) -> tuple[str, int]:
-    """Tell the head we are ready (and node 0's address and port), then wait for its go."""
-    _write_all(out_fd, encode_ready(master_addr, master_port))
-    line = _read_line(stdin_fd)
-    command = parse_command(line)
-    if command is None or command[0] != "go":
-        raise HeadGone
-    return decode_go(command[1])
+def handshake(
+    master_addr: str, master_port: int, stdin_fd: int = 0, out_fd: int = 1, beats: Heartbeat | None = None
+) -> tuple[str, int]:
+    """Tell the head we are ready (and node 0's address and port), then wait for its go:
+    HeadGone at end of file, or when the head is silent for the heartbeat timeout."""
+    send_to_head(encode_ready(master_addr, master_port), out_fd)
+    while True:
+        command = parse_command(_read_line(stdin_fd, beats))
+        if command is None or command[0] not in ("go", "beat"):
+            raise HeadGone
+        if command[0] == "go":
+            return decode_go(command[1])
 
 
 def receive_env(stdin_fd: int = 0) -> tuple[tuple[str, str], ...]:
@@ -145,7 +269,9 @@ def receive_env(stdin_fd: int = 0) -> tuple[tuple[str, str], ...]:
     before it plans anything (they never travel on a command line)."""
     from launcher.errors import LaunchError
 
-    command = parse_command(_read_line(stdin_fd))
+    command = parse_command(_read_line(stdin_fd, None))
+    while command is not None and command[0] == "beat":  # the head may beat before it is ready
+        command = parse_command(_read_line(stdin_fd, None))
     env = decode_env(command[1]) if command is not None and command[0] == "env" else None
     if env is None:  # the line itself is not repeated: it may hold secrets
         raise LaunchError("the head's first line was not the workers' environment (an env line); is "
@@ -153,14 +279,26 @@ def receive_env(stdin_fd: int = 0) -> tuple[tuple[str, str], ...]:
     return env
 
 
-def _read_line(fd: int) -> str:
+def _read_line(fd: int, beats: Heartbeat | None) -> str:
+    """One line, a byte at a time (what follows is HeadLink's); "" at end of file or silence."""
     data = b""
     while not data.endswith(b"\n"):
+        if beats is not None and not _readable_before_silence(fd, beats):
+            return ""
         chunk = os.read(fd, 1)
         if not chunk:
             return ""
         data += chunk
+    if beats is not None:
+        beats.heard()
     return data.decode()
+
+
+def _readable_before_silence(fd: int, beats: Heartbeat) -> bool:
+    while not beats.gone and not beats.silence.over:
+        if select.select([fd], [], [], beats.silence.due_in())[0]:
+            return True
+    return False
 
 
 class HeadLink:
@@ -171,12 +309,13 @@ class HeadLink:
     "end JSON". Between attempts each node says ready again and waits for the head's go,
     with node 0's fresh port. A thread reads the head's lines: ends and stack requests wake
     the supervisor's loop through a pipe, stops become signals to ourselves, end of file
-    becomes SIGTERM. An agent never asks for stacks itself: its head asks every agent.
+    becomes SIGTERM, and so does the head's silence (`beats`). An agent never asks for stacks
+    itself: its head asks every agent.
     """
 
     def __init__(
         self, node_rank: int, hostname: str, master: tuple[str, int], *, pick_port: bool, stdin_fd: int = 0,
-        out_fd: int = 1,
+        out_fd: int = 1, beats: Heartbeat | None = None,
     ) -> None:
         self.node_rank = node_rank
         self.hostname = hostname
@@ -190,7 +329,11 @@ class HeadLink:
         # The head's stdin, for the --stdin rank's pipe; queued from the first line on, so no
         # piece is lost while the pipe is being made.
         self._stdin: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._beats = beats
+        self._gone_once = threading.Lock()  # taken once, never released: the head goes only once
         threading.Thread(target=self._follow, args=(stdin_fd,), name="ddplaunch-head", daemon=True).start()
+        if beats is not None:
+            beats.when_silent(self._head_gone)
 
     @property
     def fd(self) -> int:
@@ -201,9 +344,10 @@ class HeadLink:
         while True:
             line = commands.readline().decode()
             if not line:
-                self._gos.put(None)
-                os.kill(os.getpid(), signal.SIGTERM)
+                self._head_gone()
                 return
+            if self._beats is not None:
+                self._beats.heard()
             command = parse_command(line)
             if command is None:
                 continue
@@ -222,6 +366,14 @@ class HeadLink:
                 self._stdin.put(data)
             elif verb == "stdin-eof":
                 self._stdin.put(None)
+
+    def _head_gone(self) -> None:
+        """Its end of file or its silence: whoever waits for a go stops waiting, and the
+        supervisor stops the workers as on any SIGTERM (once: a second would kill at once)."""
+        if not self._gone_once.acquire(blocking=False):
+            return
+        self._gos.put(None)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def open_stdin(self, rank: int) -> int:
         """The pipe that `rank` reads in every attempt, fed with the head's stdin."""

@@ -2,7 +2,9 @@
 
 Two pump threads per channel post one typed event each time they read (ChannelEvent) onto
 the head's queue; everything else runs on the head's thread, in the order the events came,
-so a channel is closed only after every byte it sent before its exit has been read.
+so a channel is closed only after every byte it sent before its exit has been read. Every
+byte from the agent counts as its word (launcher.heartbeat): from its first ready on, an agent
+silent for the heartbeat timeout is abandoned (a cut network closes nothing by itself).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from launcher.frames import (
-    ATTEMPT_END, DATA, END_OF_STREAM, EXIT, READY, Frame, FrameError, FrameReader, decode_exit, decode_ready,
+    ATTEMPT_END, BEAT_LINE, DATA, END_OF_STREAM, EXIT, READY, Frame, FrameError, FrameReader, decode_exit, decode_ready,
 )
+from launcher.heartbeat import Silence
 
 READ_BYTES = 1 << 16
 STDERR_TAIL = 20  # lines of the agent's stderr kept to explain an agent that never said ready
@@ -43,6 +46,9 @@ class AgentChannel:
         self.stderr_tail: list[str] = []
         self.exit_status: int | None = None  # SSH's, -1 when none came
         self.said_exit: int | None = None  # the agent's own EXIT frame
+        self.silence: Silence | None = None  # watched from the agent's first ready on
+        self.silent = False  # abandoned: nothing heard from it for the heartbeat timeout
+        self._sending = threading.Lock()  # the head's thread and its beats' share the channel: whole lines
 
     # -- the transport ------------------------------------------------------------------------
 
@@ -69,6 +75,10 @@ class AgentChannel:
             self._post(ChannelEvent(self.node_rank, "exit", status=channel.recv_exit_status()))
 
     def tell(self, line: bytes) -> None:
+        with self._sending:
+            self._send(line)
+
+    def _send(self, line: bytes) -> None:
         if self.running:
             try:
                 self._channel.sendall(line)
@@ -83,6 +93,34 @@ class AgentChannel:
             except OSError:
                 pass
 
+    def beat(self) -> None:
+        """The head's heartbeat, from the beats' thread. It never waits: skipped while a line is
+        being sent, or when the SSH window is shut (the agent has not read for a while, and
+        its own silence will tell)."""
+        if not self._sending.acquire(blocking=False):
+            return
+        try:
+            if self.running and self._channel.send_ready():
+                self._send(BEAT_LINE)
+        finally:
+            self._sending.release()
+
+    def watch(self, timeout: float) -> None:
+        """From now on, silence for `timeout` means the agent is gone (the first call counts)."""
+        if self.silence is None:
+            self.silence = Silence(timeout)
+
+    @property
+    def went_silent(self) -> bool:
+        return self.running and self.silence is not None and self.silence.over
+
+    def abandon(self) -> None:
+        """Silent too long: closed now, lost, its session dropped (its pumps then end). The
+        close sends nothing that waits for the dead link: paramiko's packetizer closes first."""
+        self.silent = True
+        self.exit_status = -1
+        self._client.close()
+
     def close(self) -> None:
         self._client.close()
 
@@ -92,6 +130,7 @@ class AgentChannel:
         """The frames completed by this piece of the agent's stdout, less its own EXIT, kept here."""
         if not data:
             return []  # the exit event follows
+        self._heard()
         good: list[Frame] = []
         try:
             for frame in self.frames.feed(data):
@@ -110,12 +149,18 @@ class AgentChannel:
     def read_err(self, data: bytes) -> list[str]:
         if not data:
             return []
+        self._heard()
         lines = data.decode("utf-8", "replace").splitlines()
         self.stderr_tail = (self.stderr_tail + lines)[-STDERR_TAIL:]
         return lines
 
+    def _heard(self) -> None:
+        if self.silence is not None:
+            self.silence.heard()
+
     def exited(self, status: int) -> None:
-        self.exit_status = status
+        if not self.silent:  # abandoned, it stays lost whatever the dropped session says
+            self.exit_status = status
 
     def said_outside_frames(self) -> list[str]:
         """What the agent, or the shell before it, printed that is not frames: stderr, then stdout."""

@@ -9,7 +9,10 @@ user of the host); then "go ADDR PORT" (start an attempt), "end JSON" (the attem
 decided by the head for every node), "stop SIGNAME", "stacks N" (read every rank's stack and answer request N
 with a STACKS frame, launcher.protocol.StackAnswer's text), and for the --stdin rank's agent "stdin BASE64" (a piece of
 the head's stdin, sent only when that agent asked with WANT_STDIN) and "stdin-eof"; end of
-file means the head is gone, and the agent stops its workers.
+file means the head is gone, and the agent stops its workers. Each side beats to the other
+every HEARTBEAT_INTERVAL_S (faster for a short timeout), in every phase: the agent a
+HEARTBEAT frame, the head a "beat" line; a side that hears nothing at all for
+--heartbeat-timeout calls the other gone (launcher.heartbeat), as at end of file.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ DATA, END_OF_STREAM, NOTE, EVENT, BLOCK, READY, EXIT = 1, 2, 3, 4, 5, 6, 7
 ATTEMPT_END, SUCCEEDED, OVER = 8, 9, 10  # an attempt's end as this node saw it; all ok here; all gone here
 WANT_STDIN = 11  # the agent of the --stdin rank has room for the next piece of the head's stdin
 STACKS = 12  # an answer to "stacks N": this node's ranks' snapshots
-LAST_KIND = STACKS
+HEARTBEAT = 13  # the agent is alive; says nothing else (any bytes count as its word)
+LAST_KIND = HEARTBEAT
 MAX_PAYLOAD = 1 << 24  # a corrupt header must not make the head allocate gigabytes
 # The agent's first bytes. A login shell's rc file may print to stdout before the agent
 # starts (a banner, `conda activate` noise); the head skips everything before this mark.
@@ -151,7 +155,10 @@ def decode_go(argument: str) -> tuple[str, int]:
 def parse_command(line: str) -> tuple[str, str] | None:
     """A head's command line -> (verb, argument); None for anything else."""
     verb, _, argument = line.strip().partition(" ")
-    return (verb, argument) if verb in ("go", "stop", "end", "stdin", "stdin-eof", "stacks", "env") else None
+    return (verb, argument) if verb in ("go", "stop", "end", "stdin", "stdin-eof", "stacks", "env", "beat") else None
+
+
+BEAT_LINE = b"beat\n"  # the head is alive; says nothing else (any line counts as its word)
 
 
 def end_line(end_text: str) -> bytes:

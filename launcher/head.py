@@ -9,8 +9,13 @@ rank's lines. The head links the nodes (no store, so agents never import torch):
 node to report how an attempt ended speaks for all (launcher.protocol.Referee decides), and
 the head tells every node at once; restarts start when every node is ready again. Ctrl-C
 here becomes a stop sent to every agent; a host whose connection drops stops its own
-workers (its agent reads end of file) and the head ends the attempt for the others. The
-head's stdin goes to the --stdin rank's agent, a piece each time it asks (launcher.stdin_relay).
+workers (its agent reads end of file) and the head ends the attempt for the others. A
+network that drops packets closes nothing, so the head and each agent also beat to each
+other every HEARTBEAT_INTERVAL_S (faster for a short timeout; the head's from a thread, so
+a loop held up on the terminal still beats): a host silent for --heartbeat-timeout after its
+first ready is lost the same way (its session is dropped, the others are stopped), and an
+agent that hears nothing from the head for as long stops its own workers. The head's stdin
+goes to the --stdin rank's agent, a piece each time it asks (launcher.stdin_relay).
 Stack reports are job-wide and the head's: SIGQUIT, or a stall of the whole job's output
 (the head sees every line), asks every agent for its ranks' stacks (launcher.headstacks)
 and prints one report; --stall-action stop then ends the attempt everywhere as "stalled".
@@ -23,6 +28,7 @@ import queue
 import selectors
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -32,10 +38,13 @@ from launcher.channel import AgentChannel, ChannelEvent
 from launcher.errors import Interrupted, LaunchError
 from launcher.fanout import Host, agent_argv, prefixed_world_size, preflight_problem, remote_command
 from launcher.frames import (
-    ATTEMPT_END, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, env_line, go_line,
+    ATTEMPT_END, HEARTBEAT, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, env_line,
+    go_line,
 )
 from launcher.headstacks import AgentStacks, HeadReports
+from launcher.heartbeat import beat_interval
 from launcher.inputs import sooner
+from launcher.options import HEARTBEAT_INTERVAL_S, heartbeat_timeout_of
 from launcher.protocol import NOT_A_NODE, AttemptEnd, Referee, job_exit_code
 from launcher.secrets import redact
 from launcher.stdin_relay import ForwardedStdin
@@ -78,6 +87,9 @@ class Head:
         self._stdin: ForwardedStdin | None = None  # while the loop runs
         self._reports = _head_reports(options, hosts, self.agents)
         self._stalled: str | None = None  # --stall-action stop ended the job: why
+        self._silence_s = heartbeat_timeout_of(options)
+        self._beats: _Beats | None = None  # from the agents' start to the close
+        self._stopped_waiting: set[int] = set()  # node ranks told to stop waiting for a go
 
     def run(self) -> int:
         from launcher.options import parse_signals
@@ -86,7 +98,8 @@ class Head:
         try:
             with _Status(f"connecting to {len(self.hosts)} host(s)") as status:
                 accept_new = self.options.ssh_accept_new_host_keys
-                self.agents[:] = connect(self.hosts, self._post, accept_new_host_keys=accept_new)
+                outlast = self._silence_s + HEARTBEAT_INTERVAL_S
+                self.agents[:] = connect(self.hosts, self._post, accept_new_host_keys=accept_new, outlast_s=outlast)
                 self._start_agents()
                 status(f"waiting for {len(self.hosts)} host(s) to be ready")
                 self._await_ready()
@@ -108,6 +121,7 @@ class Head:
         for host, agent in zip(self.hosts, self.agents):
             agent.start(remote_command(agent_argv(self.options, host, len(self.hosts)), self.workdir))
             agent.tell(env_line(self.env))  # the agent's first line: no value goes on its command line
+        self._beats = _Beats(self.agents, beat_interval(self._silence_s))  # each agent watches from its ready on
 
     def _post(self, event: ChannelEvent) -> None:
         """From the pump threads: one queue, and a pipe that wakes the loop."""
@@ -120,8 +134,12 @@ class Head:
             if time.monotonic() > deadline:
                 slow = ", ".join(h.name for h in self._unanswered())
                 raise LaunchError(f"no answer from the agent on {slow} within {READY_TIMEOUT_S:g}s; nothing was started.")
-            _wait_readable(self._wake.read_fd, deadline - time.monotonic())
+            left, silence = deadline - time.monotonic(), self._silence_due_in()
+            _wait_readable(self._wake.read_fd, left if silence is None else min(left, silence))
             self._drain(printer=None)
+            silent = self._abandon_silent()
+            if silent:
+                raise LaunchError("; ".join(self._silent_line(h) for h in silent) + "; nothing was started.")
         failed = [(h, self.agents[h.node_rank]) for h in self.hosts if h.node_rank not in self._ready]
         if failed:
             said = [(h, a.exit_status, a.said_outside_frames()) for h, a in failed]
@@ -169,11 +187,14 @@ class Head:
         try:
             while not all(a.closed for a in self.agents):
                 printer.tick()
-                for key, _ in selector.select(sooner(printer.due_in(), self._reports.due_in())):
+                wait = sooner(sooner(printer.due_in(), self._reports.due_in()), self._silence_due_in())
+                for key, _ in selector.select(wait):
                     if isinstance(key.data, ForwardedStdin):
                         key.data.forward()
                 self._handle_signals(inbox, printer)
                 self._drain(printer)
+                for host in self._abandon_silent():
+                    self._lose_silent(host, printer)
                 self._advance_stacks(printer)
         finally:
             self._reports.end_attempt()
@@ -204,8 +225,14 @@ class Head:
 
         lost = [h for h in self.hosts if self.agents[h.node_rank].lost]
         for host in lost:
-            printer.note(f"lost {host.name} (node {host.node_rank}): its connection or agent ended without an exit status")
-        code = job_exit_code([a.exit_code for a in self.agents], any_lost=bool(lost))
+            if self.agents[host.node_rank].silent:
+                printer.note(f"{self._silent_line(host)}: the network or the host is down")
+            else:
+                printer.note(f"lost {host.name} (node {host.node_rank}): its connection or agent ended without an exit status")
+        # An agent stopped from waiting for a go exits "interrupted" (130) because we told it
+        # to: the job's code is the lost host's.
+        codes = [None if a.node_rank in self._stopped_waiting else a.exit_code for a in self.agents]
+        code = job_exit_code(codes, any_lost=bool(lost))
         if self._stalled is not None:
             printer.note(f"root cause: the job stalled ({self._stalled}); the report above shows where each rank was")
             code = STALL_EXIT_CODE
@@ -229,6 +256,41 @@ class Head:
         end = AttemptEnd("stalled", NOT_A_NODE, "the SSH head", f"the job stalled: {reason}", STALL_EXIT_CODE)
         self._tell_every_host(self._referee.node_ended(end.to_text()))
 
+    # -- heartbeats: a host that says nothing for the timeout is gone ------------------------------
+
+    def _silence_due_in(self) -> float | None:
+        """Seconds until the first watched host would be gone; None while none is watched."""
+        watched = [a.silence.due_in() for a in self.agents if a.running and a.silence is not None]
+        return min(watched, default=None)
+
+    def _abandon_silent(self) -> list[Host]:
+        """The hosts that fell silent now, abandoned (closed, lost). Called after a drain, so
+        every byte that came before counts, however long the loop was held up."""
+        silent = [h for h in self.hosts if self.agents[h.node_rank].went_silent]
+        for host in silent:
+            self.agents[host.node_rank].abandon()
+        return silent
+
+    def _lose_silent(self, host: Host, printer: Printer) -> None:
+        """As a host whose connection dropped: the attempt ends as "lost" on every other host."""
+        printer.note(f"{self._silent_line(host)}: stopping the workers on every other host")
+        why = f"nothing heard from it for {self._silence_s:g} s: the network or the host is down"
+        self._tell_every_host(self._referee.host_ended(
+            host.node_rank, host.name, lost=True, exit_code=None,
+            every_host_closed=all(a.closed for a in self.agents), why=why,
+        ))
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        """A host is lost, so no restart can start: the agents that wait for its go (which an
+        attempt's end does not reach) stop, as on SIGTERM, and the job ends."""
+        for node_rank in self._ready.keys() - self._stopped_waiting:
+            self._stopped_waiting.add(node_rank)  # once: a second stop would kill at once
+            self.agents[node_rank].tell(b"stop SIGTERM\n")
+
+    def _silent_line(self, host: Host) -> str:
+        return f"lost {host.name} (node {host.node_rank}): nothing heard from it for {self._silence_s:g} s"
+
     # -- events: what the agents said, in the order they said it ---------------------------------
 
     def _drain(self, printer: Printer | None) -> None:
@@ -246,7 +308,7 @@ class Head:
                 for line in agent.read_err(event.data):
                     if printer is not None and line.strip():
                         printer.note(f"{host.name}: {redact(line, self.env)}")  # an agent's words may quote a value
-            else:
+            elif not agent.silent:  # an abandoned host's dropped session says nothing new
                 agent.exited(event.status)
                 if printer is not None:
                     self._on_exit(host, agent, printer)
@@ -254,6 +316,9 @@ class Head:
     def _on_frame(self, host: Host, frame: Frame, printer: Printer | None) -> None:
         if frame.kind == READY:
             self._ready[host.node_rank] = decode_ready(frame)
+            self.agents[host.node_rank].watch(self._silence_s)  # its agent beats from here on
+            if printer is not None and any(a.lost for a in self.agents):
+                self._stop_waiting()  # ready for a restart that cannot come
             if printer is not None and len(self._ready) == len(self.hosts):
                 self._send_go()  # every node is ready for a restart
                 self._reports.begin_attempt(printer)
@@ -265,6 +330,8 @@ class Head:
             self._tell_every_host(self._referee.node_succeeded(host.node_rank, host.name))
         elif frame.kind == OVER:
             self._referee.node_over(host.node_rank)
+        elif frame.kind == HEARTBEAT:
+            pass  # its bytes were its word (AgentChannel.read_out)
         elif frame.kind == WANT_STDIN:
             if self._stdin is not None:
                 self._stdin.want(self.agents[host.node_rank], frame.rank)
@@ -276,11 +343,12 @@ class Head:
             host.node_rank, host.name, lost=agent.lost, exit_code=agent.exit_code,
             every_host_closed=all(a.closed for a in self.agents),
         )
-        if end is None:
-            return
+        if end is not None:
+            if agent.lost:
+                printer.note(f"lost {host.name} (node {host.node_rank}): stopping the workers on every other host")
+            self._tell_every_host(end)
         if agent.lost:
-            printer.note(f"lost {host.name} (node {host.node_rank}): stopping the workers on every other host")
-        self._tell_every_host(end)
+            self._stop_waiting()
 
     def _tell_every_host(self, end: str | None) -> None:
         if end is not None:
@@ -292,6 +360,8 @@ class Head:
 
     def _close(self) -> None:
         """Closing our side is the agents' signal to stop (end of file); wait for them, bounded."""
+        if self._beats is not None:
+            self._beats.stop()
         for agent in self.agents:
             agent.shutdown_write()
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
@@ -303,6 +373,29 @@ class Head:
         self._wake.close()
 
 
+class _Beats:
+    """The head's beat to every agent every `interval`, from a thread of its own: a
+    loop held up on its terminal (Ctrl-S, a slow pipe) must not make the agents think the head
+    is gone and stop a healthy job."""
+
+    def __init__(self, agents: Sequence[AgentChannel], interval: float) -> None:
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, args=(agents,), name="ddplaunch-beats", daemon=True)
+        self._thread.start()
+
+    def _run(self, agents: Sequence[AgentChannel]) -> None:
+        while True:
+            for agent in agents:
+                agent.beat()
+            if self._stop.wait(self._interval):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=CLOSE_TIMEOUT_S)  # a beat never waits (AgentChannel.beat)
+
+
 def _head_reports(options: Options, hosts: Sequence[Host], agents: Sequence[AgentChannel]) -> HeadReports:
     from launcher.job import ReportDir
     from launcher.options import stall_of
@@ -311,14 +404,21 @@ def _head_reports(options: Options, hosts: Sequence[Host], agents: Sequence[Agen
 
 
 def connect(
-    hosts: Sequence[Host], post: Callable[[ChannelEvent], None], *, accept_new_host_keys: bool
+    hosts: Sequence[Host], post: Callable[[ChannelEvent], None], *, accept_new_host_keys: bool, outlast_s: float = 0.0,
 ) -> list[AgentChannel]:
-    """Every host at once, or none (launcher.ssh.connect_all); one channel per host, by node rank."""
-    from launcher.ssh import connect_all
+    """Every host at once, or none (launcher.ssh.connect_all); one channel per host, by node rank.
+    TCP gives up on a silent link no sooner than `outlast_s`: the heartbeat, which names the
+    host, has the first word."""
+    from launcher.ssh import DEAD_LINK_S, connect_all
+
+    dead_link_s = max(DEAD_LINK_S, outlast_s)
 
     added: list[str] = []
     try:
-        clients = connect_all([h.target for h in hosts], accept_new_host_keys=accept_new_host_keys, added_keys=added)
+        clients = connect_all(
+            [h.target for h in hosts], accept_new_host_keys=accept_new_host_keys, added_keys=added,
+            dead_link_s=dead_link_s,
+        )
     finally:
         for line in added:  # as OpenSSH says "Permanently added ..."
             print(f"ddplaunch: {line}", file=sys.stderr, flush=True)

@@ -147,14 +147,16 @@ class Referee:
             self.end, self.succeeded, self.over = None, set(), set()
 
     def host_ended(
-        self, node_rank: int, host: str, *, lost: bool, exit_code: int | None, every_host_closed: bool
+        self, node_rank: int, host: str, *, lost: bool, exit_code: int | None, every_host_closed: bool,
+        why: str | None = None,
     ) -> str | None:
         """A host's agent ended. After its attempt's end is known that is routine; anything
-        else is abnormal, and ends the attempt for the others as "lost"."""
+        else is abnormal, and ends the attempt for the others as "lost" (`why`: the head knows
+        more than that the host is gone, e.g. it fell silent)."""
         if self.end is not None or every_host_closed:
             return None
         if lost:
-            why, code = "its connection or its agent ended without a word (killed, or the network failed)", 1
+            why, code = why or "its connection or its agent ended without a word (killed, or the network failed)", 1
         else:
             code = exit_code or 1
             why = f"its ddplaunch exited (code {code}) while the others ran"

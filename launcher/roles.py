@@ -27,7 +27,7 @@ from launcher.plan import Plan, PlanInputs
 from launcher.report import joined_line, start_line
 
 if TYPE_CHECKING:
-    from launcher.agent import HeadLink
+    from launcher.agent import HeadLink, Heartbeat
     from launcher.rendezvous import NodeLink
     from launcher.protocol import Peers
 
@@ -164,10 +164,12 @@ class NodeAgent:
         self.options = options
         self.decision = decision
         self._head: HeadLink | None = None
+        self._beats: Heartbeat | None = None
 
     def prepare(self, facts: Facts) -> Decision | None:
         """The checks passed: say ready (node 0: its address and port), await the head's go."""
-        from launcher.agent import HeadGone, handshake, ssh_server_address
+        from launcher.agent import HeadGone, Heartbeat, handshake, ssh_server_address
+        from launcher.options import heartbeat_timeout_of
         from launcher.ports import check_port_free, pick_free_port
 
         decision = self.decision
@@ -178,8 +180,9 @@ class NodeAgent:
                 check_port_free(port)  # before ready: a busy port then starts nothing anywhere
             else:
                 port = pick_free_port()
+        self._beats = Heartbeat(heartbeat_timeout_of(self.options))  # from the first ready to the exit
         try:
-            addr, port = handshake(ssh_server_address(facts.environ) or inputs.hostname, port)
+            addr, port = handshake(ssh_server_address(facts.environ) or inputs.hostname, port, beats=self._beats)
         except HeadGone:
             return None  # the head went away before saying go: nothing was started
         told = replace(inputs, master_addr=addr, master_port=port)
@@ -191,7 +194,7 @@ class NodeAgent:
 
         master = (inputs.master_addr, inputs.master_port)
         pick_port = self.options.master_port is None
-        self._head = HeadLink(inputs.node_rank, inputs.hostname, master, pick_port=pick_port)
+        self._head = HeadLink(inputs.node_rank, inputs.hostname, master, pick_port=pick_port, beats=self._beats)
         return self._head, inputs
 
     def address(self, inputs: PlanInputs) -> tuple[str, int]:

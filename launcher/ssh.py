@@ -33,8 +33,9 @@ ACCEPT_NEW_FLAG = "--ssh-accept-new-host-keys"
 KEEPALIVE_S = 5
 # A link that carries nothing back for this long is dead (OpenSSH users get the same from
 # ServerAliveInterval 5 with ServerAliveCountMax 3): the connection then fails instead of
-# waiting for the kernel's retransmission limit, about 15 minutes.
-DEAD_LINK_S = 20
+# waiting for the kernel's retransmission limit, about 15 minutes. The SSH head raises it to
+# outlast --heartbeat-timeout, so that a user's longer timeout is the one that counts.
+DEAD_LINK_S = 20.0
 # connect_all waits this much past the timeout, so that a host's own, more precise error
 # (no answer, no banner) arrives before the generic "did not finish in time".
 _STRAGGLER_GRACE_S = 0.5
@@ -98,19 +99,21 @@ def connect(
     known_hosts: str | None = None,
     timeout: float = 10.0,
     added_keys: list[str] | None = None,
+    dead_link_s: float = DEAD_LINK_S,
 ) -> paramiko.SSHClient:
     """Open an authenticated connection, the host key checked against known_hosts first.
 
     `known_hosts` is the file read and, with `accept_new_host_keys`, appended to (default
     ~/.ssh/known_hosts); the system-wide files are read too. `timeout` bounds each phase:
-    TCP connect, SSH handshake, authentication.
+    TCP connect, SSH handshake, authentication; after `dead_link_s` with nothing back, the
+    link is dead.
     """
     deadline = time.monotonic() + timeout
     user_file = known_hosts if known_hosts is not None else os.path.expanduser(USER_KNOWN_HOSTS)
     entries = kh.read_known_hosts([user_file, *GLOBAL_KNOWN_HOSTS])
     name = kh.host_key_name(target.hostname, target.port)
     policy = _HostKeyPolicy(target, entries, name, user_file, accept_new_host_keys, added_keys)
-    sock = _open_socket(target, timeout)
+    sock = _open_socket(target, timeout, dead_link_s)
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(policy)  # its key stores stay empty: the policy decides
     try:
@@ -144,6 +147,7 @@ def connect_all(
     known_hosts: str | None = None,
     timeout: float = 10.0,
     added_keys: list[str] | None = None,
+    dead_link_s: float = DEAD_LINK_S,
 ) -> list[paramiko.SSHClient]:
     """Connect to every target at once; all succeed, or all are closed and one error says why.
 
@@ -153,7 +157,8 @@ def connect_all(
     attempts = [_Attempt(target) for target in targets]
     for attempt in attempts:
         attempt.start(
-            accept_new_host_keys=accept_new_host_keys, known_hosts=known_hosts, timeout=timeout, added_keys=added_keys
+            accept_new_host_keys=accept_new_host_keys, known_hosts=known_hosts, timeout=timeout, added_keys=added_keys,
+            dead_link_s=dead_link_s,
         )
     deadline = time.monotonic() + timeout + _STRAGGLER_GRACE_S
     for attempt in attempts:
@@ -190,7 +195,8 @@ class _Attempt:
         self._timeout = 0.0
 
     def start(
-        self, *, accept_new_host_keys: bool, known_hosts: str | None, timeout: float, added_keys: list[str] | None
+        self, *, accept_new_host_keys: bool, known_hosts: str | None, timeout: float, added_keys: list[str] | None,
+        dead_link_s: float = DEAD_LINK_S,
     ) -> None:
         self._timeout = timeout
         kwargs = {
@@ -198,6 +204,7 @@ class _Attempt:
             "known_hosts": known_hosts,
             "timeout": timeout,
             "added_keys": added_keys,
+            "dead_link_s": dead_link_s,
         }
         name = f"ssh-connect-{self.target.alias}"
         threading.Thread(target=self._run, kwargs=kwargs, name=name, daemon=True).start()
@@ -258,12 +265,12 @@ def _config_port(host: str, path: str, value: Any) -> int:
     return port
 
 
-def _open_socket(target: SshTarget, timeout: float) -> socket.socket:
+def _open_socket(target: SshTarget, timeout: float, dead_link_s: float = DEAD_LINK_S) -> socket.socket:
     """The TCP connection, done here so that each way it fails gets its own message."""
     where = f"{target.label}: "
     try:
         sock = socket.create_connection((target.hostname, target.port), timeout=timeout)
-        _notice_dead_links(sock)
+        _notice_dead_links(sock, dead_link_s)
         return sock
     except socket.gaierror as exc:
         reason = (
@@ -289,7 +296,7 @@ def _open_socket(target: SshTarget, timeout: float) -> socket.socket:
     raise SshError(where + reason, [target.alias])
 
 
-def _notice_dead_links(sock: socket.socket) -> None:
+def _notice_dead_links(sock: socket.socket, dead_link_s: float = DEAD_LINK_S) -> None:
     """TCP keepalive for an idle link, a user timeout for one with unanswered data.
 
     The transport's SSH keepalive (every KEEPALIVE_S) gives TCP data to send; these options
@@ -297,12 +304,12 @@ def _notice_dead_links(sock: socket.socket) -> None:
     """
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     probes = 3
-    interval = max(DEAD_LINK_S // (probes + 1), 1)
+    interval = max(int(dead_link_s) // (probes + 1), 1)
     for name, value in (
         ("TCP_KEEPIDLE", interval),
         ("TCP_KEEPINTVL", interval),
         ("TCP_KEEPCNT", probes),
-        ("TCP_USER_TIMEOUT", DEAD_LINK_S * 1000),  # milliseconds
+        ("TCP_USER_TIMEOUT", int(dead_link_s * 1000)),  # milliseconds
     ):
         if hasattr(socket, name):  # Linux names; other systems keep their defaults
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)

@@ -125,13 +125,14 @@ def test_a_16_host_job_connects_runs_every_rank_and_leaves_nothing(
     script = write_script(tmp_path / "hello.py", SAY_HELLO)
     result = subprocess.run(
         launcher_argv("--hosts", ",".join(wide_pool.aliases), "--nproc", "1", "--heartbeat-timeout", "5",
-                      "--env", f"{TOKEN_VARIABLE}={token}", script),
+                      "--env", f"{TOKEN_VARIABLE}={token}", "--run-id", token, script),
         env=home.env(job_env), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S,
         stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     said = sorted(line.split("| ", 1)[1] for line in result.stdout.splitlines() if "hello from rank" in line)
     assert said == sorted(f"hello from rank {r} of {WIDE_HOSTS} on node {r}" for r in range(WIDE_HOSTS))
-    # Workers carry the token in their environment, agents in their command line (--env).
+    # Workers carry the token in their environment, agents in their command line (--run-id;
+    # --env values never go on one).
     wait_until(lambda: not processes_with_token(token, in_command_line=True), 15, "no worker or agent left")
     wait_until(lambda: not wide_pool.session_processes(), 15, "no SSH session left on any of the 16 hosts")
