@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from launcher.agent import _read_line, receive_env
 from launcher.errors import LaunchError
 from launcher.fanout import Host, render_hosts
-from launcher.frames import decode_env, env_line, go_line, parse_command
+from launcher.frames import BEAT_LINE, decode_env, env_line, go_line, parse_command
 from launcher.hosts import HostSpec
 from launcher.logs import Printer
 from launcher.plan import RANK_VARIABLES, is_env_name, parse_env_assignments, parse_env_file, resolve_env
@@ -256,12 +256,13 @@ def test_any_env_argument_decodes_or_is_none(argument: str) -> None:
     assert found is None or all(isinstance(k, str) and isinstance(v, str) for k, v in found)
 
 
-def test_the_agent_reads_its_env_first_and_leaves_the_go_for_the_handshake() -> None:
+def test_the_agent_reads_its_env_first_past_a_beat_and_leaves_the_go_for_the_handshake() -> None:
     read, write = os.pipe()
     try:
-        os.write(write, env_line([("HF_TOKEN", TOKEN), ("HOSTILE", "a\nb 'c' $(x)")]) + go_line("10.0.0.1", 29500))
+        # A beat may come first (the head's beats start once every agent is sent its line).
+        os.write(write, BEAT_LINE + env_line([("HF_TOKEN", TOKEN), ("HOSTILE", "a\nb 'c' $(x)")]) + go_line("10.0.0.1", 29500))
         assert receive_env(read) == (("HF_TOKEN", TOKEN), ("HOSTILE", "a\nb 'c' $(x)"))
-        assert _read_line(read) == "go 10.0.0.1 29500\n"
+        assert _read_line(read, None) == "go 10.0.0.1 29500\n"
     finally:
         os.close(read)
         os.close(write)
