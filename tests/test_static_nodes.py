@@ -201,7 +201,7 @@ def test_a_node_whose_launcher_is_killed_is_named_and_the_others_stop(
     start, tmp_path: Path, token: str, job_env: dict[str, str]
 ) -> None:
     script = write_script(tmp_path / "sleep.py", FAIL_OR_SLEEP)
-    env = dict(job_env, DDPLAUNCH_NODE_SILENCE_S="2")
+    env = job_env
     port = pick_free_port()
     nodes = [
         start(*node_args(2, port, "--node-rank", str(rank), "--nproc", "1"), script, str(tmp_path / "x"), env=env)
