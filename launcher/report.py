@@ -155,7 +155,7 @@ def render_silent_node(result: AttemptResult, colour: bool, width: int | None = 
     title = f" Root cause (first observed failure): node {end.node_rank} ({end.host}) "
     lines = [f"{red}{bold}━━{title}{'━' * max(3, width - len(title) - 2)}{reset}"]
     lines.append(f"  {bold}{end.describe()}{reset}")
-    lines.append(f"  {dim}its workers were stopped by its own guard, or are cut off with it; it prints no report{reset}")
+    lines.append(f"  {dim}no report comes from it: a dead launcher's guard stops its workers, a cut-off one stops them itself{reset}")
     if result.workers:
         lines.append(f"  {dim}this node's workers, stopped because of it (consequences, not causes):{reset}")
         lines.extend(f"    {other_worker_line(w)}" for w in result.workers)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from launcher.lifeline import Lifeline
+from launcher.lifeline import Lifeline, peer_closed
 
 WAIT_S = 5.0  # bound on every wait; what is asserted is tighter
 
@@ -91,3 +91,19 @@ def test_a_connection_that_is_not_ours_is_let_go(node0: Node0) -> None:
         assert node0.line.gone() == {}
     finally:
         sock.close()
+
+
+def test_the_kernel_says_a_peer_closed_before_anything_is_read() -> None:
+    """What lets a rank that died of a dead peer be checked against its cause at once."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        near = socket.create_connection(server.getsockname(), timeout=WAIT_S)
+        far, _ = server.accept()
+        try:
+            assert not peer_closed(near)
+            far.close()
+            deadline = time.monotonic() + WAIT_S  # the FIN crosses loopback within microseconds
+            while not peer_closed(near):
+                assert time.monotonic() < deadline
+            assert near.recv(1) == b""  # and only now is the EOF read
+        finally:
+            near.close()
