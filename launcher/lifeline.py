@@ -40,10 +40,11 @@ class Gone:
     why: GoneWhy
     silence_s: float
 
-    def evidence(self) -> str:
+    def evidence(self, seen_by: int) -> str:
+        """Why node `seen_by` (whose line it was) calls it gone, in words every node can print."""
         if self.why == "closed":
-            return "its connection to this node closed"
-        return f"nothing heard from it for {self.silence_s:g}s, --heartbeat-timeout"
+            return f"its connection to node {seen_by} closed"
+        return f"node {seen_by} heard nothing from it for {self.silence_s:g}s, --heartbeat-timeout"
 
 
 def beat_interval(silence_s: float) -> float:

@@ -105,9 +105,10 @@ def over_key(node_rank: int) -> str:
     return PREFIX + f"over/{node_rank}"
 
 
-def silent_end(gone: Gone, hosts: dict[int, str]) -> AttemptEnd:
+def silent_end(gone: Gone, hosts: dict[int, str], seen_by: int) -> AttemptEnd:
     """How every node names a node whose launcher is gone: the job's root cause."""
-    return AttemptEnd("silent", gone.node_rank, hosts.get(gone.node_rank, "?"), f"{SILENT} ({gone.evidence()})", 1)
+    why = f"{SILENT} ({gone.evidence(seen_by)})"
+    return AttemptEnd("silent", gone.node_rank, hosts.get(gone.node_rank, "?"), why, 1)
 
 
 def missing_ranks(nnodes: int, present: Callable[[int], bool]) -> list[int]:
@@ -252,7 +253,7 @@ class NodeLink:
         if not dead:
             return None
         first = dead[min(dead)]
-        return JoinError(silent_end(first, self.hosts).describe())
+        return JoinError(silent_end(first, self.hosts, self.node_rank or 0).describe())
 
     def _open_store(self, attempt: int, deadline: float, interrupted: Callable[[], bool]) -> TCPStore:
         if self.is_host:
@@ -362,7 +363,7 @@ class NodeLink:
         of it (its peers vanished): the gone node is the cause, and is said instead.
         """
         if end.kind == "failed" and (dead := self._dead()):
-            end = silent_end(dead[min(dead)], self.hosts)
+            end = silent_end(dead[min(dead)], self.hosts, self.node_rank or 0)
         store = self._usable_store()
         if store is None:
             return end
@@ -398,7 +399,7 @@ class NodeLink:
 
     def _news(self) -> AttemptEnd | None:
         if dead := self._dead():
-            return self.publish(silent_end(dead[min(dead)], self.hosts))
+            return self.publish(silent_end(dead[min(dead)], self.hosts, self.node_rank or 0))
         if self._watch is None:
             return None
         if self._watch.lost is not None:  # node 0's store failed: its launcher went with it

@@ -61,7 +61,7 @@ def test_a_closed_line_is_gone_at_once_and_beats_after_it_change_nothing() -> No
     hearing = Hearing(silence_s=10)
     hearing.expect(1, 0.0)
     gone = hearing.closed(1)
-    assert gone is not None and gone.why == "closed" and gone.evidence() == "its connection to this node closed"
+    assert gone is not None and gone.why == "closed" and gone.evidence(0) == "its connection to node 0 closed"
     assert hearing.closed(1) is None
     hearing.heard(1, 5.0)
     assert hearing.silent(100.0) == [] and set(hearing.gone()) == {1}
@@ -82,12 +82,12 @@ def test_four_beats_fit_in_the_silence_limit(silence: float, beat: float) -> Non
 
 
 def test_a_silent_node_is_named_with_the_words_every_node_prints() -> None:
-    closed = silent_end(Gone(1, "closed", 10), {0: "gpu-a", 1: "gpu-b"})
+    closed = silent_end(Gone(1, "closed", 10), {0: "gpu-a", 1: "gpu-b"}, seen_by=0)
     assert closed.kind == "silent" and closed.exit_code == 1
     assert closed.describe() == (
-        "node 1 (gpu-b) went silent: its launcher is gone or unreachable (its connection to this node closed)"
+        "node 1 (gpu-b) went silent: its launcher is gone or unreachable (its connection to node 0 closed)"
     )
-    quiet = silent_end(Gone(0, "silent", 3), {0: "gpu-a"}).describe()
+    quiet = silent_end(Gone(0, "silent", 3), {0: "gpu-a"}, seen_by=2).describe()
     assert quiet.startswith("node 0 (gpu-a) went silent: its launcher is gone or unreachable")
-    assert quiet.endswith("(nothing heard from it for 3s, --heartbeat-timeout)")
+    assert quiet.endswith("(node 2 heard nothing from it for 3s, --heartbeat-timeout)")
     assert AttemptEnd.from_text(closed.to_text()) == closed

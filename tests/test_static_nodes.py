@@ -242,6 +242,27 @@ def test_a_node_whose_launcher_is_killed_is_the_root_cause_on_the_other(
     wait_until(lambda: not processes_with_token(token), 10, "no process of the job left")
 
 
+
+def test_node_zero_tells_every_other_node_which_launcher_died(start, tmp_path: Path, token: str) -> None:
+    """Only node 0 holds a line to node 1's launcher; node 2 learns through the store, and
+    names the same root cause. The ranks sleep outside any collective: only the launchers tell."""
+    script = write_script(tmp_path / "sleep.py", FAIL_OR_SLEEP)
+    port = pick_free_port()
+    nodes = [
+        start(*node_args(3, port, "--node-rank", str(rank), "--nproc", "1"), script, str(tmp_path / "x"))
+        for rank in (0, 1, 2)
+    ]
+    for node in nodes:
+        node.wait_line("attempt 0 ready", timeout=120)
+    killed_at = time.monotonic()
+    nodes[1].signal(signal.SIGKILL)
+    assert [nodes[rank].wait(timeout=30) for rank in (0, 2)] == [1, 1], nodes[0].err + nodes[2].err
+    assert time.monotonic() - killed_at < 5.0
+    named = f"node 1 ({os.uname().nodename}) went silent: its launcher is gone or unreachable (its connection to node 0 closed)"
+    assert named in nodes[0].err and named in nodes[2].err
+    assert "Root cause (first observed failure): node 1" in nodes[2].err
+    wait_until(lambda: not processes_with_token(token), 10, "no process of the job left")
+
 # -- a cut: packets dropped, nothing closed ------------------------------------------------------
 
 CUT_ADDR = "127.0.7.2"  # this test's own loopback address: node 0's store and lifeline are reached there
@@ -306,6 +327,6 @@ def test_a_node_cut_off_is_named_silent_on_both_sides_after_the_heartbeat_timeou
     for node, other in ((nodes[0], 1), (nodes[1], 0)):
         assert f"Root cause (first observed failure): node {other} ({host})" in node.err
         assert f"node {other} ({host}) went silent: its launcher is gone or unreachable" in node.err
-        assert "nothing heard from it for 3s, --heartbeat-timeout" in node.err
+        assert f"node {1 - other} heard nothing from it for 3s, --heartbeat-timeout" in node.err
     assert 2.0 < took < 8.0, f"{took:.1f}s from the cut to both exits"  # last beat up to 0.75 s before it
     wait_until(lambda: not processes_with_token(token), 10, "no process of the job left")
