@@ -184,6 +184,7 @@ class NodeLink:
         self._lifeline = Lifeline(heartbeat_timeout, self._wake.ring)
         self._lifeline_port: int | None = None  # node 0's, once it listens
         self._told = False  # this attempt's end went to the supervisor
+        self._closed = False
         self._asked: set[int] = set()  # this attempt's stack requests that this node made
         self._answers: dict[int, dict[int, tuple[RankSnapshot, ...]]] = {}  # request -> node rank -> ranks
 
@@ -495,6 +496,9 @@ class NodeLink:
 
     def close(self) -> None:
         """Let go of the store and the lifeline at once (a failed join, or the job is over)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._watch is not None:
             self._watch.stop(wait=not self._node0_dead())
             self._watch = None
