@@ -204,7 +204,10 @@ class Lifeline:
                 readers = [line.sock for line in self._lines]
                 listener = self._listener
             waited = [self._stop_r, *(s.fileno() for s in readers), *([listener.fileno()] if listener else [])]
-            ready = set(select.select(waited, [], [], max(0.0, wait))[0])
+            try:
+                ready = set(select.select(waited, [], [], max(0.0, wait))[0])
+            except (OSError, ValueError):
+                return  # close() took the sockets from under us: the job is over
             if self._stop_r in ready:
                 return
             if listener is not None and listener.fileno() in ready:
