@@ -16,7 +16,9 @@ from typing import Literal, Protocol, get_args
 
 from launcher.snapshot import RankSnapshot
 
-EndKind = Literal["success", "failed", "stopped", "stalled", "error", "lost"]
+# "lost": the SSH head lost a host's agent; "silent": a static node's launcher is gone (its
+# line to node 0 closed, or nothing came for --heartbeat-timeout): launcher.lifeline
+EndKind = Literal["success", "failed", "stopped", "stalled", "error", "lost", "silent"]
 END_KINDS: tuple[EndKind, ...] = get_args(EndKind)
 
 
@@ -46,6 +48,8 @@ class AttemptEnd:
             return "every node's workers finished"
         if self.node_rank == NOT_A_NODE:
             return f"{self.host}: {self.detail}"
+        if self.kind == "silent":
+            return f"node {self.node_rank} ({self.host}) went silent: {self.detail}"
         return f"node {self.node_rank} ({self.host}): {self.detail}"
 
 

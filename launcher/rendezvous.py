@@ -11,6 +11,12 @@ its request's number N, every other node's watcher sees the count move within a 
 wakes its loop, which reads its ranks and sets `ddplaunch/stacks/N/<node rank>`; the asker
 looks for those keys from its own loop, and names the nodes whose key did not come in time.
 
+Whether the other launchers are alive does not ride on the store (launcher.lifeline says why):
+each node holds a plain TCP line to node 0's launcher, whose port node 0 puts in the store. A
+node whose launcher died (its line closed) or went silent (--heartbeat-timeout without a beat)
+ends the attempt as "silent", named as the root cause on every node; node 0 writes it to the
+store for the others, and waits at the attempt's end only for the nodes still alive.
+
 Every attempt gets a fresh store on the same port: torchrun keeps one store across restarts,
 and the workers' stale keys from the last attempt (gloo addresses) then make a restart fail
 at random. torch is imported here only, so only multi-node agents pay for it.
@@ -30,7 +36,8 @@ from datetime import timedelta
 from typing import Any
 
 from launcher.errors import LaunchError
-from launcher.protocol import NOT_A_NODE, AttemptEnd, EndKind, StackAnswer
+from launcher.lifeline import Gone, Lifeline
+from launcher.protocol import AttemptEnd, EndKind, StackAnswer
 from launcher.snapshot import RankSnapshot
 from launcher.wakepipe import WakePipe
 
@@ -39,14 +46,12 @@ TCPStore = Any  # torch.distributed.TCPStore, which torch's type hints do not ex
 PREFIX = "ddplaunch/"
 GENERATION, CONFIG, ARRIVALS = PREFIX + "generation", PREFIX + "config", PREFIX + "arrivals"
 JOINED, GO, END = PREFIX + "joined", PREFIX + "go", PREFIX + "end"
-SUCCEEDED, OVER, ALL_OVER = PREFIX + "succeeded", PREFIX + "over", PREFIX + "all-over"
+SUCCEEDED, LIFELINE = PREFIX + "succeeded", PREFIX + "lifeline"
 STACKS_ASKED = PREFIX + "stacks/asked"  # how many stack requests this attempt has seen
 SLICE_S = 0.25  # longest a blocking store call may keep us from noticing Ctrl-C or a stop
 RETRY_S = 0.05  # between connection attempts to a store that is not (yet) there
-OVER_WAIT_S = 10.0  # node 0 keeps the store up this long for the others to finish stopping
-BEAT_S = 1.0  # every node bumps its heartbeat counter this often while its workers run
-SILENCE_S = 10.0  # node 0 declares a node lost after this long without a beat
-SILENCE_VARIABLE = "DDPLAUNCH_NODE_SILENCE_S"
+OVER_WAIT_S = 10.0  # node 0 keeps the store up this long for the live others to finish stopping
+SILENT = "its launcher is gone or unreachable"
 
 
 class JoinError(LaunchError):
@@ -93,6 +98,17 @@ def shape_mismatch(mine: JobShape, host: JobShape, run_id_given: bool) -> str | 
 def stacks_key(request: int, node_rank: int) -> str:
     """Where a node answers a stack request (launcher.protocol.StackAnswer's text)."""
     return PREFIX + f"stacks/{request}/{node_rank}"
+
+
+def over_key(node_rank: int) -> str:
+    """Set by a node once its workers of this attempt are gone."""
+    return PREFIX + f"over/{node_rank}"
+
+
+def silent_end(gone: Gone, hosts: dict[int, str], seen_by: int) -> AttemptEnd:
+    """How every node names a node whose launcher is gone: the job's root cause."""
+    why = f"{SILENT} ({gone.evidence(seen_by)})"
+    return AttemptEnd("silent", gone.node_rank, hosts.get(gone.node_rank, "?"), why, 1)
 
 
 def missing_ranks(nnodes: int, present: Callable[[int], bool]) -> list[int]:
@@ -150,6 +166,7 @@ class NodeLink:
         node_rank: int | None,
         hostname: str,
         join_timeout: float,
+        heartbeat_timeout: float,
     ) -> None:
         self.master_addr = master_addr
         self.master_port = master_port
@@ -163,6 +180,11 @@ class NodeLink:
         self._dist = _torch_store()
         self._store: TCPStore | None = None
         self._watch: _Watcher | None = None
+        self._wake = WakePipe()  # rung by the watcher and the lifeline; the supervisor selects on it
+        self._lifeline = Lifeline(heartbeat_timeout, self._wake.ring)
+        self._lifeline_port: int | None = None  # node 0's, once it listens
+        self._told = False  # this attempt's end went to the supervisor
+        self._closed = False
         self._asked: set[int] = set()  # this attempt's stack requests that this node made
         self._answers: dict[int, dict[int, tuple[RankSnapshot, ...]]] = {}  # request -> node rank -> ranks
 
@@ -172,8 +194,7 @@ class NodeLink:
 
     @property
     def fd(self) -> int:
-        assert self._watch is not None
-        return self._watch.read_fd
+        return self._wake.read_fd
 
     # -- joining ------------------------------------------------------------------------------
 
@@ -183,6 +204,7 @@ class NodeLink:
         self._store = self._open_store(attempt, deadline, interrupted)
         store = self._store
         self._asked, self._answers = set(), {}  # a fresh store counts requests from 1 again
+        self._told = False
         if attempt == 0:
             self._adopt_shape(store)
             if self.node_rank is None:
@@ -202,8 +224,37 @@ class NodeLink:
             store.set(GO, "1")
         self._await(GO, deadline, interrupted, on_timeout=self._missing_nodes_error)
         self.hosts = {r: store.get(PREFIX + f"node/{r}").decode() for r in range(self.shape.nnodes)}
-        pulse = Pulse(rank, self.hosts, watch_others=self.is_host, silence_s=silence_limit(os.environ))
-        self._watch = _Watcher(self._client(deadline=time.monotonic() + self.join_timeout), pulse)
+        if attempt == 0:
+            self._open_lifeline(store, rank, deadline)
+        self._watch = _Watcher(self._client(deadline=time.monotonic() + self.join_timeout), self._wake.ring)
+
+    def _open_lifeline(self, store: TCPStore, rank: int, deadline: float) -> None:
+        """Node 0 expects every other node on its lifeline; the others connect to it."""
+        if self.is_host:
+            self._lifeline.expect(self._other_ranks())
+            return
+        port = int(store.get(LIFELINE).decode())
+        try:
+            self._lifeline.connect(self.master_addr, port, rank, deadline - time.monotonic())
+        except OSError as exc:
+            self._fail_join(
+                f"could not open a line to node 0's launcher at {self.master_addr}:{port} ({exc}). "
+                "Let the nodes reach each other on any TCP port, as torch's workers must too."
+            )
+
+    def _dead(self) -> dict[int, Gone]:
+        return self._lifeline.gone()
+
+    def _node0_dead(self) -> bool:
+        """Node 0's launcher is gone: its store with it, and a store call could block for good."""
+        return not self.is_host and 0 in self._dead()
+
+    def _dead_error(self) -> JoinError | None:
+        dead = self._dead()
+        if not dead:
+            return None
+        first = dead[min(dead)]
+        return JoinError(silent_end(first, self.hosts, self.node_rank or 0).describe())
 
     def _open_store(self, attempt: int, deadline: float, interrupted: Callable[[], bool]) -> TCPStore:
         if self.is_host:
@@ -218,6 +269,8 @@ class NodeLink:
         while True:
             if interrupted():
                 raise KeyboardInterrupt
+            if (dead := self._dead_error()) is not None:
+                raise dead
             store = self._client(deadline)
             try:
                 if store.check([GENERATION]) and store.get(GENERATION).decode() == str(attempt):
@@ -239,6 +292,9 @@ class NodeLink:
             ) from None
         if attempt == 0:
             store.set(CONFIG, self.shape.to_text())
+        if self._lifeline_port is None:
+            self._lifeline_port = self._lifeline.listen()
+        store.set(LIFELINE, str(self._lifeline_port))
         store.set(GENERATION, str(attempt))  # last: a client that sees it finds the rest
         return store
 
@@ -287,6 +343,8 @@ class NodeLink:
         while True:
             if interrupted():
                 raise KeyboardInterrupt
+            if (dead := self._dead_error()) is not None:
+                raise dead
             if store.check([END]):
                 end = AttemptEnd.from_text(store.get(END).decode())
                 raise JoinError(f"node {end.node_rank} ({end.host}) gave up joining: {end.detail}")
@@ -300,8 +358,14 @@ class NodeLink:
     # -- during an attempt ---------------------------------------------------------------------
 
     def publish(self, end: AttemptEnd) -> AttemptEnd:
-        """Say why the attempt ends, unless a node said it first; return what stands."""
-        store = self._store
+        """Say why the attempt ends, unless a node said it first; return what stands.
+
+        A rank that failed while another node's launcher is already gone most likely failed
+        of it (its peers vanished): the gone node is the cause, and is said instead.
+        """
+        if end.kind == "failed" and (dead := self._dead()):
+            end = silent_end(dead[min(dead)], self.hosts, self.node_rank or 0)
+        store = self._usable_store()
         if store is None:
             return end
         text = end.to_text()
@@ -315,8 +379,9 @@ class NodeLink:
         return AttemptEnd(kind, self.node_rank or 0, self.hostname, detail, exit_code)
 
     def report_success(self) -> None:
-        store = self._store
-        assert store is not None
+        store = self._usable_store()
+        if store is None:
+            return
         try:
             if int(store.add(SUCCEEDED, 1)) == self.shape.nnodes:
                 self.publish(self.local_end("success", "", 0))
@@ -324,14 +389,33 @@ class NodeLink:
             pass  # node 0 is gone: our watcher reports that
 
     def take(self) -> AttemptEnd | None:
-        """What the watcher saw: the attempt's end, or lost contact with node 0."""
-        assert self._watch is not None
-        return self._watch.take()
+        """The attempt's end, once: a node found gone (node 0 writes it for the others), or
+        what the store says (the watcher saw it), or that node 0's store failed under us."""
+        self._wake.drain()
+        if self._told:
+            return None
+        end = self._news()
+        self._told = end is not None
+        return end
+
+    def _news(self) -> AttemptEnd | None:
+        if dead := self._dead():
+            return self.publish(silent_end(dead[min(dead)], self.hosts, self.node_rank or 0))
+        if self._watch is None:
+            return None
+        if self._watch.lost is not None:  # node 0's store failed: its launcher went with it
+            why = f"{SILENT} (its rendezvous failed: {self._watch.lost})"
+            return AttemptEnd("silent", 0, self.hosts.get(0, "?"), why, 1)
+        return self._watch.result
+
+    def _usable_store(self) -> TCPStore | None:
+        """The store, unless node 0 is known gone (a call to it could then block for good)."""
+        return None if self._node0_dead() else self._store
 
     # -- stack reports -------------------------------------------------------------------------
 
     def ask_stacks(self) -> int | None:
-        store = self._store
+        store = self._usable_store()
         if store is None:
             return None
         try:
@@ -354,7 +438,7 @@ class NodeLink:
         return [rank for rank in range(self.shape.nnodes) if rank != self.node_rank]
 
     def _read_answer(self, request: int, rank: int) -> StackAnswer | None:
-        store, key = self._store, stacks_key(request, rank)
+        store, key = self._usable_store(), stacks_key(request, rank)
         if store is None:
             return None
         try:
@@ -366,12 +450,13 @@ class NodeLink:
 
     def stack_requests(self) -> list[int]:
         """The other nodes' requests the watcher saw (this node's own are answered at home)."""
+        self._wake.drain()
         if self._watch is None:
             return []
         return [request for request in self._watch.take_requests() if request not in self._asked]
 
     def answer_stacks(self, request: int, snapshots: Sequence[RankSnapshot]) -> None:
-        store = self._store
+        store = self._usable_store()
         if store is None:
             return
         try:
@@ -380,107 +465,59 @@ class NodeLink:
             pass  # node 0 is gone: our watcher reports that
 
     def end_attempt(self, interrupted: Callable[[], bool] = lambda: False) -> None:
-        """Our workers are gone. Node 0 keeps the store until every node says the same."""
+        """Our workers are gone. Node 0 keeps the store until every live node says the same:
+        a node whose launcher is gone will never say it, so it is not waited for."""
+        node0_dead = self._node0_dead()
         if self._watch is not None:
-            self._watch.stop()
+            self._watch.stop(wait=not node0_dead)  # a watcher blocked on a cut store never returns
             self._watch = None
         store, self._store = self._store, None
-        if store is None:
+        if store is None or node0_dead:
             return
         try:
-            if int(store.add(OVER, 1)) == self.shape.nnodes:
-                store.set(ALL_OVER, "1")
+            store.set(over_key(self.node_rank or 0), "1")
             if self.is_host:
-                deadline = time.monotonic() + OVER_WAIT_S
-                while time.monotonic() < deadline and not interrupted():
-                    try:
-                        store.wait([ALL_OVER], timedelta(seconds=SLICE_S))
-                        break
-                    except self._dist.DistStoreError:
-                        continue
+                self._await_others_over(store, interrupted)
         except RuntimeError:
             pass  # a node went away; nothing to wait for
         del store
 
+    def _await_others_over(self, store: TCPStore, interrupted: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + OVER_WAIT_S
+        while time.monotonic() < deadline and not interrupted():
+            dead = self._dead()
+            live = [over_key(rank) for rank in self._other_ranks() if rank not in dead]
+            try:
+                if live:
+                    store.wait(live, timedelta(seconds=SLICE_S))
+                return
+            except self._dist.DistStoreError:
+                continue
+
     def close(self) -> None:
-        """Let go of the store at once (a failed join, or the job is over)."""
+        """Let go of the store and the lifeline at once (a failed join, or the job is over)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._watch is not None:
-            self._watch.stop()
+            self._watch.stop(wait=not self._node0_dead())
             self._watch = None
         self._store = None
-
-
-def silence_limit(environ: dict[str, str] | os._Environ[str]) -> float:
-    try:
-        value = float(environ.get(SILENCE_VARIABLE, SILENCE_S))
-    except ValueError:
-        return SILENCE_S
-    return value if value > 0 else SILENCE_S
-
-
-class Pulse:
-    """Heartbeats: every node bumps a counter; node 0 names a node whose counter stopped.
-
-    A node whose launcher is SIGKILLed loses its workers (its guard stops them), but the
-    other nodes' workers may be computing, not waiting on it, and would not notice.
-    """
-
-    def __init__(
-        self,
-        rank: int,
-        hosts: dict[int, str],
-        *,
-        watch_others: bool,
-        silence_s: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.rank = rank
-        self.hosts = hosts
-        self.watch_others = watch_others
-        self.silence_s = silence_s
-        self.clock = clock
-        now = clock()
-        self._next_beat = now
-        self._next_check = now + BEAT_S
-        self._seen = {r: (-1, now) for r in hosts if r != rank}
-
-    def tick(self, store: TCPStore) -> AttemptEnd | None:
-        """Beat when due; on node 0, the first node silent for too long, as an attempt end."""
-        now = self.clock()
-        if now >= self._next_beat:
-            store.add(PREFIX + f"beat/{self.rank}", 1)
-            self._next_beat = now + BEAT_S
-        if not self.watch_others or now < self._next_check:
-            return None
-        self._next_check = now + BEAT_S
-        for rank, (count, since) in self._seen.items():
-            current = int(store.add(PREFIX + f"beat/{rank}", 0))
-            if current != count:
-                self._seen[rank] = (current, now)
-            elif now - since > self.silence_s:
-                detail = (
-                    f"stopped answering for {self.silence_s:g}s (its ddplaunch was killed, or its "
-                    "network failed)"
-                )
-                return AttemptEnd("lost", rank, self.hosts.get(rank, "?"), detail, 1)
-        return None
+        self._lifeline.close()
+        self._wake.close()
 
 
 class _Watcher:
-    """A thread blocked on the store's END key; it wakes the supervisor's loop through a pipe.
+    """A thread blocked on the store's END key (and looking for stack requests between waits);
+    it rings the supervisor's pipe. Under a cut its store call may block for good: it is a
+    daemon thread, left behind when node 0 is known gone."""
 
-    Between waits it keeps the heartbeats going (Pulse) and looks for stack requests.
-    """
-
-    def __init__(self, store: TCPStore, pulse: Pulse) -> None:
-        self._pulse = pulse
+    def __init__(self, store: TCPStore, ring: Callable[[], None]) -> None:
         self._store = store
-        self._wake = WakePipe()
-        self.read_fd = self._wake.read_fd
+        self._ring = ring
         self._stopping = threading.Event()
-        self._result: AttemptEnd | None = None
-        self._lost: str | None = None
-        self._told = False
+        self.result: AttemptEnd | None = None
+        self.lost: str | None = None
         self._requests: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._requests_seen = 0
         self._thread = threading.Thread(target=self._run, name="ddplaunch-watch", daemon=True)
@@ -489,51 +526,38 @@ class _Watcher:
     def _run(self) -> None:
         import torch.distributed as dist
 
+        store = self._store  # ours until the thread ends, even when stop() leaves it behind
         while not self._stopping.is_set():
             try:
-                silent = self._pulse.tick(self._store)
-                if silent is not None:
-                    self._store.compare_set(END, "", silent.to_text())
-                self._see_requests()
-                self._store.wait([END], timedelta(seconds=SLICE_S))
-                self._result = AttemptEnd.from_text(self._store.get(END).decode())
+                self._see_requests(store)
+                store.wait([END], timedelta(seconds=SLICE_S))
+                self.result = AttemptEnd.from_text(store.get(END).decode())
             except dist.DistStoreError:
                 continue  # a slice passed with no news
             except RuntimeError as exc:
-                self._lost = _first_line(exc)
-            self._wake.ring()
+                self.lost = _first_line(exc)
+            self._ring()
             return
 
-    def _see_requests(self) -> None:
-        asked = int(self._store.add(STACKS_ASKED, 0))
+    def _see_requests(self, store: TCPStore) -> None:
+        asked = int(store.add(STACKS_ASKED, 0))
         if asked > self._requests_seen:
             for request in range(self._requests_seen + 1, asked + 1):
                 self._requests.put(request)
             self._requests_seen = asked
-            self._wake.ring()
-
-    def take(self) -> AttemptEnd | None:
-        """The attempt's end, or lost contact, once (the pipe also rings for stack requests)."""
-        self._wake.drain()
-        if self._told or (self._result is None and self._lost is None):
-            return None
-        self._told = True
-        if self._result is not None:
-            return self._result
-        return AttemptEnd("lost", NOT_A_NODE, "this node", f"lost contact with node 0's rendezvous ({self._lost})")
+            self._ring()
 
     def take_requests(self) -> list[int]:
-        self._wake.drain()
         taken = []
         while not self._requests.empty():
             taken.append(self._requests.get_nowait())
         return taken
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         self._stopping.set()
-        self._thread.join(timeout=SLICE_S * 8)
-        self._wake.close()
-        del self._store
+        del self._store  # the thread's own reference goes when it ends
+        if wait:
+            self._thread.join(timeout=SLICE_S * 8)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -146,9 +146,31 @@ def raised_before_stop(result: AttemptResult, printer: Printer) -> dict[int, str
     return raised
 
 
+def render_silent_node(result: AttemptResult, colour: bool, width: int | None = None) -> str:
+    """The report when another node's launcher went silent: that node is the root cause, and
+    this node's ranks (even one that failed first, its peers gone) are its consequences."""
+    import shutil
+
+    end = result.elsewhere
+    assert end is not None
+    width = width or min(100, shutil.get_terminal_size((100, 24)).columns)
+    red, dim, bold, reset = ("\x1b[31m", "\x1b[2m", "\x1b[1m", "\x1b[0m") if colour else ("",) * 4
+    title = f" Root cause (first observed failure): node {end.node_rank} ({end.host}) "
+    lines = [f"{red}{bold}━━{title}{'━' * max(3, width - len(title) - 2)}{reset}"]
+    lines.append(f"  {bold}{end.describe()}{reset}")
+    lines.append(f"  {dim}no report comes from it: a dead launcher's guard stops its workers, a cut-off one stops them itself{reset}")
+    if result.workers:
+        lines.append(f"  {dim}this node's workers, stopped because of it (consequences, not causes):{reset}")
+        lines.extend(f"    {other_worker_line(w)}" for w in result.workers)
+    lines.append(f"{red}{'━' * width}{reset}")
+    return "\n".join(lines) + "\n"
+
+
 def finish(result: JobResult, printer: Printer, say: Callable[[str], None]) -> None:
     last = result.last
-    if last.elsewhere is not None:
+    if last.elsewhere is not None and last.elsewhere.kind == "silent":
+        printer.block(render_silent_node(last, printer.colour))
+    elif last.elsewhere is not None:
         say(f"root cause on another node: {last.elsewhere.describe()} (its report is in that node's output)")
     elif last.root_cause is not None:
         tail = printer.tail(last.root_cause.spec.global_rank)

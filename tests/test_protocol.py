@@ -109,7 +109,7 @@ def test_job_exit_code(codes: list[int | None], any_lost: bool, expected: int) -
 
 
 def test_every_kind_round_trips() -> None:
-    assert END_KINDS == ("success", "failed", "stopped", "stalled", "error", "lost")
+    assert END_KINDS == ("success", "failed", "stopped", "stalled", "error", "lost", "silent")
     for kind in END_KINDS:
         end = AttemptEnd(kind, 2, "gpu-c", "why", 3)
         assert AttemptEnd.from_text(end.to_text()) == end

@@ -1,13 +1,12 @@
-"""The pure parts of the multi-node rendezvous: job shapes, attempt ends, heartbeats."""
+"""The pure parts of the multi-node rendezvous: job shapes, attempt ends, who is gone (heartbeats)."""
 
 from __future__ import annotations
 
 import pytest
 
 from launcher.protocol import AttemptEnd
-from launcher.rendezvous import (
-    JobShape, Pulse, join_timeout_message, missing_ranks, shape_mismatch, silence_limit,
-)
+from launcher.lifeline import Gone, Hearing, beat_interval
+from launcher.rendezvous import JobShape, join_timeout_message, missing_ranks, shape_mismatch, silent_end
 
 pytestmark = pytest.mark.unit
 
@@ -46,52 +45,49 @@ def test_join_timeout_names_the_missing_ranks_and_who_came() -> None:
     assert "(joined: 0 (gpu-a), 2 (gpu-c))" in text
 
 
-class FakeStore:
-    def __init__(self) -> None:
-        self.counters: dict[str, int] = {}
-
-    def add(self, key: str, amount: int) -> int:
-        self.counters[key] = self.counters.get(key, 0) + amount
-        return self.counters[key]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+def test_a_node_that_stops_beating_is_named_silent_once() -> None:
+    hearing = Hearing(silence_s=3)
+    hearing.expect(1, 100.0)
+    hearing.expect(2, 100.0)
+    for now in (100.5, 101.5, 102.5, 103.5):  # node 1 beats; node 2 never says a word
+        hearing.heard(1, now)
+        assert [g.node_rank for g in hearing.silent(now)] == ([2] if now > 103.0 else [])
+    assert hearing.silent(103.6) == []  # named once
+    assert hearing.silent(106.4) == [] and [g.node_rank for g in hearing.silent(106.6)] == [1]
+    assert {rank: gone.why for rank, gone in hearing.gone().items()} == {1: "silent", 2: "silent"}
 
 
-def test_node_zero_names_a_node_whose_heartbeat_stops() -> None:
-    store, clock = FakeStore(), Clock()
-    hosts = {0: "a", 1: "b", 2: "c"}
-    head = Pulse(0, hosts, watch_others=True, silence_s=5, clock=clock)
-    others = [Pulse(r, hosts, watch_others=False, silence_s=5, clock=clock) for r in (1, 2)]
-    for _ in range(20):  # 10 s of everyone beating
-        clock.now += 0.5
-        for pulse in others:
-            assert pulse.tick(store) is None
-        assert head.tick(store) is None
-    verdict = None
-    for _ in range(20):  # node 2 goes silent
-        clock.now += 0.5
-        others[0].tick(store)
-        verdict = verdict or head.tick(store)
-    assert verdict is not None
-    assert (verdict.kind, verdict.node_rank, verdict.host) == ("lost", 2, "c")
-    assert "stopped answering for 5s" in verdict.detail
+def test_a_closed_line_is_gone_at_once_and_beats_after_it_change_nothing() -> None:
+    hearing = Hearing(silence_s=10)
+    hearing.expect(1, 0.0)
+    gone = hearing.closed(1)
+    assert gone is not None and gone.why == "closed" and gone.evidence(0) == "its connection to node 0 closed"
+    assert hearing.closed(1) is None
+    hearing.heard(1, 5.0)
+    assert hearing.silent(100.0) == [] and set(hearing.gone()) == {1}
 
 
-def test_nodes_other_than_zero_only_beat() -> None:
-    store, clock = FakeStore(), Clock()
-    pulse = Pulse(1, {0: "a", 1: "b"}, watch_others=False, silence_s=1, clock=clock)
-    for _ in range(10):
-        clock.now += 1
-        assert pulse.tick(store) is None
-    assert store.counters == {"ddplaunch/beat/1": 10}
+def test_the_next_check_is_when_the_first_node_would_go_silent() -> None:
+    hearing = Hearing(silence_s=3)
+    assert hearing.next_check_in(0.0) == 3  # nobody to hear yet
+    hearing.expect(1, 10.0)
+    hearing.expect(2, 11.0)
+    assert hearing.next_check_in(12.0) == 1.0
+    assert hearing.next_check_in(20.0) == 0.0
 
 
-@pytest.mark.parametrize(("value", "limit"), [(None, 10.0), ("2.5", 2.5), ("0", 10.0), ("x", 10.0)])
-def test_silence_limit(value: str | None, limit: float) -> None:
-    assert silence_limit({} if value is None else {"DDPLAUNCH_NODE_SILENCE_S": value}) == limit
+@pytest.mark.parametrize(("silence", "beat"), [(10.0, 1.0), (2.0, 0.5), (0.4, 0.1)])
+def test_four_beats_fit_in_the_silence_limit(silence: float, beat: float) -> None:
+    assert beat_interval(silence) == beat
+
+
+def test_a_silent_node_is_named_with_the_words_every_node_prints() -> None:
+    closed = silent_end(Gone(1, "closed", 10), {0: "gpu-a", 1: "gpu-b"}, seen_by=0)
+    assert closed.kind == "silent" and closed.exit_code == 1
+    assert closed.describe() == (
+        "node 1 (gpu-b) went silent: its launcher is gone or unreachable (its connection to node 0 closed)"
+    )
+    quiet = silent_end(Gone(0, "silent", 3), {0: "gpu-a"}, seen_by=2).describe()
+    assert quiet.startswith("node 0 (gpu-a) went silent: its launcher is gone or unreachable")
+    assert quiet.endswith("(node 2 heard nothing from it for 3s, --heartbeat-timeout)")
+    assert AttemptEnd.from_text(closed.to_text()) == closed

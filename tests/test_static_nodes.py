@@ -7,8 +7,14 @@ Ctrl-C on one node stops the other at once. Every test ends with no process of t
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 from helpers_cli import processes_with_token, wait_until, write_script
 from launcher.ports import pick_free_port
@@ -51,6 +57,21 @@ if attempt in os.environ.get("FAIL_ATTEMPTS", "0"):
     time.sleep(600)
 dist.barrier()
 dist.destroy_process_group()
+"""
+
+
+# Every rank all-reduces in a loop, as training does: when a node vanishes, the others' ranks
+# fail in their next collective (gloo sees its peer's connection close).
+TRAIN_IN_STEP = """
+import os, time
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+value = torch.ones(1)
+dist.all_reduce(value)
+print(f"rank {os.environ['RANK']} in step", flush=True)
+while True:
+    dist.all_reduce(value)
+    time.sleep(0.02)
 """
 
 
@@ -197,19 +218,117 @@ def test_two_nodes_claiming_one_rank_are_told(start, tmp_path: Path, token: str)
     assert processes_with_token(token) == []
 
 
-def test_a_node_whose_launcher_is_killed_is_named_and_the_others_stop(
-    start, tmp_path: Path, token: str, job_env: dict[str, str]
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_node_whose_launcher_is_killed_is_the_root_cause_on_the_other(
+    start, tmp_path: Path, token: str, killed: int
 ) -> None:
+    """Training in step: the survivor's rank fails too when its peer vanishes, yet the report
+    names the dead node, and the survivor exits at once (no wait for a node known dead)."""
+    script = write_script(tmp_path / "train.py", TRAIN_IN_STEP)
+    port = pick_free_port()
+    nodes = [start(*node_args(2, port, "--node-rank", str(rank), "--nproc", "1"), script) for rank in (0, 1)]
+    for node in nodes:
+        node.wait_line("in step", timeout=120)
+    survivor = nodes[1 - killed]
+    killed_at = time.monotonic()
+    nodes[killed].signal(signal.SIGKILL)  # its guard stops its worker; no word from its launcher
+    assert survivor.wait(timeout=30) == 1, survivor.err
+    took = time.monotonic() - killed_at
+    host = os.uname().nodename
+    assert f"node {killed} ({host}) went silent: its launcher is gone or unreachable" in survivor.err
+    assert f"Root cause (first observed failure): node {killed} ({host})" in survivor.err
+    assert "Root cause (first observed failure): rank" not in survivor.err  # not its own rank
+    assert took < 5.0, f"{took:.1f}s from the kill to the survivor's exit\n{survivor.err}"
+    wait_until(lambda: not processes_with_token(token), 10, "no process of the job left")
+
+
+
+def test_node_zero_tells_every_other_node_which_launcher_died(start, tmp_path: Path, token: str) -> None:
+    """Only node 0 holds a line to node 1's launcher; node 2 learns through the store, and
+    names the same root cause. The ranks sleep outside any collective: only the launchers tell."""
     script = write_script(tmp_path / "sleep.py", FAIL_OR_SLEEP)
-    env = dict(job_env, DDPLAUNCH_NODE_SILENCE_S="2")
     port = pick_free_port()
     nodes = [
-        start(*node_args(2, port, "--node-rank", str(rank), "--nproc", "1"), script, str(tmp_path / "x"), env=env)
-        for rank in (0, 1)
+        start(*node_args(3, port, "--node-rank", str(rank), "--nproc", "1"), script, str(tmp_path / "x"))
+        for rank in (0, 1, 2)
     ]
     for node in nodes:
         node.wait_line("attempt 0 ready", timeout=120)
-    nodes[1].signal(signal.SIGKILL)  # its guard stops its worker; node 0's worker sleeps on
-    assert nodes[0].wait(timeout=30) == 1
-    assert "node 1 (" in nodes[0].err and "stopped answering for 2s" in nodes[0].err
+    killed_at = time.monotonic()
+    nodes[1].signal(signal.SIGKILL)
+    assert [nodes[rank].wait(timeout=30) for rank in (0, 2)] == [1, 1], nodes[0].err + nodes[2].err
+    assert time.monotonic() - killed_at < 5.0
+    named = f"node 1 ({os.uname().nodename}) went silent: its launcher is gone or unreachable (its connection to node 0 closed)"
+    assert named in nodes[0].err and named in nodes[2].err
+    assert "Root cause (first observed failure): node 1" in nodes[2].err
+    wait_until(lambda: not processes_with_token(token), 10, "no process of the job left")
+
+# -- a cut: packets dropped, nothing closed ------------------------------------------------------
+
+CUT_ADDR = "127.0.7.2"  # this test's own loopback address: node 0's store and lifeline are reached there
+
+
+def launcher_links(pid: int, addr: str) -> list[tuple[int, int]]:
+    """(local port, remote port) of every TCP connection process `pid` holds to `addr`."""
+    listing = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True, check=True)
+    links = []
+    for line in listing.stdout.splitlines():
+        fields = line.split()
+        if f"pid={pid}," not in line or len(fields) < 4:
+            continue
+        local, remote = fields[-3], fields[-2]
+        if remote.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:") == addr:
+            links.append((int(local.rsplit(":", 1)[1]), int(remote.rsplit(":", 1)[1])))
+    return links
+
+
+@pytest.fixture
+def drop_packets() -> Iterator[Callable[[str, list[tuple[int, int]]], None]]:
+    """Drops both directions of the given connections to `addr` (an address of this test's
+    own), as a cut network does: nothing is closed. Every rule is removed afterwards."""
+    if os.geteuid() != 0 and not os.environ.get("CI"):  # CI runs as root: never skipped there
+        pytest.skip("dropping packets with iptables needs root")
+    rules: list[list[str]] = []
+
+    def drop(addr: str, links: list[tuple[int, int]]) -> None:
+        for local, remote in links:
+            for rule in (
+                ["OUTPUT", "-p", "tcp", "-d", addr, "--sport", str(local), "--dport", str(remote), "-j", "DROP"],
+                ["OUTPUT", "-p", "tcp", "-s", addr, "--sport", str(remote), "--dport", str(local), "-j", "DROP"],
+            ):
+                subprocess.run(["iptables", "-w", "-I", *rule], check=True)
+                rules.append(rule)
+
+    try:
+        yield drop
+    finally:
+        for rule in rules:
+            subprocess.run(["iptables", "-w", "-D", *rule], check=False)
+
+
+def test_a_node_cut_off_is_named_silent_on_both_sides_after_the_heartbeat_timeout(
+    start, tmp_path: Path, token: str, drop_packets: Callable[[str, list[tuple[int, int]]], None]
+) -> None:
+    """Node 1's launcher is cut from node 0's (its store and lifeline connections drop every
+    packet); the workers' own links are left alone and they sleep outside any collective, so
+    only the launchers' heartbeats can tell. Each side names the other after 3 s of silence."""
+    script = write_script(tmp_path / "sleep.py", FAIL_OR_SLEEP)
+    port = pick_free_port()
+    args = ["--nnodes", "2", "--master-addr", CUT_ADDR, "--master-port", str(port), "--nproc", "1",
+            "--heartbeat-timeout", "3"]
+    nodes = [start(*args, "--node-rank", str(rank), script, str(tmp_path / "x")) for rank in (0, 1)]
+    for node in nodes:
+        node.wait_line("attempt 0 ready", timeout=120)
+    links = launcher_links(nodes[1].proc.pid, CUT_ADDR)
+    assert len(links) >= 2, links  # its store client(s) and its lifeline
+    drop_packets(CUT_ADDR, links)
+    cut_at = time.monotonic()
+    assert [node.wait(timeout=30) for node in nodes] == [1, 1], nodes[0].err + nodes[1].err
+    took = time.monotonic() - cut_at
+    host = os.uname().nodename
+    for node, other in ((nodes[0], 1), (nodes[1], 0)):
+        assert f"Root cause (first observed failure): node {other} ({host})" in node.err
+        assert f"node {other} ({host}) went silent: its launcher is gone or unreachable" in node.err
+        assert f"node {1 - other} heard nothing from it for 3s, --heartbeat-timeout" in node.err
+    assert 2.0 < took < 8.0, f"{took:.1f}s from the cut to both exits"  # last beat up to 0.75 s before it
     wait_until(lambda: not processes_with_token(token), 10, "no process of the job left")
