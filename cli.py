@@ -181,18 +181,22 @@ def command(**params: object) -> None:
     """
     from launcher.job import run_command
 
-    code = run_command(Options(**params))  # type: ignore[arg-type]
-    if "torch" in sys.modules:
-        # A multi-node agent imported torch for its store; the interpreter's teardown of torch
-        # costs ~0.5 s and every resource of ours is already released.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    sys.exit(run_command(Options(**params)))  # type: ignore[arg-type]
 
 
 def main() -> None:
-    command.main(prog_name="ddplaunch")
+    try:
+        command.main(prog_name="ddplaunch")
+    except SystemExit as done:
+        if "torch" in sys.modules:
+            # A multi-node agent imported torch for its store; the interpreter's teardown of
+            # torch costs ~0.5 s and every resource of ours is already released. Only here,
+            # in the program's own main: a caller of `command` (a test's CliRunner) keeps its
+            # process.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0 if done.code is None else done.code if isinstance(done.code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":
