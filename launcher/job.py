@@ -79,9 +79,10 @@ def _read_env_file(path: str) -> str:
 
 def launch(options: Options) -> int:
     """This node's part of the job."""
-    if options.nproc is not None and is_plain_int(options.nproc.strip()):
+    if options.force and options.nproc is not None and is_plain_int(options.nproc.strip()):
         # planning is linear in --nproc: a typo such as --nproc 99999999 --force must be
-        # refused now, not after minutes of it (checked again below with what was decided)
+        # refused now, not after minutes of it (checked again below with what was decided).
+        # Without --force, decide's "far more workers than this machine has" comes first.
         ensure_descriptors(int(options.nproc), log_files=options.log_dir is not None)
     facts = gather_facts(options)
     log_dir = options.log_dir or None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 
 class WakePipe:
@@ -12,12 +13,20 @@ class WakePipe:
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self.write_fd, False)
+        # A thread may ring as the loop closes (an SSH pump reading its channel's end): after
+        # close the number may already name another file, so ring and close never overlap.
+        # Only threads ring (signals reach the pipe through set_wakeup_fd, in C), so a lock is safe.
+        self._lock = threading.Lock()
+        self._closed = False
 
     def ring(self) -> None:
-        try:
-            os.write(self.write_fd, b"!")
-        except BlockingIOError:
-            pass
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self.write_fd, b"!")
+            except BlockingIOError:
+                pass
 
     def drain(self) -> bool:
         """Empty the pipe; whether it had rung."""
@@ -30,5 +39,9 @@ class WakePipe:
         return rang
 
     def close(self) -> None:
-        os.close(self.read_fd)
-        os.close(self.write_fd)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self.read_fd)
+            os.close(self.write_fd)

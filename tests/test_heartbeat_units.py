@@ -293,3 +293,22 @@ def test_tcp_gives_up_on_a_silent_link_no_sooner_than_asked(dead_link_s: float, 
         _notice_dead_links(sock, dead_link_s)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == user_timeout_ms
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == keepalive_s
+
+
+def test_a_wake_pipe_rung_after_close_writes_nowhere() -> None:
+    """An SSH pump thread may post its channel's end as the head closes: the closed pipe's
+    numbers may already name other files, so a late ring must write nothing anywhere."""
+    from launcher.wakepipe import WakePipe
+
+    wake = WakePipe()
+    wake.close()
+    reused_read, reused_write = os.pipe()  # the lowest free numbers: likely the closed ones
+    try:
+        os.set_blocking(reused_read, False)
+        wake.ring()
+        wake.close()  # twice is harmless
+        with pytest.raises(BlockingIOError):
+            os.read(reused_read, 1)
+    finally:
+        os.close(reused_read)
+        os.close(reused_write)
