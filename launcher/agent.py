@@ -401,8 +401,11 @@ class HeadLink:
         except queue.Empty:
             return None
 
-    def end_attempt(self, interrupted: Callable[[], bool]) -> None:
+    def end_attempt(
+        self, interrupted: Callable[[], bool], closing: str = "", note: Callable[[str], None] = lambda text: None
+    ) -> list[str]:
         self._send(encode(OVER, b""))
+        return []  # our closing word went to the head as a note already, as every note does
 
     def stack_requests(self) -> list[int]:
         self._wake.drain()

@@ -106,7 +106,12 @@ class Peers(StackAsker, Protocol):
 
     def join(self, attempt: int, interrupted: Callable[[], bool]) -> None: ...
 
-    def end_attempt(self, interrupted: Callable[[], bool]) -> None: ...
+    def end_attempt(
+        self, interrupted: Callable[[], bool], closing: str = "", note: Callable[[str], None] = lambda text: None
+    ) -> list[str]:
+        """Our workers are gone. `closing`: our word to the other nodes about it (processes
+        that would not die), "" for none; returns theirs, each naming its node."""
+        ...
 
     def local_end(self, kind: EndKind, detail: str, exit_code: int) -> AttemptEnd: ...
 

@@ -50,7 +50,10 @@ SUCCEEDED, LIFELINE = PREFIX + "succeeded", PREFIX + "lifeline"
 STACKS_ASKED = PREFIX + "stacks/asked"  # how many stack requests this attempt has seen
 SLICE_S = 0.25  # longest a blocking store call may keep us from noticing Ctrl-C or a stop
 RETRY_S = 0.05  # between connection attempts to a store that is not (yet) there
-OVER_WAIT_S = 10.0  # node 0 keeps the store up this long for the live others to finish stopping
+OVER_WAIT_S = 10.0  # beyond a node's stop budget, how long the others wait for it to say it is over
+OVER_NOTE_AFTER_S = 2.0  # a wait for the others this long is said, with whom and for how long
+READ_WAIT_S = 2.0  # node 0 keeps the store up this long for the others to read the closing words
+NOTHING_TO_SAY = "1"  # an over key's value when the node has no closing word
 SILENT = "its launcher is gone or unreachable"
 
 
@@ -101,8 +104,19 @@ def stacks_key(request: int, node_rank: int) -> str:
 
 
 def over_key(node_rank: int) -> str:
-    """Set by a node once its workers of this attempt are gone."""
+    """Set by a node once its workers of this attempt are gone: its closing word, or "1"."""
     return PREFIX + f"over/{node_rank}"
+
+
+def read_key(node_rank: int) -> str:
+    """Set by a node once it has read the others' closing words (node 0 then lets go of the store)."""
+    return PREFIX + f"read/{node_rank}"
+
+
+def _words(store: TCPStore, ranks: list[int]) -> list[tuple[int, str]]:
+    """The closing words of these nodes (those that had something to say)."""
+    said = [store.get(over_key(rank)).decode("utf-8", "replace") for rank in ranks]
+    return [(rank, word) for rank, word in zip(ranks, said) if word != NOTHING_TO_SAY]
 
 
 def silent_end(gone: Gone, hosts: dict[int, str], seen_by: int) -> AttemptEnd:
@@ -167,6 +181,7 @@ class NodeLink:
         hostname: str,
         join_timeout: float,
         heartbeat_timeout: float,
+        stop_budget: float = 0.0,
     ) -> None:
         self.master_addr = master_addr
         self.master_port = master_port
@@ -175,6 +190,7 @@ class NodeLink:
         self.node_rank = node_rank
         self.hostname = hostname
         self.join_timeout = join_timeout
+        self.stop_budget = stop_budget
         self.is_host = node_rank == 0
         self.hosts: dict[int, str] = {}
         self._dist = _torch_store()
@@ -464,35 +480,61 @@ class NodeLink:
         except RuntimeError:
             pass  # node 0 is gone: our watcher reports that
 
-    def end_attempt(self, interrupted: Callable[[], bool] = lambda: False) -> None:
-        """Our workers are gone. Node 0 keeps the store until every live node says the same:
-        a node whose launcher is gone will never say it, so it is not waited for."""
+    def end_attempt(
+        self,
+        interrupted: Callable[[], bool] = lambda: False,
+        closing: str = "",
+        note: Callable[[str], None] = lambda text: None,
+    ) -> list[str]:
+        """Our workers are gone: say so, with our closing word (processes that would not die),
+        and wait for every live node to say the same, bounded by the time a node may take to
+        stop its workers; then read their words. A node whose launcher is gone will never say
+        it, so it is not waited for. Node 0 keeps the store up until the others have read."""
         node0_dead = self._node0_dead()
         if self._watch is not None:
             self._watch.stop(wait=not node0_dead)  # a watcher blocked on a cut store never returns
             self._watch = None
         store, self._store = self._store, None
         if store is None or node0_dead:
-            return
+            return []
+        words: list[str] = []
         try:
-            store.set(over_key(self.node_rank or 0), "1")
+            store.set(over_key(self.node_rank or 0), closing or NOTHING_TO_SAY)
+            over = self._await_others(store, over_key, self.stop_budget + OVER_WAIT_S, interrupted, note)
+            words = [f"node {rank} ({self.hosts.get(rank, '?')}): {word}" for rank, word in _words(store, over)]
             if self.is_host:
-                self._await_others_over(store, interrupted)
+                self._await_others(store, read_key, READ_WAIT_S, interrupted, lambda text: None)
+            else:
+                store.set(read_key(self.node_rank or 0), "1")
         except RuntimeError:
             pass  # a node went away; nothing to wait for
         del store
+        return words
 
-    def _await_others_over(self, store: TCPStore, interrupted: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + OVER_WAIT_S
-        while time.monotonic() < deadline and not interrupted():
+    def _await_others(
+        self, store: TCPStore, key: Callable[[int], str], within: float, interrupted: Callable[[], bool],
+        note: Callable[[str], None],
+    ) -> list[int]:
+        """The live other nodes that set their `key` within `within` seconds (all, or fewer)."""
+        started = time.monotonic()
+        noted = False
+        while not interrupted() and not self._node0_dead():
             dead = self._dead()
-            live = [over_key(rank) for rank in self._other_ranks() if rank not in dead]
+            live = [rank for rank in self._other_ranks() if rank not in dead]
+            waited = time.monotonic() - started
             try:
                 if live:
-                    store.wait(live, timedelta(seconds=SLICE_S))
-                return
+                    store.wait([key(rank) for rank in live], timedelta(seconds=SLICE_S))
+                return live
             except self._dist.DistStoreError:
-                continue
+                pass
+            if waited >= within:
+                return [rank for rank in live if store.check([key(rank)])]
+            if not noted and waited >= OVER_NOTE_AFTER_S:
+                noted = True
+                slow = ", ".join(f"node {rank} ({self.hosts.get(rank, '?')})" for rank in live)
+                note(f"waiting up to {within - waited:.0f}s more for {slow} to stop its workers")
+        return []
 
     def close(self) -> None:
         """Let go of the store and the lifeline at once (a failed join, or the job is over)."""

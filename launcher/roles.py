@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from launcher.decide import Decision, Facts
 from launcher.errors import Interrupted, LaunchError
 from launcher.logs import Printer, terminal_printer
-from launcher.options import Options, heartbeat_timeout_of
+from launcher.options import Options, heartbeat_timeout_of, kill_timeout_of
 from launcher.plan import Plan, PlanInputs
 from launcher.report import joined_line, start_line
 
@@ -142,6 +142,8 @@ class StaticNode(Local):
             hostname=inputs.hostname,
             join_timeout=self.decision.join_timeout,
             heartbeat_timeout=heartbeat_timeout_of(self.options),
+            # the longest a live node may take to stop its workers: grace, SIGKILL, --kill-timeout
+            stop_budget=self.decision.grace + kill_timeout_of(self.options),
         )
         try:
             link.join(0)

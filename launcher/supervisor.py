@@ -555,7 +555,8 @@ def run_job(
                 plan = plan_for_attempt(restart)
                 result = Attempt(plan, printer, inbox, grace, watchdog, peers, stdin, stacks, kill_timeout).run()
                 if peers is not None:
-                    peers.end_attempt(interrupted)
+                    for word in peers.end_attempt(interrupted, _closing_word(result), printer.note):
+                        printer.note(word)
                 if not _should_restart(result, restart, max_restarts):
                     return JobResult(result, restart)
                 restart += 1
@@ -566,6 +567,13 @@ def run_job(
     finally:
         if watchdog is not None:
             watchdog.stand_down()
+
+
+def _closing_word(result: AttemptResult) -> str:
+    """What the other nodes must hear of this node's end: the processes that would not die."""
+    from launcher.report import unkillable_line
+
+    return "; ".join(unkillable_line(stuck) for stuck in result.unkillable)
 
 
 def _should_restart(result: AttemptResult, restart: int, max_restarts: int) -> bool:

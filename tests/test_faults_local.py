@@ -20,6 +20,7 @@ from helpers_cli import TOKEN_VARIABLE, launcher_argv, processes_with_token, run
 from sshd import SshHome
 
 from launcher.logs import Printer
+from launcher.ports import pick_free_port
 from launcher.procfs import KernelWait
 from launcher.report import unkillable_line
 from launcher.supervisor import Unkillable
@@ -328,3 +329,32 @@ HINT = "the machine may need its GPU reset or a reboot"
 )
 def test_a_process_that_would_not_die_is_named_with_its_state_and_wchan(stuck: Unkillable, line: str) -> None:
     assert unkillable_line(stuck) == line
+
+
+@NEEDS_ROOT
+def test_between_static_nodes_the_stuck_node_tells_the_other_which_process_would_not_die(
+    start, freezer: Callable[[int], None], tmp_path: Path, token: str
+) -> None:
+    """Node 1's worker is frozen; node 0's rank fails. Node 1 gives up on it after its
+    --kill-timeout, and node 0, which waits for node 1 to stop (within its grace and kill
+    timeout), prints node 1's closing word: which process, in which state."""
+    script = write_script(tmp_path / "freeze_me.py", FREEZE_ME)
+    os.mkfifo(tmp_path / "go")
+    port = pick_free_port()
+    nodes = [
+        start("--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "--node-rank", str(node),
+              "--nproc", "1", "--grace", "0.5", "--kill-timeout", "1", script, str(tmp_path))
+        for node in (0, 1)
+    ]
+    nodes[1].wait_line("ready 1", timeout=120)
+    nodes[0].wait_line("ready 0", timeout=30)
+    stuck = int((tmp_path / "pid").read_text())
+    freezer(stuck)
+    with open(tmp_path / "go", "w"):
+        pass  # rank 0 reads end of file and fails
+    assert nodes[0].wait(timeout=30) == 5, nodes[0].err
+    assert nodes[1].wait(timeout=30) == 5, nodes[1].err
+    host = os.uname().nodename
+    said = rf"node 1 \({re.escape(host)}\): rank 1 \(pid {stuck}\) would not die: state D \(disk sleep\) in \w+; "
+    assert re.search(said + "the machine may need its GPU reset or a reboot", nodes[0].err), nodes[0].err
+    assert re.search(rf"ddplaunch: rank 1 \(pid {stuck}\) would not die", nodes[1].err), nodes[1].err
