@@ -159,22 +159,27 @@ class NodeRow(SeriesRow):
         return all(n == 0 for n in self.extra.get("left_behind", []))
 
 
-class HostsRow(NodeRow):
+class ScalingRow(NodeRow):
+    """series: "N hosts" -> seconds, for the two host counts `counts`; the ratio many / few."""
+
+    counts: tuple[int, int] = HOST_COUNTS
+    limit: float = HOSTS_TARGET
+
     def ratio(self) -> float | None:
-        few, many = (self.median(f"{n} hosts") for n in HOST_COUNTS)
+        few, many = (self.median(f"{n} hosts") for n in self.counts)
         return many / few if few and many is not None else None
 
     def target(self) -> str:
-        return f"<= {HOSTS_TARGET:g} ({HOST_COUNTS[1]}/{HOST_COUNTS[0]})"
+        return f"<= {self.limit:g} ({self.counts[1]}/{self.counts[0]})"
 
     def ok(self) -> bool | None:
         ratio = self.ratio()
         if ratio is None:
             return None
-        return ratio <= HOSTS_TARGET and self.leftovers_ok() and not self.errors
+        return ratio <= self.limit and self.leftovers_ok() and not self.errors
 
     def cells(self) -> tuple[str, str, str, str]:
-        few, many = HOST_COUNTS
+        few, many = self.counts
         ratio = self.ratio()
         return (
             f"{secs(self.median(f'{many} hosts'))} ({many} hosts)",
@@ -184,31 +189,15 @@ class HostsRow(NodeRow):
         )
 
 
-class ConnectRow(NodeRow):
+class HostsRow(ScalingRow):
+    """series: "N hosts" -> seconds from Popen to all workers running."""
+
+
+class ConnectRow(ScalingRow):
     """series: "N hosts" -> seconds from Popen to every agent ready."""
 
-    def ratio(self) -> float | None:
-        few, many = (self.median(f"{n} hosts") for n in CONNECT_COUNTS)
-        return many / few if few and many is not None else None
-
-    def target(self) -> str:
-        return f"<= {CONNECT_TARGET:g} ({CONNECT_COUNTS[1]}/{CONNECT_COUNTS[0]})"
-
-    def ok(self) -> bool | None:
-        ratio = self.ratio()
-        if ratio is None:
-            return None
-        return ratio <= CONNECT_TARGET and self.leftovers_ok() and not self.errors
-
-    def cells(self) -> tuple[str, str, str, str]:
-        few, many = CONNECT_COUNTS
-        ratio = self.ratio()
-        return (
-            f"{secs(self.median(f'{many} hosts'))} ({many} hosts)",
-            "n/a (no SSH mode)",
-            f"{secs(self.median(f'{few} hosts'))} ({few} hosts)",
-            "n/a" if ratio is None else f"{ratio:.3f} ({many}/{few})",
-        )
+    counts = CONNECT_COUNTS
+    limit = CONNECT_TARGET
 
 
 class CrossRow(NodeRow):
