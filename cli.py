@@ -11,7 +11,6 @@ import sys
 import click
 
 from launcher import __version__
-from launcher.agent_cli import leave
 from launcher.options import DEFAULT_JOIN_TIMEOUT_S, Options, foreign_option_hint
 
 CONTEXT = {
@@ -192,6 +191,8 @@ def main() -> None:
             # A static node imported torch for its store: leave skips the interpreter's slow
             # teardown of it. Only here, in the program's own main: a caller of `command` (a
             # test's CliRunner) keeps its process.
+            from launcher.agent_cli import leave
+
             leave(0 if done.code is None else done.code if isinstance(done.code, int) else 1)
         raise
 
