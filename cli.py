@@ -6,7 +6,6 @@ parsers), launcher.decide (what they mean on this machine), launcher.job (runnin
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -189,13 +188,12 @@ def main() -> None:
         command.main(prog_name="ddplaunch")
     except SystemExit as done:
         if "torch" in sys.modules:
-            # A multi-node agent imported torch for its store; the interpreter's teardown of
-            # torch costs ~0.5 s and every resource of ours is already released. Only here,
-            # in the program's own main: a caller of `command` (a test's CliRunner) keeps its
-            # process.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0 if done.code is None else done.code if isinstance(done.code, int) else 1)
+            # A static node imported torch for its store: leave skips the interpreter's slow
+            # teardown of it. Only here, in the program's own main: a caller of `command` (a
+            # test's CliRunner) keeps its process.
+            from launcher.agent_cli import leave
+
+            leave(0 if done.code is None else done.code if isinstance(done.code, int) else 1)
         raise
 
 

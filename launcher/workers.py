@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from launcher.limits import original_limit
 from launcher.plan import Worker
+from launcher.procfs import children_map, descendants
 from launcher.watchdog import Watchdog
 
 
@@ -131,14 +132,12 @@ class WorkerTree:
         if self._strays_sig == sig:
             return
         self._strays_sig = sig
-        import psutil
-
         groups = {w.pid for w in self.workers}
-        for child in psutil.Process().children(recursive=True):
+        for pid in descendants(os.getpid(), children_map()):  # /proc: Linux only, as is prctl's subreaper
             try:
-                if os.getpgid(child.pid) not in groups:
-                    child.send_signal(sig)
-            except (ProcessLookupError, psutil.Error):
+                if os.getpgid(pid) not in groups:
+                    os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):  # gone since the scan; a setuid program's
                 pass
 
     def reap(self) -> Iterator[tuple[WorkerProcess, int]]:
