@@ -196,6 +196,7 @@ class Attempt:
     others_at_failure: tuple[RankSnapshot, ...] = ()
     unkillable: tuple[Unkillable, ...] = ()
     _told_success: bool = False
+    _stopping_leftovers: bool = False  # the stop began only for what succeeded workers left behind
     _failure: tuple[str, int] | None = None  # told to peers and acted on once the others' stacks are read
 
     def __post_init__(self) -> None:
@@ -412,7 +413,8 @@ class Attempt:
         """Our workers all succeeded; the attempt ends when every node says so (or one fails)."""
         if self.peers is None or self.ended_by is not None:
             return False
-        if not self._told_success and not self.teardown.stopping:
+        # A stop we began only for what succeeded workers left behind is still a success.
+        if not self._told_success and (not self.teardown.stopping or self._stopping_leftovers):
             self._told_success = True
             self.peers.report_success()
         return True
@@ -441,6 +443,7 @@ class Attempt:
         sent = self.teardown.signal_sent
         if sent is None:
             self.printer.log_event("workers exited but left processes behind: stopping them")
+            self._stopping_leftovers = True
             self._begin_stop(signal.SIGTERM)
         elif self.tree.has_children:
             # They left their group, so the group signal missed them: send what the rest got.

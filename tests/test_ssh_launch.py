@@ -490,3 +490,22 @@ def test_a_restarted_rank_on_another_host_reads_on_from_the_same_stdin(
     assert "0 | attempt 1 read b''" in run.seen["out"]
     assert all(line.endswith("read b''") for line in run.seen["out"] if line.startswith("0 |"))
     nothing_left(token, sshd_pool)
+
+
+LEAVES_A_DAEMON = """
+import subprocess, sys
+# start_new_session: it leaves the worker's process group, as a daemon would
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+print("done", flush=True)
+"""
+
+
+def test_a_remote_worker_that_succeeds_but_leaves_a_daemon_ends_the_job_with_0(
+    launch, tmp_path: Path, token: str, sshd_pool: SshdPool
+) -> None:
+    """The agent stops the daemon (a stop it begins itself) and still tells the head its
+    workers succeeded: the job ended there, it used to wait for that word forever."""
+    script = write_script(tmp_path / "daemon.py", LEAVES_A_DAEMON)
+    run = launch("--hosts", "host3", "--nproc", "1", "--grace", "1", script)
+    assert run.wait(timeout=30) == 0, run.err
+    nothing_left(token, sshd_pool)
