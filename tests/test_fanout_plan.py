@@ -10,6 +10,7 @@ from launcher.options import Options
 from launcher.errors import LaunchError
 from launcher.fanout import Host, agent_argv, forwarded_env, per_host_nproc, remote_command
 from launcher.hosts import HostSpec, parse_hostfile
+from launcher.ship import AgentPlace
 from launcher.ssh import SshTarget
 
 pytestmark = pytest.mark.unit
@@ -39,7 +40,7 @@ def test_hostfile_gpus_become_that_hosts_gpu_ids() -> None:
     assert argv[argv.index("--gpu-ids") + 1] == "1,3"
     assert argv[argv.index("--nproc") + 1] == "2"
     assert argv[argv.index("--node-rank") + 1] == "1" and argv[argv.index("--nnodes") + 1] == "2"
-    assert argv[:4] == ["/opt/py/bin/python", "-m", "launcher", "--agent"]
+    assert argv[:1] == ["--agent"]  # after the interpreter and the shipped zip (remote_command)
     assert argv[-3:] == ["train.py", "--lr", "0.1"]
 
 
@@ -66,11 +67,13 @@ def test_forwarded_environment_is_the_documented_set_and_env_wins() -> None:
 
 
 def test_the_remote_line_is_one_shell_word_per_argument() -> None:
-    argv = ["/p y/python", "-m", "launcher", "$(id)", "a'b", "ü 🚀", "x\ny"]
-    line = remote_command(argv, "/work dir")
+    argv = ["--agent", "$(id)", "a'b", "ü 🚀", "x\ny"]
+    place = AgentPlace(".cache/ddplaunch", "agent-0123456789abcdef.zip", 1234)
+    line = remote_command("/p y/python", place, argv, "/work dir")
     assert line.startswith("cd -- '/work dir' 2>/dev/null || exit 120; ")
+    assert "z=\"$HOME\"/.cache/ddplaunch/agent-0123456789abcdef.zip; " in line and "-eq 1234 ]" in line
     exec_part = line.split("; exec ", 1)[1]
-    assert shlex.split(exec_part) == argv
+    assert shlex.split(exec_part) == ["/p y/python", "$z", *argv]
 
 
 @pytest.mark.parametrize("bootstrap_off", [False, True])
