@@ -1,10 +1,13 @@
 """The head of an SSH launch: one command starts a node agent on every host and shows them all.
 
 Life cycle: connect to every host at once; start the agents (the workers' variables go to
-each as its first stdin line, never on its command line), each of which checks its host
-(working directory, interpreter, script) and says ready, node 0 with its address and a free
-port; only when every host is ready does the head say go, so a bad host starts nothing
-anywhere. Then the agents run, their frames come back over SSH and one printer shows every
+each as its first stdin line, never on its command line). An agent is the head's own code,
+shipped (launcher.ship): a host whose cache lacks this version's zip says so, the head sends
+it to every host not ready yet, over the open connections, and starts those agents again.
+Each agent checks its host (working directory, interpreter, script), says which Python it
+runs and says ready, node 0 with its address and a free port; only when every host is ready
+does the head name each host's Python (warning of one without torch) and say go, so a bad
+host starts nothing anywhere. Then the agents run, their frames come back over SSH and one printer shows every
 rank's lines. The head links the nodes (no store, so agents never import torch): the first
 node to report how an attempt ended speaks for all (launcher.protocol.Referee decides), and
 the head tells every node at once; restarts start when every node is ready again. Ctrl-C
@@ -163,16 +166,14 @@ class Head:
 
     def _ship(self, hosts: Sequence[Host]) -> None:
         assert self._agent is not None and self._place is not None
+        print(f"ddplaunch: sending ddplaunch's agent ({self._agent.size // 1024} kB, once per version) to "
+              f"{self._place.shown} on {', '.join(h.name for h in hosts)}", file=sys.stderr, flush=True)
         sent = upload_all([(h.name, self.agents[h.node_rank].open_sftp) for h in hosts], self._agent, self._place)
         failed = [f"  {name}: {why}" for name, why in sent.items() if isinstance(why, str)]
         if failed:
             raise LaunchError(f"{len(failed)} of {len(self.hosts)} host(s) cannot run the job; nothing was started:\n"
                               + "\n".join(failed))
         self._shipped.update(h.node_rank for h in hosts)
-        written = [name for name, wrote in sent.items() if wrote is True]
-        if written:
-            print(f"ddplaunch: {', '.join(written)}: sent ddplaunch's agent ({self._agent.size // 1024} kB) to "
-                  f"{self._place.shown}, once for this version", file=sys.stderr, flush=True)
 
     def _say_pythons(self) -> None:
         """Which Python each host runs, hosts alike on one line; a warning for each whose Python

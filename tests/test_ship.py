@@ -21,7 +21,7 @@ import pytest
 
 from helpers_cli import TOKEN_VARIABLE, Run, processes_with_token, wait_until, write_script
 from launcher.agent import PythonFacts
-from launcher.ship import CACHE_VARIABLE, OLD_PYTHON, ZIP_TIME, build_agent_zip
+from launcher.ship import CACHE_VARIABLE, OLD_PYTHON, ZIP_TIME, AgentZip, build_agent_zip, place_of, upload
 from sshd import SshdPool, SshHome
 
 PYENV = Path("/root/.pyenv/versions")
@@ -75,6 +75,52 @@ def test_a_python_facts_note_reads_back_and_other_notes_are_not_one() -> None:
     assert PythonFacts.from_note(facts.to_note()) == facts
     assert PythonFacts.from_note("host1 says hello") is None
     assert PythonFacts.from_note("ddplaunch-python {not json") is None
+
+
+class LocalSftp:
+    """paramiko's SFTPClient calls that upload() makes, on this machine; `home` is where a
+    relative path starts, as an SFTP session starts in the remote home. Counts the writes."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.writes = 0
+
+    def _path(self, path: str) -> Path:
+        return self.home / path  # an absolute path stays itself
+
+    def stat(self, path: str) -> os.stat_result:
+        return self._path(path).stat()
+
+    def mkdir(self, path: str, mode: int) -> None:
+        self._path(path).mkdir(mode)
+
+    def open(self, path: str, mode: str) -> LocalFile:
+        self.writes += 1
+        return LocalFile(self._path(path), mode)
+
+    def posix_rename(self, old: str, new: str) -> None:
+        self._path(old).rename(self._path(new))
+
+    def remove(self, path: str) -> None:
+        self._path(path).unlink()
+
+
+class LocalFile(io.FileIO):
+    def set_pipelined(self, pipelined: bool) -> None:
+        pass
+
+
+@pytest.mark.unit
+def test_upload_makes_private_folders_renames_into_place_and_skips_a_copy_of_that_size(tmp_path: Path) -> None:
+    sftp, agent = LocalSftp(tmp_path), AgentZip(b"PK-zip-bytes")
+    place = place_of(agent, {})  # ~/.cache/ddplaunch
+    assert upload(sftp, agent, place) is True
+    written = tmp_path / ".cache" / "ddplaunch" / agent.name
+    assert written.read_bytes() == agent.data and [p.name for p in written.parent.iterdir()] == [agent.name]
+    assert stat.S_IMODE(written.parent.stat().st_mode) == stat.S_IMODE(written.parent.parent.stat().st_mode) == 0o700
+    assert upload(sftp, agent, place) is False and sftp.writes == 1  # there, whole: not sent again
+    written.write_bytes(b"PK-cut")  # a copy cut short (another size) is replaced
+    assert upload(sftp, agent, place) is True and written.read_bytes() == agent.data
 
 
 @pytest.fixture(scope="session")
@@ -158,8 +204,8 @@ def test_a_fresh_host_gets_the_agent_once_and_runs_the_job_there(
     zips = list(cache.glob("agent-*.zip"))
     assert [z.name for z in zips] == [build_agent_zip().name] and not list(cache.glob("*.part"))
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700 and stat.S_IMODE(cache.parent.stat().st_mode) == 0o700
-    sent = [line for line in first.err.splitlines() if "sent ddplaunch's agent" in line]
-    assert len(sent) == 1 and str(cache) in sent[0], first.err  # one host may find the copy the other just wrote
+    sent = [line for line in first.err.splitlines() if "sending ddplaunch's agent" in line]
+    assert len(sent) == 1 and sent[0].endswith(f"to {zips[0]} on host1, host2"), first.err  # both at once
     assert f"host1, host2: Python 3.11.7 at {fresh_python}" in first.err
     for host in ("host1", "host2"):
         assert f"warning: {host}: torch is not importable by {fresh_python}" in first.err
@@ -171,7 +217,8 @@ def test_a_fresh_host_gets_the_agent_once_and_runs_the_job_there(
     # Again, cached: nothing is sent; a --no-python job needs no torch, so no warning either.
     second = launch("--hosts", "host1,host2", "--nproc", "1", "--python", fresh_python, "--no-python", "/bin/echo", "hi")
     assert second.wait(timeout=60) == 0, second.err
-    assert "sent ddplaunch's agent" not in second.err and "torch is not importable" not in second.err
+    # No "sending": each host's command found the copy itself (one round trip, no SFTP).
+    assert "sending ddplaunch's agent" not in second.err and "torch is not importable" not in second.err
     assert "hi" in second.out and f"Python 3.11.7 at {fresh_python}" in second.err
     after = zips[0].stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
