@@ -127,12 +127,12 @@ def remote_command(python: str, agent: AgentPlace, argv: Sequence[str], workdir:
     its name and size in the cache, else NO_AGENT: the head uploads it and runs this again),
     then become the agent. One round trip when the agent is cached."""
     q = shlex.quote
+    zip_path = agent.shell_path  # no shell variable of ours: a login shell may be fish
     return (
         f"cd -- {q(workdir)} 2>/dev/null || exit {NO_DIR}; "
         f"command -v {q(python)} >/dev/null 2>&1 || exit {NO_PYTHON}; "
-        f"z={agent.shell_path}; "
-        f'[ "$(wc -c <"$z" 2>/dev/null)" -eq {agent.size} ] 2>/dev/null || exit {NO_AGENT}; '
-        f"exec {q(python)} \"$z\" {' '.join(q(arg) for arg in argv)}"
+        f'[ "$(wc -c 2>/dev/null <{zip_path})" -eq {agent.size} ] 2>/dev/null || exit {NO_AGENT}; '
+        f"exec {q(python)} {zip_path} {' '.join(q(arg) for arg in argv)}"
     )
 
 

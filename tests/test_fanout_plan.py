@@ -71,9 +71,10 @@ def test_the_remote_line_is_one_shell_word_per_argument() -> None:
     place = AgentPlace(".cache/ddplaunch", "agent-0123456789abcdef.zip", 1234)
     line = remote_command("/p y/python", place, argv, "/work dir")
     assert line.startswith("cd -- '/work dir' 2>/dev/null || exit 120; ")
-    assert "z=\"$HOME\"/.cache/ddplaunch/agent-0123456789abcdef.zip; " in line and "-eq 1234 ]" in line
+    zip_path = '"$HOME"/.cache/ddplaunch/agent-0123456789abcdef.zip'
+    assert f'[ "$(wc -c 2>/dev/null <{zip_path})" -eq 1234 ] 2>/dev/null || exit 122; ' in line
     exec_part = line.split("; exec ", 1)[1]
-    assert shlex.split(exec_part) == ["/p y/python", "$z", *argv]
+    assert shlex.split(exec_part) == ["/p y/python", "$HOME/.cache/ddplaunch/agent-0123456789abcdef.zip", *argv]
 
 
 @pytest.mark.parametrize("bootstrap_off", [False, True])
