@@ -65,7 +65,8 @@ def test_the_same_code_makes_the_same_zip_named_by_its_hash() -> None:
     names = [e.filename for e in entries]
     assert names[0] == "__main__.py" and names[1:] == sorted(names[1:])
     assert "launcher/bootstrap/sitecustomize.py" in names and "launcher/ship.py" in names
-    assert not any("__pycache__" in n or not n.endswith(".py") for n in names)
+    assert not any("__pycache__" in n or not n.endswith((".py", ".pyc")) for n in names)
+    assert all(n[:-1] in names for n in names if n.endswith(".pyc"))  # bytecode only beside its source
     assert {e.date_time for e in entries} == {ZIP_TIME}
 
 
@@ -130,13 +131,18 @@ def agent_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_the_zip_runs_as_the_launcher_and_an_old_python_says_why_not(agent_zip: Path, tmp_path: Path) -> None:
+def test_the_zip_runs_as_the_launcher_from_bytecode_and_an_old_python_says_why_not(agent_zip: Path, tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, str(agent_zip), "--agent"], cwd=tmp_path, capture_output=True, timeout=30)
     assert bad.returncode == 2 and b"Traceback" not in bad.stderr, bad.stderr  # the CLI's own bad-usage exit
     old = subprocess.run([interpreter("3.9.18"), str(agent_zip), "--agent"], capture_output=True, timeout=30)
     assert old.returncode == OLD_PYTHON
     assert b"Python 3.9.18 at" in old.stderr and b"needs Python 3.10 or newer" in old.stderr
     assert b"--python PATH" in old.stderr
+    # This Python loads the modules' bytecode from the zip; another minor compiles the source.
+    where = "import sys; sys.path.insert(0, sys.argv[1]); import launcher.agent as a; print(a.__file__)"
+    for python, suffix in ((sys.executable, ".pyc"), (interpreter("3.12.1"), ".py")):
+        loaded = subprocess.run([python, "-c", where, str(agent_zip)], capture_output=True, text=True, timeout=30)
+        assert loaded.stdout.strip() == f"{agent_zip}/launcher/agent{suffix}", loaded.stderr
 
 
 def test_run_from_the_zip_the_bootstrap_is_written_into_the_jobs_private_folder(agent_zip: Path, tmp_path: Path) -> None:
