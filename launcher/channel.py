@@ -64,11 +64,13 @@ class AgentChannel:
 
     def start_again(self, command: str) -> None:
         """The command once more, on a new session, after its first one ended before ready
-        (the head has just sent the agent it lacked): what that one said is forgotten."""
+        (the head has just sent the agent it lacked): what that one said is forgotten. Forgotten
+        after the start, on the head's thread, which reads the new session's events only later:
+        until then the channel counts as closed, so no beat goes to the old one."""
+        self.start(command)
         self.frames = FrameReader()
         self.stderr_tail = []
         self.exit_status = self.said_exit = None
-        self.start(command)
 
     def open_sftp(self) -> Any:
         """An SFTP session on the same connection: no second login."""

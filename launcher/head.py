@@ -52,7 +52,7 @@ from launcher.inputs import sooner
 from launcher.options import HEARTBEAT_INTERVAL_S, heartbeat_timeout_of
 from launcher.protocol import NOT_A_NODE, AttemptEnd, Referee, job_exit_code
 from launcher.secrets import redact
-from launcher.ship import AgentPlace, AgentZip, build_in_background, place_of, upload_all
+from launcher.ship import AgentPlace, AgentZip, build_agent_zip, build_in_background, place_of, upload_all
 from launcher.stdin_relay import ForwardedStdin
 from launcher.wakepipe import WakePipe
 
@@ -135,7 +135,10 @@ class Head:
     # -- phase 1: connect, start, ready, go ---------------------------------------------------------
 
     def _start_agents(self) -> None:
-        assert self._place is not None
+        if self._agent is None:  # run() builds it while the hosts connect
+            self._agent = build_agent_zip()
+        if self._place is None:
+            self._place = place_of(self._agent, dict(os.environ))
         self._commands = [
             remote_command(self.python, self._place, agent_argv(self.options, host, len(self.hosts)), self.workdir)
             for host in self.hosts
