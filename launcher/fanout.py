@@ -141,7 +141,7 @@ def preflight_problem(
 ) -> str:
     """Why an agent ended before saying ready (its exit status, what it printed), in words
     that name the host and the fix."""
-    from launcher.ship import OLD_PYTHON
+    from launcher.ship import MIN_PYTHON, OLD_PYTHON
 
     said = "\n".join(line for line in printed if line.strip())
     if status == NO_DIR:
@@ -153,8 +153,9 @@ def preflight_problem(
     if status == OLD_PYTHON and said:
         return f"{name}: {said}"
     if any(mark in said for mark in ("No module named", "can't find '__main__' module", "zipimport", "BadZipFile")):
-        return (f"{name}: ddplaunch's agent at {agent} cannot run with {python} ({said.splitlines()[-1]}); "
-                "delete that file to have it sent again, or pass --python PATH.")
+        return (f"{name}: ddplaunch's agent (sent to {agent}) cannot run with {python}: {said.splitlines()[-1]}. "
+                f"Pass --python PATH to a Python {'.'.join(map(str, MIN_PYTHON))} or newer that can, or delete "
+                "that file there to have it sent again.")
     said = re.sub(r"^ddplaunch: error: ", "", said)
     return f"{name}: {said or f'the agent exited with status {status} before it was ready'}"
 

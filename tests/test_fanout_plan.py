@@ -8,7 +8,7 @@ import pytest
 
 from launcher.options import Options
 from launcher.errors import LaunchError
-from launcher.fanout import Host, agent_argv, forwarded_env, per_host_nproc, remote_command
+from launcher.fanout import Host, agent_argv, forwarded_env, per_host_nproc, preflight_problem, remote_command
 from launcher.hosts import HostSpec, parse_hostfile
 from launcher.ship import AgentPlace
 from launcher.ssh import SshTarget
@@ -86,3 +86,21 @@ def test_agents_leave_the_stall_watch_to_the_head_and_follow_its_bootstrap_switc
     assert "--stall-action" not in argv  # stop with a timeout of 0 is refused, and the head stops the job
     assert ("--no-stack-bootstrap" in argv) == bootstrap_off
     assert argv.index("--stall-timeout") < argv.index("train.py")
+
+
+@pytest.mark.parametrize(
+    ("status", "printed", "expected"),
+    [
+        (120, [], "h1: working directory /w does not exist there; create it or pass --chdir DIR."),
+        (121, [], "h1: no Python at /py; install it there or pass --python PATH."),
+        (122, [], "h1: ddplaunch's agent is not at ~/.cache/a.zip there even after it was sent"),
+        (123, ["Python 3.9.18 at /py is too old: ddplaunch's agent needs Python 3.10 or newer; pass --python PATH"],
+         "h1: Python 3.9.18 at /py is too old"),
+        (1, ["Traceback (most recent call last):", "zipimport.ZipImportError: not a Zip file"],
+         "h1: ddplaunch's agent (sent to ~/.cache/a.zip) cannot run with /py: zipimport.ZipImportError: not a Zip "
+         "file. Pass --python PATH to a Python 3.10 or newer that can, or delete that file there"),
+        (3, ["ddplaunch: error: --nproc: bad"], "h1: --nproc: bad"),
+    ],
+)
+def test_a_host_that_cannot_start_its_agent_is_named_with_the_fix(status: int, printed: list[str], expected: str) -> None:
+    assert preflight_problem("h1", status, printed, "/w", "/py", "~/.cache/a.zip").startswith(expected)
