@@ -7,8 +7,8 @@ it to every host not ready yet, over the open connections, and starts those agen
 Each agent checks its host (working directory, interpreter, script), says which Python it
 runs and says ready, node 0 with its address and a free port; only when every host is ready
 does the head name each host's Python (warning of one without torch) and say go, so a bad
-host starts nothing anywhere. Then the agents run, their frames come back over SSH and one printer shows every
-rank's lines. The head links the nodes (no store, so agents never import torch): the first
+host starts nothing anywhere. Then the agents run, their frames come back over SSH and one
+printer shows every rank's lines. The head links the nodes (no store, so agents never import torch): the first
 node to report how an attempt ended speaks for all (launcher.protocol.Referee decides), and
 the head tells every node at once; restarts start when every node is ready again. Ctrl-C
 here becomes a stop sent to every agent; a host whose connection drops stops its own
