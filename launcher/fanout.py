@@ -149,7 +149,8 @@ def preflight_problem(
     if status == NO_PYTHON:
         return f"{name}: no Python at {python}; install it there or pass --python PATH."
     if status == NO_AGENT:
-        return f"{name}: ddplaunch's agent is not at {agent} there even after it was sent; is that folder shared and full?"
+        return (f"{name}: ddplaunch's agent is still not at {agent} after it was sent there; check that the folder "
+                "is writable and not full, or set DDPLAUNCH_AGENT_CACHE on this host to another folder of that host.")
     if status == OLD_PYTHON and said:
         return f"{name}: {said}"
     if any(mark in said for mark in ("No module named", "can't find '__main__' module", "zipimport", "BadZipFile")):

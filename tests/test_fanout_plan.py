@@ -93,7 +93,7 @@ def test_agents_leave_the_stall_watch_to_the_head_and_follow_its_bootstrap_switc
     [
         (120, [], "h1: working directory /w does not exist there; create it or pass --chdir DIR."),
         (121, [], "h1: no Python at /py; install it there or pass --python PATH."),
-        (122, [], "h1: ddplaunch's agent is not at ~/.cache/a.zip there even after it was sent"),
+        (122, [], "h1: ddplaunch's agent is still not at ~/.cache/a.zip after it was sent there"),
         (123, ["Python 3.9.18 at /py is too old: ddplaunch's agent needs Python 3.10 or newer; pass --python PATH"],
          "h1: Python 3.9.18 at /py is too old"),
         (1, ["Traceback (most recent call last):", "zipimport.ZipImportError: not a Zip file"],
