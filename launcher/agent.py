@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from launcher.frames import (
@@ -57,6 +58,45 @@ if TYPE_CHECKING:
     from launcher.snapshot import RankSnapshot
 
 T = TypeVar("T")
+PYTHON_NOTE = "ddplaunch-python "  # the NOTE before the first READY: which Python runs here (PythonFacts)
+
+
+@dataclass(frozen=True)
+class PythonFacts:
+    """Which Python runs the agent (and so, by default, the workers), and whether it has torch."""
+
+    version: str
+    executable: str
+    has_torch: bool
+
+    @staticmethod
+    def here() -> PythonFacts:
+        import importlib.util
+        import sys
+
+        try:  # finds, never imports: seconds of start-up the agent does not spend
+            has_torch = importlib.util.find_spec("torch") is not None
+        except (ImportError, ValueError):
+            has_torch = False
+        return PythonFacts(sys.version.split()[0], sys.executable, has_torch)  # "3.12.1": platform's import costs more
+
+    def to_note(self) -> str:
+        import json
+
+        return PYTHON_NOTE + json.dumps({"version": self.version, "executable": self.executable, "torch": self.has_torch})
+
+    @staticmethod
+    def from_note(text: str) -> PythonFacts | None:
+        """The facts in a NOTE's text; None for any other note, or one that does not parse."""
+        import json
+
+        if not text.startswith(PYTHON_NOTE):
+            return None
+        try:
+            data = json.loads(text[len(PYTHON_NOTE):])
+            return PythonFacts(str(data["version"]), str(data["executable"]), bool(data["torch"]))
+        except (ValueError, KeyError, TypeError):
+            return None
 
 
 class HeadWire:
@@ -254,8 +294,9 @@ def handshake(
     master_addr: str, master_port: int, stdin_fd: int = 0, out_fd: int = 1, beats: Heartbeat | None = None
 ) -> tuple[str, int]:
     """Tell the head we are ready (and node 0's address and port), then wait for its go:
-    HeadGone at end of file, or when the head is silent for the heartbeat timeout."""
-    send_to_head(encode_ready(master_addr, master_port), out_fd)
+    HeadGone at end of file, or when the head is silent for the heartbeat timeout. Before the
+    first ready, which Python this is (the head says so per host, and warns of one without torch)."""
+    send_to_head(encode(NOTE, PythonFacts.here().to_note().encode()) + encode_ready(master_addr, master_port), out_fd)
     while True:
         command = parse_command(_read_line(stdin_fd, beats))
         if command is None or command[0] not in ("go", "beat"):

@@ -49,30 +49,50 @@ class AgentChannel:
         self.silence: Silence | None = None  # watched from the agent's first ready on
         self.silent = False  # abandoned: nothing heard from it for the heartbeat timeout
         self._sending = threading.Lock()  # the head's thread and its beats' share the channel: whole lines
+        self._session = 0  # counts start()s: a pump of an earlier session posts nothing more
 
     # -- the transport ------------------------------------------------------------------------
 
     def start(self, command: str) -> None:
         channel = self._client.get_transport().open_session()
         channel.exec_command(command)
-        self._channel = channel
+        with self._sending:
+            self._session += 1
+            self._channel = channel
         for stream in ("out", "err"):
-            threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+            threading.Thread(target=self._pump, args=(stream, channel, self._session), daemon=True).start()
 
-    def _pump(self, stream: Literal["out", "err"]) -> None:
+    def start_again(self, command: str) -> None:
+        """The command once more, on a new session, after its first one ended before ready
+        (the head has just sent the agent it lacked): what that one said is forgotten. Forgotten
+        after the start, on the head's thread, which reads the new session's events only later:
+        until then the channel counts as closed, so no beat goes to the old one."""
+        self.start(command)
+        self.frames = FrameReader()
+        self.stderr_tail = []
+        self.exit_status = self.said_exit = None
+
+    def open_sftp(self) -> Any:
+        """An SFTP session on the same connection: no second login."""
+        return self._client.open_sftp()
+
+    def _pump(self, stream: Literal["out", "err"], channel: Any, session: int) -> None:
         """A thread per channel stream: bytes and the end go on the head's queue."""
-        channel = self._channel
         recv = channel.recv if stream == "out" else channel.recv_stderr
         while True:
             try:
                 data = recv(READ_BYTES)
             except OSError:
                 data = b""
+            if session != self._session:
+                return  # its session was replaced (start_again): the new one speaks now
             self._post(ChannelEvent(self.node_rank, stream, data))
             if not data:
                 break
         if stream == "out":
-            self._post(ChannelEvent(self.node_rank, "exit", status=channel.recv_exit_status()))
+            status = channel.recv_exit_status()
+            if session == self._session:
+                self._post(ChannelEvent(self.node_rank, "exit", status=status))
 
     def tell(self, line: bytes) -> None:
         with self._sending:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from launcher.options import Options
+    from launcher.ship import AgentPlace
     from launcher.ssh import SshTarget
 
     Shows = Callable[[int, int], bool]  # logs.Printer's per-(rank, stream) terminal filter
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 # communication libraries and of torch, which users set once in their shell.
 FORWARDED_PREFIXES = ("NCCL_", "TORCH_", "PYTORCH_", "GLOO_", "UCX_", "FI_", "HF_", "WANDB_")
 FORWARDED_NAMES = ("OMP_NUM_THREADS", "PYTHONPATH", "CUDA_LAUNCH_BLOCKING")
-NO_DIR, NO_PYTHON = 120, 121  # exit codes of the remote preflight shell line
+NO_DIR, NO_PYTHON, NO_AGENT = 120, 121, 122  # exit codes of the remote preflight shell line
 # Flags the head hands to every agent unchanged (value-taking ones, then switches).
 PASSED_OPTIONS = (
     "max_restarts", "grace", "join_timeout", "master_port", "role", "signals_to_handle", "numa_binding", "stdin",
@@ -95,10 +96,10 @@ def per_host_nproc(specs: Sequence[HostSpec], nproc: str | None) -> int | None:
 
 
 def agent_argv(options: Options, host: Host, nnodes: int) -> list[str]:
-    """The agent's command line: flags only. The workers' variables follow on its stdin
-    (frames.env_line), as a command line is readable by every user of the host."""
-    python = options.python or sys.executable
-    argv = [python, "-m", "launcher", "--agent", "--host-name", host.name]
+    """The agent's command line after the interpreter and its zip: flags only. The workers'
+    variables follow on its stdin (frames.env_line), as a command line is readable by every
+    user of the host."""
+    argv = ["--agent", "--host-name", host.name]
     argv += ["--nnodes", str(nnodes), "--node-rank", str(host.node_rank)]
     if options.nproc is not None:
         argv += ["--nproc", options.nproc]
@@ -117,27 +118,45 @@ def agent_argv(options: Options, host: Host, nnodes: int) -> list[str]:
     return [*argv, options.script, *options.script_args]
 
 
-def remote_command(argv: Sequence[str], workdir: str) -> str:
-    """One shell line: check the directory and the interpreter, then become the agent."""
+def python_of(options: Options) -> str:
+    return options.python or sys.executable
+
+
+def remote_command(python: str, agent: AgentPlace, argv: Sequence[str], workdir: str) -> str:
+    """One shell line: check the directory, the interpreter and the shipped agent (a file of
+    its name and size in the cache, else NO_AGENT: the head uploads it and runs this again),
+    then become the agent. One round trip when the agent is cached."""
     q = shlex.quote
-    python = q(argv[0])
+    zip_path = agent.shell_path  # no shell variable of ours: a login shell may be fish
     return (
         f"cd -- {q(workdir)} 2>/dev/null || exit {NO_DIR}; "
-        f"command -v {python} >/dev/null 2>&1 || exit {NO_PYTHON}; "
-        f"exec {' '.join(q(arg) for arg in argv)}"
+        f"command -v {q(python)} >/dev/null 2>&1 || exit {NO_PYTHON}; "
+        f'[ "$(wc -c 2>/dev/null <{zip_path})" -eq {agent.size} ] 2>/dev/null || exit {NO_AGENT}; '
+        f"exec {q(python)} {zip_path} {' '.join(q(arg) for arg in argv)}"
     )
 
 
-def preflight_problem(name: str, status: int | None, printed: Sequence[str], workdir: str, python: str) -> str:
+def preflight_problem(
+    name: str, status: int | None, printed: Sequence[str], workdir: str, python: str, agent: str = "the agent's zip"
+) -> str:
     """Why an agent ended before saying ready (its exit status, what it printed), in words
     that name the host and the fix."""
+    from launcher.ship import MIN_PYTHON, OLD_PYTHON
+
     said = "\n".join(line for line in printed if line.strip())
     if status == NO_DIR:
         return f"{name}: working directory {workdir} does not exist there; create it or pass --chdir DIR."
     if status == NO_PYTHON:
         return f"{name}: no Python at {python}; install it there or pass --python PATH."
-    if "No module named launcher" in said or "No module named 'launcher'" in said:
-        return f"{name}: ddplaunch is not installed for {python}; install it there or pass --python PATH."
+    if status == NO_AGENT:
+        return (f"{name}: ddplaunch's agent is still not at {agent} after it was sent there; check that the folder "
+                "is writable and not full, or set DDPLAUNCH_AGENT_CACHE on this host to another folder of that host.")
+    if status == OLD_PYTHON and said:
+        return f"{name}: {said}"
+    if any(mark in said for mark in ("No module named", "can't find '__main__' module", "zipimport", "BadZipFile")):
+        return (f"{name}: ddplaunch's agent (sent to {agent}) cannot run with {python}: {said.splitlines()[-1]}. "
+                f"Pass --python PATH to a Python {'.'.join(map(str, MIN_PYTHON))} or newer that can, or delete "
+                "that file there to have it sent again.")
     said = re.sub(r"^ddplaunch: error: ", "", said)
     return f"{name}: {said or f'the agent exited with status {status} before it was ready'}"
 
@@ -268,5 +287,9 @@ def render_hosts(
     lines += ["", "environment forwarded to every remote worker (NCCL_*, TORCH_*, ... and --env):"]
     lines += [f"  {shown(key, value)}" for key, value in env] or ["  (none)"]
     lines += ["", "command run on each host over SSH (node 0 shown; the environment above follows on its stdin):"]
-    lines.append("  " + remote_command(agent_argv(options, hosts[0], len(hosts)), workdir))
+    from launcher.ship import build_agent_zip, place_of
+
+    place = place_of(build_agent_zip(), dict(os.environ))
+    lines.append("  " + remote_command(python_of(options), place, agent_argv(options, hosts[0], len(hosts)), workdir))
+    lines.append(f"  (the agent is this ddplaunch's own code, sent once to {place.shown} on each host)")
     return "\n".join(lines) + "\n"

@@ -1,11 +1,14 @@
 """The head of an SSH launch: one command starts a node agent on every host and shows them all.
 
 Life cycle: connect to every host at once; start the agents (the workers' variables go to
-each as its first stdin line, never on its command line), each of which checks its host
-(working directory, interpreter, script) and says ready, node 0 with its address and a free
-port; only when every host is ready does the head say go, so a bad host starts nothing
-anywhere. Then the agents run, their frames come back over SSH and one printer shows every
-rank's lines. The head links the nodes (no store, so agents never import torch): the first
+each as its first stdin line, never on its command line). An agent is the head's own code,
+shipped (launcher.ship): a host whose cache lacks this version's zip says so, the head sends
+it to every host not ready yet, over the open connections, and starts those agents again.
+Each agent checks its host (working directory, interpreter, script), says which Python it
+runs and says ready, node 0 with its address and a free port; only when every host is ready
+does the head name each host's Python (warning of one without torch) and say go, so a bad
+host starts nothing anywhere. Then the agents run, their frames come back over SSH and one
+printer shows every rank's lines. The head links the nodes (no store, so agents never import torch): the first
 node to report how an attempt ended speaks for all (launcher.protocol.Referee decides), and
 the head tells every node at once; restarts start when every node is ready again. Ctrl-C
 here becomes a stop sent to every agent; a host whose connection drops stops its own
@@ -33,12 +36,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from launcher.agent import replay
+from launcher.agent import PythonFacts, replay
 from launcher.channel import AgentChannel, ChannelEvent
 from launcher.errors import Interrupted, LaunchError
-from launcher.fanout import Host, agent_argv, prefixed_world_size, preflight_problem, remote_command
+from launcher.fanout import (
+    NO_AGENT, Host, agent_argv, prefixed_world_size, preflight_problem, python_of, remote_command,
+)
 from launcher.frames import (
-    ATTEMPT_END, HEARTBEAT, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, env_line,
+    ATTEMPT_END, HEARTBEAT, NOTE, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, env_line,
     go_line,
 )
 from launcher.headstacks import AgentStacks, HeadReports
@@ -47,6 +52,7 @@ from launcher.inputs import sooner
 from launcher.options import HEARTBEAT_INTERVAL_S, heartbeat_timeout_of
 from launcher.protocol import NOT_A_NODE, AttemptEnd, Referee, job_exit_code
 from launcher.secrets import redact
+from launcher.ship import AgentPlace, AgentZip, build_agent_zip, build_in_background, place_of, upload_all
 from launcher.stdin_relay import ForwardedStdin
 from launcher.wakepipe import WakePipe
 
@@ -77,7 +83,13 @@ class Head:
         self.hosts = hosts
         self.env = env
         self.workdir = workdir
-        self.python = options.python or sys.executable
+        self.python = python_of(options)
+        self._agent: AgentZip | None = None  # the head's own code, shipped to hosts that lack it
+        self._place: AgentPlace | None = None
+        self._commands: list[str] = []  # by node rank: the remote line that becomes the agent
+        self._shipped: set[int] = set()  # node ranks the agent was sent to in this run
+        self._restarted: set[int] = set()  # node ranks whose command ran again after that
+        self._pythons: dict[int, PythonFacts] = {}  # node rank -> what its agent said it runs
         self.agents: list[AgentChannel] = []  # by node rank, once every host is connected
         self.events: queue.SimpleQueue[ChannelEvent] = queue.SimpleQueue()
         self._wake = WakePipe()
@@ -97,12 +109,17 @@ class Head:
 
         try:
             with _Status(f"connecting to {len(self.hosts)} host(s)") as status:
+                agent_zip = build_in_background()  # once per run: the same code, the same name
                 accept_new = self.options.ssh_accept_new_host_keys
                 outlast = self._silence_s + HEARTBEAT_INTERVAL_S
                 self.agents[:] = connect(self.hosts, self._post, accept_new_host_keys=accept_new, outlast_s=outlast)
+                self._agent = agent_zip()
+                self._place = place_of(self._agent, dict(os.environ))
                 self._start_agents()
                 status(f"waiting for {len(self.hosts)} host(s) to be ready")
                 self._await_ready()
+            self._say_pythons()
+            self._send_go()
             # --signals-to-handle: the head stops on the same signals as its agents (each agent
             # turns "stop NAME" into that signal to itself, and its plan stops on it too). Not
             # listed there, SIGQUIT asks every agent for its ranks' stacks.
@@ -118,10 +135,67 @@ class Head:
     # -- phase 1: connect, start, ready, go ---------------------------------------------------------
 
     def _start_agents(self) -> None:
-        for host, agent in zip(self.hosts, self.agents):
-            agent.start(remote_command(agent_argv(self.options, host, len(self.hosts)), self.workdir))
+        if self._agent is None:  # run() builds it while the hosts connect
+            self._agent = build_agent_zip()
+        if self._place is None:
+            self._place = place_of(self._agent, dict(os.environ))
+        self._commands = [
+            remote_command(self.python, self._place, agent_argv(self.options, host, len(self.hosts)), self.workdir)
+            for host in self.hosts
+        ]
+        for command, agent in zip(self._commands, self.agents):
+            agent.start(command)
             agent.tell(env_line(self.env))  # the agent's first line: no value goes on its command line
         self._beats = _Beats(self.agents, beat_interval(self._silence_s))  # each agent watches from its ready on
+
+    def _ship_where_missing(self) -> None:
+        """A host whose command found no agent in its cache makes the head send it, at once, to
+        every host not ready yet (a new version is missing everywhere; where it is there, the
+        upload stops at a stat); then each host that lacked it runs its command once more. A
+        host that cannot take it is named, and nothing starts."""
+        assert self._agent is not None and self._place is not None
+        lacking = [h for h in self.hosts if self.agents[h.node_rank].exit_status == NO_AGENT
+                   and h.node_rank not in self._restarted]
+        if not lacking:
+            return
+        unsent = [h for h in self.hosts if h.node_rank not in self._shipped and h.node_rank not in self._ready]
+        if unsent:
+            self._ship(unsent)
+        for host in lacking:
+            self._restarted.add(host.node_rank)  # once: still lacking it then is preflight_problem's
+            agent = self.agents[host.node_rank]
+            agent.start_again(self._commands[host.node_rank])
+            agent.tell(env_line(self.env))
+
+    def _ship(self, hosts: Sequence[Host]) -> None:
+        assert self._agent is not None and self._place is not None
+        print(f"ddplaunch: sending ddplaunch's agent ({self._agent.size // 1024} kB, once per version) to "
+              f"{self._place.shown} on {', '.join(h.name for h in hosts)}", file=sys.stderr, flush=True)
+        sent = upload_all([(h.name, self.agents[h.node_rank].open_sftp) for h in hosts], self._agent, self._place)
+        failed = [f"  {name}: {why}" for name, why in sent.items() if isinstance(why, str)]
+        if failed:
+            raise LaunchError(f"{len(failed)} of {len(self.hosts)} host(s) cannot run the job; nothing was started:\n"
+                              + "\n".join(failed))
+        self._shipped.update(h.node_rank for h in hosts)
+
+    def _say_pythons(self) -> None:
+        """Which Python each host runs, hosts alike on one line; a warning for each whose Python
+        cannot import torch (a --no-python job needs none), before anything starts."""
+        by_python: dict[tuple[str, str], list[str]] = {}
+        for host in self.hosts:
+            facts = self._pythons.get(host.node_rank)
+            if facts is not None:
+                by_python.setdefault((facts.version, facts.executable), []).append(host.name)
+        for (version, executable), names in by_python.items():
+            print(f"ddplaunch: {', '.join(names)}: Python {version} at {executable}", file=sys.stderr, flush=True)
+        if self.options.no_python:
+            return
+        for host in self.hosts:
+            facts = self._pythons.get(host.node_rank)
+            if facts is not None and not facts.has_torch:
+                print(f"ddplaunch: warning: {host.name}: torch is not importable by {facts.executable} "
+                      f"(Python {facts.version}); a script there that imports it will fail. Install torch "
+                      "for that Python, or pass --python PATH to one that has it.", file=sys.stderr, flush=True)
 
     def _post(self, event: ChannelEvent) -> None:
         """From the pump threads: one queue, and a pipe that wakes the loop."""
@@ -137,19 +211,20 @@ class Head:
             left, silence = deadline - time.monotonic(), self._silence_due_in()
             _wait_readable(self._wake.read_fd, left if silence is None else min(left, silence))
             self._drain(printer=None)
+            self._ship_where_missing()
             silent = self._abandon_silent()
             if silent:
                 raise LaunchError("; ".join(self._silent_line(h) for h in silent) + "; nothing was started.")
         failed = [(h, self.agents[h.node_rank]) for h in self.hosts if h.node_rank not in self._ready]
         if failed:
             said = [(h, a.exit_status, a.said_outside_frames()) for h, a in failed]
-            problems = [redact(preflight_problem(h.name, status, lines, self.workdir, self.python), self.env)
+            shown = self._place.shown if self._place is not None else "the agent's zip"
+            problems = [redact(preflight_problem(h.name, status, lines, self.workdir, self.python, shown), self.env)
                         for h, status, lines in said]  # an agent's words may quote a value
             raise LaunchError(
                 f"{len(failed)} of {len(self.hosts)} host(s) cannot run the job; nothing was started:\n"
                 + "\n".join(f"  {p}" for p in problems)
             )
-        self._send_go()
 
     def _unanswered(self) -> list[Host]:
         return [h for h in self.hosts if h.node_rank not in self._ready and not self.agents[h.node_rank].closed]
@@ -335,6 +410,8 @@ class Head:
         elif frame.kind == WANT_STDIN:
             if self._stdin is not None:
                 self._stdin.want(self.agents[host.node_rank], frame.rank)
+        elif frame.kind == NOTE and (facts := PythonFacts.from_note(frame.text)) is not None:
+            self._pythons[host.node_rank] = facts
         elif printer is not None:
             replay(frame, printer, host.name)
 

@@ -105,7 +105,7 @@ def launch(options: Options) -> int:
         if prepared.stack_bootstrap:
             from launcher.snapshot import prepare_bootstrap
 
-            prepare_bootstrap()
+            prepare_bootstrap(private)  # run from a zip (a shipped agent), the bootstrap is written out there
             stack_dir = os.path.join(private, "stacks")
             os.mkdir(stack_dir, 0o700)
         return run(role, prepared, options, error_dir or private, stack_dir, private)

@@ -16,7 +16,7 @@ from typing import Literal
 from launcher.devices import DeviceMap
 from launcher.errors import LaunchError
 from launcher.secrets import hidden, looks_secret, shown
-from launcher.snapshot import BOOTSTRAP_DIR, STACK_SIGNAL, STACKS_VARIABLE, stacks_variable
+from launcher.snapshot import STACK_SIGNAL, STACKS_VARIABLE, bootstrap_dir, stacks_variable
 
 ProgramKind = Literal["script", "module", "exec", "run-path"]
 
@@ -181,7 +181,7 @@ def add_stack_bootstrap(env: dict[str, str], stack_dir: str) -> None:
     run says so in a line rather than listing these two variables."""
     had = "PYTHONPATH" in env
     env[STACKS_VARIABLE] = stacks_variable(STACK_SIGNAL, had, stack_dir)
-    env["PYTHONPATH"] = BOOTSTRAP_DIR + (os.pathsep + env["PYTHONPATH"] if had else "")
+    env["PYTHONPATH"] = bootstrap_dir() + (os.pathsep + env["PYTHONPATH"] if had else "")
 
 
 def parse_nproc(text: str, *, gpu_count: int, cpu_count: int) -> int:

@@ -6,7 +6,7 @@ nodes as JSON (over SSH in a frame, between static nodes in the store) and
 launcher.stackreport turns a job's snapshots into the grouped report.
 
 The contract with the workers' bootstrap (launcher/bootstrap/sitecustomize.py, run inside
-every Python worker before the user's code): the launcher puts BOOTSTRAP_DIR first on
+every Python worker before the user's code): the launcher puts bootstrap_dir() first on
 PYTHONPATH and sets STACKS_VARIABLE to "SIGNUM:HAD_PYTHONPATH:DIR". The bootstrap takes both
 out of the worker's environment again (so the script sees torchrun's environment), opens
 DIR/<pid> for appending, writes a header line `ddplaunch-stacks 1 <main thread ident>` and
@@ -14,6 +14,10 @@ registers faulthandler on SIGNUM to dump every thread into that file. A forked c
 the same for its own pid. If the script installs its own handler on SIGNUM, the bootstrap
 lets go of the signal and appends `ddplaunch-stacks released <why>`: the launcher then
 never sends it that signal.
+
+An agent shipped as a zip (launcher.ship) runs this code from inside the zip, where a folder
+is no PYTHONPATH entry a worker can rely on: prepare_bootstrap then writes the bootstrap
+out into the job's private directory, and bootstrap_dir() names that copy.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 STACKS_VARIABLE = "DDPLAUNCH_STACKS"
-BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")  # as installed
+BOOTSTRAP_FILE = "sitecustomize.py"
 HEADER_WORD = "ddplaunch-stacks"
 # A real-time signal: SIGUSR1/2 belong to Slurm and Lightning, and nothing common uses this one.
 # Its default action kills, so it is sent only to a process whose bootstrap caught it.
@@ -145,10 +150,42 @@ def stacks_variable(signum: int, had_pythonpath: bool, directory: str) -> str:
     return f"{signum}:{int(had_pythonpath)}:{directory}"
 
 
-def prepare_bootstrap() -> None:
-    """Compile the bootstrap once, here: a worker that compiles it (PYTHONDONTWRITEBYTECODE, a
-    read-only install) spends ~3 ms of its start-up on that, against under 1 ms with bytecode."""
-    source = os.path.join(BOOTSTRAP_DIR, "sitecustomize.py")
+_written_out: str | None = None  # this process's copy of the bootstrap, when it runs from a zip
+
+
+def bootstrap_dir() -> str:
+    """The folder the workers put first on PYTHONPATH: the package's own, or the copy that
+    prepare_bootstrap wrote out when this code runs from a zip."""
+    return _written_out or BOOTSTRAP_DIR
+
+
+def prepare_bootstrap(private_dir: str | None = None) -> None:
+    """Make the bootstrap ready for the workers: compiled once, here, when installed; written
+    out into `private_dir` (the job's own, 0700) when this code runs from a zip."""
+    if not os.path.isdir(BOOTSTRAP_DIR) and private_dir is not None:
+        _write_out(private_dir)
+    else:
+        _compile()
+
+
+def _write_out(private_dir: str) -> None:
+    import pkgutil
+
+    global _written_out
+    data = pkgutil.get_data("launcher", f"bootstrap/{BOOTSTRAP_FILE}")
+    if data is None:
+        return  # no loader that reads data: the workers go without (the reports fall back to py-spy)
+    folder = os.path.join(private_dir, "bootstrap")
+    os.makedirs(folder, 0o700, exist_ok=True)
+    with open(os.path.join(folder, BOOTSTRAP_FILE), "wb") as out:
+        out.write(data)
+    _written_out = folder
+
+
+def _compile() -> None:
+    """A worker that compiles the bootstrap (PYTHONDONTWRITEBYTECODE, a read-only install)
+    spends ~3 ms of its start-up on that, against under 1 ms with bytecode."""
+    source = os.path.join(BOOTSTRAP_DIR, BOOTSTRAP_FILE)
     # importlib.util.cache_from_source's answer, without its ~5 ms import on the launch path
     cached = os.path.join(BOOTSTRAP_DIR, "__pycache__", f"sitecustomize.{sys.implementation.cache_tag}.pyc")
     try:

@@ -23,8 +23,8 @@ from typing import IO, Literal
 from launcher import procfs
 from launcher.snapshot import prepare_bootstrap as prepare_bootstrap  # re-exported for the tests
 from launcher.snapshot import (
-    BOOTSTRAP_DIR, HEADER_WORD, STACK_SIGNAL, STACKS_VARIABLE, ProcessStacks, ProcessState,
-    RankSnapshot, ThreadStack, stacks_variable,
+    HEADER_WORD, STACK_SIGNAL, STACKS_VARIABLE, ProcessStacks, ProcessState,
+    RankSnapshot, ThreadStack, bootstrap_dir, stacks_variable,
 )
 from launcher.stackparse import parse_faulthandler, parse_py_spy
 
@@ -53,7 +53,7 @@ class Target:
 def with_bootstrap(environ: Mapping[str, str], stack_dir: str, signum: int = STACK_SIGNAL) -> dict[str, str]:
     """A worker's environment with the bootstrap first on PYTHONPATH (the contract in snapshot.py)."""
     old = environ.get("PYTHONPATH")
-    path = BOOTSTRAP_DIR if not old else BOOTSTRAP_DIR + os.pathsep + old
+    path = bootstrap_dir() if not old else bootstrap_dir() + os.pathsep + old
     return {**environ, "PYTHONPATH": path, STACKS_VARIABLE: stacks_variable(signum, old is not None, stack_dir)}
 
 

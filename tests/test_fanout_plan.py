@@ -8,8 +8,9 @@ import pytest
 
 from launcher.options import Options
 from launcher.errors import LaunchError
-from launcher.fanout import Host, agent_argv, forwarded_env, per_host_nproc, remote_command
+from launcher.fanout import Host, agent_argv, forwarded_env, per_host_nproc, preflight_problem, remote_command
 from launcher.hosts import HostSpec, parse_hostfile
+from launcher.ship import AgentPlace
 from launcher.ssh import SshTarget
 
 pytestmark = pytest.mark.unit
@@ -39,7 +40,7 @@ def test_hostfile_gpus_become_that_hosts_gpu_ids() -> None:
     assert argv[argv.index("--gpu-ids") + 1] == "1,3"
     assert argv[argv.index("--nproc") + 1] == "2"
     assert argv[argv.index("--node-rank") + 1] == "1" and argv[argv.index("--nnodes") + 1] == "2"
-    assert argv[:4] == ["/opt/py/bin/python", "-m", "launcher", "--agent"]
+    assert argv[:1] == ["--agent"]  # after the interpreter and the shipped zip (remote_command)
     assert argv[-3:] == ["train.py", "--lr", "0.1"]
 
 
@@ -66,11 +67,14 @@ def test_forwarded_environment_is_the_documented_set_and_env_wins() -> None:
 
 
 def test_the_remote_line_is_one_shell_word_per_argument() -> None:
-    argv = ["/p y/python", "-m", "launcher", "$(id)", "a'b", "ü 🚀", "x\ny"]
-    line = remote_command(argv, "/work dir")
+    argv = ["--agent", "$(id)", "a'b", "ü 🚀", "x\ny"]
+    place = AgentPlace(".cache/ddplaunch", "agent-0123456789abcdef.zip", 1234)
+    line = remote_command("/p y/python", place, argv, "/work dir")
     assert line.startswith("cd -- '/work dir' 2>/dev/null || exit 120; ")
+    zip_path = '"$HOME"/.cache/ddplaunch/agent-0123456789abcdef.zip'
+    assert f'[ "$(wc -c 2>/dev/null <{zip_path})" -eq 1234 ] 2>/dev/null || exit 122; ' in line
     exec_part = line.split("; exec ", 1)[1]
-    assert shlex.split(exec_part) == argv
+    assert shlex.split(exec_part) == ["/p y/python", "$HOME/.cache/ddplaunch/agent-0123456789abcdef.zip", *argv]
 
 
 @pytest.mark.parametrize("bootstrap_off", [False, True])
@@ -82,3 +86,21 @@ def test_agents_leave_the_stall_watch_to_the_head_and_follow_its_bootstrap_switc
     assert "--stall-action" not in argv  # stop with a timeout of 0 is refused, and the head stops the job
     assert ("--no-stack-bootstrap" in argv) == bootstrap_off
     assert argv.index("--stall-timeout") < argv.index("train.py")
+
+
+@pytest.mark.parametrize(
+    ("status", "printed", "expected"),
+    [
+        (120, [], "h1: working directory /w does not exist there; create it or pass --chdir DIR."),
+        (121, [], "h1: no Python at /py; install it there or pass --python PATH."),
+        (122, [], "h1: ddplaunch's agent is still not at ~/.cache/a.zip after it was sent there"),
+        (123, ["Python 3.9.18 at /py is too old: ddplaunch's agent needs Python 3.10 or newer; pass --python PATH"],
+         "h1: Python 3.9.18 at /py is too old"),
+        (1, ["Traceback (most recent call last):", "zipimport.ZipImportError: not a Zip file"],
+         "h1: ddplaunch's agent (sent to ~/.cache/a.zip) cannot run with /py: zipimport.ZipImportError: not a Zip "
+         "file. Pass --python PATH to a Python 3.10 or newer that can, or delete that file there"),
+        (3, ["ddplaunch: error: --nproc: bad"], "h1: --nproc: bad"),
+    ],
+)
+def test_a_host_that_cannot_start_its_agent_is_named_with_the_fix(status: int, printed: list[str], expected: str) -> None:
+    assert preflight_problem("h1", status, printed, "/w", "/py", "~/.cache/a.zip").startswith(expected)

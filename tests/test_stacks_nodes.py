@@ -119,6 +119,8 @@ def test_sigquit_at_the_head_shows_every_hosts_ranks_in_one_report_and_the_job_g
     assert took < 2.0 + 1.0  # the answers came well before the head's 2 s wait ended (then + margin)
     details = Path(report.split("full stacks, every thread of every process: ")[1].split()[0])
     assert details.parent == logs / "stacks" and "reduce_forever" in details.read_text()
+    # The agents run from the zip the head shipped, and their workers still ran the bootstrap.
+    assert "stacks from py-spy" not in details.read_text() and "stacks from faulthandler" in details.read_text()
     assert workers_alive(token, script) == 4  # the job goes on
     run.signal(signal.SIGINT)
     assert run.wait(timeout=30) == 130
