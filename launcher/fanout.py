@@ -111,7 +111,7 @@ def agent_argv(options: Options, host: Host, nnodes: int) -> list[str]:
     for name in PASSED_OPTIONS:
         value = getattr(options, name)
         if value is not None:
-            argv += [f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+            argv += [f"--{name.replace('_', '-')}", _exact(value) if isinstance(value, float) else str(value)]
     argv += [f"--{name.replace('_', '-')}" for name in PASSED_SWITCHES if getattr(options, name)]
     argv += ["--stall-timeout", "0"]  # the head sees every rank's output: it watches for a stall, job-wide
     argv += ["--run-id", options.run_id] if options.run_id else []
@@ -120,6 +120,13 @@ def agent_argv(options: Options, host: Host, nnodes: int) -> list[str]:
 
 def python_of(options: Options) -> str:
     return options.python or sys.executable
+
+
+def _exact(value: float) -> str:
+    """A float as the agent must read it back: short where that is exact ("5", not "5.0"),
+    else every digit ("{:g}" keeps six: --grace 0.1234567 became 0.123457)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def remote_command(python: str, agent: AgentPlace, argv: Sequence[str], workdir: str) -> str:

@@ -53,6 +53,14 @@ def test_every_agent_is_told_which_rank_reads_stdin(stdin: str) -> None:
     assert argv.index("--stdin") < argv.index("train.py")
 
 
+@pytest.mark.parametrize(("grace", "said"), [(5.0, "5"), (0.1234567, "0.1234567"), (1e-7, "1e-07"), (2.5, "2.5")])
+def test_a_float_reaches_the_agent_exactly(grace: float, said: str) -> None:
+    """Six significant digits (Python's :g) made --grace 0.1234567 arrive as 0.123457."""
+    spec = parse_hostfile("a slots=2\nb slots=2\n", "hosts")[1]
+    argv = agent_argv(options(grace=grace), host(1, spec, 2), 2)
+    assert argv[argv.index("--grace") + 1] == said and float(said) == grace
+
+
 def test_unequal_slots_are_refused() -> None:
     with pytest.raises(LaunchError, match="same number of workers"):
         per_host_nproc(parse_hostfile("a slots=2\nb slots=4\n", "hosts"), None)

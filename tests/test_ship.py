@@ -28,11 +28,6 @@ PYENV = Path("/root/.pyenv/versions")
 # True once the agent's path needs only the standard library (branch i11-agentcli, merged):
 # the fresh host then gets no copy of the head's click/psutil/rich, and the other CPython
 # minors lose their xfail mark. Until then the agent imports click (cli.py) there.
-STDLIB_AGENT = False
-NEEDS_STDLIB_AGENT = pytest.mark.xfail(
-    not STDLIB_AGENT, strict=False, reason="needs the stdlib agent path (i11-agentcli)"
-)
-HEAD_LIBRARIES = ("click", "psutil", "rich", "pygments", "markdown_it", "mdurl")
 
 # A worker that needs no torch: it says which bootstrap it ran (the stack reports' sitecustomize).
 WORKER = """
@@ -164,21 +159,13 @@ def test_run_from_the_zip_the_bootstrap_is_written_into_the_jobs_private_folder(
 @pytest.fixture(scope="session")
 def fresh_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A bare virtualenv of 3.11 (whose base has click; a bare venv does not see it): no
-    ddplaunch, no torch. Until the agent needs only the standard library, the head's own
-    libraries (not ddplaunch, not torch) are put on its path through a .pth file."""
+    ddplaunch, no click, rich, paramiko or psutil, no torch: only the standard library."""
     venv = tmp_path_factory.mktemp("fresh") / "venv"
     subprocess.run([interpreter("3.11.7"), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     python = venv / "bin" / "python"
-    if not STDLIB_AGENT:
-        libraries = tmp_path_factory.mktemp("head-libraries")
-        for name in HEAD_LIBRARIES:
-            found = __import__(name).__path__[0]
-            (libraries / name).symlink_to(found)
-        site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
-                              capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-        (Path(site) / "head_libraries.pth").write_text(f"{libraries}\n")
-    lacks = subprocess.run([str(python), "-c", "import launcher"], capture_output=True, timeout=30, cwd=venv)
-    assert lacks.returncode != 0  # no ddplaunch there
+    for module in ("launcher", "click", "psutil"):
+        lacks = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, timeout=30, cwd=venv)
+        assert lacks.returncode != 0, module  # not there
     return str(python)
 
 
@@ -247,7 +234,6 @@ def test_a_python_older_than_3_10_is_named_per_host_and_nothing_starts(
 
 
 @pytest.mark.parametrize("version", ["3.10.13", "3.12.1", "3.13.0"])
-@NEEDS_STDLIB_AGENT
 def test_the_agent_runs_on_every_other_cpython_minor(
     launch, version: str, tmp_path: Path, token: str, sshd_pool: SshdPool
 ) -> None:
