@@ -33,8 +33,9 @@ What is measured (all worker scripts are written to a fresh temporary directory)
              hosts over real sshd servers on this machine (<= 1.5), a failure on static
              node 1 -> node 0's workers stopped and its launcher exited (<= 2 s; torchrun's
              node 0 never stops), 4 x 50,000 lines through SSH against one node (0 lost), and
-             the connect phase of 16 hosts against 2 (<= 2.0). `--only hosts,crossnode,sshlines,connect16`
-             picks single ones.
+             the connect phase of 16 hosts against 2 (<= 2.0), and 2 hosts to all workers running
+             with the agent sent vs already cached (first <= cached + 0.5 s).
+             `--only hosts,crossnode,sshlines,connect16,ship` picks single ones.
 
 This module is the entry: the options, which rows run, the report. The three row modules
 share their helpers through scripts/benchlib.py and do not import each other.
@@ -128,10 +129,10 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--only", metavar="LIST",
                         help="comma-separated subset: launch,teardown,lines,memory,orphans,ranks256; the stack reports' "
-                             "sigquit,nobootstrap, or 'stacks' for both; the multi-node hosts,crossnode,sshlines,connect16, "
-                             "or 'nodes' for those four (default: all)")
+                             "sigquit,nobootstrap, or 'stacks' for both; the multi-node hosts,crossnode,sshlines,connect16,ship, "
+                             "or 'nodes' for those five (default: all)")
     parser.add_argument("--no-nodes", action="store_true",
-                        help="skip the multi-node rows (hosts, crossnode, sshlines, connect16)")
+                        help="skip the multi-node rows (hosts, crossnode, sshlines, connect16, ship)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up launches")
     args = parser.parse_args()
     reps = 2 if args.quick else args.reps

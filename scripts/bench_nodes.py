@@ -29,6 +29,14 @@ the helpers they share with the single-node rows (bench_local.py) live in benchl
              rank by their `R | ` prefix; against the same 4 x 50,000 lines on one node
              (`ddplaunch --nproc 4`). Wall time, ratio ssh / local, lines per second over the
              wall time and from the first line on (start-up aside). Target: 0 lines lost.
+  ship       the shipped agent (issue 11): `ddplaunch --hosts h1,h2 --nproc 1` of the hosts
+             row's worker (no torch), timed the same way (Popen to all ready files), in two
+             series alternating per rep: "first", whose DDPLAUNCH_AGENT_CACHE is a fresh empty
+             folder, so the head must send its agent zip to both hosts; and "cached", whose
+             folder already holds that zip (written here by launcher.ship). Each run must have
+             sent (first) or not sent (cached) the agent, by the head's own stderr. The bytes
+             sent per host are the zip's size. Ratio first / cached.
+                                                                     target first <= cached + 0.5 s
 
 The "hosts" are 8 OpenSSH servers (16 when connect16 runs) (scripts/sshd.py) on 127.0.1.40+
 of this one machine, reached through a throw-away HOME whose ~/.ssh/config names them bench1..: they
@@ -73,7 +81,9 @@ from benchlib import (
 )
 from sshd import SshdPool, SshHome, start_sshd_pool
 
-NODE_KEYS = ("hosts", "crossnode", "sshlines", "connect16")
+from launcher.ship import CACHE_VARIABLE, AgentZip, build_agent_zip
+
+NODE_KEYS = ("hosts", "crossnode", "sshlines", "connect16", "ship")
 POOL_FIRST_ADDRESS = "127.0.1.40"  # the test suite's servers use 127.0.1.2-9
 POOL_ALIAS = "bench"
 HOST_COUNTS = (2, 8)
@@ -85,6 +95,9 @@ CROSSNODE_BOUND_S = 10.0  # after rank 3's failure, how long node 0 is given to 
 SSH_LINES_PER_RANK = 50_000
 SSH_HOSTS, SSH_NPROC = 2, 2
 SSH_RANKS = SSH_HOSTS * SSH_NPROC
+SHIP_HOSTS = 2
+SHIP_SERIES = ("first", "cached")
+SHIP_EXTRA_S = 0.5  # what sending the agent may add to a launch, once per version
 START_TIMEOUT_S = 120.0  # from Popen until every worker runs (hosts) or rank 3 failed (crossnode)
 LEFTOVER_WAIT_S = 15.0  # after the head exited: until no worker, agent or SSH session is left
 POLL_S = 0.01
@@ -200,6 +213,33 @@ class ConnectRow(ScalingRow):
     limit = CONNECT_TARGET
 
 
+class ShipRow(NodeRow):
+    """series: "first" (the agent sent), "cached" -> seconds from Popen to all workers running;
+    extra["bytes"]: the zip's size, sent to each host on a first run."""
+
+    def ratio(self) -> float | None:
+        first, cached = self.median("first"), self.median("cached")
+        return first / cached if cached and first is not None else None
+
+    def target(self) -> str:
+        return f"<= +{SHIP_EXTRA_S:g} s"
+
+    def ok(self) -> bool | None:
+        first, cached = self.median("first"), self.median("cached")
+        if first is None or cached is None:
+            return None
+        return first <= cached + SHIP_EXTRA_S and self.leftovers_ok() and not self.errors
+
+    def cells(self) -> tuple[str, str, str, str]:
+        ratio = self.ratio()
+        return (
+            f"{secs(self.median('first'))} (first, sent)",
+            "n/a (no SSH mode)",
+            f"{secs(self.median('cached'))} (cached)",
+            "n/a" if ratio is None else f"{ratio:.3f} (first/cached)",
+        )
+
+
 class CrossRow(NodeRow):
     """series: ddplaunch, torchrun; extra[tool]["outcome"]: stopped / never / error per rep."""
 
@@ -308,7 +348,8 @@ HEAD_PHASES = {"connecting": b"ddplaunch: connecting to ", "connected": b"ddplau
                "agents_ready": b" hosts ready: "}
 # Notes worth counting after a plain SIGTERM at the head (see the README of the bench's report).
 HEAD_NOTES = {"lost_host": b": its connection or agent ended without an exit status",
-              "killed_at_once": b"again: killing all workers now"}
+              "killed_at_once": b"again: killing all workers now",
+              "sent_agent": b"ddplaunch: sending ddplaunch's agent "}
 
 
 class StderrWatch:
@@ -376,14 +417,20 @@ def free_port() -> int:
 # -- the measurements -----------------------------------------------------------------------------
 
 
-def run_hosts(nodes: Nodes, count: int, extra: dict[str, Any]) -> float:
+def run_hosts(nodes: Nodes, count: int, extra: dict[str, Any], *, label: str = "hosts",
+              cache: Path | None = None) -> float:
+    """Seconds from Popen to all `count` workers running; then SIGTERM, and nothing may be left.
+    `cache`: the hosts' agent cache (DDPLAUNCH_AGENT_CACHE), else their default one."""
     bench = nodes.bench
-    ready = Path(tempfile.mkdtemp(prefix=f"hosts{count}-", dir=bench.workdir))
+    ready = Path(tempfile.mkdtemp(prefix=f"{label.replace(' ', '-')}{count}-", dir=bench.workdir))
     token = bench.new_token()
     argv = [nodes.ddplaunch, "--hosts", nodes.hosts(count), "--nproc", "1", "--env", f"BENCH_TOKEN={token}",
             str(bench.workdir / "ready_sleep.py"), str(ready)]
+    env = nodes.ssh_env()
+    if cache is not None:
+        env[CACHE_VARIABLE] = str(cache)
     t0 = time.perf_counter()
-    proc, _ = bench.start(argv, subprocess.DEVNULL, subprocess.PIPE, f"hosts {count}", env=nodes.ssh_env(), token=token)
+    proc, _ = bench.start(argv, subprocess.DEVNULL, subprocess.PIPE, f"{label} {count}", env=env, token=token)
     assert proc.stderr is not None
     watch = StderrWatch(proc.stderr, t0)
     try:
@@ -445,6 +492,25 @@ def run_connect(nodes: Nodes, count: int, extra: dict[str, Any]) -> float:
         finish(proc, token)
         nodes.kill_sessions()
         watch.close()
+
+
+def run_ship(nodes: Nodes, series: str, agent: AgentZip, cached: Path, extra: dict[str, Any]) -> float:
+    """run_hosts on SHIP_HOSTS hosts, their agent cache a fresh empty folder ("first") or
+    `cached`, which holds the zip; the head must have sent the agent on a first run only."""
+    folder = Path(tempfile.mkdtemp(prefix="ship-cache-", dir=nodes.bench.workdir)) if series == "first" else cached
+    try:
+        elapsed = run_hosts(nodes, SHIP_HOSTS, extra, label=f"ship {series}", cache=folder.resolve())
+        sent = extra["sent_agent"][-1]
+        if (series == "first") != (sent > 0):
+            raise RuntimeError(f"ship {series}: the head {'did not send' if not sent else 'sent'} its agent")
+        held = sorted(p.name for p in folder.iterdir())
+        if held != [agent.name] or (folder / agent.name).stat().st_size != agent.size:
+            raise RuntimeError(f"ship {series}: the cache holds {held}, not {agent.name} of {agent.size} bytes "
+                               "(is the head's code this checkout's?)")
+        return elapsed
+    finally:
+        if folder != cached:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def static_argv(nodes: Nodes, tool: str, node_rank: int, port: int, outdir: Path) -> list[str]:
@@ -567,7 +633,7 @@ def measure_nodes(bench: Bench, reps: int, selected: set[str]) -> list[NodeRow]:
     nodes = Nodes(bench)
     rows: list[NodeRow] = []
     try:
-        if selected & {"hosts", "sshlines", "connect16"}:
+        if selected & {"hosts", "sshlines", "connect16", "ship"}:
             t0 = time.perf_counter()
             size = max(HOST_COUNTS + (CONNECT_COUNTS if "connect16" in selected else ()))
             nodes.pool = start_sshd_pool(size, bench.workdir / "sshd",
@@ -583,6 +649,8 @@ def measure_nodes(bench: Bench, reps: int, selected: set[str]) -> list[NodeRow]:
             rows.extend(measure_crossnode(nodes, reps))
         if "sshlines" in selected:
             rows.append(measure_sshlines(nodes, reps))
+        if "ship" in selected:
+            rows.append(measure_ship(nodes, reps))
     finally:
         if nodes.pool is not None:
             nodes.pool.stop()
@@ -612,6 +680,26 @@ def measure_connect(nodes: Nodes, reps: int) -> NodeRow:
             name = f"{count} hosts"
             row.series[name].append(sample(row, rep, reps, name, run_connect, nodes, count, row.extra[name]))
     row.extra["left_behind"] = [n for name in row.series for n in row.extra[name].get("left_behind", [])]
+    return row
+
+
+def measure_ship(nodes: Nodes, reps: int) -> NodeRow:
+    agent = build_agent_zip()  # the same code gives the same bytes: the head's zip is this one
+    log(f"ship: {SHIP_HOSTS} hosts over SSH, --nproc 1, until every worker runs; agent sent ({agent.size:,} "
+        "bytes to each host) vs already cached")
+    row = ShipRow("ship", f"ship: {SHIP_HOSTS} hosts to all workers running, agent sent vs cached",
+                  {name: [] for name in SHIP_SERIES}, {name: {} for name in SHIP_SERIES})
+    row.extra["bytes"] = agent.size
+    cached = Path(tempfile.mkdtemp(prefix="ship-cached-", dir=nodes.bench.workdir))
+    (cached / agent.name).write_bytes(agent.data)
+    try:
+        for rep in range(reps):
+            for name in SHIP_SERIES:
+                row.series[name].append(sample(row, rep, reps, name, run_ship, nodes, name, agent, cached,
+                                               row.extra[name]))
+    finally:
+        shutil.rmtree(cached, ignore_errors=True)
+    row.extra["left_behind"] = [n for name in SHIP_SERIES for n in row.extra[name].get("left_behind", [])]
     return row
 
 
@@ -696,6 +784,9 @@ def render_nodes(rows: Sequence[NodeRow]) -> list[str]:
                          f"{rounded(x.get('first_line_s', []))} s); lost of {SSH_RANKS * SSH_LINES_PER_RANK:,} per "
                          f"rep {x.get('lost', [])}{'' if not per else f'; last run per rank {per[-1]}'}"
                          + (f"; processes/sessions left {x['left_behind']}" if "left_behind" in x else ""))
+    if "ship" in by_key:
+        lines.append("")
+        lines += ship_notes(by_key["ship"])
     return lines
 
 
@@ -734,4 +825,17 @@ def hosts_notes(row: NodeRow) -> list[str]:
         lines.append(f"connect phase alone ({HOST_COUNTS[1]}/{HOST_COUNTS[0]} hosts): "
                      f"{many_connect / few_connect:.2f}; the go to all running: "
                      + ("n/a" if not few_go or many_go is None else f"{many_go / few_go:.2f}"))
+    return lines
+
+
+def ship_notes(row: NodeRow) -> list[str]:
+    first, cached = row.median("first"), row.median("cached")
+    extra = "n/a" if first is None or cached is None else f"{first - cached:+.3f} s"
+    lines = [f"ship: the agent zip is {row.extra['bytes']:,} bytes, sent to each of {SHIP_HOSTS} hosts on a first "
+             f"run; the first run costs {extra} over a cached one (medians)."]
+    for name in SHIP_SERIES:
+        x = row.extra[name]
+        lines.append(f"  {name:<6}: {rounded(row.series[name])} s per rep to all workers running; every agent ready "
+                     f"at {rounded(x.get('agents_ready_s', []))} s; head said 'sending' {x.get('sent_agent', [])}; "
+                     f"processes/sessions left {x.get('left_behind', [])}")
     return lines
