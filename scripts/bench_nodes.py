@@ -55,7 +55,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -660,25 +660,25 @@ def measure_nodes(bench: Bench, reps: int, selected: set[str]) -> list[NodeRow]:
 def measure_hosts(nodes: Nodes, reps: int) -> NodeRow:
     few, many = HOST_COUNTS
     log(f"hosts: {many} vs {few} hosts over SSH, --nproc 1, until every worker runs")
-    row = HostsRow("hosts", f"hosts: {many} vs {few} hosts to all workers running",
-                   {f"{n} hosts": [] for n in HOST_COUNTS}, {f"{n} hosts": {} for n in HOST_COUNTS})
-    for rep in range(reps):
-        for count in HOST_COUNTS:
-            name = f"{count} hosts"
-            row.series[name].append(sample(row, rep, reps, name, run_hosts, nodes, count, row.extra[name]))
-    row.extra["left_behind"] = [n for name in row.series for n in row.extra[name].get("left_behind", [])]
-    return row
+    row = HostsRow("hosts", f"hosts: {many} vs {few} hosts to all workers running", {}, {})
+    return measure_scaling(row, nodes, reps, run_hosts)
 
 
 def measure_connect(nodes: Nodes, reps: int) -> NodeRow:
     few, many = CONNECT_COUNTS
     log(f"connect16: {many} vs {few} hosts over SSH, --nproc 1, until every agent is ready")
-    row = ConnectRow("connect16", f"connect: {many} vs {few} hosts to every agent ready",
-                     {f"{n} hosts": [] for n in CONNECT_COUNTS}, {f"{n} hosts": {} for n in CONNECT_COUNTS})
+    row = ConnectRow("connect16", f"connect: {many} vs {few} hosts to every agent ready", {}, {})
+    return measure_scaling(row, nodes, reps, run_connect)
+
+
+def measure_scaling(row: ScalingRow, nodes: Nodes, reps: int, run: Callable[..., float]) -> NodeRow:
+    """The row's two host counts in turn, `reps` times each; what each left behind, together."""
+    for count in row.counts:
+        row.series[f"{count} hosts"], row.extra[f"{count} hosts"] = [], {}
     for rep in range(reps):
-        for count in CONNECT_COUNTS:
+        for count in row.counts:
             name = f"{count} hosts"
-            row.series[name].append(sample(row, rep, reps, name, run_connect, nodes, count, row.extra[name]))
+            row.series[name].append(sample(row, rep, reps, name, run, nodes, count, row.extra[name]))
     row.extra["left_behind"] = [n for name in row.series for n in row.extra[name].get("left_behind", [])]
     return row
 

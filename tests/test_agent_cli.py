@@ -272,6 +272,22 @@ def answer(proc: subprocess.Popen[bytes], frame: Frame, run: AgentRun) -> None:
     proc.stdin.flush()
 
 
+def run_one_node_agent(
+    python: str, script: str, tmp_path: Path, token: str
+) -> tuple[subprocess.Popen[bytes], AgentRun]:
+    """A one-node job's agent as the head starts it, on this bare `python`, driven to its end."""
+    options = head_options(hosts="h0", python=python, script=script, script_args=(), grace=2.0,
+                           heartbeat_timeout=2.0, kill_timeout=2.0, run_id=token)
+    proc = subprocess.Popen(bare_argv(python, agent_args(options, host(0, 1), nnodes=1)), cwd=tmp_path,
+                            env=bare_env(token), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        return proc, drive_one_node_agent(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 @pytest.mark.parametrize("minor", [10, 11, 12, 13])
 def test_an_agent_runs_a_job_on_a_python_with_only_its_standard_library(
     minor: int, tmp_path: Path, token: str
@@ -281,17 +297,7 @@ def test_an_agent_runs_a_job_on_a_python_with_only_its_standard_library(
         import os, sys
         print("hello from", sys.version_info[:2], os.environ["RANK"], os.environ["FROM_HEAD"], flush=True)
     """)
-    options = head_options(hosts="h0", python=python, script=script, script_args=(), grace=2.0,
-                           heartbeat_timeout=2.0, kill_timeout=2.0, run_id=token)
-    args = agent_args(options, host(0, 1), nnodes=1)
-    proc = subprocess.Popen(bare_argv(python, args), cwd=tmp_path, env=bare_env(token),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        run = drive_one_node_agent(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    proc, run = run_one_node_agent(python, script, tmp_path, token)
     stderr = run.stderr.decode(errors="replace")
     assert (proc.returncode, run.exit_frame) == (0, 0), stderr[-2000:]
     assert run.output.decode() == f"hello from (3, {minor}) 0 a value 'quoted' $(not run)\n"
@@ -307,16 +313,7 @@ def test_an_agent_stops_a_daemon_its_failed_worker_left_without_psutil(tmp_path:
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
         sys.exit(3)
     """)
-    options = head_options(hosts="h0", python=python, script=script, script_args=(), grace=2.0,
-                           heartbeat_timeout=2.0, kill_timeout=2.0, run_id=token)
-    proc = subprocess.Popen(bare_argv(python, agent_args(options, host(0, 1), nnodes=1)), cwd=tmp_path,
-                            env=bare_env(token), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        run = drive_one_node_agent(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    proc, run = run_one_node_agent(python, script, tmp_path, token)
     stderr = run.stderr.decode(errors="replace")
     assert (proc.returncode, run.exit_frame) == (3, 3), stderr[-2000:]
     assert "launcher.workers" in stderr and imported(stderr) & THIRD_PARTY == set()
