@@ -118,8 +118,20 @@ def agent_argv(options: Options, host: Host, nnodes: int) -> list[str]:
     return [*argv, options.script, *options.script_args]
 
 
+FALLBACK_PYTHON = "python3"  # a fresh host has no copy of the head's virtualenv, but has this
+
+
+def pythons_of(options: Options) -> tuple[str, ...]:
+    """The interpreters a host tries, first found wins: --python's alone; else the head's own
+    path (the same virtualenv on a shared filesystem or a cloned machine), then python3."""
+    if options.python:
+        return (options.python,)
+    return (sys.executable,) if sys.executable == FALLBACK_PYTHON else (sys.executable, FALLBACK_PYTHON)
+
+
 def python_of(options: Options) -> str:
-    return options.python or sys.executable
+    """The interpreters a host tries, in words (for errors): "/venv/bin/python or python3"."""
+    return " or ".join(pythons_of(options))
 
 
 def _exact(value: float) -> str:
@@ -129,17 +141,21 @@ def _exact(value: float) -> str:
     return short if float(short) == value else repr(value)
 
 
-def remote_command(python: str, agent: AgentPlace, argv: Sequence[str], workdir: str) -> str:
-    """One shell line: check the directory, the interpreter and the shipped agent (a file of
-    its name and size in the cache, else NO_AGENT: the head uploads it and runs this again),
-    then become the agent. One round trip when the agent is cached."""
+def remote_command(pythons: Sequence[str], agent: AgentPlace, argv: Sequence[str], workdir: str) -> str:
+    """One shell line: check the directory, an interpreter (the first of `pythons` found) and
+    the shipped agent (a file of its name and size in the cache, else NO_AGENT: the head
+    uploads it and runs this again), then become the agent. One round trip when it is cached."""
     q = shlex.quote
     zip_path = agent.shell_path  # no shell variable of ours: a login shell may be fish
+    found = [f"command -v {q(python)} >/dev/null 2>&1" for python in pythons]
+    run = f"{zip_path} {' '.join(q(arg) for arg in argv)}"
+    *first, last = pythons
     return (
         f"cd -- {q(workdir)} 2>/dev/null || exit {NO_DIR}; "
-        f"command -v {q(python)} >/dev/null 2>&1 || exit {NO_PYTHON}; "
+        f"{' || '.join(found)} || exit {NO_PYTHON}; "
         f'[ "$(wc -c 2>/dev/null <{zip_path})" -eq {agent.size} ] 2>/dev/null || exit {NO_AGENT}; '
-        f"exec {q(python)} {zip_path} {' '.join(q(arg) for arg in argv)}"
+        + "".join(f"{check} && exec {q(python)} {run}; " for check, python in zip(found, first))
+        + f"exec {q(last)} {run}"
     )
 
 
@@ -154,7 +170,7 @@ def preflight_problem(
     if status == NO_DIR:
         return f"{name}: working directory {workdir} does not exist there; create it or pass --chdir DIR."
     if status == NO_PYTHON:
-        return f"{name}: no Python at {python}; install it there or pass --python PATH."
+        return f"{name}: no Python at {python}; install Python 3.10 or newer there or pass --python PATH."
     if status == NO_AGENT:
         return (f"{name}: ddplaunch's agent is still not at {agent} after it was sent there; check that the folder "
                 "is writable and not full, or set DDPLAUNCH_AGENT_CACHE on this host to another folder of that host.")
@@ -297,6 +313,6 @@ def render_hosts(
     from launcher.ship import build_agent_zip, place_of
 
     place = place_of(build_agent_zip(), dict(os.environ))
-    lines.append("  " + remote_command(python_of(options), place, agent_argv(options, hosts[0], len(hosts)), workdir))
+    lines.append("  " + remote_command(pythons_of(options), place, agent_argv(options, hosts[0], len(hosts)), workdir))
     lines.append(f"  (the agent is this ddplaunch's own code, sent once to {place.shown} on each host)")
     return "\n".join(lines) + "\n"

@@ -40,7 +40,7 @@ from launcher.agent import PythonFacts, replay
 from launcher.channel import AgentChannel, ChannelEvent
 from launcher.errors import Interrupted, LaunchError
 from launcher.fanout import (
-    NO_AGENT, Host, agent_argv, prefixed_world_size, preflight_problem, python_of, remote_command,
+    NO_AGENT, Host, agent_argv, prefixed_world_size, preflight_problem, python_of, pythons_of, remote_command,
 )
 from launcher.frames import (
     ATTEMPT_END, HEARTBEAT, NOTE, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, env_line,
@@ -83,7 +83,8 @@ class Head:
         self.hosts = hosts
         self.env = env
         self.workdir = workdir
-        self.python = python_of(options)
+        self.python = python_of(options)  # in words, for errors
+        self._interpreters = pythons_of(options)  # the first a host has is its agent's
         self._agent: AgentZip | None = None  # the head's own code, shipped to hosts that lack it
         self._place: AgentPlace | None = None
         self._commands: list[str] = []  # by node rank: the remote line that becomes the agent
@@ -140,7 +141,7 @@ class Head:
         if self._place is None:
             self._place = place_of(self._agent, dict(os.environ))
         self._commands = [
-            remote_command(self.python, self._place, agent_argv(self.options, host, len(self.hosts)), self.workdir)
+            remote_command(self._interpreters, self._place, agent_argv(self.options, host, len(self.hosts)), self.workdir)
             for host in self.hosts
         ]
         for command, agent in zip(self._commands, self.agents):

@@ -8,7 +8,9 @@ import pytest
 
 from launcher.options import Options
 from launcher.errors import LaunchError
-from launcher.fanout import Host, agent_argv, forwarded_env, per_host_nproc, preflight_problem, remote_command
+from launcher.fanout import (
+    Host, agent_argv, forwarded_env, per_host_nproc, preflight_problem, pythons_of, remote_command,
+)
 from launcher.hosts import HostSpec, parse_hostfile
 from launcher.ship import AgentPlace
 from launcher.ssh import SshTarget
@@ -77,7 +79,7 @@ def test_forwarded_environment_is_the_documented_set_and_env_wins() -> None:
 def test_the_remote_line_is_one_shell_word_per_argument() -> None:
     argv = ["--agent", "$(id)", "a'b", "ü 🚀", "x\ny"]
     place = AgentPlace(".cache/ddplaunch", "agent-0123456789abcdef.zip", 1234)
-    line = remote_command("/p y/python", place, argv, "/work dir")
+    line = remote_command(("/p y/python",), place, argv, "/work dir")
     assert line.startswith("cd -- '/work dir' 2>/dev/null || exit 120; ")
     zip_path = '"$HOME"/.cache/ddplaunch/agent-0123456789abcdef.zip'
     assert f'[ "$(wc -c 2>/dev/null <{zip_path})" -eq 1234 ] 2>/dev/null || exit 122; ' in line
@@ -100,7 +102,7 @@ def test_agents_leave_the_stall_watch_to_the_head_and_follow_its_bootstrap_switc
     ("status", "printed", "expected"),
     [
         (120, [], "h1: working directory /w does not exist there; create it or pass --chdir DIR."),
-        (121, [], "h1: no Python at /py; install it there or pass --python PATH."),
+        (121, [], "h1: no Python at /py; install Python 3.10 or newer there or pass --python PATH."),
         (122, [], "h1: ddplaunch's agent is still not at ~/.cache/a.zip after it was sent there"),
         (123, ["Python 3.9.18 at /py is too old: ddplaunch's agent needs Python 3.10 or newer; pass --python PATH"],
          "h1: Python 3.9.18 at /py is too old"),
@@ -112,3 +114,10 @@ def test_agents_leave_the_stall_watch_to_the_head_and_follow_its_bootstrap_switc
 )
 def test_a_host_that_cannot_start_its_agent_is_named_with_the_fix(status: int, printed: list[str], expected: str) -> None:
     assert preflight_problem("h1", status, printed, "/w", "/py", "~/.cache/a.zip").startswith(expected)
+
+
+def test_hosts_try_the_heads_python_then_python3_unless_one_is_given() -> None:
+    import sys
+
+    assert pythons_of(options(python=None)) == (sys.executable, "python3")
+    assert pythons_of(options(python="/opt/py/bin/python3")) == ("/opt/py/bin/python3",)

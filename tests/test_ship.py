@@ -21,7 +21,8 @@ import pytest
 
 from helpers_cli import TOKEN_VARIABLE, Run, processes_with_token, wait_until, write_script
 from launcher.agent import PythonFacts
-from launcher.ship import CACHE_VARIABLE, OLD_PYTHON, ZIP_TIME, AgentZip, build_agent_zip, place_of, upload
+from launcher.fanout import preflight_problem, remote_command
+from launcher.ship import CACHE_VARIABLE, OLD_PYTHON, ZIP_TIME, AgentPlace, AgentZip, build_agent_zip, place_of, upload
 from sshd import SshdPool, SshHome
 
 PYENV = Path("/root/.pyenv/versions")
@@ -244,3 +245,37 @@ def test_the_agent_runs_on_every_other_cpython_minor(
     assert f"host1: Python {version} at {python}" in run.err
     assert "ok rank 0 of 1 boot /" in run.out
     nothing_left(token, sshd_pool)
+
+
+# The remote line, run by a real shell: which interpreter becomes the agent.
+PRINT_ARGV = '#!/bin/sh\nprintf "%s\\n" "$0" "$@"\n'
+
+
+@pytest.mark.parametrize("heads_there", [True, False])
+def test_a_host_without_the_heads_python_runs_the_agent_with_python3(tmp_path: Path, heads_there: bool) -> None:
+    """A fresh host has no copy of the head's virtualenv: the line falls back to python3 there;
+    where the head's path exists (a shared filesystem, a cloned machine) that one wins."""
+    bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
+    bin_dir.mkdir()
+    (venv / "bin").mkdir(parents=True)
+    for stub in [bin_dir / "python3", *([venv / "bin" / "python"] if heads_there else [])]:
+        stub.write_text(PRINT_ARGV)
+        stub.chmod(0o755)
+    (tmp_path / "agent-x.zip").write_bytes(b"zip")
+    place = AgentPlace(str(tmp_path), "agent-x.zip", 3)
+    line = remote_command((str(venv / "bin" / "python"), "python3"), place, ["--agent", "a b"], str(tmp_path))
+    ran = subprocess.run(["sh", "-c", line], env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)},
+                         capture_output=True, text=True, timeout=10)
+    chosen = str(venv / "bin" / "python") if heads_there else str(bin_dir / "python3")
+    assert (ran.returncode, ran.stdout.splitlines()) == (0, [chosen, str(tmp_path / "agent-x.zip"), "--agent", "a b"])
+
+
+def test_a_host_with_neither_python_says_so_before_anything_is_sent(tmp_path: Path) -> None:
+    place = AgentPlace(str(tmp_path), "agent-x.zip", 3)  # not there either: the Python is named first
+    line = remote_command(("/no/venv/bin/python", "python3"), place, ["--agent"], str(tmp_path))
+    ran = subprocess.run(["/bin/sh", "-c", line], env={"PATH": str(tmp_path), "HOME": str(tmp_path)},
+                         capture_output=True, text=True, timeout=10)
+    assert ran.returncode == 121
+    said = preflight_problem("host1", 121, [], str(tmp_path), "/no/venv/bin/python or python3")
+    assert said == ("host1: no Python at /no/venv/bin/python or python3; install Python 3.10 or newer there or "
+                    "pass --python PATH.")
