@@ -8,8 +8,10 @@ Nothing here touches the test process's os.environ: every subprocess gets its ow
 
 from __future__ import annotations
 
+import glob
 import os
 import queue
+import shutil
 import stat
 import subprocess
 import sys
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import IO
 
 import psutil
+
+from launcher.options import Options
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 30
@@ -366,3 +370,27 @@ def table_column(dry_run_output: str, name: str) -> list[str]:
     header = table_header(dry_run_output)
     index = header.index(name)
     return [row[index] for row in table_rows(dry_run_output)]
+
+
+def interpreter(minor: int) -> str | None:
+    """A CPython 3.<minor> on PATH or under pyenv that actually runs (a pyenv shim may not)."""
+    candidates = [shutil.which(f"python3.{minor}") or ""]
+    candidates += sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/3.{minor}.*/bin/python3.{minor}")))
+    for candidate in candidates:
+        if candidate and subprocess.run([candidate, "-c", "pass"], capture_output=True, timeout=30).returncode == 0:
+            return candidate
+    return None
+
+
+def head_options(**changes: object) -> Options:
+    """Options as the SSH head holds them for a job on hosts a,b; `changes` override fields."""
+    base: dict[str, object] = dict(
+        script="train.py", script_args=("--lr", "0.1"), nproc=None, nnodes=None, node_rank=None,
+        master_addr=None, master_port=None, rdzv_endpoint=None, rdzv_backend=None, join_timeout=None,
+        standalone=False, gpu_ids=None, module=False, no_python=False, local_rank_arg=False, log_dir=None,
+        ranks=None, max_restarts=0, env=(), dry_run=False, grace=30.0, run_id="rid", no_color=False,
+        hosts="a,b", hostfile=None, ssh_accept_new_host_keys=False, chdir=None, python="/opt/py/bin/python",
+        stdin="0", agent=False, host_name=None,
+    )
+    base.update(changes)
+    return Options(**base)  # type: ignore[arg-type]

@@ -4,10 +4,8 @@ that has nothing but its standard library, on each CPython minor from 3.10 on.""
 
 from __future__ import annotations
 
-import glob
 import os
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +13,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
-from helpers_cli import REPO, TOKEN_VARIABLE, cli_env, processes_with_token, run_cli, write_script
+from helpers_cli import (
+    REPO, TOKEN_VARIABLE, cli_env, head_options, interpreter, processes_with_token, run_cli, write_script,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,20 +37,6 @@ AGENT_TIMEOUT_S = 30.0
 
 
 # -- the parser agrees with click (pure) -----------------------------------------------------------
-
-
-def head_options(**changes: object) -> Options:
-    """What a head's click parse leaves for `ddplaunch --hosts a,b train.py --lr 0.1`, changed."""
-    base: dict[str, object] = dict(
-        script="train.py", script_args=("--lr", "0.1"), nproc=None, nnodes=None, node_rank=None,
-        master_addr=None, master_port=None, rdzv_endpoint=None, rdzv_backend=None, join_timeout=None,
-        standalone=False, gpu_ids=None, module=False, no_python=False, local_rank_arg=False, log_dir=None,
-        ranks=None, max_restarts=0, env=(), dry_run=False, grace=30.0, run_id="rid", no_color=False,
-        hosts="a,b", hostfile=None, ssh_accept_new_host_keys=False, chdir=None, python="/opt/py/bin/python",
-        stdin="0", agent=False, host_name=None,
-    )
-    base.update(changes)
-    return Options(**base)  # type: ignore[arg-type]
 
 
 def host(rank: int = 1, nproc: int | None = 2, gpus: tuple[str, ...] | None = None) -> Host:
@@ -186,16 +172,6 @@ def test_every_options_field_is_covered_by_the_head_or_left_absent() -> None:
 
 
 # -- a real agent on a bare Python (processes) -------------------------------------------------------
-
-
-def interpreter(minor: int) -> str | None:
-    """A CPython 3.<minor> on PATH or under pyenv that actually runs (a pyenv shim may not)."""
-    candidates = [shutil.which(f"python3.{minor}") or ""]
-    candidates += sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/3.{minor}.*/bin/python3.{minor}")))
-    for candidate in candidates:
-        if candidate and subprocess.run([candidate, "-c", "pass"], capture_output=True, timeout=30).returncode == 0:
-            return candidate
-    return None
 
 
 def bare_python(minor: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 
 import pytest
+from helpers_cli import head_options
 
 from launcher.options import Options
 from launcher.errors import LaunchError
@@ -19,16 +20,7 @@ pytestmark = pytest.mark.unit
 
 
 def options(**changes: object) -> Options:
-    base = dict(
-        script="train.py", script_args=("--lr", "0.1"), nproc=None, nnodes=None, node_rank=None,
-        master_addr=None, master_port=None, rdzv_endpoint=None, rdzv_backend=None, join_timeout=600.0,
-        standalone=False, gpu_ids=None, module=False, no_python=False, local_rank_arg=False, log_dir=None,
-        ranks=None, max_restarts=0, env=(), dry_run=False, grace=30.0, run_id="rid", no_color=False,
-        hosts="a,b", hostfile=None, ssh_accept_new_host_keys=False, chdir=None, python="/opt/py/bin/python",
-        stdin="0", agent=False, host_name=None,
-    )
-    base.update(changes)
-    return Options(**base)  # type: ignore[arg-type]
+    return head_options(**{"join_timeout": 600.0, **changes})
 
 
 def host(rank: int, spec: HostSpec, nproc: int | None = None) -> Host:

@@ -3,11 +3,9 @@ processes and real signals (the supervisor is not involved: the tests start the 
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import select
-import shutil
 import signal
 import statistics
 import subprocess
@@ -18,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers_cli import interpreter
 
 from launcher import procfs
 from launcher.snapshot import BOOTSTRAP_DIR, STACK_SIGNAL, STACKS_VARIABLE, ProcessStacks, StackFrame, stacks_variable
@@ -204,19 +203,9 @@ def test_a_bootstrap_that_cannot_arm_leaves_the_script_alone(workers: Workers, v
     assert (done.returncode, done.stdout, done.stderr) == (0, "None False\n", "")
 
 
-def _interpreter(minor: int) -> str | None:
-    """A CPython 3.<minor> on PATH or under pyenv that actually runs (a pyenv shim may not)."""
-    candidates = [shutil.which(f"python3.{minor}") or ""]
-    candidates += sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/3.{minor}.*/bin/python3.{minor}")))
-    for candidate in candidates:
-        if candidate and subprocess.run([candidate, "-c", "pass"], capture_output=True, timeout=30).returncode == 0:
-            return candidate
-    return None
-
-
 @pytest.mark.parametrize("minor", [10, 11, 12, 13])
 def test_the_bootstrap_works_on_each_python(workers: Workers, minor: int) -> None:
-    python = _interpreter(minor)
+    python = interpreter(minor)
     if python is None and not os.environ.get("CI"):  # CI's machine has them all (pyenv): never skip there
         pytest.skip(f"no python3.{minor} here")
     assert python is not None, f"no python3.{minor} on this machine"
