@@ -159,6 +159,14 @@ def _typed_option(name: str, args: list[str]) -> str:
               help="Trust and remember a host key seen for the first time (OpenSSH's accept-new). "
                    "A changed key is always refused.")
 @click.option("--chdir", metavar="DIR", help="With --hosts: the working directory on every host. Default: this one.")
+@click.option("--sync", "sync", is_flag=True,
+              help="With --hosts: first copy this directory to every host (only what changed since the last "
+                   "time) and run the job in that copy: at --chdir DIR if given, else in a per-user cache folder.")
+@click.option("--sync-exclude", "sync_exclude", multiple=True, metavar="PATTERN",
+              help="With --sync: leave out paths matching the glob PATTERN (the whole path or any one part "
+                   "of it, e.g. data or '*.ckpt'); repeatable. Git's ignored files never go.")
+@click.option("--sync-max-size", "sync_max_size", metavar="SIZE",
+              help="With --sync: the most it may copy, e.g. 500M or 4G. Default: 1G.")
 @click.option("--python", "python", metavar="PATH",
               help="With --hosts: the Python on every host. Default: the one running ddplaunch here.")
 @click.option("--stdin", "stdin", default="0", show_default=True, metavar="RANK|none",

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from launcher.options import Options
     from launcher.ship import AgentPlace
     from launcher.ssh import SshTarget
+    from launcher.sync import SyncSource
 
     Shows = Callable[[int, int], bool]  # logs.Printer's per-(rank, stream) terminal filter
 
@@ -208,9 +209,16 @@ def launch_on_hosts(options: Options) -> int:
         print(f"ddplaunch: {note}", file=sys.stderr, flush=True)
     explicit = parse_env_assignments(options.env, gpu_ids_given=options.gpu_ids is not None)
     env = forwarded_env(dict(os.environ), [*head_terminal_env(options, hosts, explicit), *explicit])
+    from launcher.sync import script_for_copy, source_of
+
+    sync = source_of(options, dict(os.environ), os.getcwd())
     workdir = options.chdir or os.getcwd()
+    if sync is not None:
+        options = replace(options, script=script_for_copy(options, sync))
+        workdir = sync.remote_dir
     if options.dry_run:
-        print(render_hosts(options, hosts, env, workdir, stdin_rank), end="")
+        sync_lines = dry_run_sync(options, hosts, sync) if sync is not None else []
+        print(render_hosts(options, hosts, env, workdir, stdin_rank, sync_lines), end="")
         return 0
     if shows is not None and options.log_dir is None:
         from launcher.roles import temp_log_dir
@@ -218,7 +226,21 @@ def launch_on_hosts(options: Options) -> int:
         log_dir, note = temp_log_dir("--redirects keeps output off the terminal")
         print(f"ddplaunch: {note}", file=sys.stderr, flush=True)
         options = replace(options, log_dir=log_dir)
-    return Head(options, hosts, env, workdir, shown_ranks, shows).run()
+    return Head(options, hosts, env, workdir, shown_ranks, shows, sync).run()
+
+
+def dry_run_sync(options: Options, hosts: Sequence[Host], sync: SyncSource) -> list[str]:
+    """What --sync would send to each host: the one part of a dry run that contacts them
+    (over SSH, reading only the record each copy keeps of itself)."""
+    from launcher.head import connect
+    from launcher.sync import dry_run_lines, peek_hosts
+
+    agents = connect(hosts, lambda event: None, accept_new_host_keys=options.ssh_accept_new_host_keys)
+    try:
+        return dry_run_lines(sync, peek_hosts([(h.name, a.open_sftp) for h, a in zip(hosts, agents)], sync))
+    finally:
+        for agent in agents:
+            agent.close()
 
 
 def head_terminal_env(options: Options, hosts: Sequence[Host], explicit: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -294,9 +316,11 @@ def check_for_hosts(options: Options) -> None:
 
 
 def render_hosts(
-    options: Options, hosts: Sequence[Host], env: Sequence[tuple[str, str]], workdir: str, stdin_rank: int | None
+    options: Options, hosts: Sequence[Host], env: Sequence[tuple[str, str]], workdir: str, stdin_rank: int | None,
+    sync_lines: Sequence[str] = (),
 ) -> str:
     lines = [
+        "ddplaunch dry run: nothing was started; the hosts were only read, for --sync (below)." if sync_lines else
         "ddplaunch dry run: nothing was started, no host was contacted.",
         f"job: {len(hosts)} host(s); node rank follows host order; MASTER_ADDR: "
         f"{options.master_addr or 'the first host, as the head reaches it'}; MASTER_PORT: "
@@ -315,4 +339,5 @@ def render_hosts(
     place = place_of(build_agent_zip(), dict(os.environ))
     lines.append("  " + remote_command(pythons_of(options), place, agent_argv(options, hosts[0], len(hosts)), workdir))
     lines.append(f"  (the agent is this ddplaunch's own code, sent once to {place.shown} on each host)")
+    lines += sync_lines
     return "\n".join(lines) + "\n"

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from launcher.logs import Printer
     from launcher.options import Options
     from launcher.supervisor import SignalInbox
+    from launcher.sync import SyncSource
 
 READY_TIMEOUT_S = 60.0  # from connected to "ready": a Python start and a few checks
 CLOSE_TIMEOUT_S = 10.0
@@ -76,8 +77,10 @@ class Head:
         workdir: str,
         shown_ranks: frozenset[int] | None = None,
         shows: Callable[[int, int], bool] | None = None,
+        sync: SyncSource | None = None,
     ) -> None:
         self.options = options
+        self.sync = sync  # --sync: this directory's copy, made on every host before the agents start
         self.shown_ranks = shown_ranks
         self.shows = shows  # --redirects: per (rank, stream), None for every stream
         self.hosts = hosts
@@ -116,6 +119,8 @@ class Head:
                 self.agents[:] = connect(self.hosts, self._post, accept_new_host_keys=accept_new, outlast_s=outlast)
                 self._agent = agent_zip()
                 self._place = place_of(self._agent, dict(os.environ))
+                if self.sync is not None:
+                    self._sync_copies(self.sync, status)
                 self._start_agents()
                 status(f"waiting for {len(self.hosts)} host(s) to be ready")
                 self._await_ready()
@@ -178,6 +183,27 @@ class Head:
             raise LaunchError(f"{len(failed)} of {len(self.hosts)} host(s) cannot run the job; nothing was started:\n"
                               + "\n".join(failed))
         self._shipped.update(h.node_rank for h in hosts)
+
+    def _sync_copies(self, source: SyncSource, status: _Status) -> None:
+        """--sync: every host's copy up to date, in parallel, before any agent starts there; a
+        progress line per host at a terminal, then what changed; one host failing stops all."""
+        from launcher.sync import files, summaries, sync_hosts
+        from launcher.syncplan import human_bytes
+
+        names = ", ".join(h.name for h in self.hosts)
+        print(f"ddplaunch: --sync: {source.root} ({files(len(source.entries))}, {human_bytes(source.total_bytes)}) "
+              f"to {source.shown_dir} on {names}", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        progress, failed = sync_hosts(
+            [(h.name, self.agents[h.node_rank].open_sftp) for h in self.hosts], source,
+            on_tick=lambda states: status.show(["syncing " + source.shown_dir, *(s.line() for s in states)]),
+        )
+        if failed:
+            raise LaunchError(f"{len(failed)} of {len(self.hosts)} host(s) cannot run the job; nothing was started:\n"
+                              + "\n".join(f"  {name}: {why}" for name, why in failed.items()))
+        elapsed = time.monotonic() - started
+        for line in summaries(progress):
+            print(f"ddplaunch: --sync {elapsed:.1f} s: {line}", file=sys.stderr, flush=True)
 
     def _say_pythons(self) -> None:
         """Which Python each host runs, hosts alike on one line; a warning for each whose Python
@@ -517,7 +543,7 @@ class _Status:
         self._text = text
         self._live: Any = None
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> _Status:
         if sys.stderr.isatty():
             from rich.console import Console
 
@@ -525,13 +551,21 @@ class _Status:
             self._live.__enter__()
         else:
             print(f"ddplaunch: {self._text}", file=sys.stderr, flush=True)
-        return self.update
+        return self
 
-    def update(self, text: str) -> None:
+    def __call__(self, text: str) -> None:
+        """A new phase: on the spinner at a terminal, else a line of its own."""
         if self._live is not None:
             self._live.update(text)
         else:
             print(f"ddplaunch: {text}", file=sys.stderr, flush=True)
+
+    def show(self, lines: Sequence[str]) -> None:
+        """Counts that change many times a second (--sync's per host): at a terminal only."""
+        if self._live is not None:
+            from rich.text import Text
+
+            self._live.update(Text("\n".join(lines)))
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:

@@ -39,6 +39,7 @@ def run_command(options: Options) -> int:
 
             code = launch_on_hosts(options)
         else:
+            refuse_sync_without_hosts(options)
             code = launch(options)
     except LaunchError as exc:
         print(f"ddplaunch: error: {exc}", file=sys.stderr, flush=True)
@@ -48,6 +49,18 @@ def run_command(options: Options) -> int:
 
         say_exit(code)
     return code
+
+
+def refuse_sync_without_hosts(options: Options) -> None:
+    """--sync copies to the hosts the head starts; a node started here already runs in this directory."""
+    given = [flag for flag, value in (("--sync", options.sync), ("--sync-exclude", options.sync_exclude),
+                                      ("--sync-max-size", options.sync_max_size)) if value]
+    if given:
+        raise LaunchError(
+            f"{given[0]} copies this directory to the hosts of --hosts or --hostfile; without them the job "
+            "runs here, in this directory. Drop it, or name the hosts with --hosts (on nodes started by hand, "
+            "copy the code there yourself)."
+        )
 
 
 def with_env_resolved(options: Options) -> Options:

@@ -85,6 +85,9 @@ class Options:
     heartbeat_timeout: float | None = None  # None: DEFAULT_HEARTBEAT_TIMEOUT_S
     kill_timeout: float | None = None  # None: DEFAULT_KILL_TIMEOUT_S
     env_file: tuple[str, ...] = ()
+    sync: bool = False
+    sync_exclude: tuple[str, ...] = ()
+    sync_max_size: str | None = None
 
 
 @dataclass(frozen=True)

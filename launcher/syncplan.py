@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
+import posixpath
+import re
+import shlex
 import stat
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -252,3 +256,91 @@ def check_size(entries: Sequence[Entry], cap_bytes: int = DEFAULT_SYNC_MAX_BYTES
         f"{human_bytes(cap_bytes)}. The largest: {shown}. Leave them out with --sync-exclude PATTERN "
         f"(or .gitignore), or raise the cap with --sync-max-size."
     )
+
+
+# -- the host's record of what it holds (pure) -----------------------------------------------------
+
+MANIFEST_NAME = ".ddplaunch-sync.json"  # in the synced directory itself: gone with it, never stale
+MANIFEST_VERSION = 1
+
+
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """The record a host keeps of what it was sent: compact JSON, one row per path."""
+    rows = {
+        path: [r.kind, r.size, r.mtime_ns, r.executable, r.target, r.sha256]
+        for path, r in sorted(manifest.items())
+    }
+    return json.dumps({"version": MANIFEST_VERSION, "files": rows}, separators=(",", ":")).encode()
+
+
+def manifest_from_bytes(data: bytes) -> dict[str, FileRecord]:
+    """A host's record back; anything unreadable counts as an empty one (everything is sent again)."""
+    try:
+        document = json.loads(data)
+        if document.get("version") != MANIFEST_VERSION:
+            return {}
+        return {str(path): _record(row) for path, row in document["files"].items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def _record(row: Sequence[object]) -> FileRecord:
+    kind, size, mtime_ns, executable, target, sha = row
+    if kind not in ("file", "symlink") or not isinstance(size, int) or not isinstance(mtime_ns, int):
+        raise ValueError(row)
+    return FileRecord(
+        "file" if kind == "file" else "symlink", size, mtime_ns, bool(executable),
+        None if target is None else str(target), None if sha is None else str(sha),
+    )
+
+
+def interim_manifest(remote: Manifest, local: Manifest, delta: Delta) -> dict[str, FileRecord]:
+    """What a host may claim while its delta is applied: only the rows that stay as they are.
+    Written before the first change, so a sync cut short leaves no row that lies."""
+    changing = set(delta.send) | set(delta.delete)
+    return {path: local[path] for path in remote if path in local and path not in changing}
+
+
+# -- where the copy goes, and what runs there (pure) ----------------------------------------------
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """--sync-max-size: bytes, or a number with K, M, G or T (binary: 1G is 1 GiB; KiB, MB... too)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if match is None or (match.group(2) == "" and text.strip().upper().endswith("IB")):
+        raise LaunchError(
+            f"--sync-max-size {text!r}: give a size such as 500M, 2G or 1073741824 (bytes; K, M, G, T are "
+            "binary units)."
+        )
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+
+
+def default_remote_dir(cache: str, head_host: str, root: str) -> str:
+    """This directory's copy on a host: one per head host and directory, under the per-user
+    cache (relative to the remote home unless the cache is absolute), readable by its name."""
+    tag = hashlib.sha256(f"{head_host}:{root}".encode()).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{head_host}-{posixpath.basename(root) or 'root'}")
+    return posixpath.join(cache, "sync", f"{name}-{tag}")
+
+
+def script_in_copy(script: str, root: str, synced: Sequence[str]) -> str:
+    """The script's path as the workers on a host see it (relative to the copy); an error when
+    the copy would not hold it, which the host would otherwise report as a missing file."""
+    relative = script
+    if posixpath.isabs(script):
+        relative = posixpath.relpath(script, root)
+        if relative == ".." or relative.startswith("../"):
+            raise LaunchError(
+                f"--sync copies {root} to the hosts, and {script} is outside it. Run ddplaunch from a "
+                "directory that holds the script, or drop --sync and put it at that path on every host."
+            )
+    relative = posixpath.normpath(relative)
+    if relative not in synced and not any(path.startswith(relative.rstrip("/") + "/") for path in synced):
+        raise LaunchError(
+            f"--sync would not send {script}: it is ignored by git, left out by --sync-exclude, or not "
+            f"in {root}. Commit or un-ignore it (git check-ignore -v {shlex.quote(relative)} says why), "
+            "or change --sync-exclude."
+        )
+    return relative
