@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers_sftp import LocalSftp
 from helpers_cli import TOKEN_VARIABLE, Run, processes_with_token, wait_until, write_script
 from launcher.agent import PythonFacts
 from launcher.fanout import preflight_problem, remote_command
@@ -72,39 +73,6 @@ def test_a_python_facts_note_reads_back_and_other_notes_are_not_one() -> None:
     assert PythonFacts.from_note(facts.to_note()) == facts
     assert PythonFacts.from_note("host1 says hello") is None
     assert PythonFacts.from_note("ddplaunch-python {not json") is None
-
-
-class LocalSftp:
-    """paramiko's SFTPClient calls that upload() makes, on this machine; `home` is where a
-    relative path starts, as an SFTP session starts in the remote home. Counts the writes."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.writes = 0
-
-    def _path(self, path: str) -> Path:
-        return self.home / path  # an absolute path stays itself
-
-    def stat(self, path: str) -> os.stat_result:
-        return self._path(path).stat()
-
-    def mkdir(self, path: str, mode: int) -> None:
-        self._path(path).mkdir(mode)
-
-    def open(self, path: str, mode: str) -> LocalFile:
-        self.writes += 1
-        return LocalFile(self._path(path), mode)
-
-    def posix_rename(self, old: str, new: str) -> None:
-        self._path(old).rename(self._path(new))
-
-    def remove(self, path: str) -> None:
-        self._path(path).unlink()
-
-
-class LocalFile(io.FileIO):
-    def set_pipelined(self, pipelined: bool) -> None:
-        pass
 
 
 @pytest.mark.unit
