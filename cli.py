@@ -1,7 +1,7 @@
-"""ddplaunch's command line: the click declarations, then one call to launcher.job.run_command.
+"""ddplaunch's command line: the click declarations, then one call to ddplaunch.job.run_command.
 
-Each option's meaning lives in launcher/: launcher.options (the parsed values and their small
-parsers), launcher.decide (what they mean on this machine), launcher.job (running it).
+Each option's meaning lives in launcher/: ddplaunch.options (the parsed values and their small
+parsers), ddplaunch.decide (what they mean on this machine), ddplaunch.job (running it).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 
 import click
 
-from launcher import __version__
-from launcher.options import DEFAULT_JOIN_TIMEOUT_S, Options, foreign_option_hint
+from ddplaunch import __version__
+from ddplaunch.options import DEFAULT_JOIN_TIMEOUT_S, Options, foreign_option_hint
 
 CONTEXT = {
     "allow_interspersed_args": False,  # everything after SCRIPT belongs to the script
@@ -186,7 +186,7 @@ def command(**params: object) -> None:
       ddplaunch --gpu-ids 0,2,4,6 train.py
       ddplaunch --nproc 2 --dry-run train.py
     """
-    from launcher.job import run_command
+    from ddplaunch.job import run_command
 
     sys.exit(run_command(Options(**params)))  # type: ignore[arg-type]
 
@@ -199,7 +199,7 @@ def main() -> None:
             # A static node imported torch for its store: leave skips the interpreter's slow
             # teardown of it. Only here, in the program's own main: a caller of `command` (a
             # test's CliRunner) keeps its process.
-            from launcher.agent_cli import leave
+            from ddplaunch.agent_cli import leave
 
             leave(0 if done.code is None else done.code if isinstance(done.code, int) else 1)
         raise

@@ -1,7 +1,7 @@
-"""`python -m launcher` is the same as the `ddplaunch` command.
+"""`python -m ddplaunch` is the same as the `ddplaunch` command.
 
-Except as a head's node agent (`--agent` first, as launcher.fanout.agent_argv writes it): the
-host may have nothing but Python, so the agent's flags are read by launcher.agent_cli with the
+Except as a head's node agent (`--agent` first, as ddplaunch.fanout.agent_argv writes it): the
+host may have nothing but Python, so the agent's flags are read by ddplaunch.agent_cli with the
 standard library, and cli.py (click) is never imported. Only the first word decides: an
 `--agent` among a script's own arguments is the script's.
 """
@@ -9,10 +9,10 @@ standard library, and cli.py (click) is never imported. Only the first word deci
 import sys
 
 if sys.argv[1:2] == ["--agent"]:
-    from launcher.agent_cli import main as agent_main
+    from ddplaunch.agent_cli import main as agent_main
 
     agent_main()
 else:
-    from cli import main
+    from ddplaunch.cli import main
 
     main()

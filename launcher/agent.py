@@ -9,7 +9,7 @@ anything is planned; it is never on a command line): a stop becomes the signal i
 to ourselves, so it takes the one path every stop takes; a stack request is read by the
 supervisor's loop, which answers it with a STACKS frame; end of file (the head died, or the
 SSH connection dropped) becomes SIGTERM. The agent of the --stdin rank also gets the head's
-stdin there, a piece at a time (launcher.stdin_relay). From its first ready on, the agent
+stdin there, a piece at a time (ddplaunch.stdin_relay). From its first ready on, the agent
 beats to the head and watches the head's beats (Heartbeat): a head silent for
 --heartbeat-timeout (a network that drops packets closes nothing) is gone, as at end of file.
 """
@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from launcher.frames import (
+from ddplaunch.frames import (
     ATTEMPT_END,
     BLOCK,
     DATA,
@@ -49,13 +49,13 @@ from launcher.frames import (
     encode_ready,
     parse_command,
 )
-from launcher.heartbeat import Metronome, Silence, beat_interval
-from launcher.logs import Printer, Stream
-from launcher.protocol import AttemptEnd, EndKind, StackAnswer
-from launcher.wakepipe import WakePipe
+from ddplaunch.heartbeat import Metronome, Silence, beat_interval
+from ddplaunch.logs import Printer, Stream
+from ddplaunch.protocol import AttemptEnd, EndKind, StackAnswer
+from ddplaunch.wakepipe import WakePipe
 
 if TYPE_CHECKING:
-    from launcher.snapshot import RankSnapshot
+    from ddplaunch.snapshot import RankSnapshot
 
 T = TypeVar("T")
 PYTHON_NOTE = "ddplaunch-python "  # the NOTE before the first READY: which Python runs here (PythonFacts)
@@ -308,7 +308,7 @@ def handshake(
 def receive_env(stdin_fd: int = 0) -> tuple[tuple[str, str], ...]:
     """The workers' --env and forwarded variables: the head's first line, which an agent reads
     before it plans anything (they never travel on a command line)."""
-    from launcher.errors import LaunchError
+    from ddplaunch.errors import LaunchError
 
     command = parse_command(_read_line(stdin_fd, None))
     while command is not None and command[0] == "beat":  # the head may beat before it is ready
@@ -343,7 +343,7 @@ def _readable_before_silence(fd: int, beats: Heartbeat) -> bool:
 
 
 class HeadLink:
-    """The other nodes, through the head (launcher.protocol.Peers): no store, no torch.
+    """The other nodes, through the head (ddplaunch.protocol.Peers): no store, no torch.
 
     A node says how its attempt ended (or that its workers all succeeded) in a frame; the
     head decides the attempt's end for every node, first word wins, and sends it back as
@@ -418,7 +418,7 @@ class HeadLink:
 
     def open_stdin(self, rank: int) -> int:
         """The pipe that `rank` reads in every attempt, fed with the head's stdin."""
-        from launcher.stdin_relay import StdinPipe
+        from ddplaunch.stdin_relay import StdinPipe
 
         return StdinPipe(self._stdin, lambda: self._send(encode(WANT_STDIN, b"", rank))).read_fd
 
@@ -463,7 +463,7 @@ class HeadLink:
 
     def join(self, attempt: int, interrupted: Callable[[], bool]) -> None:
         """Ready again (node 0 with a fresh port, unless one was given); wait for the go."""
-        from launcher.ports import pick_free_port
+        from ddplaunch.ports import pick_free_port
 
         port = pick_free_port() if self._pick_port else self.master_port
         self._send(encode_ready(self.master_addr, port))

@@ -1,6 +1,6 @@
-"""The node agent's command line, read with the standard library only (`python -m launcher --agent ...`).
+"""The node agent's command line, read with the standard library only (`python -m ddplaunch --agent ...`).
 
-A head starts one agent per host (launcher.fanout.agent_argv), on a host that may have nothing
+A head starts one agent per host (ddplaunch.fanout.agent_argv), on a host that may have nothing
 but Python: no click, rich, paramiko or psutil. So the agent's flags are read here, not by
 cli.py, and only the flags a head sends are accepted: the ones it passes on unchanged
 (fanout.PASSED_OPTIONS, PASSED_SWITCHES) and its per-host ones (AGENT_OPTIONS). Every other
@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import MISSING, Field, fields
 from typing import NoReturn
 
-from launcher.errors import LaunchError
-from launcher.fanout import PASSED_OPTIONS, PASSED_SWITCHES
-from launcher.options import Options
+from ddplaunch.errors import LaunchError
+from ddplaunch.fanout import PASSED_OPTIONS, PASSED_SWITCHES
+from ddplaunch.options import Options
 
 # The flags agent_argv writes for each host itself, beside the passed ones.
 AGENT_OPTIONS = ("host_name", "nnodes", "node_rank", "nproc", "gpu_ids", "stall_timeout", "run_id")
@@ -103,7 +103,7 @@ def absent_value(field: Field[object]) -> object:
 
 
 def _annotation(field: Field[object]) -> str:
-    # `from __future__ import annotations` in launcher.options: every annotation is its text
+    # `from __future__ import annotations` in ddplaunch.options: every annotation is its text
     return field.type if isinstance(field.type, str) else field.type.__name__
 
 
@@ -118,12 +118,12 @@ def leave(code: int) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """`python -m launcher --agent ...`: parse, run the agent's job, exit with its code."""
+    """`python -m ddplaunch --agent ...`: parse, run the agent's job, exit with its code."""
     try:
         options = parse_agent_argv(sys.argv[1:] if argv is None else argv)
     except LaunchError as exc:
         print(f"ddplaunch: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
-    from launcher.job import run_command
+    from ddplaunch.job import run_command
 
     leave(run_command(options))

@@ -3,7 +3,7 @@
 Two pump threads per channel post one typed event each time they read (ChannelEvent) onto
 the head's queue; everything else runs on the head's thread, in the order the events came,
 so a channel is closed only after every byte it sent before its exit has been read. Every
-byte from the agent counts as its word (launcher.heartbeat): from its first ready on, an agent
+byte from the agent counts as its word (ddplaunch.heartbeat): from its first ready on, an agent
 silent for the heartbeat timeout is abandoned (a cut network closes nothing by itself).
 """
 
@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from launcher.frames import (
+from ddplaunch.frames import (
     ATTEMPT_END, BEAT_LINE, DATA, END_OF_STREAM, EXIT, READY, Frame, FrameError, FrameReader, decode_exit, decode_ready,
 )
-from launcher.heartbeat import Silence
+from ddplaunch.heartbeat import Silence
 
 READ_BYTES = 1 << 16
 STDERR_TAIL = 20  # lines of the agent's stderr kept to explain an agent that never said ready
@@ -214,7 +214,7 @@ def check_frame(frame: Frame) -> None:
     if frame.kind == READY:
         decode_ready(frame)
     elif frame.kind == ATTEMPT_END:
-        from launcher.protocol import AttemptEnd
+        from ddplaunch.protocol import AttemptEnd
 
         try:
             AttemptEnd.from_text(frame.text)

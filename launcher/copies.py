@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from launcher.logs import Printer, Stream, _open_append, _RankOutput, _write_all, rank_prefixes, terminal_colour
+from ddplaunch.logs import Printer, Stream, _open_append, _RankOutput, _write_all, rank_prefixes, terminal_colour
 
 STREAM_NAMES = {1: "stdout", 2: "stderr"}
 
@@ -67,7 +67,7 @@ def copying_printer(
     log_dir: str,
     shows: Callable[[int, int], bool],
 ) -> CopyingPrinter:
-    """As launcher.logs.terminal_printer, with the copies."""
+    """As ddplaunch.logs.terminal_printer, with the copies."""
     colour = terminal_colour(no_color, os.environ)
     return CopyingPrinter(
         duplicates, log_dir=log_dir, world_ranks=world_ranks, world_size=world_size, colour=colour, shows=shows

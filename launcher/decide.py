@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from launcher.devices import (
+from ddplaunch.devices import (
     DeviceMap,
     Gpu,
     default_device_map,
@@ -21,8 +21,8 @@ from launcher.devices import (
     parse_gpu_ids,
     visible_gpus,
 )
-from launcher.errors import GpuDiscoveryError, LaunchError
-from launcher.options import (
+from ddplaunch.errors import GpuDiscoveryError, LaunchError
+from ddplaunch.options import (
     DEFAULT_GRACE_S,
     DEFAULT_JOIN_TIMEOUT_S,
     SHUTDOWN_TIMEOUT_VARIABLE,
@@ -43,7 +43,7 @@ from launcher.options import (
     split_host_port,
     stall_of,
 )
-from launcher.plan import (
+from ddplaunch.plan import (
     FORWARDED_SIGNALS,
     ROLE_NAME,
     PlanInputs,
@@ -125,7 +125,7 @@ def _python_file(path: str, what: str) -> str:
 
 def _check_module(name: str, pythonpath: str | None) -> None:
     """`-m NAME` must exist where the workers will look; no module is imported to find out."""
-    from launcher.modules import find_module, worker_sys_path
+    from ddplaunch.modules import find_module, worker_sys_path
 
     found = find_module(name, worker_sys_path(os.getcwd(), pythonpath, sys.path))
     if found.verdict == "missing":
@@ -173,14 +173,14 @@ def numa_sets(mode: str | None, nproc: int, facts: Facts, cuda_visible_devices: 
     """--numa-binding: per local rank, the CPUs near its GPU; () when not asked for."""
     if mode is None:
         return ()
-    from launcher.numa import cpus_for_workers  # only with --numa-binding
+    from ddplaunch.numa import cpus_for_workers  # only with --numa-binding
 
     return cpus_for_workers(mode, nproc, facts.gpus, cuda_visible_devices, sysfs=facts.sysfs)
 
 
 def read_terminal(no_color: bool, environ: Mapping[str, str]) -> Terminal | None:
     """The terminal our output reaches (stderr's, where progress bars go, else stdout's), if any."""
-    from launcher.logs import terminal_colour
+    from ddplaunch.logs import terminal_colour
 
     for fd in (2, 1):
         try:
@@ -369,7 +369,7 @@ def check_capacity(nproc: int, cpu_count: int, gpu_count: int, *, force: bool) -
 
 def with_cluster_defaults(options: Options, environ: dict[str, str]) -> tuple[Options, tuple[str, ...]]:
     """Under srun or mpirun, fill the topology flags the user left out; explicit flags win."""
-    from launcher.detect import describe, detect_cluster
+    from ddplaunch.detect import describe, detect_cluster
 
     found = detect_cluster(environ)
     if found is None or found.nnodes is None:

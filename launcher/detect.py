@@ -15,8 +15,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import ClassVar, TypeAlias
 
-from launcher.errors import LaunchError
-from launcher.plan import is_plain_int, tcp_port
+from ddplaunch.errors import LaunchError
+from ddplaunch.plan import is_plain_int, tcp_port
 
 FORCE_VARIABLE = "DDPLAUNCH_CLUSTER"
 FIELDS = ("nnodes", "node_rank", "master_addr", "master_port")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from launcher.errors import GpuDiscoveryError, LaunchError
+from ddplaunch.errors import GpuDiscoveryError, LaunchError
 
 NVIDIA_SMI_QUERY = ("--query-gpu=index,uuid,pci.bus_id", "--format=csv,noheader")
 NVIDIA_SMI_TIMEOUT_S = 20.0

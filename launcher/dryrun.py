@@ -1,13 +1,13 @@
 """`--dry-run`: the plan as text. Pure (plan in, text out), pinned by a golden-file test.
-Secret-looking variables show their length only (launcher.secrets)."""
+Secret-looking variables show their length only (ddplaunch.secrets)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from launcher.options import Stall
-from launcher.plan import Plan
-from launcher.secrets import shown
+from ddplaunch.options import Stall
+from ddplaunch.plan import Plan
+from ddplaunch.secrets import shown
 
 # CUDA_VISIBLE_DEVICES is per worker only with --virtual-local-rank
 PER_WORKER_KEYS = ("LOCAL_RANK", "RANK", "ROLE_RANK", "CUDA_VISIBLE_DEVICES", "TORCHELASTIC_ERROR_FILE")
@@ -82,7 +82,7 @@ def with_cpus_column(
     plan: Plan, header: tuple[str, ...], rows: list[tuple[str, ...]]
 ) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     """--numa-binding: the CPUs each worker starts bound to, in taskset's spelling."""
-    from launcher.numa import format_cpulist
+    from ddplaunch.numa import format_cpulist
 
     cells = [format_cpulist(w.cpus) if w.cpus is not None else "-" for w in plan.workers]
     return (*header, "CPUs"), [(*row, cell) for row, cell in zip(rows, cells)]

@@ -1,6 +1,6 @@
 """An SSH launch, planned: the hosts, what each one runs, which variables cross (pure).
 
-launch_on_hosts turns the options into that plan and hands it to the head (launcher.head),
+launch_on_hosts turns the options into that plan and hands it to the head (ddplaunch.head),
 which connects, starts the agents and shows them all.
 """
 
@@ -14,18 +14,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from launcher.errors import LaunchError
-from launcher.hosts import HostSpec, parse_hosts_flag, read_hostfile
-from launcher.plan import is_plain_int
-from launcher.secrets import shown
+from ddplaunch.errors import LaunchError
+from ddplaunch.hosts import HostSpec, parse_hosts_flag, read_hostfile
+from ddplaunch.plan import is_plain_int
+from ddplaunch.secrets import shown
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from launcher.options import Options
-    from launcher.ship import AgentPlace
-    from launcher.ssh import SshTarget
-    from launcher.sync import SyncSource
+    from ddplaunch.options import Options
+    from ddplaunch.ship import AgentPlace
+    from ddplaunch.ssh import SshTarget
+    from ddplaunch.sync import SyncSource
 
     Shows = Callable[[int, int], bool]  # logs.Printer's per-(rank, stream) terminal filter
 
@@ -165,7 +165,7 @@ def preflight_problem(
 ) -> str:
     """Why an agent ended before saying ready (its exit status, what it printed), in words
     that name the host and the fix."""
-    from launcher.ship import MIN_PYTHON, OLD_PYTHON
+    from ddplaunch.ship import MIN_PYTHON, OLD_PYTHON
 
     said = "\n".join(line for line in printed if line.strip())
     if status == NO_DIR:
@@ -191,10 +191,10 @@ def preflight_problem(
 def launch_on_hosts(options: Options) -> int:
     from dataclasses import replace
 
-    from launcher.decide import grace_of, notes_of, role_of
-    from launcher.head import Head
-    from launcher.options import parse_signals, parse_stdin, stall_of
-    from launcher.plan import parse_env_assignments
+    from ddplaunch.decide import grace_of, notes_of, role_of
+    from ddplaunch.head import Head
+    from ddplaunch.options import parse_signals, parse_stdin, stall_of
+    from ddplaunch.plan import parse_env_assignments
 
     hosts = plan_hosts(options)
     role_of(options)  # checked here once, rather than by every host
@@ -209,7 +209,7 @@ def launch_on_hosts(options: Options) -> int:
         print(f"ddplaunch: {note}", file=sys.stderr, flush=True)
     explicit = parse_env_assignments(options.env, gpu_ids_given=options.gpu_ids is not None)
     env = forwarded_env(dict(os.environ), [*head_terminal_env(options, hosts, explicit), *explicit])
-    from launcher.sync import script_for_copy, source_of
+    from ddplaunch.sync import script_for_copy, source_of
 
     sync = source_of(options, dict(os.environ), os.getcwd())
     workdir = options.chdir or os.getcwd()
@@ -221,7 +221,7 @@ def launch_on_hosts(options: Options) -> int:
         print(render_hosts(options, hosts, env, workdir, stdin_rank, sync_lines), end="")
         return 0
     if shows is not None and options.log_dir is None:
-        from launcher.roles import temp_log_dir
+        from ddplaunch.roles import temp_log_dir
 
         log_dir, note = temp_log_dir("--redirects keeps output off the terminal")
         print(f"ddplaunch: {note}", file=sys.stderr, flush=True)
@@ -232,8 +232,8 @@ def launch_on_hosts(options: Options) -> int:
 def dry_run_sync(options: Options, hosts: Sequence[Host], sync: SyncSource) -> list[str]:
     """What --sync would send to each host: the one part of a dry run that contacts them
     (over SSH, reading only the record each copy keeps of itself)."""
-    from launcher.head import connect
-    from launcher.sync import dry_run_lines, peek_hosts
+    from ddplaunch.head import connect
+    from ddplaunch.sync import dry_run_lines, peek_hosts
 
     agents = connect(hosts, lambda event: None, accept_new_host_keys=options.ssh_accept_new_host_keys)
     try:
@@ -245,8 +245,8 @@ def dry_run_sync(options: Options, hosts: Sequence[Host], sync: SyncSource) -> l
 
 def head_terminal_env(options: Options, hosts: Sequence[Host], explicit: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """The head's terminal, for remote workers: their lines reach it, not the agent's SSH channel."""
-    from launcher.decide import read_terminal
-    from launcher.plan import terminal_env
+    from ddplaunch.decide import read_terminal
+    from ddplaunch.plan import terminal_env
 
     terminal = read_terminal(options.no_color, os.environ)
     given = {*os.environ, *(key for key, _ in explicit)}
@@ -271,8 +271,8 @@ def world_size_of(hosts: Sequence[Host]) -> int | None:
 def head_filter(options: Options, hosts: Sequence[Host]) -> tuple[frozenset[int] | None, Shows | None]:
     """What the head's terminal shows: the global ranks (--ranks, --local-ranks-filter), and per
     stream when --redirects keeps some off it (None: every stream of a shown rank)."""
-    from launcher.decide import terminal_filter
-    from launcher.options import parse_ranks
+    from ddplaunch.decide import terminal_filter
+    from ddplaunch.options import parse_ranks
 
     world = world_size_of(hosts)
     if world is None:
@@ -288,7 +288,7 @@ def head_filter(options: Options, hosts: Sequence[Host]) -> tuple[frozenset[int]
 
 
 def plan_hosts(options: Options) -> list[Host]:
-    from launcher.ssh import resolve_target
+    from ddplaunch.ssh import resolve_target
 
     if options.hosts is not None and options.hostfile is not None:
         raise LaunchError("--hosts and --hostfile both name the hosts; give one of them.")
@@ -334,7 +334,7 @@ def render_hosts(
     lines += ["", "environment forwarded to every remote worker (NCCL_*, TORCH_*, ... and --env):"]
     lines += [f"  {shown(key, value)}" for key, value in env] or ["  (none)"]
     lines += ["", "command run on each host over SSH (node 0 shown; the environment above follows on its stdin):"]
-    from launcher.ship import build_agent_zip, place_of
+    from ddplaunch.ship import build_agent_zip, place_of
 
     place = place_of(build_agent_zip(), dict(os.environ))
     lines.append("  " + remote_command(pythons_of(options), place, agent_argv(options, hosts[0], len(hosts)), workdir))

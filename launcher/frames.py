@@ -7,12 +7,12 @@ lines; first, before the agent plans anything, "env BASE64" (the workers' --env 
 variables as JSON pairs: here, no value is on a command line, where `ps` shows it to every
 user of the host); then "go ADDR PORT" (start an attempt), "end JSON" (the attempt's end,
 decided by the head for every node), "stop SIGNAME", "stacks N" (read every rank's stack and answer request N
-with a STACKS frame, launcher.protocol.StackAnswer's text), and for the --stdin rank's agent "stdin BASE64" (a piece of
+with a STACKS frame, ddplaunch.protocol.StackAnswer's text), and for the --stdin rank's agent "stdin BASE64" (a piece of
 the head's stdin, sent only when that agent asked with WANT_STDIN) and "stdin-eof"; end of
 file means the head is gone, and the agent stops its workers. Each side beats to the other
 every HEARTBEAT_INTERVAL_S (faster for a short timeout), in every phase: the agent a
 HEARTBEAT frame, the head a "beat" line; a side that hears nothing at all for
---heartbeat-timeout calls the other gone (launcher.heartbeat), as at end of file.
+--heartbeat-timeout calls the other gone (ddplaunch.heartbeat), as at end of file.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 The attempt's loop asks (`on_demand`, `before_stop`), tells what it hears (`heard`, and the
 other nodes' requests: `asked`), waits no longer than `due_in()` and then calls `advance()`.
-A capture (launcher.stacks) never blocks the loop: the workers' output keeps flowing while
-their stacks are read. With other nodes (launcher.protocol.StackAsker) a report is job-wide:
+A capture (ddplaunch.stacks) never blocks the loop: the workers' output keeps flowing while
+their stacks are read. With other nodes (ddplaunch.protocol.StackAsker) a report is job-wide:
 this node's ranks, and the others' answers that came within ANSWER_WAIT_S; the SSH head,
 which has no ranks of its own, makes only that second half. What a report says is
-launcher.stackreport's; where its full-stacks file goes is decided here.
+ddplaunch.stackreport's; where its full-stacks file goes is decided here.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from launcher.options import Stall
+from ddplaunch.options import Stall
 
 if TYPE_CHECKING:
-    from launcher.logs import Printer
-    from launcher.protocol import StackAsker
-    from launcher.snapshot import RankSnapshot
-    from launcher.stacks import Target
+    from ddplaunch.logs import Printer
+    from ddplaunch.protocol import StackAsker
+    from ddplaunch.snapshot import RankSnapshot
+    from ddplaunch.stacks import Target
 
 STALL_GAP_S = 1.0  # between a stall report's two snapshots, to tell a stuck rank from a slow one
 FAILURE_CAPTURE_S = 0.5  # the most a failure's stop waits for the others' stacks
@@ -67,7 +67,7 @@ class Finished:
 
 
 class Capture(Protocol):
-    """One reading of this node's ranks (launcher.stacks.StackCapture)."""
+    """One reading of this node's ranks (ddplaunch.stacks.StackCapture)."""
 
     def start(self) -> None: ...
 
@@ -160,8 +160,8 @@ class StackReporter:
         """Import what a capture and its report need while the workers start (they take far
         longer than this), so a failure's stop does not wait for the imports."""
         if self._stack_dir is not None:
-            import launcher.stackreport
-            import launcher.stacks  # noqa: F401
+            import ddplaunch.stackreport
+            import ddplaunch.stacks  # noqa: F401
 
     def before_stop(self, reason: str) -> bool:
         """Read the other ranks' stacks before they are stopped; False: nothing to read (stop now)."""
@@ -294,7 +294,7 @@ class StackReporter:
         return Finished("stall", snapshots, report.reason) if report.purpose == "stall" and self._stall.stop else None
 
     def _stack_capture(self, targets: list[Target], timeout_s: float | None) -> Capture:
-        from launcher.stacks import DEFAULT_TIMEOUT_S, StackCapture
+        from ddplaunch.stacks import DEFAULT_TIMEOUT_S, StackCapture
 
         timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
         return StackCapture(targets, self._stack_dir, timeout_s=timeout_s, clock=self._clock)
@@ -302,7 +302,7 @@ class StackReporter:
     def _show(
         self, snapshots: Sequence[RankSnapshot], reason: str, earlier: Sequence[RankSnapshot], unanswered: Sequence[str]
     ) -> None:
-        from launcher.stackreport import render_details, render_report
+        from ddplaunch.stackreport import render_details, render_report
 
         self._count += 1
         path = self._write_details(render_details(snapshots, reason=reason, earlier=earlier))

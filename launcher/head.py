@@ -2,14 +2,14 @@
 
 Life cycle: connect to every host at once; start the agents (the workers' variables go to
 each as its first stdin line, never on its command line). An agent is the head's own code,
-shipped (launcher.ship): a host whose cache lacks this version's zip says so, the head sends
+shipped (ddplaunch.ship): a host whose cache lacks this version's zip says so, the head sends
 it to every host not ready yet, over the open connections, and starts those agents again.
 Each agent checks its host (working directory, interpreter, script), says which Python it
 runs and says ready, node 0 with its address and a free port; only when every host is ready
 does the head name each host's Python (warning of one without torch) and say go, so a bad
 host starts nothing anywhere. Then the agents run, their frames come back over SSH and one
 printer shows every rank's lines. The head links the nodes (no store, so agents never import torch): the first
-node to report how an attempt ended speaks for all (launcher.protocol.Referee decides), and
+node to report how an attempt ended speaks for all (ddplaunch.protocol.Referee decides), and
 the head tells every node at once; restarts start when every node is ready again. Ctrl-C
 here becomes a stop sent to every agent; a host whose connection drops stops its own
 workers (its agent reads end of file) and the head ends the attempt for the others. A
@@ -18,9 +18,9 @@ other every HEARTBEAT_INTERVAL_S (faster for a short timeout; the head's from a 
 a loop held up on the terminal still beats): a host silent for --heartbeat-timeout after its
 first ready is lost the same way (its session is dropped, the others are stopped), and an
 agent that hears nothing from the head for as long stops its own workers. The head's stdin
-goes to the --stdin rank's agent, a piece each time it asks (launcher.stdin_relay).
+goes to the --stdin rank's agent, a piece each time it asks (ddplaunch.stdin_relay).
 Stack reports are job-wide and the head's: SIGQUIT, or a stall of the whole job's output
-(the head sees every line), asks every agent for its ranks' stacks (launcher.headstacks)
+(the head sees every line), asks every agent for its ranks' stacks (ddplaunch.headstacks)
 and prints one report; --stall-action stop then ends the attempt everywhere as "stalled".
 """
 
@@ -36,31 +36,31 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from launcher.agent import PythonFacts, replay
-from launcher.channel import AgentChannel, ChannelEvent
-from launcher.errors import Interrupted, LaunchError
-from launcher.fanout import (
+from ddplaunch.agent import PythonFacts, replay
+from ddplaunch.channel import AgentChannel, ChannelEvent
+from ddplaunch.errors import Interrupted, LaunchError
+from ddplaunch.fanout import (
     NO_AGENT, Host, agent_argv, prefixed_world_size, preflight_problem, python_of, pythons_of, remote_command,
 )
-from launcher.frames import (
+from ddplaunch.frames import (
     ATTEMPT_END, HEARTBEAT, NOTE, OVER, READY, STACKS, SUCCEEDED, WANT_STDIN, Frame, decode_ready, end_line, env_line,
     go_line,
 )
-from launcher.headstacks import AgentStacks, HeadReports
-from launcher.heartbeat import beat_interval
-from launcher.inputs import sooner
-from launcher.options import HEARTBEAT_INTERVAL_S, heartbeat_timeout_of
-from launcher.protocol import NOT_A_NODE, AttemptEnd, Referee, job_exit_code
-from launcher.secrets import redact
-from launcher.ship import AgentPlace, AgentZip, build_agent_zip, build_in_background, place_of, upload_all
-from launcher.stdin_relay import ForwardedStdin
-from launcher.wakepipe import WakePipe
+from ddplaunch.headstacks import AgentStacks, HeadReports
+from ddplaunch.heartbeat import beat_interval
+from ddplaunch.inputs import sooner
+from ddplaunch.options import HEARTBEAT_INTERVAL_S, heartbeat_timeout_of
+from ddplaunch.protocol import NOT_A_NODE, AttemptEnd, Referee, job_exit_code
+from ddplaunch.secrets import redact
+from ddplaunch.ship import AgentPlace, AgentZip, build_agent_zip, build_in_background, place_of, upload_all
+from ddplaunch.stdin_relay import ForwardedStdin
+from ddplaunch.wakepipe import WakePipe
 
 if TYPE_CHECKING:
-    from launcher.logs import Printer
-    from launcher.options import Options
-    from launcher.supervisor import SignalInbox
-    from launcher.sync import SyncSource
+    from ddplaunch.logs import Printer
+    from ddplaunch.options import Options
+    from ddplaunch.supervisor import SignalInbox
+    from ddplaunch.sync import SyncSource
 
 READY_TIMEOUT_S = 60.0  # from connected to "ready": a Python start and a few checks
 CLOSE_TIMEOUT_S = 10.0
@@ -108,8 +108,8 @@ class Head:
         self._stopped_waiting: set[int] = set()  # node ranks told to stop waiting for a go
 
     def run(self) -> int:
-        from launcher.options import parse_signals
-        from launcher.supervisor import SignalInbox, SignalPlan
+        from ddplaunch.options import parse_signals
+        from ddplaunch.supervisor import SignalInbox, SignalPlan
 
         try:
             with _Status(f"connecting to {len(self.hosts)} host(s)") as status:
@@ -187,8 +187,8 @@ class Head:
     def _sync_copies(self, source: SyncSource, status: _Status) -> None:
         """--sync: every host's copy up to date, in parallel, before any agent starts there; a
         progress line per host at a terminal, then what changed; one host failing stops all."""
-        from launcher.sync import files, summaries, sync_hosts
-        from launcher.syncplan import human_bytes
+        from ddplaunch.sync import files, summaries, sync_hosts
+        from ddplaunch.syncplan import human_bytes
 
         names = ", ".join(h.name for h in self.hosts)
         print(f"ddplaunch: --sync: {source.root} ({files(len(source.entries))}, {human_bytes(source.total_bytes)}) "
@@ -267,7 +267,7 @@ class Head:
     # -- phase 2: supervise -------------------------------------------------------------------------
 
     def _supervise(self, inbox: SignalInbox) -> int:
-        from launcher.logs import terminal_printer
+        from ddplaunch.logs import terminal_printer
 
         printer = terminal_printer(
             no_color=self.options.no_color,
@@ -323,7 +323,7 @@ class Head:
             agent.tell(f"stop {name}\n".encode())
 
     def _exit_code(self, printer: Printer) -> int:
-        from launcher.options import STALL_EXIT_CODE
+        from ddplaunch.options import STALL_EXIT_CODE
 
         lost = [h for h in self.hosts if self.agents[h.node_rank].lost]
         for host in lost:
@@ -351,7 +351,7 @@ class Head:
 
     def _stop_for_stall(self, reason: str, printer: Printer) -> None:
         """--stall-action stop: the attempt ends as "stalled" on every host; no restart."""
-        from launcher.options import STALL_EXIT_CODE
+        from ddplaunch.options import STALL_EXIT_CODE
 
         self._stalled = reason
         printer.note(f"the job stalled ({reason}): stopping the workers on every host, as --stall-action stop asks")
@@ -501,8 +501,8 @@ class _Beats:
 
 
 def _head_reports(options: Options, hosts: Sequence[Host], agents: Sequence[AgentChannel]) -> HeadReports:
-    from launcher.job import ReportDir
-    from launcher.options import stall_of
+    from ddplaunch.job import ReportDir
+    from ddplaunch.options import stall_of
 
     return HeadReports(AgentStacks([h.name for h in hosts], agents), stall_of(options), ReportDir(options.log_dir))
 
@@ -510,10 +510,10 @@ def _head_reports(options: Options, hosts: Sequence[Host], agents: Sequence[Agen
 def connect(
     hosts: Sequence[Host], post: Callable[[ChannelEvent], None], *, accept_new_host_keys: bool, outlast_s: float = 0.0,
 ) -> list[AgentChannel]:
-    """Every host at once, or none (launcher.ssh.connect_all); one channel per host, by node rank.
+    """Every host at once, or none (ddplaunch.ssh.connect_all); one channel per host, by node rank.
     TCP gives up on a silent link no sooner than `outlast_s`: the heartbeat, which names the
     host, has the first word."""
-    from launcher.ssh import DEAD_LINK_S, connect_all
+    from ddplaunch.ssh import DEAD_LINK_S, connect_all
 
     dead_link_s = max(DEAD_LINK_S, outlast_s)
 

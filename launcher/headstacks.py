@@ -1,6 +1,6 @@
 """The SSH head's stack reports: job-wide, from the agents' answers (the head runs no rank).
 
-HeadReports keeps one StackReporter (launcher.hangs) per attempt, from its go until its end
+HeadReports keeps one StackReporter (ddplaunch.hangs) per attempt, from its go until its end
 is told: SIGQUIT asks for a report, a stall of the whole job's output gets one. A report
 asks through AgentStacks, which sends "stacks N" to every running agent; each agent's STACKS
 frame comes back through `took`; `stack_answers` says what came and which hosts still owe one.
@@ -12,20 +12,20 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from launcher.frames import stacks_line
-from launcher.hangs import StackReporter
-from launcher.options import Stall
-from launcher.protocol import StackAnswer
+from ddplaunch.frames import stacks_line
+from ddplaunch.hangs import StackReporter
+from ddplaunch.options import Stall
+from ddplaunch.protocol import StackAnswer
 
 if TYPE_CHECKING:
-    from launcher.logs import Printer
-    from launcher.snapshot import RankSnapshot
+    from ddplaunch.logs import Printer
+    from ddplaunch.snapshot import RankSnapshot
 
 KEPT_REQUESTS = 2  # a stall report's two requests; an answer to an older one is dropped
 
 
 class Agent(Protocol):
-    """What the asking needs of an agent's channel (launcher.channel.AgentChannel)."""
+    """What the asking needs of an agent's channel (ddplaunch.channel.AgentChannel)."""
 
     node_rank: int
 

@@ -1,6 +1,6 @@
 """How long a peer has said nothing, and when it is gone (pure: the clock is injected).
 
-The SSH head and each agent beat to each other every HEARTBEAT_INTERVAL_S (launcher.options;
+The SSH head and each agent beat to each other every HEARTBEAT_INTERVAL_S (ddplaunch.options;
 faster for a short timeout: beat_interval) and count every byte from the other side as its
 word. A packet-dropping network closes no connection (TCP gives up only after minutes, or
 after the head's dead-link timeout with data unanswered), so silence is the only sign: a
@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from launcher.options import HEARTBEAT_INTERVAL_S
+from ddplaunch.options import HEARTBEAT_INTERVAL_S
 
 BEATS_PER_TIMEOUT = 4  # a timeout shorter than 4 intervals beats faster: jitter is not silence
 

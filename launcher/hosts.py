@@ -11,9 +11,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from launcher.devices import is_gpu_id
-from launcher.errors import LaunchError
-from launcher.plan import is_plain_int, tcp_port
+from ddplaunch.devices import is_gpu_id
+from ddplaunch.errors import LaunchError
+from ddplaunch.plan import is_plain_int, tcp_port
 
 HOSTFILE_LINE = "`HOST [slots=N] [gpus=I,J]`"
 _HOSTS_FORMS = (

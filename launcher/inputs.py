@@ -11,8 +11,8 @@ import os
 import selectors
 from dataclasses import dataclass
 
-from launcher.logs import Printer, Stream
-from launcher.workers import Pipes
+from ddplaunch.logs import Printer, Stream
+from ddplaunch.workers import Pipes
 
 READ_CHUNK = 1 << 16
 

@@ -1,7 +1,7 @@
 """The command line's job, from parsed options to an exit code, the same in every node mode.
 
-`run_command` is what `ddplaunch` does: an SSH launch goes to the head (launcher.fanout);
-anything else is this node's launch: decide, let the node's role (launcher.roles) prepare
+`run_command` is what `ddplaunch` does: an SSH launch goes to the head (ddplaunch.fanout);
+anything else is this node's launch: decide, let the node's role (ddplaunch.roles) prepare
 and connect, then run attempts under the supervisor until the job ends.
 """
 
@@ -11,14 +11,14 @@ import os
 import sys
 from dataclasses import replace
 
-from launcher.decide import Decision, decide, gather_facts
-from launcher.errors import Interrupted, LaunchError
-from launcher.limits import ensure_descriptors
-from launcher.logs import PRIVATE_DIR
-from launcher.options import Options, heartbeat_timeout_of, kill_timeout_of
-from launcher.plan import Plan, build_plan, is_plain_int
-from launcher.roles import Role, role_for
-from launcher.stdin import keep_stdin_open
+from ddplaunch.decide import Decision, decide, gather_facts
+from ddplaunch.errors import Interrupted, LaunchError
+from ddplaunch.limits import ensure_descriptors
+from ddplaunch.logs import PRIVATE_DIR
+from ddplaunch.options import Options, heartbeat_timeout_of, kill_timeout_of
+from ddplaunch.plan import Plan, build_plan, is_plain_int
+from ddplaunch.roles import Role, role_for
+from ddplaunch.stdin import keep_stdin_open
 
 DRY_RUN_ERROR_DIR = "$TMPDIR/ddplaunch-<pid>"  # a real run makes a private directory there
 
@@ -26,7 +26,7 @@ DRY_RUN_ERROR_DIR = "$TMPDIR/ddplaunch-<pid>"  # a real run makes a private dire
 def run_command(options: Options) -> int:
     """Everything `ddplaunch ...` does; a mistake is one paragraph on stderr and exit 2."""
     if options.agent:
-        from launcher.agent import say_hello
+        from ddplaunch.agent import say_hello
 
         say_hello()
     keep_stdin_open()
@@ -35,7 +35,7 @@ def run_command(options: Options) -> int:
         heartbeat_timeout_of(options)  # each checked once, before anything starts
         kill_timeout_of(options)
         if options.hosts is not None or options.hostfile is not None:
-            from launcher.fanout import launch_on_hosts
+            from ddplaunch.fanout import launch_on_hosts
 
             code = launch_on_hosts(options)
         else:
@@ -45,7 +45,7 @@ def run_command(options: Options) -> int:
         print(f"ddplaunch: error: {exc}", file=sys.stderr, flush=True)
         code = exc.exit_code
     if options.agent:
-        from launcher.agent import say_exit
+        from ddplaunch.agent import say_exit
 
         say_exit(code)
     return code
@@ -66,10 +66,10 @@ def refuse_sync_without_hosts(options: Options) -> None:
 def with_env_resolved(options: Options) -> Options:
     """--env-file and --env, read and resolved once, here; from then on `options.env` holds
     KEY=VALUE only. An agent gets them so from its head, on stdin: never on a command line."""
-    from launcher.plan import resolve_env
+    from ddplaunch.plan import resolve_env
 
     if options.agent:
-        from launcher.agent import receive_env
+        from ddplaunch.agent import receive_env
 
         pairs = receive_env()
     else:
@@ -116,7 +116,7 @@ def launch(options: Options) -> int:
     try:
         stack_dir = None
         if prepared.stack_bootstrap:
-            from launcher.snapshot import prepare_bootstrap
+            from ddplaunch.snapshot import prepare_bootstrap
 
             prepare_bootstrap(private)  # run from a zip (a shipped agent), the bootstrap is written out there
             stack_dir = os.path.join(private, "stacks")
@@ -129,9 +129,9 @@ def launch(options: Options) -> int:
 
 
 def show_dry_run(decision: Decision, error_dir: str | None, options: Options) -> int:
-    from launcher.dryrun import render_plan, stacks_line, terminal_line
-    from launcher.roles import quit_reports
-    from launcher.ports import pick_free_port
+    from ddplaunch.dryrun import render_plan, stacks_line, terminal_line
+    from ddplaunch.roles import quit_reports
+    from ddplaunch.ports import pick_free_port
 
     inputs = decision.inputs
     port = inputs.master_port or pick_free_port()
@@ -157,8 +157,8 @@ def run(
 ) -> int:
     """Attempts until the job ends; returns its exit code. `temp_dir`: the job's private
     folder (removed by the caller, or by the guard if this launcher is killed)."""
-    from launcher.report import finish
-    from launcher.supervisor import SignalPlan, StackSettings, run_job
+    from ddplaunch.report import finish
+    from ddplaunch.supervisor import SignalPlan, StackSettings, run_job
 
     peers, inputs = role.connect(replace(decision.inputs, error_dir=error_dir, stack_dir=stack_dir))
 

@@ -11,7 +11,7 @@ EMFILE in the middle of starting, so:
 - `ensure_descriptors` raises the soft limit up to the hard one when that is enough (as Go's
   runtime does at start), else raises LaunchError naming both limits and `ulimit -n`;
 - the workers get the soft limit back (`original_limit`, around each spawn in
-  launcher.workers), so a script sees the limit it would see under torchrun.
+  ddplaunch.workers), so a script sees the limit it would see under torchrun.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from launcher.errors import LaunchError
+from ddplaunch.errors import LaunchError
 
 PER_WORKER_PIPES = 2  # the read ends of its stdout and stderr
 PER_WORKER_LOG = 1  # its rankN.log, open for the whole attempt

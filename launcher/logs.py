@@ -16,8 +16,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Literal
 
-from launcher.live import LiveArea, is_terminal, same_terminal, terminal_size
-from launcher.secrets import scrub
+from ddplaunch.live import LiveArea, is_terminal, same_terminal, terminal_size
+from ddplaunch.secrets import scrub
 
 Stream = Literal[1, 2]  # the worker's stdout or stderr, as file descriptor numbers
 STREAMS: tuple[Stream, Stream] = (1, 2)
@@ -135,7 +135,7 @@ def colour_enabled(no_color_flag: bool, environ: Mapping[str, str], fd: int) -> 
 
 def terminal_colour(no_color_flag: bool, environ: Mapping[str, str]) -> bool:
     """Colour for this launch: the launcher's own prefixes, and workers told they may colour
-    (launcher.plan.terminal_env). Only when both stdout and stderr are terminals."""
+    (ddplaunch.plan.terminal_env). Only when both stdout and stderr are terminals."""
     return colour_enabled(no_color_flag, environ, 1) and colour_enabled(no_color_flag, environ, 2)
 
 
@@ -255,7 +255,7 @@ class Printer:
     """The one owner of the terminal: worker lines, the launcher's notes, the report.
 
     At a terminal, each rank's unfinished line (a progress bar, a prompt) lives in a live area
-    at the bottom (launcher.live) and whole lines scroll above it. Elsewhere (a file, a pipe,
+    at the bottom (ddplaunch.live) and whole lines scroll above it. Elsewhere (a file, a pipe,
     CI) a progress line's updates are thinned to one per THIN_S per rank and stream; its last
     state comes out when its line ends. Whole lines are never thinned.
     """
@@ -413,7 +413,7 @@ class Printer:
         """An event for launcher.log only (when --log-dir is set)."""
         if self._launcher_log is not None:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-            self._to_files(_write_all, self._launcher_log, f"{stamp} {scrub(text)}\n".encode())  # launcher.secrets: no token in a file
+            self._to_files(_write_all, self._launcher_log, f"{stamp} {scrub(text)}\n".encode())  # ddplaunch.secrets: no token in a file
 
     def block(self, text: str) -> None:
         """A pre-rendered block (the failure report) to stderr, and to launcher.log."""

@@ -2,7 +2,7 @@
 
 torch finds a GPU's PCI device through torch.cuda and applies the set with numactl. Here
 nvidia-smi's bus id names the device in sysfs, and WorkerTree.spawn starts each worker already
-bound (launcher.workers), so neither torch nor numactl is needed. `read_topology` reads sysfs
+bound (ddplaunch.workers), so neither torch nor numactl is needed. `read_topology` reads sysfs
 once; `cpus_of` applies torch's rules to what it read, and is pure:
 
 - node: the usable CPUs of the GPU's NUMA node (numa_node -1, as one-node machines often
@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from launcher.devices import Gpu, visible_gpus
-from launcher.errors import LaunchError
+from ddplaunch.devices import Gpu, visible_gpus
+from ddplaunch.errors import LaunchError
 
 Mode = Literal["node", "socket", "exclusive", "core-complex"]
 MODES: tuple[Mode, ...] = ("node", "socket", "exclusive", "core-complex")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 
-from launcher.errors import LaunchError
-from launcher.plan import FORWARDED_SIGNALS, is_plain_int
+from ddplaunch.errors import LaunchError
+from ddplaunch.plan import FORWARDED_SIGNALS, is_plain_int
 
 DEFAULT_GRACE_S = 30.0
 # A stall report comes before torch's own collective timeouts end the job (NCCL's is 10 min,

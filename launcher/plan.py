@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from launcher.devices import DeviceMap
-from launcher.errors import LaunchError
-from launcher.secrets import hidden, looks_secret, shown
-from launcher.snapshot import STACK_SIGNAL, STACKS_VARIABLE, bootstrap_dir, stacks_variable
+from ddplaunch.devices import DeviceMap
+from ddplaunch.errors import LaunchError
+from ddplaunch.secrets import hidden, looks_secret, shown
+from ddplaunch.snapshot import STACK_SIGNAL, STACKS_VARIABLE, bootstrap_dir, stacks_variable
 
 ProgramKind = Literal["script", "module", "exec", "run-path"]
 
@@ -159,7 +159,7 @@ class Plan:
     common_env: Mapping[str, str]
     base_env: Mapping[str, str]
     stdin_rank: int | None = 0  # job-wide; it may be on another node
-    stack_dir: str | None = None  # the stack bootstrap's directory (launcher.snapshot); None: off
+    stack_dir: str | None = None  # the stack bootstrap's directory (ddplaunch.snapshot); None: off
 
     @property
     def stdin_worker(self) -> Worker | None:
@@ -443,7 +443,7 @@ def terminal_env(terminal: Terminal | None, world_size: int, given: Set[str]) ->
 
 
 def prefix_width(world_size: int) -> int:
-    """Columns of the rank prefix `N | ` as launcher.logs.rank_prefixes draws it."""
+    """Columns of the rank prefix `N | ` as ddplaunch.logs.rank_prefixes draws it."""
     return len(str(max(0, world_size - 1))) + 3
 
 

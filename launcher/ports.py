@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from launcher.errors import LaunchError
+from ddplaunch.errors import LaunchError
 
 
 def pick_free_port() -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from launcher.snapshot import ProcessState
+from ddplaunch.snapshot import ProcessState
 
 _STATES: dict[str, ProcessState] = {
     "R": "running", "S": "sleeping", "D": "uninterruptible", "T": "stopped", "t": "stopped",

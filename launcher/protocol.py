@@ -1,7 +1,7 @@
 """The attempt protocol every multi-node mode shares (pure: no I/O, no torch).
 
 How an attempt ended (AttemptEnd), the other nodes as one node's supervisor sees them
-(Peers: a TCPStore in launcher.rendezvous, the SSH head in launcher.agent), and the SSH
+(Peers: a TCPStore in ddplaunch.rendezvous, the SSH head in ddplaunch.agent), and the SSH
 head's referee, which decides each attempt's end for every node from what the nodes say.
 A job-wide stack report asks the other nodes for their ranks' stacks (StackAsker) under a
 request number; each node answers it with a StackAnswer.
@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, get_args
 
-from launcher.snapshot import RankSnapshot
+from ddplaunch.snapshot import RankSnapshot
 
 # "lost": the SSH head lost a host's agent; "silent": a static node's launcher is gone (its
-# line to node 0 closed, or nothing came for --heartbeat-timeout): launcher.lifeline
+# line to node 0 closed, or nothing came for --heartbeat-timeout): ddplaunch.lifeline
 EndKind = Literal["success", "failed", "stopped", "stalled", "error", "lost", "silent"]
 END_KINDS: tuple[EndKind, ...] = get_args(EndKind)
 
@@ -89,7 +89,7 @@ class StackAsker(Protocol):
 
 
 class Peers(StackAsker, Protocol):
-    """The other nodes of a multi-node job (launcher.rendezvous.NodeLink, launcher.agent.HeadLink).
+    """The other nodes of a multi-node job (ddplaunch.rendezvous.NodeLink, ddplaunch.agent.HeadLink).
 
     Besides the attempt's end they carry stack requests: `stack_requests` are the numbers
     another node (or the head) asked under since the last call, `answer_stacks` answers one.

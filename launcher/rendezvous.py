@@ -11,7 +11,7 @@ its request's number N, every other node's watcher sees the count move within a 
 wakes its loop, which reads its ranks and sets `ddplaunch/stacks/N/<node rank>`; the asker
 looks for those keys from its own loop, and names the nodes whose key did not come in time.
 
-Whether the other launchers are alive does not ride on the store (launcher.lifeline says why):
+Whether the other launchers are alive does not ride on the store (ddplaunch.lifeline says why):
 each node holds a plain TCP line to node 0's launcher, whose port node 0 puts in the store. A
 node whose launcher died (its line closed) or went silent (--heartbeat-timeout without a beat)
 ends the attempt as "silent", named as the root cause on every node; node 0 writes it to the
@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from launcher.errors import LaunchError
-from launcher.lifeline import Gone, Lifeline
-from launcher.protocol import AttemptEnd, EndKind, StackAnswer
-from launcher.snapshot import RankSnapshot
-from launcher.wakepipe import WakePipe
+from ddplaunch.errors import LaunchError
+from ddplaunch.lifeline import Gone, Lifeline
+from ddplaunch.protocol import AttemptEnd, EndKind, StackAnswer
+from ddplaunch.snapshot import RankSnapshot
+from ddplaunch.wakepipe import WakePipe
 
 TCPStore = Any  # torch.distributed.TCPStore, which torch's type hints do not export
 
@@ -99,7 +99,7 @@ def shape_mismatch(mine: JobShape, host: JobShape, run_id_given: bool) -> str | 
 
 
 def stacks_key(request: int, node_rank: int) -> str:
-    """Where a node answers a stack request (launcher.protocol.StackAnswer's text)."""
+    """Where a node answers a stack request (ddplaunch.protocol.StackAnswer's text)."""
     return PREFIX + f"stacks/{request}/{node_rank}"
 
 

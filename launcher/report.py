@@ -11,12 +11,12 @@ import signal
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from launcher.secrets import scrub
-from launcher.supervisor import AttemptResult, JobResult, Unkillable, WorkerProcess, describe_exit, signal_name
+from ddplaunch.secrets import scrub
+from ddplaunch.supervisor import AttemptResult, JobResult, Unkillable, WorkerProcess, describe_exit, signal_name
 
 if TYPE_CHECKING:
-    from launcher.logs import Printer
-    from launcher.plan import Plan
+    from ddplaunch.logs import Printer
+    from ddplaunch.plan import Plan
 
 OOM_HINT = "killed, possibly out of memory (SIGKILL)"
 UNKILLABLE_HINT = "the machine may need its GPU reset or a reboot"
@@ -104,7 +104,7 @@ def render_failure(
         lines.append(f"  {dim}other workers:{reset}")
         lines.extend(f"    {other_worker_line(w, (raised or {}).get(w.spec.global_rank))}" for w in others)
     if result.others_at_failure:
-        from launcher.stackreport import render_others
+        from ddplaunch.stackreport import render_others
 
         lines.extend(render_others(result.others_at_failure, colour=colour))
     lines.append(f"{red}{'━' * width}{reset}")

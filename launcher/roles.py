@@ -8,7 +8,7 @@
 
 A role answers five questions: what to do before the first worker may start (`prepare`),
 who the other nodes are (`connect`), where each attempt meets (`address`), what the --stdin
-rank reads (`stdin`), and who shows what (`printer`, `say`, `announce`). `launcher.job` asks
+rank reads (`stdin`), and who shows what (`printer`, `say`, `announce`). `ddplaunch.job` asks
 them and branches on nothing.
 """
 
@@ -19,17 +19,17 @@ import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
-from launcher.decide import Decision, Facts
-from launcher.errors import Interrupted, LaunchError
-from launcher.logs import Printer, terminal_printer
-from launcher.options import Options, heartbeat_timeout_of, kill_timeout_of
-from launcher.plan import Plan, PlanInputs
-from launcher.report import joined_line, start_line
+from ddplaunch.decide import Decision, Facts
+from ddplaunch.errors import Interrupted, LaunchError
+from ddplaunch.logs import Printer, terminal_printer
+from ddplaunch.options import Options, heartbeat_timeout_of, kill_timeout_of
+from ddplaunch.plan import Plan, PlanInputs
+from ddplaunch.report import joined_line, start_line
 
 if TYPE_CHECKING:
-    from launcher.agent import HeadLink, Heartbeat
-    from launcher.rendezvous import NodeLink
-    from launcher.protocol import Peers
+    from ddplaunch.agent import HeadLink, Heartbeat
+    from ddplaunch.rendezvous import NodeLink
+    from ddplaunch.protocol import Peers
 
 
 class Role(Protocol):
@@ -62,7 +62,7 @@ class Local:
         decision = self.decision
         inputs = decision.inputs
         if decision.port_given and decision.node_rank_given and inputs.node_rank == 0:
-            from launcher.ports import check_port_free
+            from ddplaunch.ports import check_port_free
 
             check_port_free(inputs.master_port)
         if self.options.local_addr is not None:
@@ -78,7 +78,7 @@ class Local:
         """Node 0's address and port for the next attempt."""
         if self.decision.port_given:
             return inputs.master_addr, inputs.master_port
-        from launcher.ports import pick_free_port
+        from ddplaunch.ports import pick_free_port
 
         return inputs.master_addr, pick_free_port()
 
@@ -86,7 +86,7 @@ class Local:
         """The launcher's own stdin, when the --stdin rank is on this node (else /dev/null)."""
         if first.stdin_worker is None:
             return None
-        from launcher.stdin import launcher_stdin
+        from ddplaunch.stdin import launcher_stdin
 
         return launcher_stdin(first.stdin_worker.global_rank, printer.note)
 
@@ -94,7 +94,7 @@ class Local:
         decision, ranks, no_color = self.decision, [w.global_rank for w in first.workers], self.options.no_color
         shows = decision.terminal.shows
         if decision.log_dir is not None and any(decision.duplicates):
-            from launcher.copies import copying_printer
+            from ddplaunch.copies import copying_printer
 
             return copying_printer(
                 decision.duplicates, no_color=no_color, world_ranks=ranks, world_size=first.world_size,
@@ -123,7 +123,7 @@ class StaticNode(Local):
 
     def _join(self, inputs: PlanInputs) -> NodeLink:
         """Returns once every node has joined; a node that never comes is named."""
-        from launcher.rendezvous import JobShape, NodeLink
+        from ddplaunch.rendezvous import JobShape, NodeLink
 
         ranked = self.decision.node_rank_given
         who = f"node {inputs.node_rank}" if ranked else "this node (rank by arrival)"
@@ -171,9 +171,9 @@ class NodeAgent:
 
     def prepare(self, facts: Facts) -> Decision | None:
         """The checks passed: say ready (node 0: its address and port), await the head's go."""
-        from launcher.agent import HeadGone, Heartbeat, handshake, ssh_server_address
-        from launcher.options import heartbeat_timeout_of
-        from launcher.ports import check_port_free, pick_free_port
+        from ddplaunch.agent import HeadGone, Heartbeat, handshake, ssh_server_address
+        from ddplaunch.options import heartbeat_timeout_of
+        from ddplaunch.ports import check_port_free, pick_free_port
 
         decision = self.decision
         inputs = decision.inputs
@@ -193,7 +193,7 @@ class NodeAgent:
         return self.decision
 
     def connect(self, inputs: PlanInputs) -> tuple[Peers | None, PlanInputs]:
-        from launcher.agent import HeadLink
+        from ddplaunch.agent import HeadLink
 
         master = (inputs.master_addr, inputs.master_port)
         pick_port = self.options.master_port is None
@@ -213,7 +213,7 @@ class NodeAgent:
         return self._head.open_stdin(first.stdin_worker.global_rank)
 
     def printer(self, first: Plan) -> Printer:
-        from launcher.agent import FramePrinter
+        from ddplaunch.agent import FramePrinter
 
         return FramePrinter(world_ranks=[w.global_rank for w in first.workers], world_size=first.world_size)
 
@@ -227,8 +227,8 @@ class NodeAgent:
 def quit_reports(options: Options) -> bool:
     """SIGQUIT prints every rank's stack, unless --signals-to-handle lists it (then it stops the
     job, as under torchrun)."""
-    from launcher.options import parse_signals
-    from launcher.supervisor import SignalPlan  # the one place that decides what SIGQUIT does
+    from ddplaunch.options import parse_signals
+    from ddplaunch.supervisor import SignalPlan  # the one place that decides what SIGQUIT does
 
     given = options.signals_to_handle
     return bool(SignalPlan.handling(parse_signals(given) if given else None).report)
@@ -236,7 +236,7 @@ def quit_reports(options: Options) -> bool:
 
 def check_local_addr(addr: str) -> None:
     """--local-addr names this node: it must be one of this machine's addresses."""
-    from launcher.rendezvous import is_local_address
+    from ddplaunch.rendezvous import is_local_address
 
     if not is_local_address(addr):
         raise LaunchError(

@@ -3,7 +3,7 @@
 A host then needs only Python 3.10 or newer, and head and agents can never differ in version.
 build_agent_zip is pure (the same code gives the same bytes: sorted entries, fixed times),
 and the zip's name is the hash of those bytes, so a cached copy is reused only when it is
-this code. The remote command finds the copy itself (launcher.fanout.remote_command): when
+this code. The remote command finds the copy itself (ddplaunch.fanout.remote_command): when
 it is missing it exits NO_AGENT, and only then does the head upload it (upload_all), over
 the SSH connection already open (SFTP on the same transport), then start the agent again.
 So a cached launch costs no extra round trip.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import launcher
+import ddplaunch
 
 # Relative to the remote home: the shell's $HOME, and the directory an SFTP session starts in.
 REMOTE_CACHE = ".cache/ddplaunch"
@@ -42,7 +42,7 @@ if sys.version_info < {MIN_PYTHON!r}:
                      "pass --python PATH to a newer Python on that host.\\n" % (sys.version.split()[0], sys.executable))
     sys.exit({OLD_PYTHON})
 import runpy
-runpy.run_module("launcher", run_name="__main__", alter_sys=True)
+runpy.run_module("ddplaunch", run_name="__main__", alter_sys=True)
 """
 
 
@@ -104,27 +104,24 @@ def place_of(agent: AgentZip, environ: dict[str, str]) -> AgentPlace:
 
 
 def package_files(package_dir: Path) -> list[tuple[str, Path]]:
-    """Every .py of the package (its bootstrap included), by archive name, sorted; and the
-    top-level cli.py beside it, which `python -m launcher` imports."""
-    files = [
-        (f"launcher/{path.relative_to(package_dir).as_posix()}", path)
+    """Every .py of the package (its bootstrap and its cli.py included), by archive name, sorted:
+    the package's folder is `launcher` in the repository and `ddplaunch` when installed, and is
+    `ddplaunch` in the zip."""
+    return sorted(
+        (f"ddplaunch/{path.relative_to(package_dir).as_posix()}", path)
         for path in package_dir.rglob("*.py")
         if "__pycache__" not in path.relative_to(package_dir).parts
-    ]
-    cli = package_dir.parent / "cli.py"
-    if cli.is_file():
-        files.append(("cli.py", cli))
-    return sorted(files)
+    )
 
 
 def build_agent_zip(package_dir: Path | None = None, *, bytecode: bool = True) -> AgentZip:
-    """The head's own code as a runnable zip: `python ZIP --agent ...` is `python -m launcher --agent ...`.
+    """The head's own code as a runnable zip: `python ZIP --agent ...` is `python -m ddplaunch --agent ...`.
 
     Beside each module, its bytecode for the head's Python (zip_bytecode), when it has one:
     zipimport never writes any, so without it an agent compiles every module it imports,
     each time it starts (~60 ms). A host's Python of another version skips it (its magic
     number differs) and compiles from the source."""
-    package_dir = package_dir or Path(launcher.__file__).resolve().parent
+    package_dir = package_dir or Path(ddplaunch.__file__).resolve().parent
     entries: list[tuple[str, str | bytes]] = [("__main__.py", MAIN)]
     for name, path in package_files(package_dir):
         source = path.read_bytes()

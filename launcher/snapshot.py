@@ -1,9 +1,9 @@
 """Where a rank was at one moment: the data a stack report is made of (pure: no I/O).
 
-A `RankSnapshot` is what one node's launcher learned about one rank (launcher.stacks reads
+A `RankSnapshot` is what one node's launcher learned about one rank (ddplaunch.stacks reads
 it from /proc, from the dump the rank's bootstrap wrote, or from py-spy); it travels between
 nodes as JSON (over SSH in a frame, between static nodes in the store) and
-launcher.stackreport turns a job's snapshots into the grouped report.
+ddplaunch.stackreport turns a job's snapshots into the grouped report.
 
 The contract with the workers' bootstrap (launcher/bootstrap/sitecustomize.py, run inside
 every Python worker before the user's code): the launcher puts bootstrap_dir() first on
@@ -15,7 +15,7 @@ the same for its own pid. If the script installs its own handler on SIGNUM, the 
 lets go of the signal and appends `ddplaunch-stacks released <why>`: the launcher then
 never sends it that signal.
 
-An agent shipped as a zip (launcher.ship) runs this code from inside the zip, where a folder
+An agent shipped as a zip (ddplaunch.ship) runs this code from inside the zip, where a folder
 is no PYTHONPATH entry a worker can rely on: prepare_bootstrap then writes the bootstrap
 out into the job's private directory, and bootstrap_dir() names that copy.
 """
@@ -172,7 +172,7 @@ def _write_out(private_dir: str) -> None:
     import pkgutil
 
     global _written_out
-    data = pkgutil.get_data("launcher", f"bootstrap/{BOOTSTRAP_FILE}")
+    data = pkgutil.get_data("ddplaunch", f"bootstrap/{BOOTSTRAP_FILE}")
     if data is None:
         return  # no loader that reads data: the workers go without (the reports fall back to py-spy)
     folder = os.path.join(private_dir, "bootstrap")

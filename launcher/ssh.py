@@ -19,8 +19,8 @@ from typing import Any
 
 import paramiko
 
-from launcher import known_hosts as kh
-from launcher.errors import LaunchError
+from ddplaunch import known_hosts as kh
+from ddplaunch.errors import LaunchError
 
 DEFAULT_PORT = kh.DEFAULT_PORT
 USER_CONFIG = "~/.ssh/config"

@@ -1,7 +1,7 @@
 """The stack report as text (pure: no I/O): where every rank is, its ranks grouped by the stack
 of their main thread; for SIGQUIT, for a stall, for the failure panel, and the full-stacks file.
 
-Drawn like launcher.report's failure panel (`━━` rules, a dim `│` before quoted lines, ANSI
+Drawn like ddplaunch.report's failure panel (`━━` rules, a dim `│` before quoted lines, ANSI
 colour only when asked), and for the same reason without rich.
 """
 
@@ -11,13 +11,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from launcher.snapshot import ProcessStacks, RankSnapshot, StackFrame, ThreadStack
+from ddplaunch.snapshot import ProcessStacks, RankSnapshot, StackFrame, ThreadStack
 
 LIBRARY_DIRS = frozenset({"site-packages", "dist-packages"})
 # A lib/python3.X/ directory is the standard library once site-packages is ruled out: /usr/lib,
 # conda, pyenv and uv all lay it out so ("t": a free-threaded build's python3.13t).
 STDLIB_DIR = re.compile(r"(^|/)lib(64)?/python\d+(\.\d+)?t?/")
-PANEL_WIDTH = 100  # launcher.report's failure panel is at most this wide
+PANEL_WIDTH = 100  # ddplaunch.report's failure panel is at most this wide
 MiB = 1 << 20
 GiB = 1 << 30
 

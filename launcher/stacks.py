@@ -20,13 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Literal
 
-from launcher import procfs
-from launcher.snapshot import prepare_bootstrap as prepare_bootstrap  # re-exported for the tests
-from launcher.snapshot import (
+from ddplaunch import procfs
+from ddplaunch.snapshot import prepare_bootstrap as prepare_bootstrap  # re-exported for the tests
+from ddplaunch.snapshot import (
     HEADER_WORD, STACK_SIGNAL, STACKS_VARIABLE, ProcessStacks, ProcessState,
     RankSnapshot, ThreadStack, bootstrap_dir, stacks_variable,
 )
-from launcher.stackparse import parse_faulthandler, parse_py_spy
+from ddplaunch.stackparse import parse_faulthandler, parse_py_spy
 
 DEFAULT_TIMEOUT_S = 1.0  # for the dumps; a dump takes milliseconds unless the process cannot run
 PER_PROCESS_S = 0.01  # more time when more processes dump at once

@@ -3,7 +3,7 @@
 One node: the chosen rank is given the launcher's own fd 0. It runs in its own session, so it
 reads a terminal without SIGTTIN, and the terminal's Ctrl-C still reaches only the launcher
 (the foreground group), which stops the job as always. Over SSH the head relays its stdin
-to the chosen rank's host (launcher.stdin_relay).
+to the chosen rank's host (ddplaunch.stdin_relay).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """--stdin over SSH: the head relays its stdin to the agent of the chosen rank, a piece at a time.
 
 An agent's own stdin is the head's command line, so it cannot pass fd 0 on: the head sends
-its stdin (ForwardedStdin) as "stdin" lines (launcher.frames) to the agent of the chosen
+its stdin (ForwardedStdin) as "stdin" lines (ddplaunch.frames) to the agent of the chosen
 rank, which writes them into a pipe that is that rank's stdin (StdinPipe). The agent asks
 for a few pieces (WANT_STDIN), and for one more each time one is in the pipe: no side holds
 more than those few, and a rank that never reads blocks neither the head's loop nor the
@@ -17,12 +17,12 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from launcher.frames import STDIN_EOF_LINE, stdin_line
-from launcher.logs import _write_all
-from launcher.stdin import launcher_stdin
+from ddplaunch.frames import STDIN_EOF_LINE, stdin_line
+from ddplaunch.logs import _write_all
+from ddplaunch.stdin import launcher_stdin
 
 if TYPE_CHECKING:
-    from launcher.channel import AgentChannel
+    from ddplaunch.channel import AgentChannel
 
 PIECE_BYTES = 1 << 16
 PIECES_IN_FLIGHT = 4  # asked for and not yet in the pipe: one round trip per piece is too slow for a file

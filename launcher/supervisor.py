@@ -5,8 +5,8 @@ terminal's Ctrl-C reaches only the launcher, which forwards it). The launcher ma
 child subreaper, so a worker's orphaned children are reparented to it: it reaps them, and
 "no child left" means the whole tree is gone. The loop wakes on pipe output and on signals
 (SIGCHLD included, through the wakeup fd), never on a polling timer while workers run.
-Here the loop decides; the processes are a WorkerTree's (launcher.workers), the stop's
-deadlines a Teardown's (launcher.teardown) and what the loop waits on is launcher.inputs'.
+Here the loop decides; the processes are a WorkerTree's (ddplaunch.workers), the stop's
+deadlines a Teardown's (ddplaunch.teardown) and what the loop waits on is ddplaunch.inputs'.
 """
 
 from __future__ import annotations
@@ -19,25 +19,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from launcher.inputs import Inputs, PeerNews, SignalWake, WorkerOutput, sooner
-from launcher.hangs import StackReporter
-from launcher.logs import PRIVATE_DIR, Printer
-from launcher.options import DEFAULT_KILL_TIMEOUT_S, STALL_EXIT_CODE, Stall
-from launcher.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
-from launcher.prctl import PR_SET_CHILD_SUBREAPER, prctl
-from launcher.protocol import Peers
-from launcher.teardown import Teardown
-from launcher.wakepipe import WakePipe
-from launcher.watchdog import Watchdog
-from launcher.workers import WorkerTree
-from launcher.workers import WorkerProcess as WorkerProcess  # re-exported: report.py reads it here
+from ddplaunch.inputs import Inputs, PeerNews, SignalWake, WorkerOutput, sooner
+from ddplaunch.hangs import StackReporter
+from ddplaunch.logs import PRIVATE_DIR, Printer
+from ddplaunch.options import DEFAULT_KILL_TIMEOUT_S, STALL_EXIT_CODE, Stall
+from ddplaunch.plan import FORWARDED_SIGNALS, JOB_ID_VARIABLE, Plan, Worker
+from ddplaunch.prctl import PR_SET_CHILD_SUBREAPER, prctl
+from ddplaunch.protocol import Peers
+from ddplaunch.teardown import Teardown
+from ddplaunch.wakepipe import WakePipe
+from ddplaunch.watchdog import Watchdog
+from ddplaunch.workers import WorkerTree
+from ddplaunch.workers import WorkerProcess as WorkerProcess  # re-exported: report.py reads it here
 
 if TYPE_CHECKING:
-    from launcher.hangs import Finished
-    from launcher.procfs import KernelWait
-    from launcher.protocol import AttemptEnd, EndKind
-    from launcher.snapshot import RankSnapshot
-    from launcher.stacks import Target
+    from ddplaunch.hangs import Finished
+    from ddplaunch.procfs import KernelWait
+    from ddplaunch.protocol import AttemptEnd, EndKind
+    from ddplaunch.snapshot import RankSnapshot
+    from ddplaunch.stacks import Target
 
 GROUP_POLL_S = 0.02  # only while waiting for a tree with no SIGCHLD to tell us it ended
 # The workers are told torchrun's list (TORCHELASTIC_SIGNALS_TO_HANDLE); SIGQUIT in it stops
@@ -61,7 +61,7 @@ class SignalPlan:
 
     @classmethod
     def handling(cls, names: str | None) -> SignalPlan:
-        """--signals-to-handle (names checked by launcher.options.parse_signals), None when not
+        """--signals-to-handle (names checked by ddplaunch.options.parse_signals), None when not
         given: those stop the job; SIGUSR1/SIGUSR2 left out of it are still relayed, and SIGQUIT
         left out of it asks for a stack report (listed, it stops the job as under torchrun)."""
         if names is None:
@@ -346,7 +346,7 @@ class Attempt:
     # -- stacks -----------------------------------------------------------------------------------
 
     def _stack_targets(self) -> list[Target]:
-        from launcher.stacks import Target
+        from ddplaunch.stacks import Target
 
         now = self.clock()
         targets = []
@@ -479,7 +479,7 @@ class Attempt:
 def find_unkillable(workers: list[WorkerProcess]) -> tuple[Unkillable, ...]:
     """The tree's live processes, each with its rank: as a subreaper the launcher is the
     ancestor of all of them; those in its own process group are its own helpers, not the tree."""
-    from launcher.procfs import children_map, descendants, read_kernel_wait
+    from ddplaunch.procfs import children_map, descendants, read_kernel_wait
 
     ranks = {w.pid: w.spec.global_rank for w in workers}
     own_group = os.getpgid(0)
@@ -574,7 +574,7 @@ def run_job(
 
 def _closing_word(result: AttemptResult) -> str:
     """What the other nodes must hear of this node's end: the processes that would not die."""
-    from launcher.report import unkillable_line
+    from ddplaunch.report import unkillable_line
 
     return "; ".join(unkillable_line(stuck) for stuck in result.unkillable)
 

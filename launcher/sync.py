@@ -1,6 +1,6 @@
 """`--sync`: this directory's copy on every host, brought up to date over SFTP before anything starts.
 
-The planning is launcher.syncplan's (which files, the manifest, the delta); this module does
+The planning is ddplaunch.syncplan's (which files, the manifest, the delta); this module does
 the I/O on the SSH connections the head already holds: no second login, and no shell command
 with a file name in it. Per host: read the record the copy keeps of itself (syncplan.MANIFEST_NAME),
 plan the delta, write a record of only what stays, delete, make folders, send (over a few SFTP
@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher.errors import LaunchError
-from launcher.syncplan import (
+from ddplaunch.errors import LaunchError
+from ddplaunch.syncplan import (
     MANIFEST_NAME, Delta, Entry, FileRecord, Manifest, build_manifest, human_bytes, interim_manifest, manifest_bytes,
     manifest_from_bytes, plan_delta, sha256_file,
 )
 
 if TYPE_CHECKING:
-    from launcher.options import Options
+    from ddplaunch.options import Options
 
 CHANNELS = 6  # SFTP sessions per host while sending; OpenSSH allows 10 per connection (MaxSessions)
 FILES_PER_CHANNEL = 32  # fewer files than this each: not worth another channel's two round trips
@@ -380,8 +380,8 @@ def source_of(options: Options, environ: dict[str, str], cwd: str) -> SyncSource
     folder they go to. None without --sync; its companions alone are a mistake."""
     import socket
 
-    from launcher.ship import remote_cache
-    from launcher.syncplan import DEFAULT_SYNC_MAX_BYTES, check_size, default_remote_dir, parse_size, select_files
+    from ddplaunch.ship import remote_cache
+    from ddplaunch.syncplan import DEFAULT_SYNC_MAX_BYTES, check_size, default_remote_dir, parse_size, select_files
 
     if not options.sync:
         given = [flag for flag, value in (("--sync-exclude", options.sync_exclude),
@@ -403,7 +403,7 @@ def source_of(options: Options, environ: dict[str, str], cwd: str) -> SyncSource
 def script_for_copy(options: Options, source: SyncSource) -> str:
     """The script as the workers in the copy name it. A Python script must be in the copy; so
     must a --no-python program given by a path here (one found on PATH is the host's own)."""
-    from launcher.syncplan import script_in_copy
+    from ddplaunch.syncplan import script_in_copy
 
     script = options.script
     if options.module or (options.no_python and "/" not in script):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from launcher.errors import LaunchError
+from ddplaunch.errors import LaunchError
 
 DEFAULT_SYNC_MAX_BYTES = 1 << 30
 LARGEST_SHOWN = 5

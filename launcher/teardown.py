@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from launcher.options import DEFAULT_KILL_TIMEOUT_S
+from ddplaunch.options import DEFAULT_KILL_TIMEOUT_S
 
 DRAIN_AFTER_DEATH_S = 1.0  # output still in flight when every process of the tree is gone
 

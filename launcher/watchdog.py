@@ -20,8 +20,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from launcher.options import DEFAULT_KILL_TIMEOUT_S
-from launcher.prctl import PR_SET_NAME, prctl
+from ddplaunch.options import DEFAULT_KILL_TIMEOUT_S
+from ddplaunch.prctl import PR_SET_NAME, prctl
 
 GUARD_GRACE_S = 1.0
 _POLL_S = 0.02

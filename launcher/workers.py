@@ -3,7 +3,7 @@
 Each worker runs in its own session, so its whole tree shares one process group, which is
 signalled as one. The launcher is a child subreaper (`become_subreaper`): a worker's orphaned
 descendants are reparented to it, so it reaps them, and "no child left" means the whole tree
-is gone. What to send and when is not decided here (launcher.teardown, launcher.supervisor).
+is gone. What to send and when is not decided here (ddplaunch.teardown, ddplaunch.supervisor).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from launcher.limits import original_limit
-from launcher.plan import Worker
-from launcher.procfs import children_map, descendants
-from launcher.watchdog import Watchdog
+from ddplaunch.limits import original_limit
+from ddplaunch.plan import Worker
+from ddplaunch.procfs import children_map, descendants
+from ddplaunch.watchdog import Watchdog
 
 
 @dataclass
@@ -59,7 +59,7 @@ def start_process(
     spawned it, so this thread wears the worker's mask for the spawn. The mask is per thread:
     no other thread, and so no other start, can inherit it meanwhile.
 
-    The open-files limit is worn the same way, for the same reason (launcher.limits), though it
+    The open-files limit is worn the same way, for the same reason (ddplaunch.limits), though it
     is the whole process's.
     """
     with original_limit(actions) as low_actions:

@@ -23,7 +23,7 @@ scripts are written to a fresh temporary directory):
              launcher process itself, not its workers, for 4 workers that sleep 2 s.  <= 0.15
   ranks256   256 workers that each print one line (`ranks256 line RANK`), ddplaunch with
              --force, stdout to a file: wall time of the whole command, and every rank's line
-             checked. ddplaunch's launcher holds two pipes per rank (launcher.limits raises
+             checked. ddplaunch's launcher holds two pipes per rank (ddplaunch.limits raises
              its open-files limit when needed).                       target ratio <= 0.5
   orphans    4 workers that each start a child sleeping 60 s, then write a "ready" file.
              Once all 4 are ready the launcher pid gets SIGKILL; 3 s later the processes

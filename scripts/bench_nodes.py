@@ -33,7 +33,7 @@ the helpers they share with the single-node rows (bench_local.py) live in benchl
              row's worker (no torch), timed the same way (Popen to all ready files), in two
              series alternating per rep: "first", whose DDPLAUNCH_AGENT_CACHE is a fresh empty
              folder, so the head must send its agent zip to both hosts; and "cached", whose
-             folder already holds that zip (written here by launcher.ship). Each run must have
+             folder already holds that zip (written here by ddplaunch.ship). Each run must have
              sent (first) or not sent (cached) the agent, by the head's own stderr. The bytes
              sent per host are the zip's size. Ratio first / cached.
                                                                      target first <= cached + 0.5 s
@@ -81,7 +81,7 @@ from benchlib import (
 )
 from sshd import SshdPool, SshHome, start_sshd_pool
 
-from launcher.ship import CACHE_VARIABLE, AgentZip, build_agent_zip
+from ddplaunch.ship import CACHE_VARIABLE, AgentZip, build_agent_zip
 
 NODE_KEYS = ("hosts", "crossnode", "sshlines", "connect16", "ship")
 POOL_FIRST_ADDRESS = "127.0.1.40"  # the test suite's servers use 127.0.1.2-9
@@ -717,11 +717,11 @@ def measure_crossnode(nodes: Nodes, reps: int) -> list[NodeRow]:
             extra[tool].setdefault("outcome", []).append(
                 "error" if got is None else "never" if stopped is None else "stopped")
             workers.series[tool].append(stopped)
-            launcher.series[tool].append(exited)
+            ddplaunch.series[tool].append(exited)
             if got is not None:
                 log(f"    rep {rep + 1}/{reps} {tool:<9} workers stopped {show(stopped)}, "
                     f"launcher exited {show(exited)}")
-    launcher.errors = workers.errors
+    ddplaunch.errors = workers.errors
     return [workers, launcher]
 
 

@@ -18,7 +18,7 @@ only them); the helpers they share with the other row modules live in benchlib.p
              on, so the notes compare on and off from the same alternation. Then, once, the
              bootstrap's own cost per worker start: BOOTSTRAP_PAIRS pairs of `python -c pass`
              with and without the bootstrap's environment (PYTHONPATH and DDPLAUNCH_STACKS as
-             the launcher sets them, launcher.stacks.with_bootstrap), which one goes first
+             the launcher sets them, ddplaunch.stacks.with_bootstrap), which one goes first
              alternating, each timed from posix_spawn to waitpid.   target < 3 ms a start
 
 The failure-teardown row of bench_local.py already includes the capture of the other
@@ -53,8 +53,8 @@ from benchlib import (
     run_launch,
     wait_exit,
 )
-from launcher.snapshot import prepare_bootstrap
-from launcher.stacks import with_bootstrap
+from ddplaunch.snapshot import prepare_bootstrap
+from ddplaunch.stacks import with_bootstrap
 
 STACK_KEYS = ("sigquit", "nobootstrap")
 REPORT_RANKS = {4: 0.5, 32: 1.5}  # ranks -> target seconds from SIGQUIT to the printed report

@@ -23,6 +23,15 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     pip_install --config-settings editable_mode=compat -e ".[torch,dev]"
     echo "$want" > "$STAMP"
 fi
+# The import name is ddplaunch; in the checkout its folder is launcher/ (pyproject maps it for a
+# real install). A link under the import name, on the venv's path, replaces the checkout path
+# that compat mode wrote: setuptools' other editable mode maps names with an import hook that
+# costs every Python start ~20 ms, and the checkout on the path would expose `launcher` and `cli`.
+link_dir="$(cd "$VENV" && pwd)/ddplaunch-path"
+mkdir -p "$link_dir"
+ln -sfn "$(pwd)/launcher" "$link_dir/ddplaunch"
+site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+echo "$link_dir" > "$site/__editable__.ddplaunch-0.1.0.pth"
 # An editable install compiles nothing, and where PYTHONDONTWRITEBYTECODE is set nothing is
 # ever written: the launcher would compile its modules at every start (a failure's report
 # alone costs ~25 ms that way). A wheel install compiles them; so do we (up-to-date files are

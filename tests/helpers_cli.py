@@ -25,7 +25,7 @@ from typing import IO
 
 import psutil
 
-from launcher.options import Options
+from ddplaunch.options import Options
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 30
@@ -50,8 +50,8 @@ _SCRUBBED_PREFIXES = ("PET_", "SLURM_", "OMPI_")
 
 
 def launcher_argv(*args: str, interpreter_options: Sequence[str] = ()) -> list[str]:
-    """`python -m launcher ARGS` with this venv's Python (options such as -X importtime first)."""
-    return [sys.executable, *interpreter_options, "-m", "launcher", *args]
+    """`python -m ddplaunch ARGS` with this venv's Python (options such as -X importtime first)."""
+    return [sys.executable, *interpreter_options, "-m", "ddplaunch", *args]
 
 
 def cli_env(bin_dir: Path | None = None, *, only_bin_dir: bool = False, **extra: str) -> dict[str, str]:

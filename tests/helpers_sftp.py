@@ -1,5 +1,5 @@
 """paramiko's SFTPClient, the calls ddplaunch makes, on this machine's disk: the upload of the
-agent (launcher.ship) and --sync (launcher.sync) tested without a server, faults injected."""
+agent (ddplaunch.ship) and --sync (ddplaunch.sync) tested without a server, faults injected."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.devices import Gpu, parse_nvidia_smi
+from ddplaunch.devices import Gpu, parse_nvidia_smi
 
 
 @dataclass(frozen=True)

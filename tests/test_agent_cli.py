@@ -1,5 +1,5 @@
 """The agent's command line without click: what a head writes (fanout.agent_argv), the standard
-library parser (launcher.agent_cli) reads as click would, and a real agent runs on a Python
+library parser (ddplaunch.agent_cli) reads as click would, and a real agent runs on a Python
 that has nothing but its standard library, on each CPython minor from 3.10 on."""
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from helpers_cli import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.agent_cli import CLICK_DEFAULTS, parse_agent_argv
-from launcher.errors import LaunchError
-from launcher.fanout import PASSED_OPTIONS, PASSED_SWITCHES, Host, agent_argv
-from launcher.frames import (
+from ddplaunch.agent_cli import CLICK_DEFAULTS, parse_agent_argv
+from ddplaunch.errors import LaunchError
+from ddplaunch.fanout import PASSED_OPTIONS, PASSED_SWITCHES, Host, agent_argv
+from ddplaunch.frames import (
     ATTEMPT_END, DATA, EXIT, READY, SUCCEEDED, Frame, FrameReader, decode_exit, decode_ready, end_line, env_line,
     go_line,
 )
-from launcher.hosts import HostSpec
-from launcher.options import Options
-from launcher.protocol import AttemptEnd
-from launcher.ssh import SshTarget
+from ddplaunch.hosts import HostSpec
+from ddplaunch.options import Options
+from ddplaunch.protocol import AttemptEnd
+from ddplaunch.ssh import SshTarget
 
 # What an agent's host need not have; -S below leaves it no site-packages to find them in.
 THIRD_PARTY = {"click", "rich", "paramiko", "psutil", "torch"}
@@ -51,7 +51,7 @@ def agent_args(options: Options, on: Host, nnodes: int = 2) -> list[str]:
 
 
 def click_options(args: list[str]) -> Options:
-    from cli import command
+    from ddplaunch.cli import command
 
     context = command.make_context("ddplaunch", list(args))
     return Options(**context.params)  # type: ignore[arg-type]
@@ -183,13 +183,21 @@ def bare_python(minor: int) -> str:
 
 
 def bare_argv(python: str, args: list[str]) -> list[str]:
-    """`python -m launcher ARGS` with no site-packages at all (-S: nothing but the standard
+    """`python -m ddplaunch ARGS` with no site-packages at all (-S: nothing but the standard
     library and PYTHONPATH), every import it makes written to stderr (-X importtime)."""
-    return [python, "-S", "-X", "importtime", "-m", "launcher", *args]
+    return [python, "-S", "-X", "importtime", "-m", "ddplaunch", *args]
 
 
-def bare_env(token: str) -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO), TOKEN_VARIABLE: token}
+@pytest.fixture(scope="module")
+def bare_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding only the package, under its import name (the repository calls it launcher/)."""
+    folder = tmp_path_factory.mktemp("bare-path")
+    (folder / "ddplaunch").symlink_to(REPO / "launcher")
+    return folder
+
+
+def bare_env(token: str, path: Path) -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(path), TOKEN_VARIABLE: token}
 
 
 def imported(stderr: str) -> set[str]:
@@ -249,13 +257,14 @@ def answer(proc: subprocess.Popen[bytes], frame: Frame, run: AgentRun) -> None:
 
 
 def run_one_node_agent(
-    python: str, script: str, tmp_path: Path, token: str
+    python: str, script: str, tmp_path: Path, token: str, bare_path: Path
 ) -> tuple[subprocess.Popen[bytes], AgentRun]:
     """A one-node job's agent as the head starts it, on this bare `python`, driven to its end."""
     options = head_options(hosts="h0", python=python, script=script, script_args=(), grace=2.0,
                            heartbeat_timeout=2.0, kill_timeout=2.0, run_id=token)
     proc = subprocess.Popen(bare_argv(python, agent_args(options, host(0, 1), nnodes=1)), cwd=tmp_path,
-                            env=bare_env(token), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env=bare_env(token, bare_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     try:
         return proc, drive_one_node_agent(proc)
     finally:
@@ -266,22 +275,23 @@ def run_one_node_agent(
 
 @pytest.mark.parametrize("minor", [10, 11, 12, 13])
 def test_an_agent_runs_a_job_on_a_python_with_only_its_standard_library(
-    minor: int, tmp_path: Path, token: str
+    minor: int, tmp_path: Path, token: str, bare_path: Path
 ) -> None:
     python = bare_python(minor)
     script = write_script(tmp_path / "hello.py", """
         import os, sys
         print("hello from", sys.version_info[:2], os.environ["RANK"], os.environ["FROM_HEAD"], flush=True)
     """)
-    proc, run = run_one_node_agent(python, script, tmp_path, token)
+    proc, run = run_one_node_agent(python, script, tmp_path, token, bare_path)
     stderr = run.stderr.decode(errors="replace")
     assert (proc.returncode, run.exit_frame) == (0, 0), stderr[-2000:]
     assert run.output.decode() == f"hello from (3, {minor}) 0 a value 'quoted' $(not run)\n"
-    assert "launcher.agent_cli" in stderr  # the importtime table was written: the check below is real
+    assert "ddplaunch.agent_cli" in stderr  # the importtime table was written: the check below is real
     assert imported(stderr) & THIRD_PARTY == set()
 
 
-def test_an_agent_stops_a_daemon_its_failed_worker_left_without_psutil(tmp_path: Path, token: str) -> None:
+def test_an_agent_stops_a_daemon_its_failed_worker_left_without_psutil(tmp_path: Path, token: str,
+                                                                       bare_path: Path) -> None:
     """The daemon left the worker's process group: the agent finds it through /proc."""
     python = bare_python(10)
     script = write_script(tmp_path / "daemon.py", """
@@ -289,18 +299,19 @@ def test_an_agent_stops_a_daemon_its_failed_worker_left_without_psutil(tmp_path:
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
         sys.exit(3)
     """)
-    proc, run = run_one_node_agent(python, script, tmp_path, token)
+    proc, run = run_one_node_agent(python, script, tmp_path, token, bare_path)
     stderr = run.stderr.decode(errors="replace")
     assert (proc.returncode, run.exit_frame) == (3, 3), stderr[-2000:]
-    assert "launcher.workers" in stderr and imported(stderr) & THIRD_PARTY == set()
+    assert "ddplaunch.workers" in stderr and imported(stderr) & THIRD_PARTY == set()
     assert processes_with_token(token) == []  # the daemon is gone
 
 
 @pytest.mark.parametrize("args", [["--agent", "--bogus", "x.py"], ["--agent", "--nproc", "2"]])
-def test_a_bad_agent_command_line_is_one_line_and_exit_2_without_click(args: list[str], token: str) -> None:
+def test_a_bad_agent_command_line_is_one_line_and_exit_2_without_click(args: list[str], token: str,
+                                                                       bare_path: Path) -> None:
     python = bare_python(10)
-    done = subprocess.run([python, "-S", "-m", "launcher", *args], env=bare_env(token), stdin=subprocess.DEVNULL,
-                          capture_output=True, timeout=AGENT_TIMEOUT_S)
+    done = subprocess.run([python, "-S", "-m", "ddplaunch", *args], env=bare_env(token, bare_path),
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=AGENT_TIMEOUT_S)
     said = done.stderr.decode()
     assert (done.returncode, done.stdout) == (2, b"")
     assert said.startswith("ddplaunch: error: agent: ") and said.count("\n") == 1, said

@@ -6,8 +6,8 @@ import queue
 
 import pytest
 
-from launcher.channel import AgentChannel, ChannelEvent
-from launcher.frames import READY, SYNC, encode_exit, encode_ready
+from ddplaunch.channel import AgentChannel, ChannelEvent
+from ddplaunch.frames import READY, SYNC, encode_exit, encode_ready
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from launcher.detect import (
+from ddplaunch.detect import (
     MAX_EXPANDED_HOSTS,
     Detected,
     HostlistError,
@@ -17,7 +17,7 @@ from launcher.detect import (
     first_host,
     hostlist_size,
 )
-from launcher.errors import LaunchError
+from ddplaunch.errors import LaunchError
 
 pytestmark = pytest.mark.unit
 

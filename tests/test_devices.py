@@ -17,7 +17,7 @@ from helpers_cli import (
     table_column,
     table_rows,
 )
-from launcher.devices import (
+from ddplaunch.devices import (
     DeviceMap,
     Gpu,
     default_device_map,
@@ -27,7 +27,7 @@ from launcher.devices import (
     sysfs_pci_address,
     visible_gpus,
 )
-from launcher.errors import GpuDiscoveryError, LaunchError
+from ddplaunch.errors import GpuDiscoveryError, LaunchError
 
 
 def fake_gpus(count: int) -> tuple[Gpu, ...]:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from helpers_cli import cli_env, gpu_uuid, install_fake_nvidia_smi, run_cli, table_column
-from launcher.devices import Gpu, default_device_map, map_gpu_ids, parse_gpu_ids
-from launcher.dryrun import render_plan
-from launcher.plan import PlanInputs, Program, build_plan
+from ddplaunch.devices import Gpu, default_device_map, map_gpu_ids, parse_gpu_ids
+from ddplaunch.dryrun import render_plan
+from ddplaunch.plan import PlanInputs, Program, build_plan
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"

@@ -7,14 +7,14 @@ import shlex
 import pytest
 from helpers_cli import head_options
 
-from launcher.options import Options
-from launcher.errors import LaunchError
-from launcher.fanout import (
+from ddplaunch.options import Options
+from ddplaunch.errors import LaunchError
+from ddplaunch.fanout import (
     Host, agent_argv, forwarded_env, per_host_nproc, preflight_problem, pythons_of, remote_command,
 )
-from launcher.hosts import HostSpec, parse_hostfile
-from launcher.ship import AgentPlace
-from launcher.ssh import SshTarget
+from ddplaunch.hosts import HostSpec, parse_hostfile
+from ddplaunch.ship import AgentPlace
+from ddplaunch.ssh import SshTarget
 
 pytestmark = pytest.mark.unit
 

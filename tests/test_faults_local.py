@@ -19,12 +19,12 @@ import pytest
 from helpers_cli import TOKEN_VARIABLE, launcher_argv, processes_with_token, run_cli, wait_until, write_script
 from sshd import SshHome
 
-from launcher.logs import Printer
-from launcher.ports import pick_free_port
-from launcher.procfs import KernelWait
-from launcher.report import unkillable_line
-from launcher.supervisor import Unkillable
-from launcher.watchdog import Orders, read_orders
+from ddplaunch.logs import Printer
+from ddplaunch.ports import pick_free_port
+from ddplaunch.procfs import KernelWait
+from ddplaunch.report import unkillable_line
+from ddplaunch.supervisor import Unkillable
+from ddplaunch.watchdog import Orders, read_orders
 
 NEEDS_ROOT = pytest.mark.skipif(
     os.geteuid() != 0 and not os.environ.get("CI"), reason="mounts a tmpfs / uses the cgroup freezer: needs root"

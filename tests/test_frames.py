@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.frames import (
+from ddplaunch.frames import (
     BLOCK, DATA, END_OF_STREAM, NOTE, READY, SYNC, FrameError, FrameReader, decode_ready, encode, encode_ready,
     decode_go, go_line, parse_command, WANT_STDIN, decode_stdin, stdin_line, STDIN_EOF_LINE,
 )
@@ -102,7 +102,7 @@ def test_the_agents_ask_for_stdin_is_a_frame_the_head_reads() -> None:
 
 
 def test_exit_frame_carries_the_agents_code() -> None:
-    from launcher.frames import EXIT, encode_exit
+    from ddplaunch.frames import EXIT, encode_exit
 
     (frame,) = FrameReader().feed(SYNC + encode_ready("a", 1) + encode_exit(143))[1:]
     assert (frame.kind, frame.text) == (EXIT, "143")
@@ -124,7 +124,7 @@ class Recorder:
 def test_printer_calls_cross_to_the_head_as_the_same_calls() -> None:
     import os
 
-    from launcher.agent import FramePrinter, replay
+    from ddplaunch.agent import FramePrinter, replay
 
     read_fd, write_fd = os.pipe()
     sender = FramePrinter(world_ranks=[4], world_size=8, out_fd=write_fd)

@@ -7,11 +7,11 @@ import signal
 
 import pytest
 
-from launcher.errors import LaunchError
-from launcher.hangs import StallWatch
-from launcher.logs import Exceptions
-from launcher.options import DEFAULT_STALL_TIMEOUT_S, Stall, stall_of
-from launcher.supervisor import SignalPlan
+from ddplaunch.errors import LaunchError
+from ddplaunch.hangs import StallWatch
+from ddplaunch.logs import Exceptions
+from ddplaunch.options import DEFAULT_STALL_TIMEOUT_S, Stall, stall_of
+from ddplaunch.supervisor import SignalPlan
 
 pytestmark = pytest.mark.unit
 
@@ -105,7 +105,7 @@ def test_uncaught_exceptions_are_read_from_pythons_traceback_layout(lines: list[
 
 
 def _options():  # type: ignore[no-untyped-def]
-    from launcher.options import Options
+    from ddplaunch.options import Options
 
     return Options(
         script="t.py", script_args=(), nproc="1", nnodes=None, node_rank=None, master_addr=None,

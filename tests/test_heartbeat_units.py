@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from launcher.frames import (
+from ddplaunch.frames import (
     BEAT_LINE, HEARTBEAT, LAST_KIND, NOTE, SYNC, FrameError, FrameReader, encode, go_line, parse_command,
 )
-from launcher.heartbeat import Metronome, Silence
+from ddplaunch.heartbeat import Metronome, Silence
 
 pytestmark = pytest.mark.unit
 
@@ -65,7 +65,7 @@ def test_the_metronome_beats_at_once_then_every_interval() -> None:
 
 @pytest.mark.parametrize(("timeout", "interval"), [(10.0, 2.0), (60.0, 2.0), (3.0, 0.75), (2.0, 0.5)])
 def test_a_short_timeout_beats_faster_so_a_late_beat_is_not_silence(timeout: float, interval: float) -> None:
-    from launcher.heartbeat import beat_interval
+    from ddplaunch.heartbeat import beat_interval
 
     assert beat_interval(timeout) == interval
 
@@ -99,7 +99,7 @@ def full_pipe() -> tuple[int, int]:
 
 
 def test_a_write_to_a_head_that_stopped_reading_gives_up_when_the_head_is_declared_gone() -> None:
-    from launcher.agent import HeadWire
+    from ddplaunch.agent import HeadWire
 
     wire = HeadWire()
     read_fd, write_fd = full_pipe()
@@ -117,7 +117,7 @@ def test_a_write_to_a_head_that_stopped_reading_gives_up_when_the_head_is_declar
 
 
 def test_a_beat_is_skipped_not_waited_for_when_the_pipe_is_full() -> None:
-    from launcher.agent import HeadWire
+    from ddplaunch.agent import HeadWire
 
     wire = HeadWire()
     read_fd, write_fd = full_pipe()
@@ -133,7 +133,7 @@ def test_a_beat_is_skipped_not_waited_for_when_the_pipe_is_full() -> None:
 
 
 def test_the_agent_beats_at_once_and_calls_a_silent_head_gone_once() -> None:
-    from launcher.agent import HeadWire, Heartbeat
+    from ddplaunch.agent import HeadWire, Heartbeat
 
     read_fd, write_fd = os.pipe()
     gone = threading.Event()
@@ -162,7 +162,7 @@ def test_the_agent_beats_at_once_and_calls_a_silent_head_gone_once() -> None:
 
 
 def test_an_agent_waiting_for_go_skips_beats_and_gives_up_on_a_silent_head() -> None:
-    from launcher.agent import HeadGone, HeadWire, Heartbeat, handshake
+    from ddplaunch.agent import HeadGone, HeadWire, Heartbeat, handshake
 
     head_reads, agent_out = os.pipe()
     agent_in, head_writes = os.pipe()
@@ -183,7 +183,7 @@ def test_an_agent_waiting_for_go_skips_beats_and_gives_up_on_a_silent_head() -> 
 def test_a_running_agent_takes_the_heads_silence_as_its_end_of_file(monkeypatch: pytest.MonkeyPatch) -> None:
     """HeadLink's stop for a head gone silent is the one for end of file: SIGTERM to itself
     (recorded here instead), once, and whoever waits for a go stops waiting."""
-    from launcher.agent import HeadLink, HeadWire, Heartbeat
+    from ddplaunch.agent import HeadLink, HeadWire, Heartbeat
 
     killed: list[tuple[int, int]] = []
     monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
@@ -254,14 +254,14 @@ class Client:
 def test_the_head_gives_up_before_its_go_on_a_ready_host_that_fell_silent() -> None:
     """Host a says ready, then nothing (cut off); host b is still starting. Without its go no
     worker runs anywhere: the head names a and stops, within the timeout, not READY_TIMEOUT_S."""
-    from launcher.channel import AgentChannel
-    from launcher.errors import LaunchError
-    from launcher.fanout import Host
-    from launcher.frames import encode_ready
-    from launcher.head import Head
-    from launcher.hosts import HostSpec
-    from launcher.options import Options
-    from launcher.ssh import SshTarget
+    from ddplaunch.channel import AgentChannel
+    from ddplaunch.errors import LaunchError
+    from ddplaunch.fanout import Host
+    from ddplaunch.frames import encode_ready
+    from ddplaunch.head import Head
+    from ddplaunch.hosts import HostSpec
+    from ddplaunch.options import Options
+    from ddplaunch.ssh import SshTarget
 
     names = ("a", "b")
     hosts = [Host(rank, HostSpec(n, n), SshTarget(n, n, 22, "u", ())) for rank, n in enumerate(names)]
@@ -287,7 +287,7 @@ def test_tcp_gives_up_on_a_silent_link_no_sooner_than_asked(dead_link_s: float, 
     longer timeout is not cut short by the kernel dropping the connection first."""
     import socket
 
-    from launcher.ssh import _notice_dead_links
+    from ddplaunch.ssh import _notice_dead_links
 
     with socket.socket() as sock:
         _notice_dead_links(sock, dead_link_s)
@@ -298,7 +298,7 @@ def test_tcp_gives_up_on_a_silent_link_no_sooner_than_asked(dead_link_s: float, 
 def test_a_wake_pipe_rung_after_close_writes_nowhere() -> None:
     """An SSH pump thread may post its channel's end as the head closes: the closed pipe's
     numbers may already name other files, so a late ring must write nothing anywhere."""
-    from launcher.wakepipe import WakePipe
+    from ddplaunch.wakepipe import WakePipe
 
     wake = WakePipe()
     wake.close()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import LaunchError
-from launcher.hosts import HostSpec, parse_hostfile, parse_hosts_flag, read_hostfile
+from ddplaunch.errors import LaunchError
+from ddplaunch.hosts import HostSpec, parse_hostfile, parse_hosts_flag, read_hostfile
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import known_hosts as kh
+from ddplaunch import known_hosts as kh
 
 pytestmark = pytest.mark.unit
 

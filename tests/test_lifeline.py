@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from launcher.lifeline import Lifeline, peer_closed
+from ddplaunch.lifeline import Lifeline, peer_closed
 
 WAIT_S = 5.0  # bound on every wait; what is asserted is tighter
 

@@ -1,4 +1,4 @@
-"""The live area (launcher.live) as a state machine: scripted feeds, a fake clock and terminal
+"""The live area (ddplaunch.live) as a state machine: scripted feeds, a fake clock and terminal
 size, its bytes replayed through a VT100 emulator (pyte); what stays on screen is asserted.
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from helpers_screen import Terminal
-from launcher.live import PARTIAL_IDLE_S, REDRAW_S, LiveArea
+from ddplaunch.live import PARTIAL_IDLE_S, REDRAW_S, LiveArea
 
 pytestmark = pytest.mark.unit
 

@@ -16,8 +16,8 @@ import pytest
 
 from helpers_cli import cli_env, launcher_argv, run_cli, write_script
 from helpers_screen import Terminal, run_on_terminal, set_size
-from launcher.live import PARTIAL_IDLE_S
-from launcher.logs import MAX_LINE_BYTES, TAIL_LINES, LineFramer, Printer, colour_enabled, rank_prefixes
+from ddplaunch.live import PARTIAL_IDLE_S
+from ddplaunch.logs import MAX_LINE_BYTES, TAIL_LINES, LineFramer, Printer, colour_enabled, rank_prefixes
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,12 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from launcher.devices import DeviceMap, Gpu, parse_nvidia_smi, visible_gpus
-from launcher.dryrun import render_plan
-from launcher.errors import LaunchError
-from launcher.numa import Sysfs, cpus_for_workers, format_cpulist, parse_cpulist, parse_mode
-from launcher.plan import PlanInputs, Program, build_plan
-from launcher.workers import WorkerTree
+from ddplaunch.devices import DeviceMap, Gpu, parse_nvidia_smi, visible_gpus
+from ddplaunch.dryrun import render_plan
+from ddplaunch.errors import LaunchError
+from ddplaunch.numa import Sysfs, cpus_for_workers, format_cpulist, parse_cpulist, parse_mode
+from ddplaunch.plan import PlanInputs, Program, build_plan
+from ddplaunch.workers import WorkerTree
 from numa_fakes import DUAL, FLAT, GRACE, SNC, TWO_CPUS, Box, build_sysfs, gpus_of, install_fake_machine, sysfs_address
 
 MODES = ("node", "socket", "exclusive", "core-complex")
@@ -333,7 +333,7 @@ def test_dry_run_shows_a_cpus_column_only_when_bound() -> None:
 
 def test_discovery_reads_the_bus_ids_a_fake_nvidia_smi_prints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The query the launcher really runs, answered by the fake the CLI tests use."""
-    from launcher.devices import discover_gpus
+    from ddplaunch.devices import discover_gpus
 
     bin_dir, root = install_fake_machine(tmp_path, DUAL)
     monkeypatch.setenv("PATH", str(bin_dir))

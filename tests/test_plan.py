@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import pytest
 
-from launcher.devices import DeviceMap, Gpu, default_device_map, map_gpu_ids
-from launcher.dryrun import render_plan
-from launcher.errors import LaunchError
-from launcher.logs import rank_prefixes
-from launcher.plan import (
+from ddplaunch.devices import DeviceMap, Gpu, default_device_map, map_gpu_ids
+from ddplaunch.dryrun import render_plan
+from ddplaunch.errors import LaunchError
+from ddplaunch.logs import rank_prefixes
+from ddplaunch.plan import (
     RANK_VARIABLES,
     PlanInputs,
     Program,

@@ -18,16 +18,16 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from launcher.channel import AgentChannel
-from launcher.detect import HostlistError, expand_hostlist, first_host, hostlist_size
-from launcher.devices import parse_gpu_ids
-from launcher.errors import LaunchError
-from launcher.frames import (
+from ddplaunch.channel import AgentChannel
+from ddplaunch.detect import HostlistError, expand_hostlist, first_host, hostlist_size
+from ddplaunch.devices import parse_gpu_ids
+from ddplaunch.errors import LaunchError
+from ddplaunch.frames import (
     ATTEMPT_END, DATA, EXIT, LAST_KIND, READY, SYNC, FrameError, FrameReader, encode, encode_exit, encode_ready,
 )
-from launcher.hosts import parse_hostfile, parse_hosts_flag
-from launcher.known_hosts import KnownHostKey, check_host_key, parse_line
-from launcher.options import parse_local_ranks, parse_ranks
+from ddplaunch.hosts import parse_hostfile, parse_hosts_flag
+from ddplaunch.known_hosts import KnownHostKey, check_host_key, parse_line
+from ddplaunch.options import parse_local_ranks, parse_ranks
 
 pytestmark = pytest.mark.unit
 
@@ -326,7 +326,7 @@ def test_read_out_keeps_good_frames_and_names_the_first_bad_one() -> None:
 
 
 def _option_names() -> list[tuple[str, bool]]:
-    import cli
+    import ddplaunch.cli as cli
 
     names = []
     for param in cli.command.params:
@@ -355,7 +355,7 @@ def test_random_command_lines_with_dry_run_exit_0_or_2_without_a_traceback(
 ) -> None:
     from click.testing import CliRunner
 
-    import cli
+    import ddplaunch.cli as cli
 
     base = tmp_path_factory.getbasetemp()
     script = base / "train.py"

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from launcher.protocol import END_KINDS, AttemptEnd, Referee, job_exit_code
+from ddplaunch.protocol import END_KINDS, AttemptEnd, Referee, job_exit_code
 
 pytestmark = pytest.mark.unit
 
@@ -130,8 +130,8 @@ def test_a_verdict_that_comes_after_a_nodes_attempt_ended_is_not_the_next_attemp
     the next attempt as soon as it starts (it did: a restart over SSH then failed at random)."""
     import os
 
-    from launcher.agent import HeadLink
-    from launcher.frames import end_line, go_line
+    from ddplaunch.agent import HeadLink
+    from ddplaunch.frames import end_line, go_line
 
     head_reads, agent_out = os.pipe()
     agent_in, head_writes = os.pipe()  # never closed: at its end of file the link SIGTERMs us

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.protocol import AttemptEnd
-from launcher.lifeline import Gone, Hearing, beat_interval
-from launcher.rendezvous import JobShape, join_timeout_message, missing_ranks, shape_mismatch, silent_end
+from ddplaunch.protocol import AttemptEnd
+from ddplaunch.lifeline import Gone, Hearing, beat_interval
+from ddplaunch.rendezvous import JobShape, join_timeout_message, missing_ranks, shape_mismatch, silent_end
 
 pytestmark = pytest.mark.unit
 

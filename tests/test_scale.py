@@ -1,6 +1,6 @@
 """Many ranks on one node under a small open-files limit, and many SSH hosts at once.
 
-The launcher needs descriptors per rank (launcher.limits): it raises its soft limit up to the
+The launcher needs descriptors per rank (ddplaunch.limits): it raises its soft limit up to the
 hard one when that is enough, gives each worker the original soft limit back, and refuses
 with exit 2, starting nothing, when even the hard limit is too small.
 """
@@ -16,7 +16,7 @@ import pytest
 from helpers_cli import TOKEN_VARIABLE, launcher_argv, processes_with_token, wait_until, write_script
 from sshd import SshdPool, start_sshd_pool
 
-from launcher.limits import FIXED, PER_WORKER_LOG, PER_WORKER_PIPES, SPAWN_TRANSIENT, descriptors_needed
+from ddplaunch.limits import FIXED, PER_WORKER_LOG, PER_WORKER_PIPES, SPAWN_TRANSIENT, descriptors_needed
 
 TIMEOUT_S = 60
 

@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.agent import _read_line, receive_env
-from launcher.errors import LaunchError
-from launcher.fanout import Host, render_hosts
-from launcher.frames import BEAT_LINE, decode_env, env_line, go_line, parse_command
-from launcher.hosts import HostSpec
-from launcher.logs import Printer
-from launcher.plan import RANK_VARIABLES, is_env_name, parse_env_assignments, parse_env_file, resolve_env
-from launcher.secrets import hidden, looks_secret, redact, scrub, shown
-from launcher.ssh import SshTarget
+from ddplaunch.agent import _read_line, receive_env
+from ddplaunch.errors import LaunchError
+from ddplaunch.fanout import Host, render_hosts
+from ddplaunch.frames import BEAT_LINE, decode_env, env_line, go_line, parse_command
+from ddplaunch.hosts import HostSpec
+from ddplaunch.logs import Printer
+from ddplaunch.plan import RANK_VARIABLES, is_env_name, parse_env_assignments, parse_env_file, resolve_env
+from ddplaunch.secrets import hidden, looks_secret, redact, scrub, shown
+from ddplaunch.ssh import SshTarget
 
 pytestmark = pytest.mark.unit
 
@@ -296,8 +296,8 @@ def test_the_ssh_dry_run_hides_secret_values_and_its_command_line_holds_none() -
 
 
 def test_the_dry_run_table_hides_secret_values(tmp_path: Path) -> None:
-    from launcher.dryrun import render_plan
-    from launcher.plan import build_plan
+    from ddplaunch.dryrun import render_plan
+    from ddplaunch.plan import build_plan
     from test_plan import inputs
 
     plan = build_plan(inputs(extra_env=(("WANDB_API_KEY", TOKEN), ("NCCL_DEBUG", "INFO"))))

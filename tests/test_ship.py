@@ -21,9 +21,9 @@ import pytest
 
 from helpers_sftp import LocalSftp
 from helpers_cli import TOKEN_VARIABLE, Run, processes_with_token, wait_until, write_script
-from launcher.agent import PythonFacts
-from launcher.fanout import preflight_problem, remote_command
-from launcher.ship import CACHE_VARIABLE, OLD_PYTHON, ZIP_TIME, AgentPlace, AgentZip, build_agent_zip, place_of, upload
+from ddplaunch.agent import PythonFacts
+from ddplaunch.fanout import preflight_problem, remote_command
+from ddplaunch.ship import CACHE_VARIABLE, OLD_PYTHON, ZIP_TIME, AgentPlace, AgentZip, build_agent_zip, place_of, upload
 from sshd import SshdPool, SshHome
 
 PYENV = Path("/root/.pyenv/versions")
@@ -61,7 +61,7 @@ def test_the_same_code_makes_the_same_zip_named_by_its_hash() -> None:
         entries = archive.infolist()
     names = [e.filename for e in entries]
     assert names[0] == "__main__.py" and names[1:] == sorted(names[1:])
-    assert "launcher/bootstrap/sitecustomize.py" in names and "launcher/ship.py" in names
+    assert "ddplaunch/bootstrap/sitecustomize.py" in names and "ddplaunch/ship.py" in names and "ddplaunch/cli.py" in names
     assert not any("__pycache__" in n or not n.endswith((".py", ".pyc")) for n in names)
     assert all(n[:-1] in names for n in names if n.endswith(".pyc"))  # bytecode only beside its source
     assert {e.date_time for e in entries} == {ZIP_TIME}
@@ -103,16 +103,16 @@ def test_the_zip_runs_as_the_launcher_from_bytecode_and_an_old_python_says_why_n
     assert b"Python 3.9.18 at" in old.stderr and b"needs Python 3.10 or newer" in old.stderr
     assert b"--python PATH" in old.stderr
     # This Python loads the modules' bytecode from the zip; another minor compiles the source.
-    where = "import sys; sys.path.insert(0, sys.argv[1]); import launcher.agent as a; print(a.__file__)"
+    where = "import sys; sys.path.insert(0, sys.argv[1]); import ddplaunch.agent as a; print(a.__file__)"
     for python, suffix in ((sys.executable, ".pyc"), (interpreter("3.12.1"), ".py")):
         loaded = subprocess.run([python, "-c", where, str(agent_zip)], capture_output=True, text=True, timeout=30)
-        assert loaded.stdout.strip() == f"{agent_zip}/launcher/agent{suffix}", loaded.stderr
+        assert loaded.stdout.strip() == f"{agent_zip}/ddplaunch/agent{suffix}", loaded.stderr
 
 
 def test_run_from_the_zip_the_bootstrap_is_written_into_the_jobs_private_folder(agent_zip: Path, tmp_path: Path) -> None:
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
-    code = (f"import sys; sys.path.insert(0, {str(agent_zip)!r}); from launcher import snapshot; "
+    code = (f"import sys; sys.path.insert(0, {str(agent_zip)!r}); from ddplaunch import snapshot; "
             f"snapshot.prepare_bootstrap({str(private)!r}); print(snapshot.bootstrap_dir())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -132,7 +132,7 @@ def fresh_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     venv = tmp_path_factory.mktemp("fresh") / "venv"
     subprocess.run([interpreter("3.11.7"), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     python = venv / "bin" / "python"
-    for module in ("launcher", "click", "psutil"):
+    for module in ("ddplaunch", "click", "psutil"):
         lacks = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, timeout=30, cwd=venv)
         assert lacks.returncode != 0, module  # not there
     return str(python)

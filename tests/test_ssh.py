@@ -18,9 +18,9 @@ import pytest
 from helpers_cli import wait_until
 from sshd import SshdPool, SshHome, SshServer, new_user_key, start_sshd_pool
 
-from launcher import known_hosts as kh
-from launcher.errors import LaunchError
-from launcher.ssh import SshError, SshTarget, connect, connect_all, resolve_target
+from ddplaunch import known_hosts as kh
+from ddplaunch.errors import LaunchError
+from ddplaunch.ssh import SshError, SshTarget, connect, connect_all, resolve_target
 
 FLAG = "--ssh-accept-new-host-keys"
 
@@ -436,7 +436,7 @@ def test_paramiko_logging_never_reaches_the_terminal(http_port: int) -> None:
     # last resort; in pytest the logging plugin hides that, so a fresh interpreter checks it.
     code = (
         "import sys\n"
-        "from launcher.ssh import SshError, SshTarget, connect\n"
+        "from ddplaunch.ssh import SshError, SshTarget, connect\n"
         f"target = SshTarget('web', '127.0.0.1', {http_port}, 'root', ())\n"
         "try:\n"
         "    connect(target, accept_new_host_keys=False, timeout=5)\n"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.snapshot import ProcessStacks, ProcessState, RankSnapshot, StackFrame, ThreadStack
-from launcher.stackreport import (
+from ddplaunch.snapshot import ProcessStacks, ProcessState, RankSnapshot, StackFrame, ThreadStack
+from ddplaunch.stackreport import (
     StackGroup, compact_ranks, cpu_text, display_path, fit, frame_window, group_snapshots, headline, is_user_frame,
     memory_text, output_text, render_details, render_others, render_report,
 )
@@ -74,7 +74,7 @@ def test_the_renderer_imports_only_the_standard_library_and_the_snapshot_types()
     tree = ast.parse(source.read_text(encoding="utf-8"))
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported == {"__future__", "re", "collections.abc", "dataclasses", "launcher.snapshot"}
+    assert imported == {"__future__", "re", "collections.abc", "dataclasses", "ddplaunch.snapshot"}
 
 
 # -- compact_ranks, is_user_frame, headline ------------------------------------------------------

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from helpers_cli import interpreter
 
-from launcher import procfs
-from launcher.snapshot import BOOTSTRAP_DIR, STACK_SIGNAL, STACKS_VARIABLE, ProcessStacks, StackFrame, stacks_variable
-from launcher.stackparse import parse_faulthandler, parse_py_spy, parse_frame, unescape
-from launcher.stacks import (
+from ddplaunch import procfs
+from ddplaunch.snapshot import BOOTSTRAP_DIR, STACK_SIGNAL, STACKS_VARIABLE, ProcessStacks, StackFrame, stacks_variable
+from ddplaunch.stackparse import parse_faulthandler, parse_py_spy, parse_frame, unescape
+from ddplaunch.stacks import (
     PY_SPY_VARIABLE, DumpFile, Target, capture_now, find_py_spy, prepare_bootstrap, read_dump_file, with_bootstrap,
 )
 
@@ -249,7 +249,7 @@ else:
 
 def test_four_gloo_ranks_three_in_all_reduce_one_elsewhere(workers: Workers) -> None:
     script = workers.script("gloo.py", GLOO_JOB)
-    port = str(__import__("launcher.ports", fromlist=["pick_free_port"]).pick_free_port())
+    port = str(__import__("ddplaunch.ports", fromlist=["pick_free_port"]).pick_free_port())
     base = with_bootstrap(os.environ, workers.stack_dir)
     ranks = [
         workers.python(script, env={**base, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers_cli import TOKEN_VARIABLE, Run, processes_with_token, wait_until, write_script
-from launcher.ports import pick_free_port
+from ddplaunch.ports import pick_free_port
 from sshd import SshdPool, SshHome
 
 # A line every 0.2 s from a thread until the rank is in place, so that no stall is seen while

@@ -13,14 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from launcher.frames import (
+from ddplaunch.frames import (
     STACKS, SYNC, FrameReader, decode_stacks_request, encode, go_line, parse_command, stacks_line,
 )
-from launcher.hangs import ANSWER_WAIT_S, STALL_GAP_S, StackReporter
-from launcher.headstacks import AgentStacks
-from launcher.options import Stall
-from launcher.protocol import StackAnswer
-from launcher.snapshot import ProcessStacks, RankSnapshot, StackFrame, ThreadStack
+from ddplaunch.hangs import ANSWER_WAIT_S, STALL_GAP_S, StackReporter
+from ddplaunch.headstacks import AgentStacks
+from ddplaunch.options import Stall
+from ddplaunch.protocol import StackAnswer
+from ddplaunch.snapshot import ProcessStacks, RankSnapshot, StackFrame, ThreadStack
 
 pytestmark = pytest.mark.unit
 
@@ -117,7 +117,7 @@ class Clock:
 
 
 class FakeCapture:
-    """Stands in for launcher.stacks.StackCapture: done when the test says so."""
+    """Stands in for ddplaunch.stacks.StackCapture: done when the test says so."""
 
     def __init__(self, targets: list[SimpleNamespace], timeout_s: float | None, host: str) -> None:
         self.targets, self.timeout_s, self.host = targets, timeout_s, host
@@ -270,7 +270,7 @@ def test_a_stall_asks_every_node_twice_a_gap_apart_and_shows_both(tmp_path: obje
 
 
 def test_the_agent_takes_the_heads_stack_request_and_answers_in_a_frame() -> None:
-    from launcher.agent import HeadLink
+    from ddplaunch.agent import HeadLink
 
     head_reads, agent_out = os.pipe()
     agent_in, head_writes = os.pipe()  # never closed: at its end of file the link SIGTERMs us

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers_cli import processes_with_token, wait_until, write_script
-from launcher.ports import pick_free_port
+from ddplaunch.ports import pick_free_port
 
 ENV_DUMP = """
 import json, os, sys

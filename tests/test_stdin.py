@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from helpers_cli import TerminalRun, processes_with_token, run_cli, table_column, wait_until, write_script
-from launcher.dryrun import stdin_line
-from launcher.errors import LaunchError
-from launcher.frames import STDIN_EOF_LINE, decode_stdin
-from launcher.options import parse_stdin
-from launcher.stdin_relay import PIECE_BYTES, PIECES_IN_FLIGHT, ForwardedStdin, StdinPipe
+from ddplaunch.dryrun import stdin_line
+from ddplaunch.errors import LaunchError
+from ddplaunch.frames import STDIN_EOF_LINE, decode_stdin
+from ddplaunch.options import parse_stdin
+from ddplaunch.stdin_relay import PIECE_BYTES, PIECES_IN_FLIGHT, ForwardedStdin, StdinPipe
 
 BREAKPOINT = """
 x = 41
@@ -86,7 +86,7 @@ def test_a_closed_stdin_reads_as_empty(tmp_path: Path, job_env: dict[str, str]) 
 
     script = write_script(tmp_path / "read.py", READ_ALL)
     log_dir = tmp_path / "logs"  # the launcher opens its log files before it starts the workers
-    argv = [sys.executable, "-m", "launcher", "--log-dir", str(log_dir), "--nproc", "2", script]
+    argv = [sys.executable, "-m", "ddplaunch", "--log-dir", str(log_dir), "--nproc", "2", script]
     done = subprocess.run(
         ["sh", "-c", 'exec "$@" <&-', "sh", *argv], cwd=tmp_path, env=job_env, capture_output=True, timeout=30
     )
@@ -184,8 +184,8 @@ def test_parse_stdin_refuses(text: str, world_size: int, message: str) -> None:
     ],
 )
 def test_dry_run_stdin_line(nnodes: int, node_rank: int, stdin_rank: int | None, line: str) -> None:
-    from launcher.devices import default_device_map
-    from launcher.plan import PlanInputs, Program, build_plan
+    from ddplaunch.devices import default_device_map
+    from ddplaunch.plan import PlanInputs, Program, build_plan
 
     inputs = PlanInputs(
         program=Program("script", "train.py"), nproc=2, master_addr="10.0.0.1", master_port=29500, run_id="r",

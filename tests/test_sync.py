@@ -19,8 +19,8 @@ import pytest
 from helpers_cli import TOKEN_VARIABLE, Run, processes_with_token, wait_until
 from helpers_screen import run_on_terminal
 
-from launcher.ship import CACHE_VARIABLE
-from launcher.syncplan import MANIFEST_NAME
+from ddplaunch.ship import CACHE_VARIABLE
+from ddplaunch.syncplan import MANIFEST_NAME
 from sshd import SshdPool, SshHome
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,7 +223,7 @@ def test_a_terminal_shows_each_hosts_progress_while_it_syncs(
         write(project, f"pkg{i % 8}/m{i}.py", "x = 1\n" * 200)
     write(project, "worker.py", "print('ran')")
     env = ssh_home.env({**job_env, CACHE_VARIABLE: str(cache), "COLUMNS": "100"})
-    argv = [sys.executable, "-m", "launcher", "--hosts", "host1", "--sync", "worker.py"]
+    argv = [sys.executable, "-m", "ddplaunch", "--hosts", "host1", "--sync", "worker.py"]
     code, screen = run_on_terminal(argv, cwd=project, env=env, size=(100, 30), timeout=60)
     text = screen.decode("utf-8", "replace")
     assert code == 0, text

@@ -1,6 +1,6 @@
 """--sync without a server: the pure parts (the host's record, sizes, the remote folder, the
 script's path in the copy, what a run and a dry run say) by tables, and one host's sync
-(launcher.sync.sync_host) against this machine's disk through a fake SFTP client, where
+(ddplaunch.sync.sync_host) against this machine's disk through a fake SFTP client, where
 faults can be injected: deletes before sends, a file that became a folder, a link that became
 a file, an exec bit lost, and a sync cut short that leaves no row that lies."""
 
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from helpers_sftp import LocalSftp
 
-from launcher.errors import LaunchError
-from launcher.job import refuse_sync_without_hosts
-from launcher.sync import (
+from ddplaunch.errors import LaunchError
+from ddplaunch.job import refuse_sync_without_hosts
+from ddplaunch.sync import (
     HostProgress, SyncSource, dry_run_lines, source_of, summaries, sync_host, why_failed, Hasher, Unwritable,
 )
-from launcher.syncplan import (
+from ddplaunch.syncplan import (
     MANIFEST_NAME, Delta, FileRecord, default_remote_dir, interim_manifest, manifest_bytes, manifest_from_bytes,
     parse_size, script_in_copy, select_files,
 )

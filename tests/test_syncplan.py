@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.syncplan import Entry, build_manifest, plan_delta, select_files, sha256_file
+from ddplaunch.syncplan import Entry, build_manifest, plan_delta, select_files, sha256_file
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "-c", "init.defaultBranch=main"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.errors import LaunchError
-from launcher.syncplan import (
+from ddplaunch.errors import LaunchError
+from ddplaunch.syncplan import (
     DEFAULT_SYNC_MAX_BYTES, Entry, FileRecord, build_manifest, check_size, is_excluded, needs_hash, parse_ls_files,
     plan_delta, skipped_outside_git,
 )

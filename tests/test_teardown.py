@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from launcher.teardown import DRAIN_AFTER_DEATH_S, Teardown
+from ddplaunch.teardown import DRAIN_AFTER_DEATH_S, Teardown
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import command
+from ddplaunch.cli import command
 from helpers_cli import (
     REPO,
     cli_env,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.copies import CopyingPrinter
-from launcher.decide import (
+from ddplaunch.copies import CopyingPrinter
+from ddplaunch.decide import (
     C10D_DEFAULT_PORT,
     Facts,
     check_capacity,
@@ -22,14 +22,14 @@ from launcher.decide import (
     notes_of,
     rendezvous_address,
 )
-from launcher.devices import DeviceMap, Gpu, default_device_map, map_gpu_ids
-from launcher.dryrun import render_plan, terminal_line
-from launcher.errors import LaunchError
-from launcher.fanout import Host, agent_argv, check_for_hosts, head_filter
-from launcher.hosts import HostSpec
-from launcher.logs import Printer
-from launcher.modules import find_module, worker_sys_path
-from launcher.options import (
+from ddplaunch.devices import DeviceMap, Gpu, default_device_map, map_gpu_ids
+from ddplaunch.dryrun import render_plan, terminal_line
+from ddplaunch.errors import LaunchError
+from ddplaunch.fanout import Host, agent_argv, check_for_hosts, head_filter
+from ddplaunch.hosts import HostSpec
+from ddplaunch.logs import Printer
+from ddplaunch.modules import find_module, worker_sys_path
+from ddplaunch.options import (
     Options,
     StdSpec,
     TerminalFilter,
@@ -42,9 +42,9 @@ from launcher.options import (
     parse_std,
     seconds,
 )
-from launcher.plan import RUN_PATH_CODE, PlanInputs, Program, build_plan
-from launcher.ssh import SshTarget
-from launcher.supervisor import RELAYED_SIGNALS, STOP_SIGNALS, SignalPlan
+from ddplaunch.plan import RUN_PATH_CODE, PlanInputs, Program, build_plan
+from ddplaunch.ssh import SshTarget
+from ddplaunch.supervisor import RELAYED_SIGNALS, STOP_SIGNALS, SignalPlan
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ the signal when the script wants it, then run the sitecustomize this one shadows
 
 It runs before the user's code in every worker, so it imports only built-in modules that are
 already loaded (no threading, no `signal`: `_signal` is its built-in half) and it never raises:
-a broken bootstrap must never break the user's script. It cannot import launcher.snapshot
+a broken bootstrap must never break the user's script. It cannot import ddplaunch.snapshot
 (the worker may not see the launcher's package), so the contract's names are repeated here.
 """
 
@@ -18,8 +18,8 @@ import faulthandler
 import os
 import sys
 
-_VARIABLE = "DDPLAUNCH_STACKS"  # launcher.snapshot.STACKS_VARIABLE
-_HEADER = "ddplaunch-stacks"  # launcher.snapshot.HEADER_WORD
+_VARIABLE = "DDPLAUNCH_STACKS"  # ddplaunch.snapshot.STACKS_VARIABLE
+_HEADER = "ddplaunch-stacks"  # ddplaunch.snapshot.HEADER_WORD
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # faulthandler prints a thread id as "0x" and sizeof(unsigned long) * 2 hex digits
 _IDENT_DIGITS = 16 if sys.maxsize > 2**32 else 8
