@@ -302,10 +302,12 @@ class SyncRow(NodeRow):
         return f"second <= plain + {SYNC_EXTRA_S:g} s"
 
     def ok(self) -> bool | None:
+        if self.errors:  # a series that did not do what its name says (not up to date, ...) fails the row
+            return False
         second, plain = self.median("second"), self.median("plain")
         if second is None or plain is None:
             return None
-        return second <= plain + SYNC_EXTRA_S and self.leftovers_ok() and not self.errors
+        return second <= plain + SYNC_EXTRA_S and self.leftovers_ok()
 
     def cells(self) -> tuple[str, str, str, str]:
         ratio = self.ratio()
