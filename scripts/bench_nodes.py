@@ -730,10 +730,10 @@ def run_sync(nodes: Nodes, series: str, tree: SyncTree, cache: Path, extra: dict
 
 
 def sync_seconds(series: str, said: Sequence[str], tree: SyncTree, hosts: str) -> float:
-    """The seconds of the head's one --sync line, which must say that every host got the whole
-    tree (first) or was up to date (second): anything else fails the row, with the lines said."""
+    """The seconds of the head's --sync line, which must say that every host got the whole tree
+    (first) or was up to date (second), all on one line: anything else fails the row, with the lines said."""
     names = hosts.replace(",", ", ")
-    for line in said if len(said) == 1 else ():
+    for line in said:
         if series == "first" and (m := SYNC_SENT.search(line)):
             if (m[2], int(m[3]), m[4], int(m[5])) == (names, tree.files, human_bytes(tree.bytes), 0):
                 return float(m[1])
@@ -742,7 +742,7 @@ def sync_seconds(series: str, said: Sequence[str], tree: SyncTree, hosts: str) -
                 return float(m[1])
     wanted = (f"sent {tree.files} files ({human_bytes(tree.bytes)}), 0 unchanged" if series == "first"
               else f"up to date ({tree.files} files)")
-    raise RuntimeError(f"sync {series}: the head said {list(said)}, not one line '{names}: {wanted}'")
+    raise RuntimeError(f"sync {series}: the head said {list(said)}, not '{names}: {wanted}'")
 
 
 def count_copy(copy: Path) -> int:

@@ -58,6 +58,7 @@ def test_the_head_s_line_gives_the_sync_s_seconds(series: str, said: list[str], 
                 "ddplaunch: --sync 0.1 s: bench2: sent 1 file (8 B), 1999 unchanged"]),  # hosts differ
     ("second", []),  # no --sync at all
     ("first", ["ddplaunch: --sync 0.1 s: bench1, bench2: up to date (2000 files)"]),  # a copy was there
+    ("first", ["ddplaunch: --sync 5.5 s: bench1: sent 2000 files (50.0 MiB), 0 unchanged"]),  # a host missing
     ("first", ["ddplaunch: --sync 5.5 s: bench1, bench2: sent 1999 files (50.0 MiB), 1 unchanged"]),
     ("first", ["ddplaunch: --sync 5.5 s: bench1, bench2: sent 2000 files (49.9 MiB), 0 unchanged"]),
 ])
