@@ -111,8 +111,8 @@ def render(rows: list[Row], node_rows: Sequence[NodeRow] = (), stack_rows: Seque
     return "\n".join(lines)
 
 
-def to_json(rows: list[Row], meta: dict, node_rows: Sequence[NodeRow] = (),
-            stack_rows: Sequence[StackRow] = ()) -> dict:
+def to_json(rows: list[Row], meta: dict[str, Any], node_rows: Sequence[NodeRow] = (),
+            stack_rows: Sequence[StackRow] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {"meta": meta, "results": {}}
     others: list[NodeRow | StackRow] = [*node_rows, *stack_rows]
     for other in others:

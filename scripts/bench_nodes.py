@@ -481,7 +481,7 @@ def read_stamp(path: Path) -> float | None:
         return None
 
 
-def wait_exits(procs: list[subprocess.Popen], timeout: float) -> list[float | None]:
+def wait_exits(procs: list[subprocess.Popen[bytes]], timeout: float) -> list[float | None]:
     """benchlib.wait_exit for several processes at once (a thread each): when each one exited."""
     results: list[float | None] = [None] * len(procs)
 
@@ -772,7 +772,7 @@ def run_crossnode(nodes: Nodes, tool: str, extra: dict[str, Any]) -> tuple[float
     outdir = Path(tempfile.mkdtemp(prefix=f"crossnode-{tool}-", dir=bench.workdir))
     port = free_port()
     token = bench.new_token()
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes]] = []
     logs = [outdir / f"node{r}.log" for r in (0, 1)]
     try:
         for node_rank, log_path in enumerate(logs):
