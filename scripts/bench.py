@@ -7,6 +7,7 @@ Run it from the repository root with the project's virtualenv:
     .venv/bin/python scripts/bench.py --reps 9 --json results.json
     .venv/bin/python scripts/bench.py --only nodes # only the multi-node rows (--no-nodes: all but them)
     .venv/bin/python scripts/bench.py --only stacks --reps 3   # only the stack-report rows
+    .venv/bin/python scripts/bench.py --only sync --reps 3     # --sync of a 2,000-file, 50 MiB tree to 2 hosts
 
 Both tools are run as their console scripts, taken from next to sys.executable (else from
 PATH): `ddplaunch --nproc N ...` and `torchrun --standalone --nproc-per-node N ...`. Within
@@ -34,8 +35,10 @@ What is measured (all worker scripts are written to a fresh temporary directory)
              node 1 -> node 0's workers stopped and its launcher exited (<= 2 s; torchrun's
              node 0 never stops), 4 x 50,000 lines through SSH against one node (0 lost), and
              the connect phase of 16 hosts against 2 (<= 2.0), and 2 hosts to all workers running
-             with the agent sent vs already cached (first <= cached + 0.5 s).
-             `--only hosts,crossnode,sshlines,connect16,ship` picks single ones.
+             with the agent sent vs already cached (first <= cached + 0.5 s), and --sync of a
+             generated 2,000-file, 50 MiB tree to 2 hosts: first (all sent) and second (up to
+             date) against no --sync (second <= plain + 0.5 s; at most 3 repetitions).
+             `--only hosts,crossnode,sshlines,connect16,ship,sync` picks single ones.
 
 This module is the entry: the options, which rows run, the report. The three row modules
 share their helpers through scripts/benchlib.py and do not import each other.
@@ -108,8 +111,8 @@ def render(rows: list[Row], node_rows: Sequence[NodeRow] = (), stack_rows: Seque
     return "\n".join(lines)
 
 
-def to_json(rows: list[Row], meta: dict, node_rows: Sequence[NodeRow] = (),
-            stack_rows: Sequence[StackRow] = ()) -> dict:
+def to_json(rows: list[Row], meta: dict[str, Any], node_rows: Sequence[NodeRow] = (),
+            stack_rows: Sequence[StackRow] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {"meta": meta, "results": {}}
     others: list[NodeRow | StackRow] = [*node_rows, *stack_rows]
     for other in others:
@@ -129,10 +132,10 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--only", metavar="LIST",
                         help="comma-separated subset: launch,teardown,lines,memory,orphans,ranks256; the stack reports' "
-                             "sigquit,nobootstrap, or 'stacks' for both; the multi-node hosts,crossnode,sshlines,connect16,ship, "
-                             "or 'nodes' for those five (default: all)")
+                             "sigquit,nobootstrap, or 'stacks' for both; the multi-node hosts,crossnode,sshlines,connect16,ship,sync, "
+                             "or 'nodes' for those six (default: all)")
     parser.add_argument("--no-nodes", action="store_true",
-                        help="skip the multi-node rows (hosts, crossnode, sshlines, connect16, ship)")
+                        help="skip the multi-node rows (hosts, crossnode, sshlines, connect16, ship, sync)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up launches")
     args = parser.parse_args()
     reps = 2 if args.quick else args.reps

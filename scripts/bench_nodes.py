@@ -37,17 +37,36 @@ the helpers they share with the single-node rows (bench_local.py) live in benchl
              sent (first) or not sent (cached) the agent, by the head's own stderr. The bytes
              sent per host are the zip's size. Ratio first / cached.
                                                                      target first <= cached + 0.5 s
+  sync       `--sync` (issue 11): `ddplaunch --hosts h1,h2 --nproc 1` started in a generated tree
+             (SYNC_FILES = 2,000 files, 50 MiB, 100 folders; made once per bench run from a fixed
+             seed, then removed; see make_tree), its worker a file of the tree that writes its
+             working directory into its ready file (no torch). Timed as the ship row (Popen to all
+             ready files), three series in turn per rep: "plain", no --sync (the hosts run in the
+             head's directory, which exists here); "first", --sync into a fresh empty cache
+             (DDPLAUNCH_AGENT_CACHE, holding the agent zip already, so only the tree goes); and
+             "second", --sync again into the same cache with nothing changed. Checked, by the head's
+             "--sync N.N s: ..." line, the workers' working directory and the copy itself: plain
+             ran in the tree; first sent every file to both hosts and the copy holds them all;
+             second said "up to date". Notes: second - plain, and the first sync's files/s and
+             MiB/s per host from the head's line (0.1 s resolution). At most SYNC_REPS reps
+             whatever --reps says (each first sync writes 2 x 50 MiB).
+                                                                     target second <= plain + 0.5 s
 
 The "hosts" are 8 OpenSSH servers (16 when connect16 runs) (scripts/sshd.py) on 127.0.1.40+
 of this one machine, reached through a throw-away HOME whose ~/.ssh/config names them bench1..: they
 share this machine's CPUs, so 8 hosts cost 4x the CPU of 2 hosts here (each node agent
 is a login shell plus a Python start). torchrun has no SSH mode: its column is n/a there.
+They also share its one filesystem and user: the sync row's two hosts write their copies to
+the same folder (each still reads an empty record and sends every file, so both transfers are
+made in full, but the disk writes land in one place).
 The pool is stopped, with every session it holds, in a finally block.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -58,7 +77,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import psutil
 from benchlib import (
@@ -82,8 +101,9 @@ from benchlib import (
 from sshd import SshdPool, SshHome, start_sshd_pool
 
 from ddplaunch.ship import CACHE_VARIABLE, AgentZip, build_agent_zip
+from ddplaunch.syncplan import MANIFEST_NAME, default_remote_dir, human_bytes, select_files
 
-NODE_KEYS = ("hosts", "crossnode", "sshlines", "connect16", "ship")
+NODE_KEYS = ("hosts", "crossnode", "sshlines", "connect16", "ship", "sync")
 POOL_FIRST_ADDRESS = "127.0.1.40"  # the test suite's servers use 127.0.1.2-9
 POOL_ALIAS = "bench"
 HOST_COUNTS = (2, 8)
@@ -98,6 +118,17 @@ SSH_RANKS = SSH_HOSTS * SSH_NPROC
 SHIP_HOSTS = 2
 SHIP_SERIES = ("first", "cached")
 SHIP_EXTRA_S = 0.5  # what sending the agent may add to a launch, once per version
+SYNC_HOSTS = 2
+SYNC_SERIES = ("plain", "first", "second")
+SYNC_EXTRA_S = 0.5  # the issue's "well under a second" more than a run without --sync, when nothing changed
+SYNC_REPS = 3  # at most, whatever --reps says: each first sync writes 2 x 50 MiB
+SYNC_SEED = 11
+SYNC_FILES = 2000  # every path the head picks: files, the two executables and the symlink
+SYNC_BYTES = 50 << 20  # their sizes together (a symlink's is its target's length, as --sync counts it)
+SYNC_PACKAGES, SYNC_MODULES = 20, 4  # pkgNN/ and pkgNN/modM/: 100 folders
+SYNC_LARGE = 8  # MB-sized files (a few MiB each) that carry most of the bytes; the rest are small .py files
+SYNC_WORKER = "sync_worker.py"  # the tree's script: the hosts row's worker, writing its working directory
+SYNC_LINK = "latest.py"
 START_TIMEOUT_S = 120.0  # from Popen until every worker runs (hosts) or rank 3 failed (crossnode)
 LEFTOVER_WAIT_S = 15.0  # after the head exited: until no worker, agent or SSH session is left
 POLL_S = 0.01
@@ -156,6 +187,25 @@ import os
 print("hello from rank", os.environ["RANK"], flush=True)
 """,
 }
+
+SYNC_WORKER_TEXT = """\
+import os, signal, sys, time
+rank = os.environ["RANK"]
+
+def put(name, text):
+    path = os.path.join(sys.argv[1], name)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(path + ".tmp", path)
+
+def on_term(signum, frame):
+    put("term-" + rank, repr(time.time()))
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, on_term)
+put("ready-" + rank, os.getcwd())  # the copy (--sync) or the head's directory (plain)
+time.sleep(60)
+"""
 
 
 # -- rows -------------------------------------------------------------------------------------
@@ -237,6 +287,35 @@ class ShipRow(NodeRow):
             "n/a (no SSH mode)",
             f"{secs(self.median('cached'))} (cached)",
             "n/a" if ratio is None else f"{ratio:.3f} (first/cached)",
+        )
+
+
+class SyncRow(NodeRow):
+    """series: "plain" (no --sync), "first" (the whole tree sent), "second" (up to date) -> seconds
+    from Popen to all workers running; extra["tree"]: what the tree holds."""
+
+    def ratio(self) -> float | None:
+        second, plain = self.median("second"), self.median("plain")
+        return second / plain if plain and second is not None else None
+
+    def target(self) -> str:
+        return f"second <= plain + {SYNC_EXTRA_S:g} s"
+
+    def ok(self) -> bool | None:
+        if self.errors:  # a series that did not do what its name says (not up to date, ...) fails the row
+            return False
+        second, plain = self.median("second"), self.median("plain")
+        if second is None or plain is None:
+            return None
+        return second <= plain + SYNC_EXTRA_S and self.leftovers_ok()
+
+    def cells(self) -> tuple[str, str, str, str]:
+        ratio = self.ratio()
+        return (
+            f"{secs(self.median('second'))} (second, up to date); {secs(self.median('first'))} (first)",
+            "n/a (no SSH mode)",
+            f"{secs(self.median('plain'))} (no --sync)",
+            "n/a" if ratio is None else f"{ratio:.3f} (second/plain)",
         )
 
 
@@ -350,6 +429,11 @@ HEAD_PHASES = {"connecting": b"ddplaunch: connecting to ", "connected": b"ddplau
 HEAD_NOTES = {"lost_host": b": its connection or agent ended without an exit status",
               "killed_at_once": b"again: killing all workers now",
               "sent_agent": b"ddplaunch: sending ddplaunch's agent "}
+# --sync's outcome, a line per outcome: "ddplaunch: --sync 3.1 s: h1, h2: sent 2000 files (50.0 MiB),
+# 0 unchanged" or "...: up to date (2000 files)" (its first line, "ddplaunch: --sync: DIR ...", is not one).
+SYNC_SAID = b"ddplaunch: --sync "
+SYNC_SENT = re.compile(r"--sync (\d+(?:\.\d+)?) s: (.+): sent (\d+) files? \((.+)\), (\d+) unchanged$")
+SYNC_UP_TO_DATE = re.compile(r"--sync (\d+(?:\.\d+)?) s: (.+): up to date \((\d+) files?\)$")
 
 
 class StderrWatch:
@@ -361,6 +445,7 @@ class StderrWatch:
         self.t0 = t0
         self.phases: dict[str, float | None] = dict.fromkeys(HEAD_PHASES)
         self.notes = dict.fromkeys(HEAD_NOTES, 0)
+        self.synced: list[str] = []  # the head's --sync outcome lines
         self.tail: list[str] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -372,7 +457,10 @@ class StderrWatch:
                     self.phases[name] = time.perf_counter() - self.t0
             for name, marker in HEAD_NOTES.items():
                 self.notes[name] += marker in line
-            self.tail = [*self.tail[-19:], line.decode("utf-8", "replace").rstrip()]
+            text = line.decode("utf-8", "replace").rstrip()
+            if SYNC_SAID in line:
+                self.synced.append(text)
+            self.tail = [*self.tail[-19:], text]
 
     def close(self) -> None:
         self.thread.join(timeout=5)  # the head is gone by now; its stderr ends with it
@@ -393,7 +481,7 @@ def read_stamp(path: Path) -> float | None:
         return None
 
 
-def wait_exits(procs: list[subprocess.Popen], timeout: float) -> list[float | None]:
+def wait_exits(procs: list[subprocess.Popen[bytes]], timeout: float) -> list[float | None]:
     """benchlib.wait_exit for several processes at once (a thread each): when each one exited."""
     results: list[float | None] = [None] * len(procs)
 
@@ -414,18 +502,117 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# -- the sync row's tree --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeFile:
+    """One path of the generated tree and its size in bytes (a link's: its target's length)."""
+
+    path: str
+    size: int
+    kind: Literal["small", "large", "executable", "worker", "link"]
+    target: str | None = None  # a link's
+
+
+def tree_layout(seed: int = SYNC_SEED) -> list[TreeFile]:
+    """The tree make_tree writes (pure, the same for a seed): SYNC_FILES paths of SYNC_BYTES
+    together in 100 folders. Sizes are skewed as in a code base with a few data files: small
+    .py files of log-normal size (median ~2 KB, at most 64 KiB), SYNC_LARGE files that take
+    the rest (a few MiB each), two executables and a symlink at the top."""
+    rng = random.Random(seed)
+    folders = [f"pkg{p:02d}" + ("" if m < 0 else f"/mod{m}") for p in range(SYNC_PACKAGES) for m in range(-1, SYNC_MODULES)]
+    small_count = SYNC_FILES - SYNC_LARGE - 4  # the worker, the link and two executables
+    small = [TreeFile(f"{folders[i % len(folders)]}/m{i:04d}.py", min(max(int(rng.lognormvariate(7.6, 1.0)), 64), 64 << 10),
+                      "small") for i in range(small_count)]
+    link_target = small[0].path
+    fixed = [
+        TreeFile(SYNC_WORKER, len(SYNC_WORKER_TEXT.encode()), "worker"),
+        TreeFile(SYNC_LINK, len(link_target.encode()), "link", link_target),
+        TreeFile("pkg00/mod0/prepare.sh", 512, "executable"),
+        TreeFile("pkg10/mod2/run.sh", 512, "executable"),
+    ]
+    rest = SYNC_BYTES - sum(f.size for f in [*small, *fixed])
+    weights = [rng.uniform(1.0, 3.0) for _ in range(SYNC_LARGE)]
+    sizes = [int(rest * w / sum(weights)) for w in weights]
+    sizes[-1] += rest - sum(sizes)
+    large = [TreeFile(f"pkg{2 * k:02d}/weights-{k}.bin", size, "large") for k, size in enumerate(sizes)]
+    return [*fixed, *small, *large]
+
+
+def file_bytes(item: TreeFile, seed: int) -> bytes:
+    """Its content: Python-like text for the small files, a shell script padded with comments for
+    the executables, pseudo-random bytes for the large ones (SSH sends them as they are)."""
+    if item.kind == "worker":
+        return SYNC_WORKER_TEXT.encode()
+    if item.kind == "large":
+        return random.Random(f"{seed}:{item.path}").randbytes(item.size)
+    head = "#!/bin/sh\necho ready\n" if item.kind == "executable" else f"# {item.path}\n"
+    body = "# padding\n" if item.kind == "executable" else "def step(x):\n    return x * 2 + 1\n\n"
+    text = head + body * (item.size // len(body) + 1)
+    return text.encode()[:item.size]
+
+
+@dataclass(frozen=True)
+class SyncTree:
+    """The tree as written, and what it holds (as --sync picks it)."""
+
+    root: Path
+    files: int
+    bytes: int
+    folders: int
+    layout: tuple[TreeFile, ...]
+
+    def facts(self) -> dict[str, Any]:
+        small = sorted(f.size for f in self.layout if f.kind == "small")
+        large = [f.size for f in self.layout if f.kind == "large"]
+        return {"files": self.files, "bytes": self.bytes, "folders": self.folders, "small": len(small),
+                "small_median": small[len(small) // 2], "large": len(large), "large_bytes": sum(large),
+                "executables": sum(f.kind == "executable" for f in self.layout),
+                "links": sum(f.kind == "link" for f in self.layout), "seed": SYNC_SEED}
+
+
+def make_tree(root: Path, seed: int = SYNC_SEED) -> SyncTree:
+    """Write tree_layout(seed) under root, a plain folder (not a git repo: --sync walks it, which is
+    what a directory outside git costs; a work tree would add one `git ls-files`), and check that
+    --sync's own picker sees exactly SYNC_FILES paths of SYNC_BYTES there."""
+    layout = tree_layout(seed)
+    for item in layout:
+        path = root / item.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if item.kind == "link":
+            assert item.target is not None
+            path.symlink_to(item.target)
+            continue
+        path.write_bytes(file_bytes(item, seed))
+        if item.kind == "executable":
+            path.chmod(0o755)
+    picked = select_files(root)
+    folders = sum(len(dirs) for _, dirs, _ in os.walk(root))
+    tree = SyncTree(root, len(picked), sum(entry.size for entry in picked), folders, tuple(layout))
+    if (tree.files, tree.bytes) != (SYNC_FILES, SYNC_BYTES) or sum(e.executable for e in picked) != 2:
+        raise RuntimeError(f"sync: --sync would pick {tree.files} paths of {tree.bytes:,} bytes in {root}, not "
+                           f"{SYNC_FILES} of {SYNC_BYTES:,} (is the bench's folder inside a git work tree?)")
+    return tree
+
+
 # -- the measurements -----------------------------------------------------------------------------
 
 
 def run_hosts(nodes: Nodes, count: int, extra: dict[str, Any], *, label: str = "hosts",
-              cache: Path | None = None) -> float:
+              cache: Path | None = None, options: Sequence[str] = (), cwd: Path | None = None,
+              script: str | None = None, on_ready: Callable[[Path], None] | None = None) -> float:
     """Seconds from Popen to all `count` workers running; then SIGTERM, and nothing may be left.
-    `cache`: the hosts' agent cache (DDPLAUNCH_AGENT_CACHE), else their default one."""
+    `cache`: the hosts' agent cache (DDPLAUNCH_AGENT_CACHE), else their default one. `options`
+    go before the script (default: the bench's ready_sleep.py), which the head runs from `cwd`
+    (else the bench's own); `on_ready` sees the ready files' folder once all are there (untimed)."""
     bench = nodes.bench
     ready = Path(tempfile.mkdtemp(prefix=f"{label.replace(' ', '-')}{count}-", dir=bench.workdir))
     token = bench.new_token()
-    argv = [nodes.ddplaunch, "--hosts", nodes.hosts(count), "--nproc", "1", "--env", f"BENCH_TOKEN={token}",
-            str(bench.workdir / "ready_sleep.py"), str(ready)]
+    # benchlib's start takes no folder to start in: `env -C` changes it and execs the head (same pid)
+    chdir = [] if cwd is None else ["env", "-C", str(cwd)]
+    argv = [*chdir, nodes.ddplaunch, "--hosts", nodes.hosts(count), "--nproc", "1", "--env", f"BENCH_TOKEN={token}",
+            *options, script or str(bench.workdir / "ready_sleep.py"), str(ready)]
     env = nodes.ssh_env()
     if cache is not None:
         env[CACHE_VARIABLE] = str(cache)
@@ -442,6 +629,8 @@ def run_hosts(nodes: Nodes, count: int, extra: dict[str, Any], *, label: str = "
                 raise Timeout(f"{count} hosts: workers not all running after {START_TIMEOUT_S:g} s")
             time.sleep(POLL_S)
         elapsed = time.perf_counter() - t0
+        if on_ready is not None:
+            on_ready(ready)
         proc.send_signal(signal.SIGTERM)
         if wait_exit(proc, timeout=30) is None:
             raise Timeout(f"{count} hosts: the head did not exit within 30 s of SIGTERM")
@@ -451,6 +640,8 @@ def run_hosts(nodes: Nodes, count: int, extra: dict[str, Any], *, label: str = "
             extra.setdefault(f"{name}_s", []).append(at)
         for name, times in watch.notes.items():
             extra.setdefault(name, []).append(times)
+        if "--sync" in options:
+            extra.setdefault("sync_said", []).append(watch.synced)
         extra.setdefault("exit_code_after_sigterm", []).append(proc.returncode)
         extra.setdefault("graceful", []).append(count_files(ready, "term-"))
         extra.setdefault("left_behind", []).append(procs + sessions)
@@ -513,6 +704,52 @@ def run_ship(nodes: Nodes, series: str, agent: AgentZip, cached: Path, extra: di
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def run_sync(nodes: Nodes, series: str, tree: SyncTree, cache: Path, extra: dict[str, Any]) -> float:
+    """run_hosts of the tree's worker, started in the tree, on SYNC_HOSTS hosts whose agent cache is
+    `cache` (the zip already there, so only --sync's work is added); "first" and "second" add
+    --sync. Then, untimed: did each series do what its name says?"""
+    ran_in: set[str] = set()
+
+    def look(ready: Path) -> None:
+        ran_in.update(p.read_text() for p in ready.glob("ready-*") if not p.name.endswith(".tmp"))
+
+    elapsed = run_hosts(nodes, SYNC_HOSTS, extra, label=f"sync {series}", cache=cache, cwd=tree.root,
+                        options=() if series == "plain" else ("--sync",), script=SYNC_WORKER, on_ready=look)
+    if extra["sent_agent"][-1]:
+        raise RuntimeError(f"sync {series}: the head sent its agent, so this time is not --sync's alone")
+    copy = default_remote_dir(str(cache), socket.gethostname(), str(tree.root))
+    where = str(tree.root) if series == "plain" else copy
+    if ran_in != {where}:
+        raise RuntimeError(f"sync {series}: the workers ran in {sorted(ran_in)}, not in {where}")
+    if series == "plain":
+        return elapsed
+    extra.setdefault("sync_s", []).append(sync_seconds(series, extra["sync_said"][-1], tree, nodes.hosts(SYNC_HOSTS)))
+    if series == "first" and (held := count_copy(Path(copy))) != tree.files:
+        raise RuntimeError(f"sync first: the copy at {copy} holds {held} paths, not {tree.files}")
+    return elapsed
+
+
+def sync_seconds(series: str, said: Sequence[str], tree: SyncTree, hosts: str) -> float:
+    """The seconds of the head's --sync line, which must say that every host got the whole tree
+    (first) or was up to date (second), all on one line: anything else fails the row, with the lines said."""
+    names = hosts.replace(",", ", ")
+    for line in said:
+        if series == "first" and (m := SYNC_SENT.search(line)):
+            if (m[2], int(m[3]), m[4], int(m[5])) == (names, tree.files, human_bytes(tree.bytes), 0):
+                return float(m[1])
+        if series == "second" and (m := SYNC_UP_TO_DATE.search(line)):
+            if (m[2], int(m[3])) == (names, tree.files):
+                return float(m[1])
+    wanted = (f"sent {tree.files} files ({human_bytes(tree.bytes)}), 0 unchanged" if series == "first"
+              else f"up to date ({tree.files} files)")
+    raise RuntimeError(f"sync {series}: the head said {list(said)}, not '{names}: {wanted}'")
+
+
+def count_copy(copy: Path) -> int:
+    """Files and links in a host's copy, its own record aside."""
+    return sum(len([n for n in names if n != MANIFEST_NAME]) for _, _, names in os.walk(copy))
+
+
 def static_argv(nodes: Nodes, tool: str, node_rank: int, port: int, outdir: Path) -> list[str]:
     common = ["--nnodes", "2", "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
     script = [str(nodes.bench.workdir / "crossnode.py"), str(outdir)]
@@ -535,7 +772,7 @@ def run_crossnode(nodes: Nodes, tool: str, extra: dict[str, Any]) -> tuple[float
     outdir = Path(tempfile.mkdtemp(prefix=f"crossnode-{tool}-", dir=bench.workdir))
     port = free_port()
     token = bench.new_token()
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes]] = []
     logs = [outdir / f"node{r}.log" for r in (0, 1)]
     try:
         for node_rank, log_path in enumerate(logs):
@@ -633,7 +870,7 @@ def measure_nodes(bench: Bench, reps: int, selected: set[str]) -> list[NodeRow]:
     nodes = Nodes(bench)
     rows: list[NodeRow] = []
     try:
-        if selected & {"hosts", "sshlines", "connect16", "ship"}:
+        if selected & {"hosts", "sshlines", "connect16", "ship", "sync"}:
             t0 = time.perf_counter()
             size = max(HOST_COUNTS + (CONNECT_COUNTS if "connect16" in selected else ()))
             nodes.pool = start_sshd_pool(size, bench.workdir / "sshd",
@@ -651,6 +888,8 @@ def measure_nodes(bench: Bench, reps: int, selected: set[str]) -> list[NodeRow]:
             rows.append(measure_sshlines(nodes, reps))
         if "ship" in selected:
             rows.append(measure_ship(nodes, reps))
+        if "sync" in selected:
+            rows.append(measure_sync(nodes, min(reps, SYNC_REPS)))
     finally:
         if nodes.pool is not None:
             nodes.pool.stop()
@@ -700,6 +939,35 @@ def measure_ship(nodes: Nodes, reps: int) -> NodeRow:
     finally:
         shutil.rmtree(cached, ignore_errors=True)
     row.extra["left_behind"] = [n for name in SHIP_SERIES for n in row.extra[name].get("left_behind", [])]
+    return row
+
+
+def measure_sync(nodes: Nodes, reps: int) -> NodeRow:
+    """The three series in turn per rep, each rep with a fresh cache (the agent zip only), so its
+    "first" finds no copy and its "second" finds the one "first" made; the tree and every copy
+    are removed at the end."""
+    agent = build_agent_zip()
+    t0 = time.perf_counter()
+    tree = make_tree((nodes.bench.workdir / "synctree").resolve())
+    log(f"sync: {SYNC_HOSTS} hosts over SSH, --nproc 1, until every worker runs; a tree of {tree.files:,} files, "
+        f"{human_bytes(tree.bytes)} ({time.perf_counter() - t0:.2f} s to write): no --sync, a first and a second "
+        f"--sync; {reps} rep(s)")
+    row = SyncRow("sync", f"sync: {tree.files:,} files, {human_bytes(tree.bytes)} to {SYNC_HOSTS} hosts, to all "
+                  "workers running", {name: [] for name in SYNC_SERIES}, {name: {} for name in SYNC_SERIES})
+    row.extra["tree"] = tree.facts()
+    try:
+        for rep in range(reps):
+            cache = Path(tempfile.mkdtemp(prefix="sync-cache-", dir=nodes.bench.workdir)).resolve()
+            (cache / agent.name).write_bytes(agent.data)
+            try:
+                for name in SYNC_SERIES:
+                    row.series[name].append(sample(row, rep, reps, name, run_sync, nodes, name, tree, cache,
+                                                   row.extra[name]))
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
+    finally:
+        shutil.rmtree(tree.root, ignore_errors=True)
+    row.extra["left_behind"] = [n for name in SYNC_SERIES for n in row.extra[name].get("left_behind", [])]
     return row
 
 
@@ -787,6 +1055,9 @@ def render_nodes(rows: Sequence[NodeRow]) -> list[str]:
     if "ship" in by_key:
         lines.append("")
         lines += ship_notes(by_key["ship"])
+    if "sync" in by_key:
+        lines.append("")
+        lines += sync_notes(by_key["sync"])
     return lines
 
 
@@ -838,4 +1109,35 @@ def ship_notes(row: NodeRow) -> list[str]:
         lines.append(f"  {name:<6}: {rounded(row.series[name])} s per rep to all workers running; every agent ready "
                      f"at {rounded(x.get('agents_ready_s', []))} s; head said 'sending' {x.get('sent_agent', [])}; "
                      f"processes/sessions left {x.get('left_behind', [])}")
+    return lines
+
+
+def sync_notes(row: NodeRow) -> list[str]:
+    tree = row.extra["tree"]
+    plain, second = row.median("plain"), row.median("second")
+    more = ("n/a" if plain is None or second is None
+            else f"{second - plain:+.3f} s (ratio {second / plain:.3f})")
+    first_sync = median_of(row.extra["first"].get("sync_s", []))
+    if first_sync:
+        per_host = (f"{tree['files'] / first_sync:,.0f} files/s and {tree['bytes'] / first_sync / (1 << 20):.1f} MiB/s "
+                    f"per host, {SYNC_HOSTS} hosts at once ({SYNC_HOSTS * tree['bytes'] / first_sync / (1 << 20):.1f} "
+                    "MiB/s in all)")
+    else:
+        per_host = "n/a"
+    lines = [
+        f"sync: the tree is {tree['files']:,} paths of {human_bytes(tree['bytes'])} in {tree['folders']} folders, not a "
+        f"git repo (seed {tree['seed']}): {tree['small']:,} small .py files (median {tree['small_median']:,} bytes), "
+        f"{tree['large']} large ones ({human_bytes(tree['large_bytes'])} together), {tree['executables']} "
+        f"executables, {tree['links']} symlink.",
+        f"  a second --sync with nothing changed costs {more} over a run without --sync (medians).",
+        f"  the first sync took {secs(first_sync)} by the head's '--sync N.N s' line (0.1 s steps; median): "
+        f"{per_host}.",
+    ]
+    for name in SYNC_SERIES:
+        x = row.extra[name]
+        said = x.get("sync_said", [])
+        lines.append(f"  {name:<6}: {rounded(row.series[name])} s per rep to all workers running; every agent ready "
+                     f"at {rounded(x.get('agents_ready_s', []))} s"
+                     + (f"; --sync took {x.get('sync_s', [])} s, last said {said[-1]}" if said else "")
+                     + f"; processes/sessions left {x.get('left_behind', [])}")
     return lines
