@@ -174,6 +174,8 @@ def _typed_option(name: str, args: list[str]) -> str:
                    "other ranks read /dev/null, as under mpirun. none: every rank reads /dev/null.")
 @click.option("--agent", is_flag=True, hidden=True, help="Internal: run as a node agent for a head over SSH.")
 @click.option("--host-name", "host_name", hidden=True, help="Internal: this host's name as the head knows it.")
+@click.option("--from-python", "from_python", hidden=True, metavar="FOLDER",
+              help="Internal: run for ddplaunch.run/spawn, whose private folder gets result.json.")
 @click.version_option(__version__, "-V", "--version", prog_name="ddplaunch")
 @click.argument("script", metavar="SCRIPT")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED, metavar="[SCRIPT_ARGS]...")

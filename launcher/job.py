@@ -30,6 +30,11 @@ def run_command(options: Options) -> int:
 
         say_hello()
     keep_stdin_open()
+    if options.from_python:
+        from ddplaunch.caller import follow_caller
+
+        follow_caller()
+    error: str | None = None
     try:
         options = with_env_resolved(options)
         heartbeat_timeout_of(options)  # each checked once, before anything starts
@@ -44,6 +49,11 @@ def run_command(options: Options) -> int:
     except LaunchError as exc:
         print(f"ddplaunch: error: {exc}", file=sys.stderr, flush=True)
         code = exc.exit_code
+        error = None if isinstance(exc, Interrupted) else str(exc)
+    if options.from_python:
+        from ddplaunch.caller import finish
+
+        finish(options.from_python, code, error)
     if options.agent:
         from ddplaunch.agent import say_exit
 
@@ -121,7 +131,8 @@ def launch(options: Options) -> int:
             prepare_bootstrap(private)  # run from a zip (a shipped agent), the bootstrap is written out there
             stack_dir = os.path.join(private, "stacks")
             os.mkdir(stack_dir, 0o700)
-        return run(role, prepared, options, error_dir or private, stack_dir, private)
+        temp_dirs = (private, options.from_python) if options.from_python else (private,)
+        return run(role, prepared, options, error_dir or private, stack_dir, temp_dirs)
     finally:
         import shutil
 
@@ -153,10 +164,11 @@ def show_dry_run(decision: Decision, error_dir: str | None, options: Options) ->
 
 def run(
     role: Role, decision: Decision, options: Options, error_dir: str, stack_dir: str | None = None,
-    temp_dir: str | None = None,
+    temp_dirs: tuple[str, ...] = (),
 ) -> int:
-    """Attempts until the job ends; returns its exit code. `temp_dir`: the job's private
-    folder (removed by the caller, or by the guard if this launcher is killed)."""
+    """Attempts until the job ends; returns its exit code. `temp_dirs`: the job's private
+    folder (removed by the caller, or by the guard if this launcher is killed), and a Python
+    caller's (launcher.caller), which gets the job's summary."""
     from ddplaunch.report import finish
     from ddplaunch.supervisor import SignalPlan, StackSettings, run_job
 
@@ -188,9 +200,13 @@ def run(
             stdin=role.stdin(printer, first),
             stacks=StackSettings(decision.stall, ReportDir(decision.log_dir)),
             kill_timeout=kill_timeout_of(options),
-            temp_dir=temp_dir,
+            temp_dirs=temp_dirs,
         )
         finish(result, printer, lambda text: role.say(printer, text))
+        if options.from_python:
+            from ddplaunch.caller import job_summary, write_result
+
+            write_result(options.from_python, job_summary(result, printer))
         return result.exit_code
     except KeyboardInterrupt:
         raise Interrupted("interrupted while waiting for the other nodes; no worker is running.") from None

@@ -88,6 +88,7 @@ class Options:
     sync: bool = False
     sync_exclude: tuple[str, ...] = ()
     sync_max_size: str | None = None
+    from_python: str | None = None  # a Python caller's private folder (launcher.api): result.json goes there
 
 
 @dataclass(frozen=True)

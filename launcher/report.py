@@ -47,6 +47,12 @@ def read_error_file(path: str | None) -> str | None:
     return str(message).rstrip() or None
 
 
+def shown_in(traceback: str, tail: list[str]) -> bool:
+    """Whether the rank's last lines already end with this traceback (printed, then recorded)."""
+    lines = [line for line in traceback.splitlines() if line.strip()]
+    return bool(lines) and [line for line in tail if line.strip()][-len(lines):] == lines
+
+
 def other_worker_line(worker: WorkerProcess, raised: str | None = None) -> str:
     """`raised`: the uncaught exception the rank printed before it was told to stop, if any:
     it failed on its own, whatever ended its process afterwards."""
@@ -96,7 +102,7 @@ def render_failure(
         lines.extend(f"  {dim}│{reset} {line}" for line in tail)
     else:
         lines.append(f"  {dim}rank {spec.global_rank} printed nothing{reset}")
-    if traceback:
+    if traceback and not shown_in(traceback, tail):
         lines.append(f"  {dim}traceback from its error file (torch @record):{reset}")
         lines.extend(f"  {dim}│{reset} {line}" for line in traceback.splitlines())
     others = [w for w in result.workers if w is not cause]

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -533,19 +533,20 @@ def run_job(
     stdin: int | None = None,
     stacks: StackSettings | None = None,
     kill_timeout: float = DEFAULT_KILL_TIMEOUT_S,
-    temp_dir: str | None = None,
+    temp_dirs: Sequence[str] = (),
 ) -> JobResult:
     """Run attempts until one succeeds, a signal stops us, or restarts run out.
 
     With `peers` (multi-node) the first attempt has already joined; every node takes the
     same restart decision because it rests on the job-wide end they all read. `stdin` goes to
     the --stdin rank of every attempt, so a restarted rank reads on where the last one stopped.
-    `temp_dir`: the job's private folder, which the guard removes should the launcher be killed.
+    `temp_dirs`: the job's private folders, which the guard removes should the launcher be killed.
     """
     marker = f"{JOB_ID_VARIABLE}={job_id}".encode() if job_id else None
     watchdog = Watchdog.start(marker, kill_timeout) if use_watchdog else None
-    if watchdog is not None and temp_dir is not None:
-        watchdog.remove_after(temp_dir)
+    if watchdog is not None:
+        for folder in temp_dirs:
+            watchdog.remove_after(folder)
     become_subreaper()
     try:
         with SignalInbox(signals) as inbox:
