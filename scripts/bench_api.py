@@ -165,14 +165,15 @@ def process_kind(cmdline: Sequence[str]) -> str:
     """What a process of the job is, from its command line: rank, grandchild (a rank's own
     subprocess), resource tracker (multiprocessing's), launcher (ddplaunch's, or its guard), other."""
     text = " ".join(cmdline)
+    module = cmdline[cmdline.index("-m") + 1] if "-m" in cmdline[:-1] else None  # the first -m: python's own
     if GRANDCHILD in cmdline:
         return "grandchild"
     if "resource_tracker" in text:
         return "resource tracker"
-    if "ddplaunch.spawned" in text or "spawn_main" in text:
+    if module == "ddplaunch.spawned" or "spawn_main" in text:
         return "rank"
-    if "ddplaunch" in text:
-        return "launcher"
+    if module == "ddplaunch" or (cmdline and cmdline[0].endswith("/ddplaunch")):
+        return "launcher"  # its command line names ddplaunch.spawned too, as the ranks' module
     return "other"
 
 
