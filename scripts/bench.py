@@ -8,6 +8,7 @@ Run it from the repository root with the project's virtualenv:
     .venv/bin/python scripts/bench.py --only nodes # only the multi-node rows (--no-nodes: all but them)
     .venv/bin/python scripts/bench.py --only stacks --reps 3   # only the stack-report rows
     .venv/bin/python scripts/bench.py --only sync --reps 3     # --sync of a 2,000-file, 50 MiB tree to 2 hosts
+    .venv/bin/python scripts/bench.py --only api --reps 3      # ddplaunch.spawn against torch.multiprocessing.spawn
 
 Both tools are run as their console scripts, taken from next to sys.executable (else from
 PATH): `ddplaunch --nproc N ...` and `torchrun --standalone --nproc-per-node N ...`. Within
@@ -39,8 +40,14 @@ What is measured (all worker scripts are written to a fresh temporary directory)
              generated 2,000-file, 50 MiB tree to 2 hosts: first (all sent) and second (up to
              date) against no --sync (second <= plain + 0.5 s; at most 3 repetitions).
              `--only hosts,crossnode,sshlines,connect16,ship,sync` picks single ones.
+  spawn4, spawnfail, spawnkill   the Python API rows of issue 12 (scripts/bench_api.py
+             describes them), ddplaunch.spawn against torch.multiprocessing.spawn, each
+             measurement a fresh driver script calling the API: 4 no-op functions, call to
+             return (<= 0.5); rank 1 raises, call to exception with nothing left running
+             (<= 0.3); the caller SIGKILLed mid-call, processes left 3 s later (ddplaunch: 0).
+             `--only api` picks the three.
 
-This module is the entry: the options, which rows run, the report. The three row modules
+This module is the entry: the options, which rows run, the report. The four row modules
 share their helpers through scripts/benchlib.py and do not import each other.
 
 Every wait is bounded; every process a launch started (found by its BENCH_TOKEN, in its
@@ -64,6 +71,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench_api import API_KEYS, API_WORKERS, ApiRow, measure_api, render_api
 from bench_local import LOCAL_KEYS, WORKERS, Row, measure_local, render_local, warm_up
 from bench_nodes import NODE_KEYS, NodeRow, measure_nodes, render_nodes
 from bench_stacks import STACK_KEYS, StackRow, measure_stacks, render_stacks
@@ -87,8 +95,13 @@ def find_tool(name: str) -> str:
 # -- the report -------------------------------------------------------------------------------
 
 
-def render(rows: list[Row], node_rows: Sequence[NodeRow] = (), stack_rows: Sequence[StackRow] = ()) -> str:
+def render(rows: list[Row], node_rows: Sequence[NodeRow] = (), stack_rows: Sequence[StackRow] = (),
+           api_rows: Sequence[ApiRow] = ()) -> str:
     lines = render_local(rows)
+    if api_rows:
+        if lines:
+            lines.append("")
+        lines.extend(render_api(api_rows))
     if stack_rows:
         if lines:
             lines.append("")
@@ -99,7 +112,7 @@ def render(rows: list[Row], node_rows: Sequence[NodeRow] = (), stack_rows: Seque
         lines.extend(render_nodes(node_rows))
     errors: list[str] = []
     seen: list[list[str]] = []
-    every: list[Row | NodeRow | StackRow] = [*rows, *stack_rows, *node_rows]
+    every: list[Row | NodeRow | StackRow | ApiRow] = [*rows, *api_rows, *stack_rows, *node_rows]
     for r in every:
         if not any(r.errors is s for s in seen):  # the two cross-node rows share one list
             seen.append(r.errors)
@@ -112,9 +125,9 @@ def render(rows: list[Row], node_rows: Sequence[NodeRow] = (), stack_rows: Seque
 
 
 def to_json(rows: list[Row], meta: dict[str, Any], node_rows: Sequence[NodeRow] = (),
-            stack_rows: Sequence[StackRow] = ()) -> dict[str, Any]:
+            stack_rows: Sequence[StackRow] = (), api_rows: Sequence[ApiRow] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {"meta": meta, "results": {}}
-    others: list[NodeRow | StackRow] = [*node_rows, *stack_rows]
+    others: list[NodeRow | StackRow | ApiRow] = [*node_rows, *stack_rows, *api_rows]
     for other in others:
         out["results"][other.key] = other.as_json()
     for row in rows:
@@ -133,7 +146,8 @@ def main() -> int:
     parser.add_argument("--only", metavar="LIST",
                         help="comma-separated subset: launch,teardown,lines,memory,orphans,ranks256; the stack reports' "
                              "sigquit,nobootstrap, or 'stacks' for both; the multi-node hosts,crossnode,sshlines,connect16,ship,sync, "
-                             "or 'nodes' for those six (default: all)")
+                             "or 'nodes' for those six; the Python API's spawn4,spawnfail,spawnkill, or 'api' for "
+                             "those three (default: all)")
     parser.add_argument("--no-nodes", action="store_true",
                         help="skip the multi-node rows (hosts, crossnode, sshlines, connect16, ship, sync)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up launches")
@@ -142,13 +156,13 @@ def main() -> int:
     if reps < 1:
         parser.error("--reps must be at least 1")
     only = {s.strip() for s in args.only.split(",")} if args.only else set()
-    unknown = only - {*LOCAL_KEYS, *STACK_KEYS, *NODE_KEYS, "stacks", "nodes"}
+    unknown = only - {*LOCAL_KEYS, *STACK_KEYS, *NODE_KEYS, *API_KEYS, "stacks", "nodes", "api"}
     if unknown:
         parser.error(f"--only: unknown measurement(s) {sorted(unknown)}")
-    for group, keys in (("stacks", STACK_KEYS), ("nodes", NODE_KEYS)):
+    for group, keys in (("stacks", STACK_KEYS), ("nodes", NODE_KEYS), ("api", API_KEYS)):
         if group in only:
             only = (only - {group}) | set(keys)
-    selected = only or {*LOCAL_KEYS, *STACK_KEYS, *NODE_KEYS}
+    selected = only or {*LOCAL_KEYS, *STACK_KEYS, *NODE_KEYS, *API_KEYS}
     if args.no_nodes:
         selected -= set(NODE_KEYS)
         if not selected:
@@ -162,7 +176,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ddplaunch-bench-") as tmp:
         workdir = Path(tmp)
         (workdir / EMPTY_SCRIPT).write_text("")
-        for name, text in {**WORKERS, **STACK_WORKERS}.items():
+        for name, text in {**WORKERS, **STACK_WORKERS, **API_WORKERS}.items():
             (workdir / name).write_text(text)
         bench = Bench(tools, workdir, run_token=uuid.uuid4().hex)
         log(f"tools: {tools['ddplaunch']} | {tools['torchrun']}; reps {reps}; workers in {workdir}")
@@ -170,6 +184,9 @@ def main() -> int:
             if not args.no_warmup:
                 warm_up(bench)
             rows = measure_local(bench, reps, selected)
+            api_rows: list[ApiRow] = []
+            if selected & set(API_KEYS):
+                api_rows = measure_api(bench, reps, selected, warm=not args.no_warmup)
             stack_rows: list[StackRow] = []
             if selected & set(STACK_KEYS):
                 stack_rows = measure_stacks(bench, reps, selected)
@@ -181,10 +198,11 @@ def main() -> int:
                 kill_token(f"{bench.run_token}-{n}", timeout=2)
     elapsed = time.time() - started
     load_after = os.getloadavg()[0]
-    print(f"# {reps} rep(s) per tool, alternating; ratio = ddplaunch / torchrun median; "
+    against = "torchrun" + (" (the Python API rows: mp.spawn)" if api_rows else "")
+    print(f"# {reps} rep(s) per tool, alternating; ratio = ddplaunch / {against} median; "
           f"{os.cpu_count()} CPU(s); {elapsed:.0f} s in all; load average {load_before:.2f} before, "
           f"{load_after:.2f} after")
-    print(render(rows, node_rows, stack_rows))
+    print(render(rows, node_rows, stack_rows, api_rows))
     if args.json:
         meta = {
             "command": command,
@@ -197,7 +215,7 @@ def main() -> int:
             "elapsed_s": elapsed,
             "load_average_1min": {"before": load_before, "after": load_after},
         }
-        Path(args.json).write_text(json.dumps(to_json(rows, meta, node_rows, stack_rows), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(to_json(rows, meta, node_rows, stack_rows, api_rows), indent=2) + "\n")
         print(f"# JSON written to {args.json}")
     return 0
 
