@@ -150,6 +150,14 @@ def spawn(
     are accepted for mp.spawn's sake: every rank is a new interpreter, and none outlives the job.
     Keywords: the command line's options (gpu_ids, log_dir, ranks, env, grace, max_restarts,
     stall_timeout, ...), as for `run`."""
+    from ddplaunch.spawned import IMPORTING_MAIN
+
+    if os.environ.get(IMPORTING_MAIN):
+        raise LaunchError(
+            "ddplaunch.spawn was called while a rank was importing your main script to find its function: "
+            "each rank runs the script's top level again (as under torch.multiprocessing.spawn). Put the "
+            "call under `if __name__ == \"__main__\":`."
+        )
     if start_method not in ("spawn", "fork", "forkserver"):
         raise LaunchError(f"ddplaunch.spawn: start_method={start_method!r}: use 'spawn' (every rank is a new process).")
     if not isinstance(nprocs, int) or nprocs < 1:
@@ -173,6 +181,7 @@ class SpawnContext:
         self._folder = folder
         self._nprocs = nprocs
         self._launcher = _Launcher(argv, folder.path)
+        self._ended: RunResult | None = None
         self.results: list[Any] | None = None
 
     @property
@@ -181,19 +190,21 @@ class SpawnContext:
         return self._launcher.pid
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for the job; True once it ended (mp.spawn's meaning), False if `timeout` passed first."""
-        if self.results is not None:
-            return True
-        try:
-            if not self._launcher.wait(timeout):
-                return False
-            result = self._launcher.result()
-            if not result.ok:
-                raise JobFailed(result)
-            self.results = [read_result(self._folder.path, rank) for rank in range(self._nprocs)]
-        finally:
-            if self._launcher.done:
-                self._folder.remove()
+        """Wait for the job; True once it ended (mp.spawn's meaning), False if `timeout` passed
+        first. A failed job raises JobFailed, at every join."""
+        if self._ended is None:
+            try:
+                if not self._launcher.wait(timeout):
+                    return False
+                result = self._launcher.result()
+                if result.ok:
+                    self.results = [read_result(self._folder.path, rank) for rank in range(self._nprocs)]
+                self._ended = result
+            finally:
+                if self._launcher.done:
+                    self._folder.remove()
+        if not self._ended.ok:
+            raise JobFailed(self._ended)
         return True
 
     def join_results(self) -> list[Any]:

@@ -20,6 +20,7 @@ from ddplaunch.frames import (
 from ddplaunch.heartbeat import Silence
 
 READ_BYTES = 1 << 16
+ERR_AFTER_OUT_S = 5.0  # stderr ends with the channel; a dropped link ends both at once anyway
 STDERR_TAIL = 20  # lines of the agent's stderr kept to explain an agent that never said ready
 
 
@@ -59,8 +60,9 @@ class AgentChannel:
         with self._sending:
             self._session += 1
             self._channel = channel
+        err_done = threading.Event()
         for stream in ("out", "err"):
-            threading.Thread(target=self._pump, args=(stream, channel, self._session), daemon=True).start()
+            threading.Thread(target=self._pump, args=(stream, channel, self._session, err_done), daemon=True).start()
 
     def start_again(self, command: str) -> None:
         """The command once more, on a new session, after its first one ended before ready
@@ -76,8 +78,9 @@ class AgentChannel:
         """An SFTP session on the same connection: no second login."""
         return self._client.open_sftp()
 
-    def _pump(self, stream: Literal["out", "err"], channel: Any, session: int) -> None:
-        """A thread per channel stream: bytes and the end go on the head's queue."""
+    def _pump(self, stream: Literal["out", "err"], channel: Any, session: int, err_done: threading.Event) -> None:
+        """A thread per channel stream: bytes and the end go on the head's queue; the exit only
+        after stderr's last bytes (what an agent said before it died explains its exit)."""
         recv = channel.recv if stream == "out" else channel.recv_stderr
         while True:
             try:
@@ -89,7 +92,10 @@ class AgentChannel:
             self._post(ChannelEvent(self.node_rank, stream, data))
             if not data:
                 break
-        if stream == "out":
+        if stream == "err":
+            err_done.set()
+        else:
+            err_done.wait(ERR_AFTER_OUT_S)
             status = channel.recv_exit_status()
             if session == self._session:
                 self._post(ChannelEvent(self.node_rank, "exit", status=status))

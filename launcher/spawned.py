@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 PAYLOAD = "payload.pkl"
+IMPORTING_MAIN = "DDPLAUNCH_SPAWN_IMPORTING_MAIN"  # set while a rank runs the caller's main script
 
 
 def result_path(folder: str, rank: int) -> str:
@@ -31,7 +32,13 @@ def load_payload(folder: str) -> tuple[Any, tuple[Any, ...]]:
         payload = pickle.load(file)  # plain data: the preparation dict and two byte strings
     import multiprocessing.spawn
 
-    multiprocessing.spawn.prepare(payload["preparation"])  # sys.path, cwd, __main__ as __mp_main__
+    # A spawn() at the top level of the caller's main script must not start ranks of its own
+    # here: ddplaunch.api.spawn reads this (this module runs as __main__, not by its name).
+    os.environ[IMPORTING_MAIN] = "1"
+    try:
+        multiprocessing.spawn.prepare(payload["preparation"])  # sys.path, cwd, __main__ as __mp_main__
+    finally:
+        del os.environ[IMPORTING_MAIN]
     return pickle.loads(payload["fn"]), pickle.loads(payload["args"])
 
 

@@ -985,7 +985,7 @@ def measure_crossnode(nodes: Nodes, reps: int) -> list[NodeRow]:
             extra[tool].setdefault("outcome", []).append(
                 "error" if got is None else "never" if stopped is None else "stopped")
             workers.series[tool].append(stopped)
-            ddplaunch.series[tool].append(exited)
+            launcher.series[tool].append(exited)
             if got is not None:
                 log(f"    rep {rep + 1}/{reps} {tool:<9} workers stopped {show(stopped)}, "
                     f"launcher exited {show(exited)}")

@@ -245,15 +245,15 @@ def launch(scenario: Scenario, run_dir: Path, worker: Path, ddplaunch: str) -> O
         launcher = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                                     start_new_session=True)
     try:
-        detail = act(scenario, ddplaunch.pid, hellos)
-        code, max_rss = wait_exit(ddplaunch.pid, EVENT_TIMEOUT_S)
-        ddplaunch.returncode = code if code is not None else -9  # reaped here: Popen must not wait again
+        detail = act(scenario, launcher.pid, hellos)
+        code, max_rss = wait_exit(launcher.pid, EVENT_TIMEOUT_S)
+        launcher.returncode = code if code is not None else -9  # reaped here: Popen must not wait again
         hellos.wait_for(2, 1.0)  # every worker said hello before it ended: their pids, for the zombie check
     finally:
         hellos.close()
     if not detail:
         detail = expectation_missed(scenario, code)
-    return check_left(scenario, ddplaunch.pid, tmp, marker.encode(), list(hellos.pids.values()), detail, max_rss)
+    return check_left(scenario, launcher.pid, tmp, marker.encode(), list(hellos.pids.values()), detail, max_rss)
 
 
 def act(scenario: Scenario, launcher: int, hellos: Hellos) -> str:

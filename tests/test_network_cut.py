@@ -122,7 +122,7 @@ def test_a_host_cut_off_mid_run_is_named_and_every_worker_stops(
         assert "lost cut2 (node 1): nothing heard from it for 3 s: the network or the host is down" in job.run.err
         wait_until(lambda: all(gone(pid) for pid in job.workers), NO_WORKER_S - (time.monotonic() - cut_at),
                    "no worker left on either host")
-        agent_left = [p for p in cut_pool.server("cut2").session_processes() if "launcher" in " ".join(p.cmdline())]
+        agent_left = [p for p in cut_pool.server("cut2").session_processes() if "--agent" in p.cmdline()]
         wait_until(lambda: not any(p.is_running() and not gone(p.pid) for p in agent_left), 5, "the cut host's agent ended")
     assert took > TIMEOUT_S - 2  # the head waited for the silence, not less
 

@@ -82,7 +82,7 @@ def assert_names_both_places(report: str, hosts: set[str]) -> None:
 
 def workers_alive(token: str, script: str) -> int:
     """The job's workers still running (the launchers carry the token too)."""
-    return sum(script in p.cmdline() and "launcher" not in p.cmdline() for p in processes_with_token(token))
+    return sum(script in p.cmdline() and "ddplaunch" not in p.cmdline() for p in processes_with_token(token))
 
 
 # -- over SSH ------------------------------------------------------------------------------------
