@@ -208,3 +208,68 @@ def test_installed_the_package_is_ddplaunch_and_nothing_else_is_at_the_top(tmp_p
         info = next(name for name in names if name.endswith("dist-info/entry_points.txt"))
         assert "ddplaunch = ddplaunch.cli:main" in archive.read(info).decode()
         assert json.dumps(sorted(top))  # readable in the failure message above
+
+
+NOTEBOOK_CELL = """
+import ddplaunch, os, time
+def hello(rank):
+    print("hello from", rank, flush=True)
+    return rank * 2
+print("values", ddplaunch.spawn(hello, nprocs=2))
+"""
+SLEEPING_CELL = """
+def sleeper(rank):
+    print("sleeping", rank, flush=True)
+    time.sleep(60)
+ddplaunch.spawn(sleeper, nprocs=2, env={{"{name}": "{token}"}})
+"""
+
+
+def cell_output(client, code: str, on_stream=None) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """Execute a cell; its stream and error messages, until the kernel is idle again."""
+    import queue
+    import time
+
+    msg_id = client.execute(code)
+    said: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            msg = client.get_iopub_msg(timeout=5)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            said.append((msg["content"]["name"], msg["content"]["text"]))
+            if on_stream is not None:
+                on_stream(said)
+        elif msg["msg_type"] == "error":
+            said.append(("error", msg["content"]["ename"]))
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return said
+    raise AssertionError(f"the cell did not finish: {said}")
+
+
+def test_in_a_jupyter_kernel_a_cells_function_runs_its_output_lands_in_the_cell_and_interrupt_stops_it(
+    token: str
+) -> None:
+    from jupyter_client.manager import start_new_kernel
+
+    manager, client = start_new_kernel(kernel_name="python3", env={**os.environ, TOKEN_VARIABLE: token})
+    try:
+        said = cell_output(client, NOTEBOOK_CELL)  # hello is the cell's: it goes by value
+        out = "".join(text for name, text in said if name == "stdout")
+        assert "0 | hello from 0\n" in out and "1 | hello from 1\n" in out and "values [0, 2]\n" in out, said
+
+        def interrupt_once_both_sleep(so_far: list[tuple[str, str]]) -> None:
+            if "".join(text for _, text in so_far).count("sleeping") == 2:
+                manager.interrupt_kernel()  # Jupyter's "interrupt kernel": SIGINT to the kernel
+
+        cell = SLEEPING_CELL.format(name=TOKEN_VARIABLE, token=token)
+        said = cell_output(client, cell, on_stream=interrupt_once_both_sleep)
+        assert ("error", "KeyboardInterrupt") in said, said
+        assert [p for p in processes_with_token(token) if "ipykernel" not in " ".join(p.cmdline())] == []
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
