@@ -103,15 +103,16 @@ def option_flags(options: Mapping[str, Any]) -> list[str]:
     """Keywords -> the command line's flags, checked against the command line's own options."""
     from ddplaunch.cli import command
 
-    known = {param.name: param for param in command.params if param.name not in ("script", "script_args")}
+    internal = ("script", "script_args", "agent", "host_name", "from_python")
+    known = {param.name: param for param in command.params if param.name not in internal}
     flags: list[str] = []
     for name, value in options.items():
         param = known.get(name)
-        if param is None or name in ("agent", "host_name", "from_python"):
+        if param is None:
             raise LaunchError(f"ddplaunch: no option {name!r}. The options are the command line's, with "
-                              f"underscores: {', '.join(sorted(n for n in known if n not in ('agent', 'host_name', 'from_python')))}.")
-        flag = max(param.opts, key=len) if all(o.startswith("--") for o in param.opts) else param.opts[0]
-        flag = next((o for o in param.opts if o.startswith("--") and "_" not in o), flag)
+                              f"underscores: {', '.join(sorted(str(n) for n in known))}.")
+        # the dashed long form (--gpu-ids), not torchrun's underscore alias or a short one
+        flag = next((o for o in param.opts if o.startswith("--") and "_" not in o), param.opts[0])
         flags += _flag_values(flag, value, getattr(param, "is_flag", False), getattr(param, "multiple", False))
     return flags
 
