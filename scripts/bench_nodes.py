@@ -263,60 +263,54 @@ class ConnectRow(ScalingRow):
     limit = CONNECT_TARGET
 
 
-class ShipRow(NodeRow):
+class ExtraCostRow(NodeRow):
+    """A series against a baseline series, with a budget of seconds on top: `measured` must take
+    at most `baseline` + `extra_s` (medians). Errors (a series that did not do what its name
+    says) fail the row."""
+
+    measured = baseline = ""
+    extra_s = 0.0
+
+    def ratio(self) -> float | None:
+        measured, baseline = self.median(self.measured), self.median(self.baseline)
+        return measured / baseline if baseline and measured is not None else None
+
+    def target(self) -> str:
+        return f"{self.measured} <= {self.baseline} + {self.extra_s:g} s"
+
+    def ok(self) -> bool | None:
+        if self.errors:
+            return False
+        measured, baseline = self.median(self.measured), self.median(self.baseline)
+        if measured is None or baseline is None:
+            return None
+        return measured <= baseline + self.extra_s and self.leftovers_ok()
+
+    def ratio_cell(self) -> str:
+        ratio = self.ratio()
+        return "n/a" if ratio is None else f"{ratio:.3f} ({self.measured}/{self.baseline})"
+
+
+class ShipRow(ExtraCostRow):
     """series: "first" (the agent sent), "cached" -> seconds from Popen to all workers running;
     extra["bytes"]: the zip's size, sent to each host on a first run."""
 
-    def ratio(self) -> float | None:
-        first, cached = self.median("first"), self.median("cached")
-        return first / cached if cached and first is not None else None
-
-    def target(self) -> str:
-        return f"<= +{SHIP_EXTRA_S:g} s"
-
-    def ok(self) -> bool | None:
-        first, cached = self.median("first"), self.median("cached")
-        if first is None or cached is None:
-            return None
-        return first <= cached + SHIP_EXTRA_S and self.leftovers_ok() and not self.errors
+    measured, baseline, extra_s = "first", "cached", SHIP_EXTRA_S
 
     def cells(self) -> tuple[str, str, str, str]:
-        ratio = self.ratio()
-        return (
-            f"{secs(self.median('first'))} (first, sent)",
-            "n/a (no SSH mode)",
-            f"{secs(self.median('cached'))} (cached)",
-            "n/a" if ratio is None else f"{ratio:.3f} (first/cached)",
-        )
+        return (f"{secs(self.median('first'))} (first, sent)", "n/a (no SSH mode)",
+                f"{secs(self.median('cached'))} (cached)", self.ratio_cell())
 
 
-class SyncRow(NodeRow):
+class SyncRow(ExtraCostRow):
     """series: "plain" (no --sync), "first" (the whole tree sent), "second" (up to date) -> seconds
     from Popen to all workers running; extra["tree"]: what the tree holds."""
 
-    def ratio(self) -> float | None:
-        second, plain = self.median("second"), self.median("plain")
-        return second / plain if plain and second is not None else None
-
-    def target(self) -> str:
-        return f"second <= plain + {SYNC_EXTRA_S:g} s"
-
-    def ok(self) -> bool | None:
-        if self.errors:  # a series that did not do what its name says (not up to date, ...) fails the row
-            return False
-        second, plain = self.median("second"), self.median("plain")
-        if second is None or plain is None:
-            return None
-        return second <= plain + SYNC_EXTRA_S and self.leftovers_ok()
+    measured, baseline, extra_s = "second", "plain", SYNC_EXTRA_S
 
     def cells(self) -> tuple[str, str, str, str]:
-        ratio = self.ratio()
-        return (
-            f"{secs(self.median('second'))} (second, up to date); {secs(self.median('first'))} (first)",
-            "n/a (no SSH mode)",
-            f"{secs(self.median('plain'))} (no --sync)",
-            "n/a" if ratio is None else f"{ratio:.3f} (second/plain)",
-        )
+        return (f"{secs(self.median('second'))} (second, up to date); {secs(self.median('first'))} (first)",
+                "n/a (no SSH mode)", f"{secs(self.median('plain'))} (no --sync)", self.ratio_cell())
 
 
 class CrossRow(NodeRow):
