@@ -983,7 +983,7 @@ def measure_crossnode(nodes: Nodes, reps: int) -> list[NodeRow]:
             if got is not None:
                 log(f"    rep {rep + 1}/{reps} {tool:<9} workers stopped {show(stopped)}, "
                     f"launcher exited {show(exited)}")
-    ddplaunch.errors = workers.errors
+    launcher.errors = workers.errors
     return [workers, launcher]
 
 
