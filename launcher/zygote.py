@@ -133,7 +133,13 @@ def _warm_up(modules: list[str]) -> str | None:
             importlib.import_module(name)
         except BaseException as exc:  # a module may even call sys.exit
             return f"importing {name} failed ({type(exc).__name__}: {exc})"
-    threads = len(os.listdir("/proc/self/task"))
+    threads = _threads()
+    if threads != 1:
+        # A library that is fork-safe stops its threads in its pre-fork handler (OpenBLAS,
+        # which numpy and torch load, starts OMP_NUM_THREADS-1 at import and does): one trial
+        # fork runs those handlers, and what still runs then would be lost in the ranks.
+        _trial_fork()
+        threads = _threads()
     if threads != 1:
         return (
             f"after importing {','.join(modules)} it runs {threads} threads; a fork keeps only one, "
@@ -144,6 +150,17 @@ def _warm_up(modules: list[str]) -> str | None:
     if cuda is not None and cuda.is_initialized():
         return "importing the modules initialised CUDA, whose context does not survive a fork"
     return None
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _trial_fork() -> None:
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
 
 
 def _dispositions() -> dict[int, Any]:
