@@ -107,6 +107,11 @@ def serve(argv: list[str]) -> None:
     sock.send(answer(refused=why) if why else answer(ready=True))
     if why:
         os._exit(0)
+    # What the imports made stays out of the ranks' garbage collections, so those do not
+    # write to (and so copy) the pages the ranks share with this process (the gc module's advice).
+    import gc
+
+    gc.freeze()
     while True:
         try:
             message, fds, _flags, _addr = socket.recv_fds(sock, REQUEST_MAX, 3)
