@@ -8,15 +8,19 @@ ddplaunch.workers.start_process's shape: it is a WorkerTree's starter), close it
 end. It lives across restarts; a launcher killed with SIGKILL leaves it to the guard (its own
 process group, and the job id in its environment), and it exits on its own at the socket's EOF.
 
-The warm interpreter starts with only what every rank shares. What torch reads at `import
-torch` (found by recording os.environ reads during the import, and libgomp's constructor):
-OMP_* (OMP_NUM_THREADS: libgomp reads it when torch loads it), TORCH_LOGS, TORCH_LOGS_OUT,
+The warm interpreter starts with only what every rank shares. What `import torch` reads
+(recorded here: os.environ reads during the import, and getenv through an LD_PRELOAD shim):
+in C/C++, OMP_* and GOMP_* (libgomp's constructor; OMP_NUM_THREADS thrice), OPENBLAS_*,
+GOTO_NUM_THREADS (numpy's OpenBLAS, which starts OMP_NUM_THREADS-1 threads then), MKL_*,
+MKLDNN_*/ONEDNN_*/DNNL_*, GFORTRAN_*, ACC_*, the MPI launchers' local sizes (MPI_LOCALNRANKS,
+OMPI_COMM_WORLD_LOCAL_SIZE, I_MPI_*), TORCH_CPP_LOG_LEVEL, TORCH_SHOW_CPP_STACKTRACES,
+TORCH_DISTRIBUTED_DEBUG, TORCH_BLAS_PREFER_*, TORCH_ALLOW_TF32_CUBLAS_OVERRIDE,
+PYTORCH_API_USAGE_STDERR, KINETO_USE_DAEMON; in Python, TORCH_LOGS, TORCH_LOGS_OUT,
 TORCH_TRACE, TORCH_COMPILE_*, TORCHDYNAMO_*, TORCHINDUCTOR_FORCE_DISABLE_CACHES,
-TORCH_DEVICE_BACKEND_AUTOLOAD, TORCH_USE_RTLD_GLOBAL, TORCH_DISTRIBUTED_USE_TORCHCOMMS,
-PYTORCH_JIT*, KINETO_USE_DAEMON, FX_*, NPY_*/NUMPY_* (numpy) and OPENBLAS_*. ddplaunch sets
-none of them per rank; the per-rank ones it sets (RANK, LOCAL_RANK, ROLE_RANK,
-TORCHELASTIC_ERROR_FILE, and TORCHELASTIC_RESTART_COUNT per attempt) are read by none at
-import. Should a variable with a prefix torch or its libraries read differ between ranks
+TORCH_DEVICE_BACKEND_AUTOLOAD, TORCH_USE_RTLD_GLOBAL, PYTORCH_JIT*, FX_*, NPY_*/NUMPY_*.
+ddplaunch sets none of them per rank; the per-rank ones it sets (RANK, LOCAL_RANK,
+ROLE_RANK, TORCHELASTIC_ERROR_FILE, and TORCHELASTIC_RESTART_COUNT per attempt) are read by
+none at import. Should a variable with one of those prefixes differ between ranks
 (CUDA_VISIBLE_DEVICES under --virtual-local-rank), the job starts cold.
 """
 
@@ -29,7 +33,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import ddplaunch
 from ddplaunch.plan import Plan
@@ -49,8 +53,9 @@ PER_RANK_VARIABLES = frozenset({
 })
 # What torch, its OpenMP and BLAS, CUDA, NCCL and numpy may read when they are imported.
 IMPORT_TIME_PREFIXES = (
-    "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA_", "NCCL_", "NVIDIA_",
-    "KINETO_", "FX_", "NPY_", "NUMPY_", "PYTHON", "LD_",
+    "OMP_", "GOMP_", "KMP_", "MKL", "ONEDNN_", "DNNL_", "OPENBLAS_", "GOTO_", "GFORTRAN_", "ACC_",
+    "MPI_", "OMPI_", "I_MPI_", "INTEL_", "TORCH", "PYTORCH_", "CUDA_", "NCCL_", "NVIDIA_", "KINETO_",
+    "FX_", "NPY_", "NUMPY_", "PYTHON", "LD_",
 )
 
 Starter = Callable[[tuple[str, ...], Mapping[str, str], list[tuple[int, int, int]], frozenset[int] | None], int]
@@ -240,6 +245,3 @@ def start_warm(
     note(f"--warm: {why}; starting the workers cold")
     return None
 
-
-def helper_pids(zygote: Zygote | None) -> Iterable[int]:
-    return () if zygote is None else (zygote.pid,)
