@@ -1,6 +1,7 @@
 """--warm with real processes: ranks forked from one interpreter that imported torch behave as
 cold ones (their parent, session, argv, environment, __main__, atexit, pickling across a spawn
-context, tracebacks, exit codes, restarts, signals, kill -9), and the refusals start cold.
+context, tracebacks, exit codes, restarts, signals, stack reports, kill -9), and the refusals
+start cold.
 
 Each warm launch imports torch once (about 2 s here): the first test checks as much as one
 launch with a restart can show.
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from helpers_cli import processes_with_token, run_cli, wait_until, write_script
+
+from ddplaunch.snapshot import STACK_SIGNAL
 
 FACTS = """
     import atexit, json, multiprocessing, os, sys, time
@@ -38,6 +41,8 @@ FACTS = """
             "pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0), "pgid": os.getpgid(0),
             "argv": sys.argv, "file": sys.modules["__main__"].__file__, "local": os.environ["LOCAL_RANK"],
             "torch_warm": "torch" in sys.modules, "stdin": sys.stdin.read(),
+            "caught": int(open("/proc/self/status").read().split("SigCgt:")[1].split()[0], 16),
+            "stacks_variable": "DDPLAUNCH_STACKS" in os.environ,
         }
         if attempt == "1":
             with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -64,6 +69,8 @@ def test_warm_ranks_behave_as_cold_ones_across_a_restart(start, tmp_path: Path) 
         assert fact["argv"] == [script, str(tmp_path), "x"]
         assert fact["file"] == script and fact["local"] == rank and fact["stdin"] == ""
         assert fact["torch_warm"]  # imported before the fork: the point of --warm
+        # the stack bootstrap ran as in a cold worker: its signal caught, its variable gone
+        assert fact["caught"] >> (STACK_SIGNAL - 1) & 1 and not fact["stacks_variable"]
     assert facts["1", "0"]["spawned"] == facts["1", "1"]["spawned"] == 42
     assert len({f["pid"] for f in facts.values()}) == 4  # the restart forked again
     assert (tmp_path / "atexit-1-0").read_text() == "ran"  # the interpreter finalised as usual
@@ -83,6 +90,9 @@ def test_a_stopped_or_killed_warm_launcher_leaves_nothing(start, tmp_path: Path,
     run.wait_lines("ready", 2, timeout=30)
     carriers = [p for p in processes_with_token(token) if p.name() != "ddplaunch-guard"]
     assert len(carriers) == 4, carriers  # the launcher, the warm interpreter, two ranks
+    if stop == signal.SIGTERM:  # the stack bootstrap runs in a warm rank as in a cold one
+        run.signal(signal.SIGQUIT)
+        run.wait_line("ranks 0-1 · <module> at wait.py:3", timeout=20, stream="err")
     run.signal(stop)
     assert run.wait() == (143 if stop == signal.SIGTERM else -signal.SIGKILL)
     # kill -9: the guard stops the ranks' groups and the warm interpreter's
