@@ -126,7 +126,7 @@ def cold_reason(plan: Plan, python: str = sys.executable) -> str | None:
 
 # -- the warm interpreter, from the launcher ----------------------------------------------------
 
-BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from ddplaunch.zygote import serve; serve(sys.argv[1:])"
+BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from ddplaunch.zygote import main; main(sys.argv[1:])"
 
 
 class Zygote:

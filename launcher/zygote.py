@@ -10,7 +10,8 @@ a rank it forked.
 
 The rank is a grandchild: the middle process exits at once, so the rank is reparented to the
 launcher (a child subreaper), which reaps it as it reaps a cold worker. The answer waits until
-the rank has called setsid, so the process group the launcher signals is already the rank's.
+the rank has called setsid, so the process group the launcher signals is already the rank's,
+and then the rank leaves the zygote's loop (it raises `Forked` up to `main`).
 In the rank, before any user code: its own descriptors, environment, CPUs and signal
 dispositions, sys.argv and sys.path[0] as `python script.py` (or `-m`) would set them, the
 stack bootstrap as the cold worker's sitecustomize runs it, then the script as the real
@@ -93,8 +94,28 @@ def _is_zip(path: str) -> bool:
 # -- the warm interpreter ----------------------------------------------------------------------
 
 
-def serve(argv: list[str]) -> None:
+class Forked(BaseException):
+    """Raised in a new rank to leave the zygote's loop: the rank then runs from `main`, with
+    none of the loop's frames under the script (nor in its stack reports)."""
+
+    def __init__(self, request: RankRequest, fds: list[int], sock: socket.socket, initial: dict[int, Any]) -> None:
+        super().__init__()
+        self.request, self.fds, self.sock, self.initial = request, fds, sock, initial
+
+
+def main(argv: list[str]) -> None:
     """BOOT's entry: argv is PACKAGE_PARENT PATH0 MODULES (comma-separated)."""
+    try:
+        serve(argv)
+        return
+    except Forked as forked:
+        rank = forked
+    # out of the except block, so that the script's exceptions have no __context__
+    become_rank(rank.request, rank.fds, rank.sock, rank.initial)
+
+
+def serve(argv: list[str]) -> None:
+    """The zygote: import, then fork a rank for each request until the socket's EOF."""
     package_parent, path0, modules = argv
     sys.argv = [sys.argv[0]]
     if sys.path and sys.path[0] == package_parent:
@@ -122,7 +143,7 @@ def serve(argv: list[str]) -> None:
         try:
             pid = _fork_rank(RankRequest.decode(message), fds, sock, initial)
             reply = answer(pid=pid)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # never Forked: a BaseException
             reply = answer(error=f"{type(exc).__name__}: {exc}")
         for fd in fds:
             os.close(fd)
@@ -185,8 +206,8 @@ def _fork_rank(request: RankRequest, fds: list[int], sock: socket.socket, initia
     if len(fds) != 3:
         raise ValueError(f"expected stdin, stdout and stderr, got {len(fds)} descriptors")
     read_end, write_end = os.pipe()
-    # No try/finally around the fork: the rank leaves through these frames with SystemExit,
-    # and a finally would run in it too.
+    # No try/finally around the fork: the rank leaves through these frames with Forked, and
+    # a finally would run in it too.
     middle = os.fork()
     if middle == 0:
         _middle(request, fds, sock, initial, write_end)
@@ -213,7 +234,7 @@ def _middle(request: RankRequest, fds: list[int], sock: socket.socket, initial: 
     os.setsid()  # before the launcher hears the pid: the group it signals is then the rank's
     os.write(write_end, str(os.getpid()).encode())
     _await_adoption(middle)
-    become_rank(request, fds, sock, initial)
+    raise Forked(request, fds, sock, initial)
 
 
 def _await_adoption(middle: int) -> None:
