@@ -220,6 +220,7 @@ class Decision:
     files_wanted: str | None = None  # why files are needed though --log-dir was not given
     stall: Stall = Stall()
     stack_bootstrap: bool = True  # put the stack bootstrap into the workers (--no-stack-bootstrap: not)
+    warm: tuple[str, ...] | None = None  # --warm's modules; None: every worker starts cold
 
 
 def decide(options: Options, facts: Facts, error_dir: str | None, *, head_links_nodes: bool = False) -> Decision:
@@ -283,11 +284,46 @@ def decide(options: Options, facts: Facts, error_dir: str | None, *, head_links_
         grace=grace_of(options, facts.environ),
         join_timeout=join_timeout_of(options),
         duplicates=duplicates,
-        notes=notes_of(options),
+        notes=notes_of(options) + warm_notes(options, nnodes),
         files_wanted=None if options.log_dir else files_wanted(terminal, duplicates),
         stall=stall_of(options),
         stack_bootstrap=not options.no_stack_bootstrap,
+        warm=warm_of(options, nnodes),
     )
+
+
+def warm_of(options: Options, nnodes: int) -> tuple[str, ...] | None:
+    """--warm's modules, or None when the job starts cold (warm_notes says why)."""
+    from ddplaunch.warm import DEFAULT_MODULES, parse_modules
+
+    if options.warm_modules is not None and not options.warm:
+        raise LaunchError(f"--warm-modules {options.warm_modules} means nothing without --warm: add --warm, or drop it.")
+    if not options.warm or warm_cold_reason(options, nnodes) is not None or options.agent:
+        return None
+    if options.warm_modules is None:
+        return DEFAULT_MODULES
+    try:
+        return parse_modules(options.warm_modules)
+    except ValueError as bad:
+        raise LaunchError(
+            f"--warm-modules {options.warm_modules}: {str(bad)!r} is not a module name. Give "
+            "importable names separated by commas, e.g. --warm-modules torch,numpy."
+        ) from None
+
+
+def warm_cold_reason(options: Options, nnodes: int) -> str | None:
+    if options.no_python:
+        return "--no-python runs an executable, not Python"
+    if options.run_path:
+        return "--run-path is not supported warm yet"
+    if options.hosts or options.hostfile or nnodes > 1:
+        return "not supported across several nodes yet"
+    return None
+
+
+def warm_notes(options: Options, nnodes: int) -> tuple[str, ...]:
+    why = warm_cold_reason(options, nnodes) if options.warm and not options.agent else None
+    return () if why is None else (f"--warm: {why}; starting the workers cold",)
 
 
 def role_of(options: Options) -> str:

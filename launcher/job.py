@@ -201,6 +201,7 @@ def run(
             stacks=StackSettings(decision.stall, ReportDir(decision.log_dir)),
             kill_timeout=kill_timeout_of(options),
             temp_dirs=temp_dirs,
+            warm=decision.warm,
         )
         finish(result, printer, lambda text: role.say(printer, text))
         if options.from_python:

@@ -89,6 +89,8 @@ class Options:
     sync_exclude: tuple[str, ...] = ()
     sync_max_size: str | None = None
     from_python: str | None = None  # a Python caller's private folder (launcher.api): result.json goes there
+    warm: bool = False  # fork every rank from one interpreter that imported warm_modules (ddplaunch.warm)
+    warm_modules: str | None = None  # None: ddplaunch.warm.DEFAULT_MODULES
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from ddplaunch.protocol import AttemptEnd, EndKind
     from ddplaunch.snapshot import RankSnapshot
     from ddplaunch.stacks import Target
+    from ddplaunch.warm import Zygote
 
 GROUP_POLL_S = 0.02  # only while waiting for a tree with no SIGCHLD to tell us it ended
 # The workers are told torchrun's list (TORCHELASTIC_SIGNALS_TO_HANDLE); SIGQUIT in it stops
@@ -187,6 +188,7 @@ class Attempt:
     stdin: int | None = None  # what the --stdin rank reads, if it is on this node; None: /dev/null
     stacks: StackSettings | None = None  # None: no stack reports (SIGQUIT says so)
     kill_timeout: float = DEFAULT_KILL_TIMEOUT_S  # how long SIGKILL may take before we give up on what is left
+    zygote: Zygote | None = None  # --warm: the ranks are forked from it; None: posix_spawn
     clock: Callable[[], float] = time.monotonic
     signal_received: int | None = None  # the first stop signal that reached the launcher
     root_cause: WorkerProcess | None = None
@@ -200,7 +202,10 @@ class Attempt:
     _failure: tuple[str, int] | None = None  # told to peers and acted on once the others' stacks are read
 
     def __post_init__(self) -> None:
-        self.tree = WorkerTree(self.watchdog, self.clock)
+        if self.zygote is None:
+            self.tree = WorkerTree(self.watchdog, self.clock)
+        else:
+            self.tree = WorkerTree(self.watchdog, self.clock, self.zygote.spawn, (self.zygote.pid,))
         self.teardown = Teardown(self.grace, self.clock, self.kill_timeout)
         self.reporter: StackReporter | None = None
         if self.stacks is not None:
@@ -534,6 +539,7 @@ def run_job(
     stacks: StackSettings | None = None,
     kill_timeout: float = DEFAULT_KILL_TIMEOUT_S,
     temp_dirs: Sequence[str] = (),
+    warm: tuple[str, ...] | None = None,
 ) -> JobResult:
     """Run attempts until one succeeds, a signal stops us, or restarts run out.
 
@@ -541,6 +547,8 @@ def run_job(
     same restart decision because it rests on the job-wide end they all read. `stdin` goes to
     the --stdin rank of every attempt, so a restarted rank reads on where the last one stopped.
     `temp_dirs`: the job's private folders, which the guard removes should the launcher be killed.
+    `warm`: --warm's modules; the ranks of every attempt are forked from one interpreter that
+    imported them (ddplaunch.warm), unless it says it cannot, which is noted once.
     """
     marker = f"{JOB_ID_VARIABLE}={job_id}".encode() if job_id else None
     watchdog = Watchdog.start(marker, kill_timeout) if use_watchdog else None
@@ -548,6 +556,7 @@ def run_job(
         for folder in temp_dirs:
             watchdog.remove_after(folder)
     become_subreaper()
+    zygote: Zygote | None = None
     try:
         with SignalInbox(signals) as inbox:
             interrupted = _stop_requested(inbox)
@@ -557,7 +566,11 @@ def run_job(
                     printer.note(f"waiting for every node to join restart {restart}")
                     peers.join(restart, interrupted)
                 plan = plan_for_attempt(restart)
-                result = Attempt(plan, printer, inbox, grace, watchdog, peers, stdin, stacks, kill_timeout).run()
+                if warm is not None and restart == 0:
+                    zygote = _start_warm(plan, warm, watchdog, printer, inbox)
+                result = Attempt(
+                    plan, printer, inbox, grace, watchdog, peers, stdin, stacks, kill_timeout, zygote
+                ).run()
                 if peers is not None:
                     for word in peers.end_attempt(interrupted, _closing_word(result), printer.note):
                         printer.note(word)
@@ -569,8 +582,24 @@ def run_job(
                     f"(restart {restart} of {max_restarts})"
                 )
     finally:
+        if zygote is not None:
+            zygote.close()
         if watchdog is not None:
             watchdog.stand_down()
+
+
+def _start_warm(
+    plan: Plan, modules: tuple[str, ...], watchdog: Watchdog | None, printer: Printer, inbox: SignalInbox
+) -> Zygote | None:
+    from ddplaunch.warm import start_warm
+
+    def stop_pending() -> bool:  # read, not taken: the attempt acts on it
+        return any(sig in inbox.plan.stop for sig in inbox.pending)
+
+    zygote = start_warm(plan, modules, watchdog, printer.note, stop_pending)
+    if zygote is not None and zygote.ready_after is not None:
+        printer.log_event(f"warm interpreter pid {zygote.pid} imported {','.join(modules)} in {zygote.ready_after:.2f}s")
+    return zygote
 
 
 def _closing_word(result: AttemptResult) -> str:

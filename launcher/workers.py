@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ddplaunch.limits import original_limit
@@ -46,6 +46,10 @@ class Pipes:
     stderr: int
 
 
+# How a worker is started: start_process, or a warm interpreter's fork (ddplaunch.warm.Zygote.spawn).
+Starter = Callable[[tuple[str, ...], Mapping[str, str], list[tuple[int, int, int]], "frozenset[int] | None"], int]
+
+
 def start_process(
     argv: tuple[str, ...],
     environment: Mapping[str, str],
@@ -77,13 +81,21 @@ class WorkerTree:
     """The started workers, their process groups and the descendants that left those groups.
 
     The guard (`watchdog`) is told each group as it starts and forgets it once it is gone.
+    `starter` starts each worker (posix_spawn, or a fork from --warm's interpreter); `helpers`
+    are the launcher's own children that are not the tree (that interpreter): they neither
+    count as the tree's children nor get its signals.
     """
 
-    def __init__(self, watchdog: Watchdog | None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, watchdog: Watchdog | None, clock: Callable[[], float] = time.monotonic,
+        starter: Starter = start_process, helpers: Collection[int] = (),
+    ) -> None:
         self.workers: list[WorkerProcess] = []
         self.has_children = True  # until waitpid says otherwise
         self._watchdog = watchdog
         self._clock = clock
+        self._starter = starter
+        self._helpers = helpers
         self._strays_sig: int | None = None  # the last signal sent to descendants outside worker groups
 
     def spawn(
@@ -100,7 +112,7 @@ class WorkerTree:
             (os.POSIX_SPAWN_DUP2, err_write, 2),
         ]
         try:
-            pid = start_process(spec.argv, environment, actions, spec.cpus)
+            pid = self._starter(spec.argv, environment, actions, spec.cpus)
         except OSError:
             for fd in (out_read, err_read):
                 os.close(fd)
@@ -132,7 +144,7 @@ class WorkerTree:
         if self._strays_sig == sig:
             return
         self._strays_sig = sig
-        groups = {w.pid for w in self.workers}
+        groups = {w.pid for w in self.workers} | set(self._helpers)
         for pid in descendants(os.getpid(), children_map()):  # /proc: Linux only, as is prctl's subreaper
             try:
                 if os.getpgid(pid) not in groups:
@@ -152,7 +164,7 @@ class WorkerTree:
                 self.has_children = False
                 return
             if pid == 0:
-                self.has_children = True
+                self.has_children = self._tree_has_children()
                 return
             worker = next((w for w in self.workers if w.pid == pid and w.exit_code is None), None)
             if worker is not None:
@@ -164,6 +176,12 @@ class WorkerTree:
         worker.term_signal = -code if code < 0 else None
         worker.exit_code = 128 - code if code < 0 else code
         return worker.exit_code
+
+    def _tree_has_children(self) -> bool:
+        """Some child is not a helper (always, without helpers: no /proc scan then)."""
+        if not self._helpers:
+            return True
+        return any(pid not in self._helpers for pid in children_map().get(os.getpid(), ()))
 
     def all_exited(self) -> bool:
         return all(w.exit_code is not None for w in self.workers)

@@ -46,6 +46,11 @@ What is measured (all worker scripts are written to a fresh temporary directory)
              return (<= 0.5); rank 1 raises, call to exception with nothing left running
              (<= 0.3); the caller SIGKILLed mid-call, processes left 3 s later (ddplaunch: 0).
              `--only api` picks the three.
+  warm4, warm32   the --warm rows of issue 13 (scripts/bench_warm.py describes them): 4 gloo
+             ranks to the first all_reduce done, torchrun vs ddplaunch cold vs --warm (warm
+             <= 0.40 of torchrun), and 32 ranks importing torch to all started, cold vs --warm
+             (<= 0.5); with the warm interpreter's start and RSS, and RSS/PSS per rank.
+             `--only warm` picks both.
 
 This module is the entry: the options, which rows run, the report. The four row modules
 share their helpers through scripts/benchlib.py and do not import each other.
@@ -76,6 +81,7 @@ from bench_local import LOCAL_KEYS, WORKERS, Row, measure_local, render_local, w
 from bench_nodes import NODE_KEYS, NodeRow, measure_nodes, render_nodes
 from bench_stacks import STACK_KEYS, StackRow, measure_stacks, render_stacks
 from bench_stacks import WORKERS as STACK_WORKERS
+from bench_warm import WARM_KEYS, WARM_WORKERS, WarmRow, measure_warm, render_warm
 from benchlib import EMPTY_SCRIPT, TOOLS, Bench, kill_token, log
 
 
@@ -96,8 +102,12 @@ def find_tool(name: str) -> str:
 
 
 def render(rows: list[Row], node_rows: Sequence[NodeRow] = (), stack_rows: Sequence[StackRow] = (),
-           api_rows: Sequence[ApiRow] = ()) -> str:
+           api_rows: Sequence[ApiRow] = (), warm_rows: Sequence[WarmRow] = ()) -> str:
     lines = render_local(rows)
+    if warm_rows:
+        if lines:
+            lines.append("")
+        lines.extend(render_warm(warm_rows))
     if api_rows:
         if lines:
             lines.append("")
@@ -112,7 +122,7 @@ def render(rows: list[Row], node_rows: Sequence[NodeRow] = (), stack_rows: Seque
         lines.extend(render_nodes(node_rows))
     errors: list[str] = []
     seen: list[list[str]] = []
-    every: list[Row | NodeRow | StackRow | ApiRow] = [*rows, *api_rows, *stack_rows, *node_rows]
+    every: list[Row | NodeRow | StackRow | ApiRow | WarmRow] = [*rows, *warm_rows, *api_rows, *stack_rows, *node_rows]
     for r in every:
         if not any(r.errors is s for s in seen):  # the two cross-node rows share one list
             seen.append(r.errors)
@@ -125,9 +135,10 @@ def render(rows: list[Row], node_rows: Sequence[NodeRow] = (), stack_rows: Seque
 
 
 def to_json(rows: list[Row], meta: dict[str, Any], node_rows: Sequence[NodeRow] = (),
-            stack_rows: Sequence[StackRow] = (), api_rows: Sequence[ApiRow] = ()) -> dict[str, Any]:
+            stack_rows: Sequence[StackRow] = (), api_rows: Sequence[ApiRow] = (),
+            warm_rows: Sequence[WarmRow] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {"meta": meta, "results": {}}
-    others: list[NodeRow | StackRow | ApiRow] = [*node_rows, *stack_rows, *api_rows]
+    others: list[NodeRow | StackRow | ApiRow | WarmRow] = [*node_rows, *stack_rows, *api_rows, *warm_rows]
     for other in others:
         out["results"][other.key] = other.as_json()
     for row in rows:
@@ -147,7 +158,7 @@ def main() -> int:
                         help="comma-separated subset: launch,teardown,lines,memory,orphans,ranks256; the stack reports' "
                              "sigquit,nobootstrap, or 'stacks' for both; the multi-node hosts,crossnode,sshlines,connect16,ship,sync, "
                              "or 'nodes' for those six; the Python API's spawn4,spawnfail,spawnkill, or 'api' for "
-                             "those three (default: all)")
+                             "those three; --warm's warm4,warm32, or 'warm' (default: all)")
     parser.add_argument("--no-nodes", action="store_true",
                         help="skip the multi-node rows (hosts, crossnode, sshlines, connect16, ship, sync)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up launches")
@@ -156,13 +167,13 @@ def main() -> int:
     if reps < 1:
         parser.error("--reps must be at least 1")
     only = {s.strip() for s in args.only.split(",")} if args.only else set()
-    unknown = only - {*LOCAL_KEYS, *STACK_KEYS, *NODE_KEYS, *API_KEYS, "stacks", "nodes", "api"}
+    unknown = only - {*LOCAL_KEYS, *STACK_KEYS, *NODE_KEYS, *API_KEYS, *WARM_KEYS, "stacks", "nodes", "api", "warm"}
     if unknown:
         parser.error(f"--only: unknown measurement(s) {sorted(unknown)}")
-    for group, keys in (("stacks", STACK_KEYS), ("nodes", NODE_KEYS), ("api", API_KEYS)):
+    for group, keys in (("stacks", STACK_KEYS), ("nodes", NODE_KEYS), ("api", API_KEYS), ("warm", WARM_KEYS)):
         if group in only:
             only = (only - {group}) | set(keys)
-    selected = only or {*LOCAL_KEYS, *STACK_KEYS, *NODE_KEYS, *API_KEYS}
+    selected = only or {*LOCAL_KEYS, *STACK_KEYS, *NODE_KEYS, *API_KEYS, *WARM_KEYS}
     if args.no_nodes:
         selected -= set(NODE_KEYS)
         if not selected:
@@ -176,7 +187,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ddplaunch-bench-") as tmp:
         workdir = Path(tmp)
         (workdir / EMPTY_SCRIPT).write_text("")
-        for name, text in {**WORKERS, **STACK_WORKERS, **API_WORKERS}.items():
+        for name, text in {**WORKERS, **STACK_WORKERS, **API_WORKERS, **WARM_WORKERS}.items():
             (workdir / name).write_text(text)
         bench = Bench(tools, workdir, run_token=uuid.uuid4().hex)
         log(f"tools: {tools['ddplaunch']} | {tools['torchrun']}; reps {reps}; workers in {workdir}")
@@ -184,6 +195,9 @@ def main() -> int:
             if not args.no_warmup:
                 warm_up(bench)
             rows = measure_local(bench, reps, selected)
+            warm_rows: list[WarmRow] = []
+            if selected & set(WARM_KEYS):
+                warm_rows = measure_warm(bench, reps, selected)
             api_rows: list[ApiRow] = []
             if selected & set(API_KEYS):
                 api_rows = measure_api(bench, reps, selected, warm=not args.no_warmup)
@@ -202,7 +216,7 @@ def main() -> int:
     print(f"# {reps} rep(s) per tool, alternating; ratio = ddplaunch / {against} median; "
           f"{os.cpu_count()} CPU(s); {elapsed:.0f} s in all; load average {load_before:.2f} before, "
           f"{load_after:.2f} after")
-    print(render(rows, node_rows, stack_rows, api_rows))
+    print(render(rows, node_rows, stack_rows, api_rows, warm_rows))
     if args.json:
         meta = {
             "command": command,
@@ -215,7 +229,7 @@ def main() -> int:
             "elapsed_s": elapsed,
             "load_average_1min": {"before": load_before, "after": load_after},
         }
-        Path(args.json).write_text(json.dumps(to_json(rows, meta, node_rows, stack_rows, api_rows), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(to_json(rows, meta, node_rows, stack_rows, api_rows, warm_rows), indent=2) + "\n")
         print(f"# JSON written to {args.json}")
     return 0
 

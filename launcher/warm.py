@@ -1,0 +1,247 @@
+"""--warm: the launcher's side of the warm interpreter (ddplaunch.zygote) that forks every rank.
+
+Pure parts first: the environment every rank shares (`shared_environment`), the variables
+that differ per rank and that torch would read at import (`import_time_conflicts`), a rank's
+request from its cold command line (`rank_request`). Then `Zygote`: start the warm
+interpreter, wait until it says it is ready, fork each rank through it (`spawn` has
+ddplaunch.workers.start_process's shape: it is a WorkerTree's starter), close it at the job's
+end. It lives across restarts; a launcher killed with SIGKILL leaves it to the guard (its own
+process group, and the job id in its environment), and it exits on its own at the socket's EOF.
+
+The warm interpreter starts with only what every rank shares. What `import torch` reads
+(recorded here: os.environ reads during the import, and getenv through an LD_PRELOAD shim):
+in C/C++, OMP_* and GOMP_* (libgomp's constructor; OMP_NUM_THREADS thrice), OPENBLAS_*,
+GOTO_NUM_THREADS (numpy's OpenBLAS, which starts OMP_NUM_THREADS-1 threads then), MKL_*,
+MKLDNN_*/ONEDNN_*/DNNL_*, GFORTRAN_*, ACC_*, the MPI launchers' local sizes (MPI_LOCALNRANKS,
+OMPI_COMM_WORLD_LOCAL_SIZE, I_MPI_*), TORCH_CPP_LOG_LEVEL, TORCH_SHOW_CPP_STACKTRACES,
+TORCH_DISTRIBUTED_DEBUG, TORCH_BLAS_PREFER_*, TORCH_ALLOW_TF32_CUBLAS_OVERRIDE,
+PYTORCH_API_USAGE_STDERR, KINETO_USE_DAEMON; in Python, TORCH_LOGS, TORCH_LOGS_OUT,
+TORCH_TRACE, TORCH_COMPILE_*, TORCHDYNAMO_*, TORCHINDUCTOR_FORCE_DISABLE_CACHES,
+TORCH_DEVICE_BACKEND_AUTOLOAD, TORCH_USE_RTLD_GLOBAL, PYTORCH_JIT*, FX_*, NPY_*/NUMPY_*.
+ddplaunch sets none of them per rank; the per-rank ones it sets (RANK, LOCAL_RANK,
+ROLE_RANK, TORCHELASTIC_ERROR_FILE, and TORCHELASTIC_RESTART_COUNT per attempt) are read by
+none at import. Should a variable with one of those prefixes differ between ranks
+(CUDA_VISIBLE_DEVICES under --virtual-local-rank), the job starts cold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import ddplaunch
+from ddplaunch.plan import Plan
+from ddplaunch.watchdog import Watchdog
+from ddplaunch.workers import start_process
+from ddplaunch.zygote import REQUEST_MAX, RankRequest, script_path0
+
+DEFAULT_MODULES = ("torch",)
+READY_TIMEOUT_S = 300.0  # the imports, on a cold shared filesystem
+FORK_TIMEOUT_S = 30.0  # one fork and one setsid
+CLOSE_TIMEOUT_S = 2.0  # the zygote exits at EOF; after this it is killed
+_POLL_S = 0.05  # only while the zygote imports: a stop signal must not wait for it
+# Set per rank by ddplaunch (ddplaunch.plan.build_worker), or per attempt: never in the zygote.
+PER_RANK_VARIABLES = frozenset({
+    "RANK", "LOCAL_RANK", "ROLE_RANK", "GROUP_RANK", "NODE_RANK", "TORCHELASTIC_ERROR_FILE",
+    "TORCHELASTIC_RESTART_COUNT",
+})
+# What torch, its OpenMP and BLAS, CUDA, NCCL and numpy may read when they are imported.
+IMPORT_TIME_PREFIXES = (
+    "OMP_", "GOMP_", "KMP_", "MKL", "ONEDNN_", "DNNL_", "OPENBLAS_", "GOTO_", "GFORTRAN_", "ACC_",
+    "MPI_", "OMPI_", "I_MPI_", "INTEL_", "TORCH", "PYTORCH_", "CUDA_", "NCCL_", "NVIDIA_", "KINETO_",
+    "FX_", "NPY_", "NUMPY_", "PYTHON", "LD_",
+)
+
+Starter = Callable[[tuple[str, ...], Mapping[str, str], list[tuple[int, int, int]], frozenset[int] | None], int]
+
+
+# -- pure ---------------------------------------------------------------------------------------
+
+
+def parse_modules(text: str) -> tuple[str, ...]:
+    """--warm-modules a,b.c: dotted names; ValueError names the first that is not one."""
+    names = tuple(part.strip() for part in text.split(","))
+    for name in names:
+        if not name or not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(name)
+    return names
+
+
+def shared_environment(environments: Sequence[Mapping[str, str]]) -> dict[str, str]:
+    """What every rank's environment holds with the same value, less the per-rank variables."""
+    first, *rest = environments
+    return {
+        key: value for key, value in first.items()
+        if key not in PER_RANK_VARIABLES and all(other.get(key) == value for other in rest)
+    }
+
+
+def import_time_conflicts(environments: Sequence[Mapping[str, str]], shared: Mapping[str, str]) -> tuple[str, ...]:
+    """Variables that differ per rank (so the zygote imports without them) and that an import
+    may read: with any, the ranks could not all see what they would cold."""
+    differing = {key for env in environments for key in env if key not in shared}
+    return tuple(sorted(key for key in differing - PER_RANK_VARIABLES if key.startswith(IMPORT_TIME_PREFIXES)))
+
+
+def rank_request(argv: Sequence[str], environment: Mapping[str, str], cpus: frozenset[int] | None, cwd: str) -> RankRequest:
+    """The request for the rank whose cold command line is `argv` (ddplaunch.plan.worker_argv:
+    python -u SCRIPT ARGS, or python -u -m MODULE ARGS)."""
+    if len(argv) >= 4 and argv[1:3] == ("-u", "-m"):
+        return RankRequest("module", argv[3], tuple(argv[4:]), dict(environment), _cpus(cpus), cwd)
+    if len(argv) >= 3 and argv[1] == "-u" and not argv[2].startswith("-"):
+        return RankRequest("script", argv[2], tuple(argv[3:]), dict(environment), _cpus(cpus), cwd)
+    raise ValueError(f"not a python -u script or -m module command line: {' '.join(argv)}")
+
+
+def _cpus(cpus: frozenset[int] | None) -> tuple[int, ...] | None:
+    return None if cpus is None else tuple(sorted(cpus))
+
+
+def path0_of(request: RankRequest) -> str:
+    """sys.path[0] of the ranks, where the zygote looks for the modules it imports."""
+    return request.cwd if request.kind == "module" else script_path0(request.target)
+
+
+def cold_reason(plan: Plan, python: str = sys.executable) -> str | None:
+    """Why this node's plan cannot start warm, or None."""
+    first = plan.workers[0].argv
+    try:
+        rank_request(first, {}, None, "")
+    except ValueError:
+        return "only a Python script or -m module can start warm"
+    if os.path.realpath(first[0]) != os.path.realpath(python):
+        return f"the workers' Python ({first[0]}) is not the launcher's ({python})"
+    environments = [{**plan.base_env, **w.env_added} for w in plan.workers]
+    conflicts = import_time_conflicts(environments, shared_environment(environments))
+    if conflicts:
+        return f"{', '.join(conflicts)} differ(s) between ranks, and an import may read it"
+    return None
+
+
+# -- the warm interpreter, from the launcher ----------------------------------------------------
+
+BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from ddplaunch.zygote import main; main(sys.argv[1:])"
+
+
+class Zygote:
+    """The launcher's end of one warm interpreter: a child in its own session."""
+
+    def __init__(self, pid: int, sock: socket.socket, watchdog: Watchdog | None, started: float) -> None:
+        self.pid = pid
+        self.started = started
+        self.ready_after: float | None = None  # seconds from start to ready
+        self._sock = sock
+        self._watchdog = watchdog
+        self._cwd = os.getcwd()
+
+    @classmethod
+    def start(cls, plan: Plan, modules: Sequence[str], watchdog: Watchdog | None) -> Zygote:
+        """posix_spawn it as a worker is started; it imports in the background meanwhile."""
+        environments = [{**plan.base_env, **w.env_added} for w in plan.workers]
+        first = rank_request(plan.workers[0].argv, {}, None, os.getcwd())
+        argv = (plan.workers[0].argv[0], "-u", "-c", BOOT, package_parent(), path0_of(first), ",".join(modules))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        actions = [(os.POSIX_SPAWN_DUP2, theirs.fileno(), 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
+                   (os.POSIX_SPAWN_DUP2, devnull, 2)]
+        try:
+            pid = start_process(argv, shared_environment(environments), actions, None)
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            os.close(devnull)
+        if watchdog is not None:
+            watchdog.watch(pid)  # its own group: the guard stops it with the ranks
+        return cls(pid, ours, watchdog, time.monotonic())
+
+    def wait_ready(self, stop_pending: Callable[[], bool], timeout: float = READY_TIMEOUT_S) -> str | None:
+        """None once it has imported its modules and may fork; else why not (it is then closed)."""
+        deadline = time.monotonic() + timeout
+        while not select.select([self._sock], [], [], _POLL_S)[0]:
+            if stop_pending():
+                self.close()
+                return "a stop signal came while it was importing"
+            if time.monotonic() > deadline:
+                self.close()
+                return f"it was not ready after {timeout:g}s"
+        try:
+            said = json.loads(self._sock.recv(REQUEST_MAX) or b"{}")
+        except (OSError, ValueError):
+            said = {}
+        if said.get("ready") is True:
+            self.ready_after = time.monotonic() - self.started
+            return None
+        self.close()
+        return str(said.get("refused") or "the warm interpreter exited while importing")
+
+    def spawn(
+        self, argv: tuple[str, ...], environment: Mapping[str, str],
+        actions: list[tuple[int, int, int]], cpus: frozenset[int] | None,
+    ) -> int:
+        """start_process's twin: the rank forked from the warm interpreter, its pid as posix_spawn's."""
+        request = rank_request(argv, environment, cpus, self._cwd)
+        fds = [source for _action, source, _target in sorted(actions, key=lambda a: a[2])]
+        try:
+            socket.send_fds(self._sock, [request.encode()], fds)
+            self._sock.settimeout(FORK_TIMEOUT_S)
+            said = json.loads(self._sock.recv(REQUEST_MAX) or b"{}")
+        except (OSError, ValueError) as exc:
+            raise OSError(f"the warm interpreter did not answer ({exc})") from None
+        finally:
+            self._sock.settimeout(None)
+        if "pid" not in said:
+            raise OSError(f"the warm interpreter could not fork it ({said.get('error', 'it exited')})")
+        return int(said["pid"])
+
+    def close(self) -> None:
+        """EOF ends it; a zygote that does not go is killed. Reaped here unless the workers'
+        reaper (waitpid(-1)) already collected it."""
+        if self._sock.fileno() < 0:
+            return
+        self._sock.close()
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        try:
+            while os.waitpid(self.pid, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:
+                    os.killpg(self.pid, signal.SIGKILL)  # still our unreaped child: the id is its own
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.01)
+        except ChildProcessError:
+            pass
+        if self._watchdog is not None:
+            self._watchdog.unwatch(self.pid)
+
+
+def package_parent() -> str:
+    """The folder the ddplaunch package is found in, for the zygote's own import."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(ddplaunch.__file__)))
+
+
+def start_warm(
+    plan: Plan, modules: Sequence[str], watchdog: Watchdog | None,
+    note: Callable[[str], None], stop_pending: Callable[[], bool],
+) -> Zygote | None:
+    """The job's zygote, ready to fork; None (said once) when this job starts cold."""
+    why = cold_reason(plan)
+    zygote = None
+    if why is None:
+        try:
+            zygote = Zygote.start(plan, modules, watchdog)
+        except OSError as exc:
+            why = f"the warm interpreter could not start ({exc.strerror or exc})"
+    if zygote is not None:
+        why = zygote.wait_ready(stop_pending)
+        if why is None:
+            return zygote
+    note(f"--warm: {why}; starting the workers cold")
+    return None
+

@@ -1,0 +1,118 @@
+"""--warm with real processes: ranks forked from one interpreter that imported torch behave as
+cold ones (their parent, session, argv, environment, __main__, atexit, pickling across a spawn
+context, tracebacks, exit codes, restarts, signals, stack reports, kill -9), and the refusals
+start cold.
+
+Each warm launch imports torch once (about 2 s here): the first test checks as much as one
+launch with a restart can show.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from helpers_cli import processes_with_token, run_cli, wait_until, write_script
+
+from ddplaunch.snapshot import STACK_SIGNAL
+
+FACTS = """
+    import atexit, json, multiprocessing, os, sys, time
+    from pathlib import Path
+
+    class Point:  # pickled by reference to __main__: the spawned child must find it
+        def __init__(self, x):
+            self.x = x
+
+    def double(point):
+        return Point(point.x * 2)
+
+    def wait_for(path):
+        deadline = time.monotonic() + 20
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    if __name__ == "__main__":
+        out = Path(sys.argv[1])
+        rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
+        facts = {
+            "pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0), "pgid": os.getpgid(0),
+            "argv": sys.argv, "file": sys.modules["__main__"].__file__, "local": os.environ["LOCAL_RANK"],
+            "torch_warm": "torch" in sys.modules, "stdin": sys.stdin.read(),
+            "caught": int(open("/proc/self/status").read().split("SigCgt:")[1].split()[0], 16),
+            "stacks_variable": "DDPLAUNCH_STACKS" in os.environ,
+        }
+        if attempt == "1":
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                facts["spawned"] = pool.apply(double, (Point(21),)).x
+        (out / f"facts-{attempt}-{rank}.json").write_text(json.dumps(facts))
+        atexit.register(lambda: (out / f"atexit-{attempt}-{rank}").write_text("ran"))
+        if attempt == "0" and rank == "1":
+            raise ValueError("rank one fails on purpose")
+        if attempt == "1" and rank == "1":
+            wait_for(out / "atexit-1-0")  # rank 0 ends first, so it is not stopped
+            sys.exit(3)
+"""
+
+
+def test_warm_ranks_behave_as_cold_ones_across_a_restart(start, tmp_path: Path) -> None:
+    script = write_script(tmp_path / "facts.py", FACTS)
+    run = start("--nproc", "2", "--warm", "--max-restarts", "1", "--stdin", "none", script, str(tmp_path), "x")
+    assert run.wait(60) == 3
+    launcher = run.proc.pid
+    facts = {(a, r): json.loads((tmp_path / f"facts-{a}-{r}.json").read_text()) for a in "01" for r in "01"}
+    for (attempt, rank), fact in facts.items():
+        assert fact["ppid"] == launcher, (attempt, rank)  # reaped by the launcher, as a cold worker
+        assert fact["sid"] == fact["pid"] == fact["pgid"]  # its own session and process group
+        assert fact["argv"] == [script, str(tmp_path), "x"]
+        assert fact["file"] == script and fact["local"] == rank and fact["stdin"] == ""
+        assert fact["torch_warm"]  # imported before the fork: the point of --warm
+        # the stack bootstrap ran as in a cold worker: its signal caught, its variable gone
+        assert fact["caught"] >> (STACK_SIGNAL - 1) & 1 and not fact["stacks_variable"]
+    assert facts["1", "0"]["spawned"] == facts["1", "1"]["spawned"] == 42
+    assert len({f["pid"] for f in facts.values()}) == 4  # the restart forked again
+    assert (tmp_path / "atexit-1-0").read_text() == "ran"  # the interpreter finalised as usual
+    assert (tmp_path / "atexit-1-1").read_text() == "ran"  # sys.exit(3) too
+    err = run.err
+    assert "ValueError: rank one fails on purpose" in err
+    assert 'File "' + script + '", line' in err and "zygote" not in err  # only the script's frames
+    assert "restarting all workers (restart 1 of 1)" in err
+    assert "Root cause (first observed failure): rank 1" in err and "exit code 3" in err
+    assert "--warm" not in err  # it started warm: no note
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_or_killed_warm_launcher_leaves_nothing(start, tmp_path: Path, token: str, stop: int) -> None:
+    script = write_script(tmp_path / "wait.py", "import os, time\nprint('ready', os.getppid(), flush=True)\ntime.sleep(300)\n")
+    run = start("--nproc", "2", "--warm", script)
+    run.wait_lines("ready", 2, timeout=30)
+    carriers = [p for p in processes_with_token(token) if p.name() != "ddplaunch-guard"]
+    assert len(carriers) == 4, carriers  # the launcher, the warm interpreter, two ranks
+    if stop == signal.SIGTERM:  # the stack bootstrap runs in a warm rank as in a cold one
+        run.signal(signal.SIGQUIT)
+        run.wait_line("ranks 0-1 · <module> at wait.py:3", timeout=20, stream="err")
+    run.signal(stop)
+    assert run.wait() == (143 if stop == signal.SIGTERM else -signal.SIGKILL)
+    # kill -9: the guard stops the ranks' groups and the warm interpreter's
+    wait_until(lambda: not processes_with_token(token), 10, "every rank and the warm interpreter to end")
+
+
+def test_a_module_that_starts_a_thread_at_import_is_noted_once_and_the_job_runs_cold(
+    job_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "threaded.py").write_text("import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n")
+    script = write_script(tmp_path / "s.py", "import sys\nprint('warm' if 'threaded' in sys.modules else 'cold')\n")
+    env = dict(job_env, PYTHONPATH=str(tmp_path))
+    done = run_cli(["--nproc", "2", "--warm", "--warm-modules", "threaded", script], env, cwd=tmp_path)
+    assert done.code == 0, done.output
+    assert done.stderr.count("--warm: after importing threaded it runs 2 threads") == 1, done.stderr
+    assert "starting the workers cold" in done.stderr
+    assert done.stdout.count("cold") == 2 and "warm" not in done.stdout
+
+
+def test_no_python_with_warm_is_noted_and_runs_cold(job_env: dict[str, str], tmp_path: Path) -> None:
+    done = run_cli(["--nproc", "1", "--warm", "--no-python", "true"], job_env, cwd=tmp_path)
+    assert done.code == 0, done.output
+    assert done.stderr.count("--warm: --no-python runs an executable, not Python; starting the workers cold") == 1

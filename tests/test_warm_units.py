@@ -1,0 +1,142 @@
+"""Table tests of --warm's pure parts: the modules option, the environment split between the
+warm interpreter and each rank, a rank's request, and when a job starts cold."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+
+import pytest
+from helpers_cli import head_options
+
+from ddplaunch.decide import warm_notes, warm_of
+from ddplaunch.devices import DeviceMap
+from ddplaunch.errors import LaunchError
+from ddplaunch.plan import PlanInputs, Program, build_plan
+from ddplaunch.warm import (
+    DEFAULT_MODULES,
+    cold_reason,
+    import_time_conflicts,
+    parse_modules,
+    rank_request,
+    shared_environment,
+)
+from ddplaunch.zygote import RankRequest
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(("text", "modules"), [
+    ("torch", ("torch",)),
+    ("torch,numpy", ("torch", "numpy")),
+    (" torch , transformers.models ", ("torch", "transformers.models")),
+])
+def test_warm_modules_are_dotted_names(text: str, modules: tuple[str, ...]) -> None:
+    assert parse_modules(text) == modules
+
+
+@pytest.mark.parametrize("text", ["", "torch,", "torch,,numpy", "my-module", "1torch", "a..b"])
+def test_warm_modules_that_are_not_module_names_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_modules(text)
+
+
+@pytest.mark.parametrize(("environments", "shared"), [
+    ([{"A": "1", "RANK": "0"}, {"A": "1", "RANK": "1"}], {"A": "1"}),
+    ([{"A": "1", "B": "x"}, {"A": "2", "B": "x"}], {"B": "x"}),  # differs: not the zygote's
+    ([{"A": "1", "B": "x"}, {"B": "x"}], {"B": "x"}),  # missing in one rank: not shared either
+    ([{"RANK": "0", "LOCAL_RANK": "0", "TORCHELASTIC_RESTART_COUNT": "0"}], {}),  # one rank: still per rank
+])
+def test_the_warm_interpreter_gets_what_every_rank_shares(
+    environments: list[dict[str, str]], shared: dict[str, str]
+) -> None:
+    assert shared_environment(environments) == shared
+
+
+@pytest.mark.parametrize(("environments", "conflicts"), [
+    ([{"RANK": "0", "OMP_NUM_THREADS": "4"}, {"RANK": "1", "OMP_NUM_THREADS": "4"}], ()),
+    ([{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}], ("CUDA_VISIBLE_DEVICES",)),
+    ([{"OMP_NUM_THREADS": "1", "MY_FLAG": "a"}, {"OMP_NUM_THREADS": "2", "MY_FLAG": "b"}], ("OMP_NUM_THREADS",)),
+    ([{"TORCHELASTIC_ERROR_FILE": "/e/0"}, {"TORCHELASTIC_ERROR_FILE": "/e/1"}], ()),  # torch reads it late
+])
+def test_a_per_rank_variable_that_an_import_may_read_is_a_conflict(
+    environments: list[dict[str, str]], conflicts: tuple[str, ...]
+) -> None:
+    assert import_time_conflicts(environments, shared_environment(environments)) == conflicts
+
+
+@pytest.mark.parametrize(("argv", "kind", "target", "args"), [
+    (("/py", "-u", "train.py", "--lr", "0.1"), "script", "train.py", ("--lr", "0.1")),
+    (("/py", "-u", "-m", "pkg.train", "--x"), "module", "pkg.train", ("--x",)),
+    (("/py", "-u", "t.py", "-m"), "script", "t.py", ("-m",)),  # the script's own -m
+])
+def test_a_rank_request_runs_what_the_cold_command_line_would(
+    argv: tuple[str, ...], kind: str, target: str, args: tuple[str, ...]
+) -> None:
+    request = rank_request(argv, {"RANK": "3"}, frozenset({5, 1}), "/work")
+    assert (request.kind, request.target, request.args) == (kind, target, args)
+    assert json.loads(request.encode()) == {
+        "kind": kind, "target": target, "args": list(args), "environment": {"RANK": "3"}, "cpus": [1, 5], "cwd": "/work",
+    }
+
+
+@pytest.mark.parametrize("argv", [
+    ("/bin/tool", "--x"),  # --no-python
+    ("/py", "-u", "-c", "import runpy", "t.py"),  # --run-path
+])
+def test_a_command_line_that_is_not_a_script_or_module_has_no_request(argv: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError):
+        rank_request(argv, {}, None, "/")
+
+
+def test_the_warm_interpreter_decodes_a_request_as_written() -> None:
+    text = b'{"kind": "module", "target": "m", "args": ["a"], "environment": {"K": "v"}, "cpus": null, "cwd": "/w"}'
+    assert RankRequest.decode(text) == RankRequest("module", "m", ("a",), {"K": "v"}, None, "/w")
+    with pytest.raises(ValueError):
+        RankRequest.decode(text.replace(b'"module"', b'"exec"'))
+
+
+def _plan(**changes: object) -> object:
+    inputs = PlanInputs(
+        program=Program("script", "train.py"), nproc=2, master_addr="127.0.0.1", master_port=29500,
+        run_id="r", python=sys.executable, hostname="h", cpu_count=8, devices=DeviceMap(None, ()),
+    )
+    return build_plan(replace(inputs, **changes))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({}, None),
+    ({"python": "/usr/bin/python2"}, "the workers' Python (/usr/bin/python2) is not the launcher's"),
+    ({"program": Program("exec", "/bin/true")}, "only a Python script or -m module can start warm"),
+    ({"virtual_local_rank": True, "base_env": {"CUDA_VISIBLE_DEVICES": "0,1"}},
+     "CUDA_VISIBLE_DEVICES differ(s) between ranks, and an import may read it"),
+])
+def test_when_a_plan_starts_cold(changes: dict[str, object], reason: str | None) -> None:
+    found = cold_reason(_plan(**changes))  # type: ignore[arg-type]
+    assert found == reason or (reason is not None and found is not None and found.startswith(reason))
+
+
+@pytest.mark.parametrize(("changes", "modules", "note"), [
+    ({"warm": True, "hosts": None}, DEFAULT_MODULES, None),
+    ({"warm": True, "hosts": None, "warm_modules": "torch,numpy"}, ("torch", "numpy"), None),
+    ({"hosts": None}, None, None),
+    ({"warm": True}, None, "--warm: not supported across several nodes yet; starting the workers cold"),
+    ({"warm": True, "hosts": None, "no_python": True}, None,
+     "--warm: --no-python runs an executable, not Python; starting the workers cold"),
+    ({"warm": True, "hosts": None, "run_path": True}, None,
+     "--warm: --run-path is not supported warm yet; starting the workers cold"),
+])
+def test_which_launches_go_warm(changes: dict[str, object], modules: tuple[str, ...] | None, note: str | None) -> None:
+    options = head_options(**changes)
+    assert warm_of(options, 1) == modules
+    assert warm_notes(options, 1) == (() if note is None else (note,))
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"warm_modules": "torch"}, "--warm-modules torch means nothing without --warm"),
+    ({"warm": True, "warm_modules": "torch,my-lib"}, "'my-lib' is not a module name"),
+])
+def test_bad_warm_options_are_usage_errors(changes: dict[str, object], words: str) -> None:
+    with pytest.raises(LaunchError, match=words):
+        warm_of(head_options(hosts=None, **changes), 1)
