@@ -104,22 +104,11 @@ def find_tool(name: str) -> str:
 def render(rows: list[Row], node_rows: Sequence[NodeRow] = (), stack_rows: Sequence[StackRow] = (),
            api_rows: Sequence[ApiRow] = (), warm_rows: Sequence[WarmRow] = ()) -> str:
     lines = render_local(rows)
-    if warm_rows:
-        if lines:
-            lines.append("")
-        lines.extend(render_warm(warm_rows))
-    if api_rows:
-        if lines:
-            lines.append("")
-        lines.extend(render_api(api_rows))
-    if stack_rows:
-        if lines:
-            lines.append("")
-        lines.extend(render_stacks(stack_rows))
-    if node_rows:
-        if lines:
-            lines.append("")
-        lines.extend(render_nodes(node_rows))
+    tables = [(warm_rows, render_warm), (api_rows, render_api), (stack_rows, render_stacks), (node_rows, render_nodes)]
+    for table_rows, render_table in tables:
+        if table_rows:
+            lines += [""] if lines else []
+            lines.extend(render_table(table_rows))  # type: ignore[operator]
     errors: list[str] = []
     seen: list[list[str]] = []
     every: list[Row | NodeRow | StackRow | ApiRow | WarmRow] = [*rows, *warm_rows, *api_rows, *stack_rows, *node_rows]
