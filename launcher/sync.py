@@ -16,7 +16,6 @@ import os
 import posixpath
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,8 +72,6 @@ class HostProgress:
     planned: Delta | None = None
     files: int = 0
     sent_bytes: int = 0
-    seconds: float = 0.0
-    done: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, files: int, sent_bytes: int) -> None:
@@ -164,12 +161,16 @@ def make_dirs(sftp: Any, path: str, mode: int) -> None:
     parts = [part for part in path.split("/") if part]
     prefix = "/" if posixpath.isabs(path) else ""
     for depth in range(1, len(parts) + 1):
-        folder = prefix + "/".join(parts[:depth])
-        try:
-            sftp.mkdir(folder, mode)
-        except OSError:
-            if not _is_dir(sftp, folder):
-                raise
+        make_dir(sftp, prefix + "/".join(parts[:depth]), mode)
+
+
+def make_dir(sftp: Any, folder: str, mode: int) -> None:
+    """One folder whose parent exists; one that is there already is fine."""
+    try:
+        sftp.mkdir(folder, mode)
+    except OSError:
+        if not _is_dir(sftp, folder):
+            raise
 
 
 def _is_dir(sftp: Any, path: str) -> bool:
@@ -283,7 +284,6 @@ def send_all(first: Any, open_sftp: OpenSftp, source: SyncSource, local: Manifes
 def sync_host(open_sftp: OpenSftp, source: SyncSource, hasher: Hasher, progress: HostProgress,
               stop: threading.Event) -> None:
     """Bring one host's copy up to date; raises with the reason (an OSError names the path)."""
-    started = time.monotonic()
     sftp = open_sftp()
     try:
         try:
@@ -295,15 +295,14 @@ def sync_host(open_sftp: OpenSftp, source: SyncSource, hasher: Hasher, progress:
         if delta.send or delta.delete:
             write_manifest(sftp, source, interim_manifest(remote, local, delta))
             delete_paths(sftp, source, delta.delete, keep_dirs={p for path in local for p in parents_of(path)})
+            # shallowest first, under a root that exists: one mkdir each, not one per ancestor
             for folder in sorted({p for path in delta.send for p in parents_of(path)}, key=lambda p: p.count("/")):
-                make_dirs(sftp, remote_path(source, folder), 0o755)
+                make_dir(sftp, remote_path(source, folder), 0o755)
             send_all(sftp, open_sftp, source, local, remote, delta, progress, stop)
         if local != remote:  # a touched file of the same content: its new time, so the next run reads nothing
             write_manifest(sftp, source, local)
     finally:
         sftp.close()
-        progress.seconds = time.monotonic() - started
-        progress.done = True
 
 
 def peek_host(open_sftp: OpenSftp, source: SyncSource, hasher: Hasher) -> Delta:
