@@ -129,8 +129,8 @@ def _typed_option(name: str, args: list[str]) -> str:
               help="Do not put the stack bootstrap (faulthandler on a real-time signal) into "
                    "Python workers; stacks then come from py-spy, if installed.")
 @click.option("--warm", "warm", is_flag=True,
-              help="Import torch once, in one interpreter per job, and fork every rank (and every "
-                   "restart) from it: the ranks start in a fraction of the time. One node only.")
+              help="Import torch once per node, in one interpreter, and fork every rank (and every "
+                   "restart) from it: the ranks start in a fraction of the time.")
 @click.option("--warm-modules", "warm_modules", metavar="M1,M2,...",
               help="With --warm: the modules that interpreter imports. Default: torch.")
 @click.option("--role", envvar="PET_ROLE", metavar="NAME", help="ROLE_NAME for the workers. Default: default.")

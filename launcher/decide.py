@@ -298,7 +298,7 @@ def warm_of(options: Options, nnodes: int) -> tuple[str, ...] | None:
 
     if options.warm_modules is not None and not options.warm:
         raise LaunchError(f"--warm-modules {options.warm_modules} means nothing without --warm: add --warm, or drop it.")
-    if not options.warm or warm_cold_reason(options, nnodes) is not None or options.agent:
+    if not options.warm or warm_cold_reason(options, nnodes) is not None:
         return None
     if options.warm_modules is None:
         return DEFAULT_MODULES
@@ -316,13 +316,11 @@ def warm_cold_reason(options: Options, nnodes: int) -> str | None:
         return "--no-python runs an executable, not Python"
     if options.run_path:
         return "--run-path is not supported warm yet"
-    if options.hosts or options.hostfile or nnodes > 1:
-        return "not supported across several nodes yet"
     return None
 
 
 def warm_notes(options: Options, nnodes: int) -> tuple[str, ...]:
-    why = warm_cold_reason(options, nnodes) if options.warm and not options.agent else None
+    why = warm_cold_reason(options, nnodes) if options.warm else None
     return () if why is None else (f"--warm: {why}; starting the workers cold",)
 
 

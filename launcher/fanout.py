@@ -37,10 +37,10 @@ NO_DIR, NO_PYTHON, NO_AGENT = 120, 121, 122  # exit codes of the remote prefligh
 # Flags the head hands to every agent unchanged (value-taking ones, then switches).
 PASSED_OPTIONS = (
     "max_restarts", "grace", "join_timeout", "master_port", "role", "signals_to_handle", "numa_binding", "stdin",
-    "heartbeat_timeout", "kill_timeout",
+    "heartbeat_timeout", "kill_timeout", "warm_modules",
 )
 PASSED_SWITCHES = (
-    "module", "no_python", "run_path", "local_rank_arg", "virtual_local_rank", "force", "no_stack_bootstrap",
+    "module", "no_python", "run_path", "local_rank_arg", "virtual_local_rank", "force", "no_stack_bootstrap", "warm",
 )
 # What the head cannot do yet: it shows every host's lines by rank only, and each host has its own address.
 NOT_WITH_HOSTS = {

@@ -116,6 +116,7 @@ _PASSED = {
     "master_port": st.none() | st.integers(0, 65535), "role": st.none() | _TEXT,
     "signals_to_handle": st.none() | _TEXT, "numa_binding": st.sampled_from([None, "node", "socket", "exclusive"]),
     "stdin": _TEXT, "heartbeat_timeout": _SECONDS, "kill_timeout": _SECONDS,
+    "warm_modules": st.sampled_from(["torch", "torch,numpy", "a.b,c"]),
 }
 
 

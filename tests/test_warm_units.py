@@ -121,7 +121,7 @@ def test_when_a_plan_starts_cold(changes: dict[str, object], reason: str | None)
     ({"warm": True, "hosts": None}, DEFAULT_MODULES, None),
     ({"warm": True, "hosts": None, "warm_modules": "torch,numpy"}, ("torch", "numpy"), None),
     ({"hosts": None}, None, None),
-    ({"warm": True}, None, "--warm: not supported across several nodes yet; starting the workers cold"),
+    ({"warm": True}, DEFAULT_MODULES, None),  # the head's hosts: each node's agent goes warm
     ({"warm": True, "hosts": None, "no_python": True}, None,
      "--warm: --no-python runs an executable, not Python; starting the workers cold"),
     ({"warm": True, "hosts": None, "run_path": True}, None,
