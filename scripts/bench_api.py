@@ -44,12 +44,11 @@ from benchlib import (
     SeriesRow,
     Timeout,
     attempt,
-    draw_table,
+    draw_rows,
     finish,
     kill_token,
     log,
     median_of,
-    ok_mark,
     result_json,
     secs,
     token_processes,
@@ -396,9 +395,7 @@ def measure_api(bench: Bench, reps: int, only: set[str], warm: bool = True) -> l
 
 def render_api(rows: Sequence[ApiRow]) -> list[str]:
     header = ("Python API (issue 12)", "ddplaunch.spawn (median)", "mp.spawn (median)", "ratio", "target", "ok?")
-    lines = draw_table(header, [(row.label, *row.cells(), row.target(), ok_mark(row.ok())) for row in rows])
-    notes = [note for row in rows for note in row_notes(row)]
-    return [*lines, "", *notes] if notes else lines
+    return draw_rows(header, rows, [note for row in rows for note in row_notes(row)])
 
 
 def row_notes(row: ApiRow) -> list[str]:

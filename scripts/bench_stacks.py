@@ -45,7 +45,7 @@ from benchlib import (
     Bench,
     Timeout,
     attempt,
-    draw_table,
+    draw_rows,
     finish,
     log,
     median_of,
@@ -323,9 +323,7 @@ def measure_stacks(bench: Bench, reps: int, only: set[str]) -> list[StackRow]:
 
 def render_stacks(rows: Sequence[StackRow]) -> list[str]:
     header = ("stack reports (issue 9)", "ddplaunch (median)", "torchrun (median)", "ratio", "target", "ok?")
-    lines = draw_table(header, [(row.label, *row.cells(), row.target(), ok_mark(row.ok())) for row in rows])
-    notes = [note for row in rows for note in row_notes(row)]
-    return [*lines, "", *notes] if notes else lines
+    return draw_rows(header, rows, [note for row in rows for note in row_notes(row)])
 
 
 def row_notes(row: StackRow) -> list[str]:

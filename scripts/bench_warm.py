@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchlib import Bench, SeriesRow, Timeout, attempt, draw_table, finish, log, median_of, ok_mark, secs, wait_exit
+from benchlib import Bench, SeriesRow, Timeout, attempt, draw_rows, finish, log, median_of, secs, wait_exit
 
 WARM_KEYS = ("warm4", "warm32")
 TORCHRUN, COLD, WARM = "torchrun", "ddplaunch", "ddplaunch --warm"
@@ -174,7 +174,6 @@ def measure_warm(bench: Bench, reps: int, only: set[str]) -> list[WarmRow]:
 
 def render_warm(rows: Sequence[WarmRow]) -> list[str]:
     header = ("--warm (issue 13)", "torchrun", "ddplaunch cold", "ddplaunch --warm", "ratio", "target", "ok?")
-    lines = draw_table(header, [(row.label, *row.cells(), row.target(), ok_mark(row.ok())) for row in rows])
     notes = []
     for row in rows:
         for tool, extra in row.extra.items():
@@ -186,7 +185,7 @@ def render_warm(rows: Sequence[WarmRow]) -> list[str]:
             if extra.get("zygote_rss_kib"):
                 parts.append(f"its RSS {mib(median_of(extra['zygote_rss_kib']))}")
             notes.append(f"{row.key}, {tool:<16}: " + "; ".join(parts))
-    return [*lines, "", *notes]
+    return draw_rows(header, rows, notes)
 
 
 def mib(kib: float | None) -> str:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import psutil
 
@@ -240,6 +240,24 @@ def median_of(values: Iterable[float | None]) -> float | None:
 
 def ok_mark(ok: bool | None) -> str:
     return {True: "yes", False: "NO", None: "?"}[ok]
+
+
+class TableRow(Protocol):
+    """What draw_rows reads of a row: its label, its own cells, its target and verdict."""
+
+    label: str
+
+    def cells(self) -> tuple[str, ...]: ...
+
+    def target(self) -> str: ...
+
+    def ok(self) -> bool | None: ...
+
+
+def draw_rows(header: tuple[str, ...], rows: Sequence[TableRow], notes: Sequence[str] = ()) -> list[str]:
+    """A table of rows (label, cells, target, ok?), then the notes after a blank line."""
+    lines = draw_table(header, [(row.label, *row.cells(), row.target(), ok_mark(row.ok())) for row in rows])
+    return [*lines, "", *notes] if notes else lines
 
 
 def draw_table(header: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> list[str]:
