@@ -215,7 +215,7 @@ def upload(sftp: Any, agent: AgentZip, place: AgentPlace) -> bool:
     """Write the zip into the host's cache, unless a file of that name and size is there: to a
     name of its own first, then renamed over, so two heads racing each leave a whole file.
     True when it wrote."""
-    _make_dirs(sftp, place.cache)
+    make_dirs(sftp, place.cache, 0o700)
     try:
         if sftp.stat(place.sftp_path).st_size == agent.size:
             return False
@@ -236,19 +236,29 @@ def upload(sftp: Any, agent: AgentZip, place: AgentPlace) -> bool:
     return True
 
 
-def _make_dirs(sftp: Any, cache: str) -> None:
-    """Each missing folder of the cache, private (0700), as XDG asks of ~/.cache."""
-    parts = cache.strip("/").split("/")
-    prefix = "/" if posixpath.isabs(cache) else ""
+def make_dirs(sftp: Any, path: str, mode: int) -> None:
+    """Each missing folder of `path` over SFTP (relative to the remote home unless absolute):
+    the agent's cache here (0700, as XDG asks of ~/.cache), and --sync's copies (ddplaunch.sync)."""
+    parts = [part for part in path.split("/") if part]
+    prefix = "/" if posixpath.isabs(path) else ""
     for depth in range(1, len(parts) + 1):
-        path = prefix + "/".join(parts[:depth])
-        try:
-            sftp.stat(path)
-        except OSError:
-            try:
-                sftp.mkdir(path, 0o700)
-            except OSError:
-                sftp.stat(path)  # another head made it meanwhile; anything else says why
+        make_dir(sftp, prefix + "/".join(parts[:depth]), mode)
+
+
+def make_dir(sftp: Any, folder: str, mode: int) -> None:
+    """One folder whose parent exists; one that is there already is fine."""
+    try:
+        sftp.mkdir(folder, mode)
+    except OSError:
+        if not _is_dir(sftp, folder):
+            raise
+
+
+def _is_dir(sftp: Any, path: str) -> bool:
+    try:
+        return stat.S_ISDIR(sftp.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def upload_all(

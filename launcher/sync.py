@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddplaunch.errors import LaunchError
+from ddplaunch.ship import make_dir, make_dirs
 from ddplaunch.syncplan import (
     MANIFEST_NAME, Delta, Entry, FileRecord, Manifest, build_manifest, human_bytes, interim_manifest, manifest_bytes,
     manifest_from_bytes, plan_delta, sha256_file,
@@ -154,32 +155,6 @@ def plan_host(sftp: Any, source: SyncSource, hasher: Hasher) -> tuple[dict[str, 
     remote = read_manifest(sftp, source)
     local = build_manifest(source.entries, remote, hasher)
     return remote, local, plan_delta(local, remote)
-
-
-def make_dirs(sftp: Any, path: str, mode: int) -> None:
-    """Each missing folder of `path` (relative to the remote home unless absolute)."""
-    parts = [part for part in path.split("/") if part]
-    prefix = "/" if posixpath.isabs(path) else ""
-    for depth in range(1, len(parts) + 1):
-        make_dir(sftp, prefix + "/".join(parts[:depth]), mode)
-
-
-def make_dir(sftp: Any, folder: str, mode: int) -> None:
-    """One folder whose parent exists; one that is there already is fine."""
-    try:
-        sftp.mkdir(folder, mode)
-    except OSError:
-        if not _is_dir(sftp, folder):
-            raise
-
-
-def _is_dir(sftp: Any, path: str) -> bool:
-    import stat
-
-    try:
-        return stat.S_ISDIR(sftp.stat(path).st_mode)
-    except OSError:
-        return False
 
 
 def delete_paths(sftp: Any, source: SyncSource, paths: Sequence[str], keep_dirs: set[str]) -> None:
