@@ -36,6 +36,24 @@ class Command(click.Command):
             raise click.NoSuchOption(typed, message=f"No such option: {typed}. {hint}.", ctx=ctx) from None
 
 
+class EnvironmentSwitch(click.types.BoolParamType):
+    """A flag's boolean whose bad value from its environment variable names the variable (click
+    would name only the flag, which the user never typed)."""
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> bool:
+        try:
+            return bool(super().convert(value, param, ctx))
+        except click.BadParameter:
+            source = None if ctx is None or param is None or param.name is None else ctx.get_parameter_source(param.name)
+            if source is not click.core.ParameterSource.ENVIRONMENT or param is None:
+                raise
+            variable = param.envvar if isinstance(param.envvar, str) else "its variable"
+            raise click.BadParameter(
+                f"{variable}={value!s} is neither on nor off: set it to 1 (on for every job) or 0, or unset it.",
+                ctx=ctx, param=param,
+            ) from None
+
+
 def _typed_option(name: str, args: list[str]) -> str:
     """The option as typed: click names `-n` for `-np`, a cluster of short options."""
     for arg in args:
@@ -128,9 +146,11 @@ def _typed_option(name: str, args: list[str]) -> str:
 @click.option("--no-stack-bootstrap", "no_stack_bootstrap", is_flag=True,
               help="Do not put the stack bootstrap (faulthandler on a real-time signal) into "
                    "Python workers; stacks then come from py-spy, if installed.")
-@click.option("--warm", "warm", is_flag=True,
+@click.option("--warm/--no-warm", "warm", default=False, envvar="DDPLAUNCH_WARM",
+              type=EnvironmentSwitch(),
               help="Import torch once per node, in one interpreter, and fork every rank (and every "
-                   "restart) from it: the ranks start in a fraction of the time.")
+                   "restart) from it: the ranks start in a fraction of the time. DDPLAUNCH_WARM=1 "
+                   "makes it your default; --no-warm then starts one job cold.")
 @click.option("--warm-modules", "warm_modules", metavar="M1,M2,...",
               help="With --warm: the modules that interpreter imports. Default: torch.")
 @click.option("--role", envvar="PET_ROLE", metavar="NAME", help="ROLE_NAME for the workers. Default: default.")

@@ -113,6 +113,8 @@ def option_flags(options: Mapping[str, Any]) -> list[str]:
                               f"underscores: {', '.join(sorted(str(n) for n in known))}.")
         # the dashed long form (--gpu-ids), not torchrun's underscore alias or a short one
         flag = next((o for o in param.opts if o.startswith("--") and "_" not in o), param.opts[0])
+        if value is False and param.secondary_opts:  # warm=False: --no-warm, over DDPLAUNCH_WARM=1
+            flag, value = param.secondary_opts[0], True
         flags += _flag_values(flag, value, getattr(param, "is_flag", False), getattr(param, "multiple", False))
     return flags
 
