@@ -13,6 +13,14 @@ from helpers_cli import TOKEN_VARIABLE, Run, cli_env, kill_token
 pytest_plugins = ["ssh_fixtures"]
 
 
+@pytest.fixture(autouse=True)
+def _pure_tests_parse_without_ddplaunch_warm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DDPLAUNCH_WARM=1 (a user's default, or the suite run warm: every job it starts is then
+    warm) is read by click in-process too: a pure test comparing parsed options must not see it."""
+    if request.node.get_closest_marker("unit") is not None:
+        monkeypatch.delenv("DDPLAUNCH_WARM", raising=False)
+
+
 @pytest.fixture
 def token() -> Iterator[str]:
     """A unique mark in every worker's environment; whatever carries it is killed afterwards."""
