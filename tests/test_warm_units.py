@@ -129,8 +129,8 @@ def test_when_a_plan_starts_cold(changes: dict[str, object], reason: str | None)
 ])
 def test_which_launches_go_warm(changes: dict[str, object], modules: tuple[str, ...] | None, note: str | None) -> None:
     options = head_options(**changes)
-    assert warm_of(options, 1) == modules
-    assert warm_notes(options, 1) == (() if note is None else (note,))
+    assert warm_of(options) == modules
+    assert warm_notes(options) == (() if note is None else (note,))
 
 
 @pytest.mark.parametrize(("changes", "words"), [
@@ -139,4 +139,4 @@ def test_which_launches_go_warm(changes: dict[str, object], modules: tuple[str, 
 ])
 def test_bad_warm_options_are_usage_errors(changes: dict[str, object], words: str) -> None:
     with pytest.raises(LaunchError, match=words):
-        warm_of(head_options(hosts=None, **changes), 1)
+        warm_of(head_options(hosts=None, **changes))
