@@ -58,8 +58,6 @@ IMPORT_TIME_PREFIXES = (
     "FX_", "NPY_", "NUMPY_", "PYTHON", "LD_",
 )
 
-Starter = Callable[[tuple[str, ...], Mapping[str, str], list[tuple[int, int, int]], frozenset[int] | None], int]
-
 
 # -- pure ---------------------------------------------------------------------------------------
 
@@ -139,6 +137,8 @@ class Zygote:
         self._sock = sock
         self._watchdog = watchdog
         self._cwd = os.getcwd()
+        self.note: Callable[[str], None] = _say_nothing  # start_warm gives the printer's
+        self.lost: str | None = None  # how it went mid-job; the ranks then start cold
 
     @classmethod
     def start(cls, plan: Plan, modules: Sequence[str], watchdog: Watchdog | None) -> Zygote:
@@ -186,7 +186,19 @@ class Zygote:
         self, argv: tuple[str, ...], environment: Mapping[str, str],
         actions: list[tuple[int, int, int]], cpus: frozenset[int] | None,
     ) -> int:
-        """start_process's twin: the rank forked from the warm interpreter, its pid as posix_spawn's."""
+        """start_process's twin: the rank forked from the warm interpreter, its pid as posix_spawn's.
+        Once the interpreter is lost (killed, or it stops answering), the rank starts cold."""
+        if self.lost is None:
+            try:
+                return self._fork(argv, environment, actions, cpus)
+            except _NoAnswer as exc:
+                self._lose(self._fate(str(exc)))
+        return start_process(argv, environment, actions, cpus)
+
+    def _fork(
+        self, argv: tuple[str, ...], environment: Mapping[str, str],
+        actions: list[tuple[int, int, int]], cpus: frozenset[int] | None,
+    ) -> int:
         request = rank_request(argv, environment, cpus, self._cwd)
         fds = [source for _action, source, _target in sorted(actions, key=lambda a: a[2])]
         try:
@@ -194,16 +206,44 @@ class Zygote:
             self._sock.settimeout(FORK_TIMEOUT_S)
             said = json.loads(self._sock.recv(REQUEST_MAX) or b"{}")
         except (OSError, ValueError) as exc:
-            raise OSError(f"the warm interpreter did not answer ({exc})") from None
+            raise _NoAnswer(str(exc)) from None
         finally:
             self._sock.settimeout(None)
+        if not said:  # EOF: only its exit closes its end
+            raise _NoAnswer("its socket closed")
         if "pid" not in said:
             raise OSError(f"the warm interpreter could not fork it ({said.get('error', 'it exited')})")
         return int(said["pid"])
 
+    def exited(self, status: int) -> None:
+        """The workers' reaper collected it (its wait status): it died mid-job."""
+        self._lose(f"exited ({describe_status(os.waitstatus_to_exitcode(status))})")
+
+    def _fate(self, why: str) -> str:
+        """What became of it when it did not answer: its exit if it has one (left for the
+        workers' reaper to collect: WNOWAIT), else it is killed here, as it serves no more."""
+        try:
+            found = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return f"exited ({why})"
+        if found is not None:
+            code = found.si_status if found.si_code == os.CLD_EXITED else -found.si_status
+            return f"exited ({describe_status(code)})"
+        os.killpg(self.pid, signal.SIGKILL)  # still our unreaped child: the id is its own
+        return f"did not answer ({why}) and was killed"
+
+    def _lose(self, what: str) -> None:
+        if self.lost is not None:
+            return
+        self.lost = what
+        self._sock.close()
+        if self._watchdog is not None:
+            self._watchdog.unwatch(self.pid)
+        self.note(f"--warm: the warm interpreter (pid {self.pid}) {what}; the ranks start cold from now on")
+
     def close(self) -> None:
         """EOF ends it; a zygote that does not go is killed. Reaped here unless the workers'
-        reaper (waitpid(-1)) already collected it."""
+        reaper (waitpid(-1)) already collected it. One lost mid-job is the reaper's."""
         if self._sock.fileno() < 0:
             return
         self._sock.close()
@@ -219,6 +259,24 @@ class Zygote:
             pass
         if self._watchdog is not None:
             self._watchdog.unwatch(self.pid)
+
+
+class _NoAnswer(Exception):
+    """The warm interpreter's socket failed or closed: it is gone, or no longer serves."""
+
+
+def _say_nothing(_text: str) -> None:
+    pass
+
+
+def describe_status(code: int) -> str:
+    """An exit code as os.waitstatus_to_exitcode gives it (negative: the signal's number)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
 
 
 def package_parent() -> str:
@@ -238,6 +296,8 @@ def start_warm(
             zygote = Zygote.start(plan, modules, watchdog)
         except OSError as exc:
             why = f"the warm interpreter could not start ({exc.strerror or exc})"
+        else:
+            zygote.note = note
     if zygote is not None:
         started = time.monotonic()
         why = zygote.wait_ready(stop_pending)

@@ -14,6 +14,8 @@ from ddplaunch.decide import warm_notes, warm_of
 from ddplaunch.devices import DeviceMap
 from ddplaunch.errors import LaunchError
 from ddplaunch.plan import PlanInputs, Program, build_plan
+from ddplaunch.procfs import KernelWait
+from ddplaunch.supervisor import Unkillable, pick_unkillable
 from ddplaunch.warm import (
     DEFAULT_MODULES,
     cold_reason,
@@ -140,3 +142,21 @@ def test_which_launches_go_warm(changes: dict[str, object], modules: tuple[str, 
 def test_bad_warm_options_are_usage_errors(changes: dict[str, object], words: str) -> None:
     with pytest.raises(LaunchError, match=words):
         warm_of(head_options(hosts=None, **changes))
+
+
+D, S, Z = KernelWait("D (disk sleep)", "__refrigerator"), KernelWait("S (sleeping)", None), KernelWait("Z (zombie)", None)
+
+
+@pytest.mark.parametrize(("seen", "unkillable"), [
+    ([(100, 100, D)], [Unkillable(100, 0, True, D)]),  # rank 0 itself, stuck in the kernel
+    ([(101, 100, D)], [Unkillable(101, 0, False, D)]),  # its child, in its group
+    ([(300, 300, S)], [Unkillable(300, None, False, S)]),  # a stray that left every group (setsid)
+    ([(200, 200, S)], []),  # the warm interpreter: a helper, never signalled, is not unkillable
+    ([(201, 200, S)], []),  # a middle process it forked, in its group
+    ([(50, 1, S)], []),  # in the launcher's own group
+    ([(100, 100, Z), (102, 100, None)], []),  # a zombie, a process gone since the scan
+])
+def test_what_is_named_unkillable_after_sigkill(
+    seen: list[tuple[int, int, KernelWait | None]], unkillable: list[Unkillable]
+) -> None:
+    assert pick_unkillable(seen, {100: 0}, own_group=1, helpers={200}) == tuple(unkillable)
