@@ -5,8 +5,10 @@ that differ per rank and that torch would read at import (`import_time_conflicts
 request from its cold command line (`rank_request`). Then `Zygote`: start the warm
 interpreter, wait until it says it is ready, fork each rank through it (`spawn` has
 ddplaunch.workers.start_process's shape: it is a WorkerTree's starter), close it at the job's
-end. It lives across restarts; a launcher killed with SIGKILL leaves it to the guard (its own
-process group, and the job id in its environment), and it exits on its own at the socket's EOF.
+end. It lives across restarts; should it die mid-job (the OOM killer), the next rank starts
+cold, and so does every one after (said once). A launcher killed with SIGKILL leaves it to the
+guard (its own process group, and the job id in its environment), and it exits on its own at
+the socket's EOF.
 
 The warm interpreter starts with only what every rank shares. What `import torch` reads
 (recorded here: os.environ reads during the import, and getenv through an LD_PRELOAD shim):
@@ -21,11 +23,14 @@ TORCH_DEVICE_BACKEND_AUTOLOAD, TORCH_USE_RTLD_GLOBAL, PYTORCH_JIT*, FX_*, NPY_*/
 ddplaunch sets none of them per rank; the per-rank ones it sets (RANK, LOCAL_RANK,
 ROLE_RANK, TORCHELASTIC_ERROR_FILE, and TORCHELASTIC_RESTART_COUNT per attempt) are read by
 none at import. Should a variable with one of those prefixes differ between ranks
-(CUDA_VISIBLE_DEVICES under --virtual-local-rank), the job starts cold.
+(CUDA_VISIBLE_DEVICES under --virtual-local-rank), the job starts cold; so does a script that
+sets one at module level before it imports a warm module (`early_environment_writes`, a
+scan of its source: cold, the import would read the script's value).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import select
@@ -33,7 +38,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import ddplaunch
 from ddplaunch.plan import Plan
@@ -95,6 +101,193 @@ def rank_request(argv: Sequence[str], environment: Mapping[str, str], cpus: froz
     if len(argv) >= 3 and argv[1] == "-u" and not argv[2].startswith("-"):
         return RankRequest("script", argv[2], tuple(argv[3:]), dict(environment), _cpus(cpus), cwd)
     raise ValueError(f"not a python -u script or -m module command line: {' '.join(argv)}")
+
+
+@dataclass(frozen=True)
+class EarlyWrite:
+    """A module-level write to the environment, before the script imports a warm module."""
+
+    variable: str | None  # None: a key not written literally (a possible conflict)
+    line: int
+
+
+def early_environment_writes(source: str | bytes, modules: Sequence[str]) -> tuple[tuple[EarlyWrite, ...], str | None]:
+    """The import-time variables a script sets at module level (also in top-level if, try and
+    with blocks; not in a def or class) before its first import of a warm module, with that
+    module (None when none is imported at module level: then torch comes later, in a function
+    or through another package, and every module-level write counts). The forms:
+    os.environ[K] = v, os.environ.setdefault(K, v), os.environ.update(...), os.environ |= {...},
+    os.putenv(K, v), and environ after `from os import environ`. A syntax error: none found
+    (the run reports it as it would)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return (), None
+    scan = _EnvironmentScan(tuple(name.split(".")[0] for name in modules))
+    for statement in _module_level(tree.body):
+        if scan.reaches_warm_import(statement):
+            return tuple(scan.found), scan.imported
+        scan.read(statement)
+    return tuple(scan.found), None
+
+
+def _module_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """Each statement run at import, in order, through if/try/with blocks (not def/class)."""
+    for statement in body:
+        if isinstance(statement, ast.If):
+            yield from _module_level(statement.body + statement.orelse)
+        elif isinstance(statement, (ast.Try, ast.TryStar)):
+            handlers = [line for handler in statement.handlers for line in handler.body]
+            yield from _module_level(statement.body + handlers + statement.orelse + statement.finalbody)
+        elif isinstance(statement, (ast.With, ast.AsyncWith)):
+            yield statement  # its context expressions run first
+            yield from _module_level(statement.body)
+        elif not isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield statement
+
+
+class _EnvironmentScan:
+    """Reads statements in order: the names os and os.environ go by, the writes found."""
+
+    def __init__(self, warm_packages: tuple[str, ...]) -> None:
+        self.warm_packages = warm_packages
+        self.os_names = {"os"}
+        self.environ_names: set[str] = set()
+        self.putenv_names: set[str] = set()
+        self.found: list[EarlyWrite] = []
+        self.imported: str | None = None
+
+    def reaches_warm_import(self, statement: ast.stmt) -> bool:
+        """An import of a warm module, or of any module of its package (whose import the
+        warm interpreter ran too)."""
+        if isinstance(statement, ast.Import):
+            names = [alias.name for alias in statement.names]
+        elif isinstance(statement, ast.ImportFrom) and statement.level == 0 and statement.module:
+            names = [statement.module]
+        else:
+            return False
+        for name in names:
+            if name.split(".")[0] in self.warm_packages:
+                self.imported = name
+                return True
+        return False
+
+    def read(self, statement: ast.stmt) -> None:
+        if isinstance(statement, ast.Import):
+            self.os_names |= {alias.asname for alias in statement.names if alias.name == "os" and alias.asname}
+        elif isinstance(statement, ast.ImportFrom) and statement.module == "os" and statement.level == 0:
+            for alias in statement.names:
+                if alias.name == "environ":
+                    self.environ_names.add(alias.asname or alias.name)
+                elif alias.name == "putenv":
+                    self.putenv_names.add(alias.asname or alias.name)
+        elif isinstance(statement, (ast.With, ast.AsyncWith)):
+            for item in statement.items:
+                self._read_expression(item.context_expr)
+            return
+        for node in _without_nested_code(statement):
+            self._read_node(node)
+
+    def _read_expression(self, expression: ast.expr) -> None:
+        for node in _without_nested_code(expression):
+            self._read_node(node)
+
+    def _read_node(self, node: ast.AST) -> None:
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Subscript) and self._is_environ(target.value):
+                    self._key(target.slice, node.lineno)
+                elif isinstance(node, ast.AugAssign) and self._is_environ(target):
+                    self._keys_of_mapping(node.value, node.lineno)  # os.environ |= {...}
+        elif isinstance(node, ast.Call):
+            self._read_call(node)
+
+    def _read_call(self, call: ast.Call) -> None:
+        function = call.func
+        if isinstance(function, ast.Attribute) and self._is_environ(function.value):
+            if function.attr == "setdefault" and call.args:
+                self._key(call.args[0], call.lineno)
+            elif function.attr == "update":
+                for argument in call.args:
+                    self._keys_of_mapping(argument, call.lineno)
+                for keyword in call.keywords:
+                    self._name(keyword.arg, call.lineno)  # **spread: None, a possible conflict
+        elif self._is_putenv(function) and call.args:
+            self._key(call.args[0], call.lineno)
+
+    def _keys_of_mapping(self, mapping: ast.expr, line: int) -> None:
+        if not isinstance(mapping, ast.Dict):
+            self._name(None, line)
+            return
+        for key in mapping.keys:
+            if key is None:  # {**other}
+                self._name(None, line)
+            else:
+                self._key(key, line)
+
+    def _key(self, key: ast.expr, line: int) -> None:
+        self._name(key.value if isinstance(key, ast.Constant) and isinstance(key.value, str) else None, line)
+
+    def _name(self, name: str | None, line: int) -> None:
+        if name is None or name.startswith(IMPORT_TIME_PREFIXES):
+            self.found.append(EarlyWrite(name, line))
+
+    def _is_environ(self, node: ast.expr) -> bool:
+        if isinstance(node, ast.Name):
+            return node.id in self.environ_names
+        return (
+            isinstance(node, ast.Attribute) and node.attr == "environ"
+            and isinstance(node.value, ast.Name) and node.value.id in self.os_names
+        )
+
+    def _is_putenv(self, node: ast.expr) -> bool:
+        if isinstance(node, ast.Name):
+            return node.id in self.putenv_names
+        return (
+            isinstance(node, ast.Attribute) and node.attr == "putenv"
+            and isinstance(node.value, ast.Name) and node.value.id in self.os_names
+        )
+
+
+def _without_nested_code(root: ast.AST) -> Iterator[ast.AST]:
+    """ast.walk, less what runs later: a lambda's body, a def or class inside."""
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        yield node
+        if isinstance(node, (ast.Lambda, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        pending.extend(ast.iter_child_nodes(node))
+
+
+def script_cold_reason(plan: Plan, modules: Sequence[str]) -> str | None:
+    """Why this script must start cold: it sets an import-time variable before it imports a
+    warm module, whose import would read the script's value cold but has read the launcher's
+    warm. Read from the script's file (not for -m: the module is found only when it runs)."""
+    try:
+        request = rank_request(plan.workers[0].argv, {}, None, "")
+    except ValueError:
+        return None
+    if request.kind != "script" or not os.path.isfile(request.target):
+        return None  # a folder with a __main__.py is not read; a zip does not parse
+    try:
+        with open(request.target, "rb") as file:  # bytes: ast honours the script's coding line
+            source = file.read()
+    except OSError:
+        return None  # the run says why it cannot read it
+    writes, imported = early_environment_writes(source, modules)
+    if not writes:
+        return None
+    return early_writes_reason(os.path.basename(request.target), writes, imported or modules[0])
+
+
+def early_writes_reason(script: str, writes: Sequence[EarlyWrite], module: str) -> str:
+    """train.py sets OMP_NUM_THREADS (line 2) before importing torch, which reads it at import"""
+    named = [f"{write.variable or 'a variable named at run time'} (line {write.line})" for write in writes]
+    it = "it" if len(writes) == 1 else "them"
+    reads = f"reads {it}" if all(write.variable for write in writes) else f"may read {it}"
+    return f"{script} sets {', '.join(named)} before importing {module}, which {reads} at import"
 
 
 def _cpus(cpus: frozenset[int] | None) -> tuple[int, ...] | None:
@@ -289,7 +482,7 @@ def start_warm(
     note: Callable[[str], None], stop_pending: Callable[[], bool],
 ) -> Zygote | None:
     """The job's zygote, ready to fork; None (said once) when this job starts cold."""
-    why = cold_reason(plan)
+    why = cold_reason(plan) or script_cold_reason(plan, modules)
     zygote = None
     if why is None:
         try:

@@ -197,3 +197,22 @@ def test_the_guard_is_told_the_warm_interpreter_and_a_dead_one_is_replaced_by_a_
     assert os.waitpid(zygote.pid, 0)[0] == zygote.pid  # left for the reaper (WNOWAIT)
     zygote.close()
     assert watchdog.told == [f"+{zygote.pid}", f"-{zygote.pid}"]
+
+
+def test_a_script_that_sets_an_import_time_variable_before_its_import_starts_cold(
+    job_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "warmmark.py").write_text("import os\nREAD = os.environ.get('OMP_NUM_THREADS')\n")
+    script = write_script(tmp_path / "train.py", """
+        import os, sys
+        os.environ["OMP_NUM_THREADS"] = "4"
+        warm = "warmmark" in sys.modules
+        import warmmark
+        print("warm" if warm else "cold", warmmark.READ)
+    """)
+    done = run_cli(["--nproc", "1", "--warm", "--warm-modules", "warmmark", script], job_env, cwd=tmp_path)
+    assert done.code == 0, done.output
+    assert done.stdout.strip().removeprefix("0 | ") == "cold 4"  # the import read the script's value
+    said = "--warm: train.py sets OMP_NUM_THREADS (line 3) before importing warmmark, which reads it at import; starting the workers cold"
+    assert done.stderr.count(said) == 1, done.stderr
+    assert "imported once" not in done.stderr  # decided before any warm interpreter started
