@@ -315,6 +315,20 @@ def cold_reason(plan: Plan, python: str = sys.executable) -> str | None:
     return None
 
 
+def runs_module(plan: Plan) -> bool:
+    """The ranks run -m MODULE (whose source script_cold_reason does not read)."""
+    try:
+        return rank_request(plan.workers[0].argv, {}, None, "").kind == "module"
+    except ValueError:
+        return False
+
+
+def plan_cold_reason(plan: Plan, modules: Sequence[str]) -> str | None:
+    """Why this node starts cold, as far as is known before a warm interpreter starts (what it
+    finds on importing, threads or CUDA, is known only then)."""
+    return cold_reason(plan) or script_cold_reason(plan, modules)
+
+
 # -- the warm interpreter, from the launcher ----------------------------------------------------
 
 BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from ddplaunch.zygote import main; main(sys.argv[1:])"
@@ -482,7 +496,7 @@ def start_warm(
     note: Callable[[str], None], stop_pending: Callable[[], bool],
 ) -> Zygote | None:
     """The job's zygote, ready to fork; None (said once) when this job starts cold."""
-    why = cold_reason(plan) or script_cold_reason(plan, modules)
+    why = plan_cold_reason(plan, modules)
     zygote = None
     if why is None:
         try:
