@@ -131,12 +131,15 @@ def early_environment_writes(source: str | bytes, modules: Sequence[str]) -> tup
     return tuple(scan.found), None
 
 
+_TRY_BLOCKS = tuple(getattr(ast, name) for name in ("Try", "TryStar") if hasattr(ast, name))  # except*: 3.11
+
+
 def _module_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
     """Each statement run at import, in order, through if/try/with blocks (not def/class)."""
     for statement in body:
         if isinstance(statement, ast.If):
             yield from _module_level(statement.body + statement.orelse)
-        elif isinstance(statement, (ast.Try, ast.TryStar)):
+        elif isinstance(statement, _TRY_BLOCKS):
             handlers = [line for handler in statement.handlers for line in handler.body]
             yield from _module_level(statement.body + handlers + statement.orelse + statement.finalbody)
         elif isinstance(statement, (ast.With, ast.AsyncWith)):
