@@ -284,21 +284,21 @@ def decide(options: Options, facts: Facts, error_dir: str | None, *, head_links_
         grace=grace_of(options, facts.environ),
         join_timeout=join_timeout_of(options),
         duplicates=duplicates,
-        notes=notes_of(options) + warm_notes(options, nnodes),
+        notes=notes_of(options) + warm_notes(options),
         files_wanted=None if options.log_dir else files_wanted(terminal, duplicates),
         stall=stall_of(options),
         stack_bootstrap=not options.no_stack_bootstrap,
-        warm=warm_of(options, nnodes),
+        warm=warm_of(options),
     )
 
 
-def warm_of(options: Options, nnodes: int) -> tuple[str, ...] | None:
+def warm_of(options: Options) -> tuple[str, ...] | None:
     """--warm's modules, or None when the job starts cold (warm_notes says why)."""
     from ddplaunch.warm import DEFAULT_MODULES, parse_modules
 
     if options.warm_modules is not None and not options.warm:
         raise LaunchError(f"--warm-modules {options.warm_modules} means nothing without --warm: add --warm, or drop it.")
-    if not options.warm or warm_cold_reason(options, nnodes) is not None:
+    if not options.warm or warm_cold_reason(options) is not None:
         return None
     if options.warm_modules is None:
         return DEFAULT_MODULES
@@ -311,7 +311,7 @@ def warm_of(options: Options, nnodes: int) -> tuple[str, ...] | None:
         ) from None
 
 
-def warm_cold_reason(options: Options, nnodes: int) -> str | None:
+def warm_cold_reason(options: Options) -> str | None:
     if options.no_python:
         return "--no-python runs an executable, not Python"
     if options.run_path:
@@ -319,8 +319,8 @@ def warm_cold_reason(options: Options, nnodes: int) -> str | None:
     return None
 
 
-def warm_notes(options: Options, nnodes: int) -> tuple[str, ...]:
-    why = warm_cold_reason(options, nnodes) if options.warm else None
+def warm_notes(options: Options) -> tuple[str, ...]:
+    why = warm_cold_reason(options) if options.warm else None
     return () if why is None else (f"--warm: {why}; starting the workers cold",)
 
 

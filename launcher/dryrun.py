@@ -103,6 +103,22 @@ def terminal_line(plan: Plan, shows: Callable[[int, int], bool]) -> str | None:
     return "on the terminal: " + ", ".join(parts) + " (log files, when written, get every line)"
 
 
+def warm_line(modules: Sequence[str], nnodes: int, cold: str | None, module_run: bool) -> str:
+    """--warm: how the ranks will start, or why this node would start them cold (`cold`,
+    ddplaunch.warm.plan_cold_reason's)."""
+    if cold is not None:
+        return f"--warm: {cold}; a real run starts the workers cold"
+    where = "on each node, one interpreter" if nnodes > 1 else "one interpreter"
+    unchecked = (
+        f"; -m: not checked for a variable the module sets before it imports {modules[0]} (a script is)"
+        if module_run else ""
+    )
+    return (
+        f"--warm: {where} imports {', '.join(modules)} once, then forks every rank from it (restarts fork "
+        f"again); should that import start a thread or initialise CUDA, the ranks start cold instead{unchecked}"
+    )
+
+
 def stacks_line(bootstrap: bool, on_quit: bool, stall: Stall) -> str:
     """How the stack reports work in this job (the bootstrap's two variables are not listed above)."""
     how = (

@@ -151,7 +151,7 @@ def show_dry_run(decision: Decision, error_dir: str | None, options: Options) ->
     plan = build_plan(replace(inputs, master_port=port, error_dir=shown_dir, job_id="<random per run>"))
     if not decision.node_rank_given:
         notes = (*notes, "(node rank shown as 0: without --node-rank, nodes take ranks in order of arrival)")
-    said = [*decision.detected, *decision.notes, terminal_line(plan, decision.terminal.shows),
+    said = [*decision.detected, *decision.notes, *warm_lines(decision.warm, plan), terminal_line(plan, decision.terminal.shows),
             stacks_line(decision.stack_bootstrap, quit_reports(options), decision.stall)]
     if decision.files_wanted is not None:
         said.append(f"{decision.files_wanted}: a real run writes every rank's output to a new $TMPDIR/ddplaunch-logs-*")
@@ -160,6 +160,16 @@ def show_dry_run(decision: Decision, error_dir: str | None, options: Options) ->
         sys.stdout.write(line + "\n")
     sys.stdout.flush()
     return 0
+
+
+def warm_lines(modules: tuple[str, ...] | None, plan: Plan) -> tuple[str, ...]:
+    """--dry-run --warm: how this node's ranks would start (reads the script, starts nothing)."""
+    if modules is None:
+        return ()
+    from ddplaunch.dryrun import warm_line
+    from ddplaunch.warm import plan_cold_reason, runs_module
+
+    return (warm_line(modules, plan.nnodes, plan_cold_reason(plan, modules), runs_module(plan)),)
 
 
 def run(

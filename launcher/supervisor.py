@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -202,10 +202,10 @@ class Attempt:
     _failure: tuple[str, int] | None = None  # told to peers and acted on once the others' stacks are read
 
     def __post_init__(self) -> None:
-        if self.zygote is None:
+        if self.zygote is None or self.zygote.lost is not None:
             self.tree = WorkerTree(self.watchdog, self.clock)
-        else:
-            self.tree = WorkerTree(self.watchdog, self.clock, self.zygote.spawn, (self.zygote.pid,))
+        else:  # should the reaper collect the zygote mid-attempt, it says so and the next rank starts cold
+            self.tree = WorkerTree(self.watchdog, self.clock, self.zygote.spawn, {self.zygote.pid: self.zygote.exited})
         self.teardown = Teardown(self.grace, self.clock, self.kill_timeout)
         self.reporter: StackReporter | None = None
         if self.stacks is not None:
@@ -459,7 +459,7 @@ class Attempt:
         them (their pipes are not drained either: a process that cannot die may hold them)."""
         self.teardown.give_up()
         self._reap()
-        self.unkillable = find_unkillable(self.tree.workers)
+        self.unkillable = find_unkillable(self.tree.workers, self.tree.helpers)
         if self.unkillable:
             self.printer.note(
                 f"{len(self.unkillable)} process(es) still alive {self.kill_timeout:g}s after SIGKILL: "
@@ -481,23 +481,31 @@ class Attempt:
         return self.teardown.drain_over()
 
 
-def find_unkillable(workers: list[WorkerProcess]) -> tuple[Unkillable, ...]:
+def find_unkillable(workers: list[WorkerProcess], helpers: Collection[int] = ()) -> tuple[Unkillable, ...]:
     """The tree's live processes, each with its rank: as a subreaper the launcher is the
-    ancestor of all of them; those in its own process group are its own helpers, not the tree."""
+    ancestor of all of them (ddplaunch.procfs reads who they are, `pick_unkillable` decides)."""
     from ddplaunch.procfs import children_map, descendants, read_kernel_wait
 
-    ranks = {w.pid: w.spec.global_rank for w in workers}
-    own_group = os.getpgid(0)
-    found = []
+    seen = []
     for pid in descendants(os.getpid(), children_map()):
         try:
-            group = os.getpgid(pid)
+            seen.append((pid, os.getpgid(pid), read_kernel_wait(pid)))
         except ProcessLookupError:
             continue
-        wait = read_kernel_wait(pid)
-        if group != own_group and wait is not None and not wait.state.startswith("Z"):
-            found.append(Unkillable(pid, ranks.get(group), pid in ranks, wait))
-    return tuple(found)
+    return pick_unkillable(seen, {w.pid: w.spec.global_rank for w in workers}, os.getpgid(0), helpers)
+
+
+def pick_unkillable(
+    seen: Sequence[tuple[int, int, KernelWait | None]], ranks: Mapping[int, int], own_group: int, helpers: Collection[int],
+) -> tuple[Unkillable, ...]:
+    """Of the descendants seen (pid, process group, state), those still alive that are the
+    tree's: not in the launcher's own group (its own short-lived helpers), nor in a
+    tree helper's (--warm's interpreter, which was never signalled: it is not the workers')."""
+    return tuple(
+        Unkillable(pid, ranks.get(group), pid in ranks, wait)
+        for pid, group, wait in seen
+        if group != own_group and group not in helpers and wait is not None and not wait.state.startswith("Z")
+    )
 
 
 def describe_exit(worker: WorkerProcess) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ddplaunch.limits import original_limit
@@ -82,20 +82,21 @@ class WorkerTree:
 
     The guard (`watchdog`) is told each group as it starts and forgets it once it is gone.
     `starter` starts each worker (posix_spawn, or a fork from --warm's interpreter); `helpers`
-    are the launcher's own children that are not the tree (that interpreter): they neither
-    count as the tree's children nor get its signals.
+    are the launcher's own children that are not the tree (that interpreter), each with what
+    to call with its wait status should the reaper collect it: they neither count as the
+    tree's children nor get its signals, and one reaped is no helper any more (its id may be reused).
     """
 
     def __init__(
         self, watchdog: Watchdog | None, clock: Callable[[], float] = time.monotonic,
-        starter: Starter = start_process, helpers: Collection[int] = (),
+        starter: Starter = start_process, helpers: Mapping[int, Callable[[int], None]] | None = None,
     ) -> None:
         self.workers: list[WorkerProcess] = []
         self.has_children = True  # until waitpid says otherwise
         self._watchdog = watchdog
         self._clock = clock
         self._starter = starter
-        self._helpers = helpers
+        self._helpers = dict(helpers or {})
         self._strays_sig: int | None = None  # the last signal sent to descendants outside worker groups
 
     def spawn(
@@ -166,6 +167,10 @@ class WorkerTree:
             if pid == 0:
                 self.has_children = self._tree_has_children()
                 return
+            helper_ended = self._helpers.pop(pid, None)
+            if helper_ended is not None:
+                helper_ended(status)
+                continue
             worker = next((w for w in self.workers if w.pid == pid and w.exit_code is None), None)
             if worker is not None:
                 yield worker, self._record_exit(worker, status)
@@ -182,6 +187,11 @@ class WorkerTree:
         if not self._helpers:
             return True
         return any(pid not in self._helpers for pid in children_map().get(os.getpid(), ()))
+
+    @property
+    def helpers(self) -> frozenset[int]:
+        """The helpers not reaped yet."""
+        return frozenset(self._helpers)
 
     def all_exited(self) -> bool:
         return all(w.exit_code is not None for w in self.workers)

@@ -15,7 +15,7 @@ import pytest
 
 from helpers_cli import cli_env, gpu_uuid, install_fake_nvidia_smi, run_cli, table_column
 from ddplaunch.devices import Gpu, default_device_map, map_gpu_ids, parse_gpu_ids
-from ddplaunch.dryrun import render_plan
+from ddplaunch.dryrun import render_plan, warm_line
 from ddplaunch.plan import PlanInputs, Program, build_plan
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
@@ -184,3 +184,31 @@ def test_cli_dry_run_without_port_says_it_was_picked(tmp_path: Path) -> None:
     assert result.code == 0, result.output
     assert "(port picked free now; a real run picks again)" in result.stdout
     assert table_column(result.stdout, "global rank") == ["0"]  # default: one worker
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("args", "line"), [
+    ((("torch",), 1, None, False),
+     "--warm: one interpreter imports torch once, then forks every rank from it (restarts fork again); "
+     "should that import start a thread or initialise CUDA, the ranks start cold instead"),
+    ((("torch", "numpy"), 2, None, True),
+     "--warm: on each node, one interpreter imports torch, numpy once, then forks every rank from it (restarts fork "
+     "again); should that import start a thread or initialise CUDA, the ranks start cold instead; "
+     "-m: not checked for a variable the module sets before it imports torch (a script is)"),
+    ((("torch",), 1, "the workers' Python (/usr/bin/python2) is not the launcher's", False),
+     "--warm: the workers' Python (/usr/bin/python2) is not the launcher's; a real run starts the workers cold"),
+])
+def test_dry_run_says_how_warm_ranks_start(args: tuple[tuple[str, ...], int, str | None, bool], line: str) -> None:
+    assert warm_line(*args) == line
+
+
+def test_cli_dry_run_warm_says_why_the_script_would_start_cold(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("import os\nos.environ['OMP_NUM_THREADS'] = '8'\nimport torch\n")
+    env = cli_env(install_fake_nvidia_smi(tmp_path / "bin", None), only_bin_dir=True)
+    result = run_cli(["--dry-run", "--warm", "--nproc", "2", "--master-port", "29500", str(script)], env)
+    assert result.code == 0, result.output
+    said = ("--warm: train.py sets OMP_NUM_THREADS (line 2) before importing torch, which reads it at import; "
+            "a real run starts the workers cold")
+    assert said in result.stdout.splitlines(), result.stdout
+    assert result.stderr == ""

@@ -10,13 +10,19 @@ launch with a restart can show.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 from helpers_cli import processes_with_token, run_cli, wait_until, write_script
 
+from ddplaunch.devices import DeviceMap
+from ddplaunch.plan import PlanInputs, Program, build_plan
 from ddplaunch.snapshot import STACK_SIGNAL
+from ddplaunch.warm import start_warm
+from ddplaunch.watchdog import Watchdog
 
 FACTS = """
     import atexit, json, multiprocessing, os, sys, time
@@ -117,3 +123,96 @@ def test_no_python_with_warm_is_noted_and_runs_cold(job_env: dict[str, str], tmp
     done = run_cli(["--nproc", "1", "--warm", "--no-python", "true"], job_env, cwd=tmp_path)
     assert done.code == 0, done.output
     assert done.stderr.count("--warm: --no-python runs an executable, not Python; starting the workers cold") == 1
+
+
+KILLS_ITS_ZYGOTE = """
+    import os, sys, time
+    import psutil
+
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        # the launcher's one child besides this rank is the warm interpreter (the guard is not its child)
+        zygote, = [p for p in psutil.Process(os.getppid()).children() if p.pid != os.getpid()]
+        print("warm" if "warmmark" in sys.modules else "cold", zygote.pid, flush=True)
+        zygote.kill()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # dead, not yet reaped: the launcher learns how it died
+            try:
+                if zygote.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.01)
+        sys.exit(1)
+    print("warm" if "warmmark" in sys.modules else "cold", flush=True)
+"""
+
+
+def test_a_killed_warm_interpreter_is_said_once_and_the_restart_starts_cold(job_env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "warmmark.py").write_text("")  # a module that costs nothing to import warm
+    script = write_script(tmp_path / "kills.py", KILLS_ITS_ZYGOTE)
+    done = run_cli(["--nproc", "1", "--warm", "--warm-modules", "warmmark", "--max-restarts", "1", script], job_env, cwd=tmp_path)
+    assert done.code == 0, done.output
+    first, second = (line.removeprefix("0 | ") for line in done.stdout.splitlines())
+    assert first.startswith("warm ") and second == "cold", done.stdout  # attempt 0 forked, attempt 1 posix_spawned
+    zygote = first.split()[1]
+    said = f"--warm: the warm interpreter (pid {zygote}) exited (signal SIGKILL); the ranks start cold from now on"
+    assert done.stderr.count(said) == 1, done.stderr
+    assert "restarting all workers (restart 1 of 1)" in done.stderr
+
+
+class RecordingWatchdog(Watchdog):
+    """What the guard would be told, without a guard."""
+
+    def __init__(self) -> None:
+        super().__init__(-1)
+        self.told: list[str] = []
+
+    def watch(self, pgid: int) -> None:
+        self.told.append(f"+{pgid}")
+
+    def unwatch(self, pgid: int) -> None:
+        self.told.append(f"-{pgid}")
+
+
+def test_the_guard_is_told_the_warm_interpreter_and_a_dead_one_is_replaced_by_a_cold_start(tmp_path: Path) -> None:
+    """Without the launcher: the EOF of its socket would end a zygote whose launcher was
+    killed anyway, and the guard finds it by the job id too, so only this shows that the
+    guard is told its group. Then SIGKILL it: the next rank is posix_spawned, as the note says
+    (found by the failed request here, not by a reaper)."""
+    script = write_script(tmp_path / "ok.py", "import sys\nsys.exit(7)\n")
+    inputs = PlanInputs(program=Program("script", script), nproc=1, master_addr="127.0.0.1", master_port=29500,
+                        run_id="r", python=sys.executable, hostname="h", cpu_count=1, devices=DeviceMap(None, ()))
+    plan, watchdog, said = build_plan(inputs), RecordingWatchdog(), []
+    zygote = start_warm(plan, (), watchdog, said.append, lambda: False)
+    assert zygote is not None and watchdog.told == [f"+{zygote.pid}"], said
+    os.kill(zygote.pid, signal.SIGKILL)
+    os.waitid(os.P_PID, zygote.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped: as the OOM killer leaves it
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        rank = zygote.spawn(plan.workers[0].argv, dict(os.environ), [(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)], None)
+    finally:
+        os.close(devnull)
+    assert os.waitstatus_to_exitcode(os.waitpid(rank, 0)[1]) == 7  # the script ran, cold
+    assert said[-1] == f"--warm: the warm interpreter (pid {zygote.pid}) exited (signal SIGKILL); the ranks start cold from now on"
+    assert os.waitpid(zygote.pid, 0)[0] == zygote.pid  # left for the reaper (WNOWAIT)
+    zygote.close()
+    assert watchdog.told == [f"+{zygote.pid}", f"-{zygote.pid}"]
+
+
+def test_a_script_that_sets_an_import_time_variable_before_its_import_starts_cold(
+    job_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "warmmark.py").write_text("import os\nREAD = os.environ.get('OMP_NUM_THREADS')\n")
+    script = write_script(tmp_path / "train.py", """
+        import os, sys
+        os.environ["OMP_NUM_THREADS"] = "4"
+        warm = "warmmark" in sys.modules
+        import warmmark
+        print("warm" if warm else "cold", warmmark.READ)
+    """)
+    done = run_cli(["--nproc", "1", "--warm", "--warm-modules", "warmmark", script], job_env, cwd=tmp_path)
+    assert done.code == 0, done.output
+    assert done.stdout.strip().removeprefix("0 | ") == "cold 4"  # the import read the script's value
+    said = "--warm: train.py sets OMP_NUM_THREADS (line 3) before importing warmmark, which reads it at import; starting the workers cold"
+    assert done.stderr.count(said) == 1, done.stderr
+    assert "imported once" not in done.stderr  # decided before any warm interpreter started

@@ -14,9 +14,14 @@ from ddplaunch.decide import warm_notes, warm_of
 from ddplaunch.devices import DeviceMap
 from ddplaunch.errors import LaunchError
 from ddplaunch.plan import PlanInputs, Program, build_plan
+from ddplaunch.procfs import KernelWait
+from ddplaunch.supervisor import Unkillable, pick_unkillable
 from ddplaunch.warm import (
     DEFAULT_MODULES,
+    EarlyWrite,
     cold_reason,
+    early_environment_writes,
+    early_writes_reason,
     import_time_conflicts,
     parse_modules,
     rank_request,
@@ -129,8 +134,8 @@ def test_when_a_plan_starts_cold(changes: dict[str, object], reason: str | None)
 ])
 def test_which_launches_go_warm(changes: dict[str, object], modules: tuple[str, ...] | None, note: str | None) -> None:
     options = head_options(**changes)
-    assert warm_of(options, 1) == modules
-    assert warm_notes(options, 1) == (() if note is None else (note,))
+    assert warm_of(options) == modules
+    assert warm_notes(options) == (() if note is None else (note,))
 
 
 @pytest.mark.parametrize(("changes", "words"), [
@@ -139,4 +144,62 @@ def test_which_launches_go_warm(changes: dict[str, object], modules: tuple[str, 
 ])
 def test_bad_warm_options_are_usage_errors(changes: dict[str, object], words: str) -> None:
     with pytest.raises(LaunchError, match=words):
-        warm_of(head_options(hosts=None, **changes), 1)
+        warm_of(head_options(hosts=None, **changes))
+
+
+D, S, Z = KernelWait("D (disk sleep)", "__refrigerator"), KernelWait("S (sleeping)", None), KernelWait("Z (zombie)", None)
+
+
+@pytest.mark.parametrize(("seen", "unkillable"), [
+    ([(100, 100, D)], [Unkillable(100, 0, True, D)]),  # rank 0 itself, stuck in the kernel
+    ([(101, 100, D)], [Unkillable(101, 0, False, D)]),  # its child, in its group
+    ([(300, 300, S)], [Unkillable(300, None, False, S)]),  # a stray that left every group (setsid)
+    ([(200, 200, S)], []),  # the warm interpreter: a helper, never signalled, is not unkillable
+    ([(201, 200, S)], []),  # a middle process it forked, in its group
+    ([(50, 1, S)], []),  # in the launcher's own group
+    ([(100, 100, Z), (102, 100, None)], []),  # a zombie, a process gone since the scan
+])
+def test_what_is_named_unkillable_after_sigkill(
+    seen: list[tuple[int, int, KernelWait | None]], unkillable: list[Unkillable]
+) -> None:
+    assert pick_unkillable(seen, {100: 0}, own_group=1, helpers={200}) == tuple(unkillable)
+
+
+W = EarlyWrite
+
+
+@pytest.mark.parametrize(("source", "writes", "imported"), [
+    ('import os\nos.environ["OMP_NUM_THREADS"] = "4"\nimport torch\n', [W("OMP_NUM_THREADS", 2)], "torch"),
+    ("import os\nos.environ.setdefault('MKL_NUM_THREADS', '1')\nimport torch.nn as nn\n", [W("MKL_NUM_THREADS", 2)], "torch.nn"),
+    ("import os\nos.environ.update({'OMP_NUM_THREADS': '1', 'MY_FLAG': 'x'})\nfrom torch import nn\n", [W("OMP_NUM_THREADS", 2)], "torch"),
+    ("import os\nos.environ.update(OMP_NUM_THREADS='1')\nimport torch\n", [W("OMP_NUM_THREADS", 2)], "torch"),
+    ("import os\nos.environ.update(settings)\nimport torch\n", [W(None, 2)], "torch"),  # keys unknown: counted
+    ("import os\nos.environ |= {'TORCH_LOGS': 'dynamo'}\nimport torch\n", [W("TORCH_LOGS", 2)], "torch"),
+    ("import os\nos.putenv('OMP_NUM_THREADS', '4')\nimport torch\n", [W("OMP_NUM_THREADS", 2)], "torch"),
+    ("from os import environ\nenviron['OMP_NUM_THREADS'] = '4'\nimport torch\n", [W("OMP_NUM_THREADS", 2)], "torch"),
+    ("import os as o\no.environ['OMP_NUM_THREADS'] = '4'\nimport torch\n", [W("OMP_NUM_THREADS", 2)], "torch"),
+    ("import os\nkey = 'OMP_NUM_THREADS'\nos.environ[key] = '4'\nimport torch\n", [W(None, 3)], "torch"),  # not literal: counted
+    ("import os\nif True:\n    try:\n        os.environ['OMP_NUM_THREADS'] = '4'\n    except KeyError:\n        pass\n"
+     "with open('x'):\n    os.environ['KMP_AFFINITY'] = 'y'\nimport torch\n", [W("OMP_NUM_THREADS", 4), W("KMP_AFFINITY", 8)], "torch"),
+    ("import os\ndef main():\n    os.environ['OMP_NUM_THREADS'] = '4'\nimport torch\n", [], "torch"),  # in a function: ignored
+    ("import os\nclass C:\n    os.environ['OMP_NUM_THREADS'] = '4'\nf = lambda: os.environ.setdefault('OMP_X', '1')\nimport torch\n", [], "torch"),
+    ("import os, torch\nos.environ['OMP_NUM_THREADS'] = '4'\n", [], "torch"),  # after the import: ignored
+    ("import os\nos.environ['MASTER_PORT'] = '1234'\nimport torch\n", [], "torch"),  # not read at import: ignored
+    ("import os\nos.environ['OMP_NUM_THREADS'] = '4'\nimport numpy\ndef main():\n    import torch\n", [W("OMP_NUM_THREADS", 2)], None),
+    ("import os\nos.environ['OMP_NUM_THREADS'] = '4'\nimport transformers\n", [W("OMP_NUM_THREADS", 2)], "transformers"),  # a --warm-modules package
+    ("import os\nos.environ['OMP_NUM_THREADS'] = \n", [], None),  # a syntax error: the run reports it
+])
+def test_an_import_time_variable_set_before_a_warm_import_is_found(
+    source: str, writes: list[EarlyWrite], imported: str | None
+) -> None:
+    assert early_environment_writes(source, ("torch", "transformers.models")) == (tuple(writes), imported)
+
+
+@pytest.mark.parametrize(("writes", "module", "reason"), [
+    ([W("OMP_NUM_THREADS", 2)], "torch", "train.py sets OMP_NUM_THREADS (line 2) before importing torch, which reads it at import"),
+    ([W("OMP_NUM_THREADS", 2), W(None, 5)], "torch",
+     "train.py sets OMP_NUM_THREADS (line 2), a variable named at run time (line 5) before importing torch, "
+     "which may read them at import"),
+])
+def test_the_early_write_note(writes: list[EarlyWrite], module: str, reason: str) -> None:
+    assert early_writes_reason("train.py", writes, module) == reason
