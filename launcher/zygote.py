@@ -16,7 +16,8 @@ In the rank, before any user code: its own descriptors, environment, CPUs and si
 dispositions, sys.argv and sys.path[0] as `python script.py` (or `-m`) would set them, the
 stack bootstrap as the cold worker's sitecustomize runs it, then the script as the real
 __main__ (not runpy.run_path, whose temporary module is emptied when it returns, under the
-script's atexit handlers and threads). The interpreter then finalises as after any script.
+script's atexit handlers and threads). What the script raises leaves through BOOT, so the
+interpreter prints it, exits and finalises as after a cold script (SIGINT for a KeyboardInterrupt).
 
 Only the standard library: whatever this module imports, every rank has imported too.
 """
@@ -35,6 +36,7 @@ from typing import Any, Literal
 REQUEST_MAX = 1 << 22  # a rank's request: its environment is most of it
 STACKS_VARIABLE = "DDPLAUNCH_STACKS"  # ddplaunch.snapshot.STACKS_VARIABLE (not imported: see above)
 BOOTSTRAP_NAME = "_ddplaunch_stacks_bootstrap"
+BOOT_FILENAME = "<string>"  # what `python -c BOOT` names BOOT's code
 
 RankKind = Literal["script", "module"]
 
@@ -251,7 +253,13 @@ def _await_adoption(middle: int) -> None:
 
 
 def become_rank(request: RankRequest, fds: list[int], sock: socket.socket, initial: dict[int, Any]) -> None:
-    """Turn this fresh fork into the rank and run its program; never returns (SystemExit)."""
+    """Turn this fresh fork into the rank and run its program.
+
+    What the program raises leaves through BOOT, as it leaves a cold script: CPython then
+    prints it with sys.excepthook and exits 1, ends as SystemExit says, or, for a
+    KeyboardInterrupt, finalises and kills itself with SIGINT (Py_RunMain's
+    unhandled_keyboard_interrupt, set where the `-c` code's exception leaves it).
+    """
     try:
         _set_up(request, fds, sock, initial)
     except BaseException as exc:  # never back into the zygote's loop: this process is a rank
@@ -263,14 +271,24 @@ def become_rank(request: RankRequest, fds: list[int], sock: socket.socket, initi
             _run_module(request.target, request.args, request.cwd)
         else:
             _run_script(request.target, request.args)
-    except SystemExit:
-        raise
     except BaseException as exc:
-        shown = _without_own_frames(exc.__traceback__)
-        exc.__traceback__ = shown  # the built-in hook prints the exception's own traceback
-        sys.excepthook(type(exc), exc, shown)
-        raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
-    raise SystemExit(0)
+        if not isinstance(exc, SystemExit):  # CPython prints no traceback for it
+            sys.excepthook = _trimming(sys.excepthook)  # the hook of now: the script's own, if it set one
+        raise
+
+
+def _trimming(hook: Any) -> Any:
+    """`hook` shown the traceback from the user's first frame, as in a cold worker's report."""
+    if not callable(hook):
+        return hook  # CPython's own complaint about it, as cold
+
+    def without_zygote_frames(kind: type[BaseException], value: BaseException, tb: Any) -> Any:
+        tb = _without_own_frames(tb)
+        if isinstance(value, BaseException):
+            value.__traceback__ = tb  # the built-in hook prints the exception's own traceback
+        return hook(kind, value, tb)
+
+    return without_zygote_frames
 
 
 def _set_up(request: RankRequest, fds: list[int], sock: socket.socket, initial: dict[int, Any]) -> None:
@@ -345,7 +363,8 @@ def _run_module(name: str, args: tuple[str, ...], cwd: str) -> None:
 
 
 def _without_own_frames(tb: Any) -> Any:
-    """The traceback from the user's first frame: a cold worker's shows no launcher code."""
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+    """The traceback from the user's first frame: a cold worker's shows no launcher code
+    (BOOT's "<string>" frame, then this module's)."""
+    while tb is not None and tb.tb_frame.f_code.co_filename in (BOOT_FILENAME, __file__):
         tb = tb.tb_next
     return tb

@@ -117,3 +117,24 @@ def test_no_python_with_warm_is_noted_and_runs_cold(job_env: dict[str, str], tmp
     done = run_cli(["--nproc", "1", "--warm", "--no-python", "true"], job_env, cwd=tmp_path)
     assert done.code == 0, done.output
     assert done.stderr.count("--warm: --no-python runs an executable, not Python; starting the workers cold") == 1
+
+
+def test_a_keyboard_interrupt_ends_a_warm_rank_as_a_cold_one(job_env: dict[str, str], tmp_path: Path) -> None:
+    script = write_script(tmp_path / "interrupted.py", """
+        import atexit
+        atexit.register(lambda: print("atexit ran", flush=True))
+
+        def stop():
+            raise KeyboardInterrupt("stopped on purpose")
+
+        stop()
+    """)
+    done = run_cli(["--nproc", "1", "--warm", script], job_env, cwd=tmp_path)
+    assert done.code == 130, done.output
+    assert "--warm: torch imported once in " in done.stderr
+    # CPython finalised it (atexit ran), then killed itself with SIGINT, as after a cold script
+    assert "0 | atexit ran" in done.stdout
+    assert "rank 0 failed (signal SIGINT, exit code 130)" in done.stderr, done.stderr
+    assert "KeyboardInterrupt: stopped on purpose" in done.stderr
+    traceback = done.stderr.split("Traceback (most recent call last):", 1)[1].split("KeyboardInterrupt")[0]
+    assert traceback.count("File ") == 2 and traceback.count(f'File "{script}"') == 2, traceback  # <module>, stop
