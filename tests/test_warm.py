@@ -96,6 +96,9 @@ def test_a_stopped_or_killed_warm_launcher_leaves_nothing(start, tmp_path: Path,
         run.wait_line("ranks 0-1 · <module> at wait.py:3", timeout=20, stream="err")
     run.signal(stop)
     assert run.wait() == (143 if stop == signal.SIGTERM else -signal.SIGKILL)
+    if stop == signal.SIGTERM:  # the report's frames are the script's, as cold: none of the zygote's
+        assert 'wait.py", line 3, in <module>' in run.err, run.err
+        assert "zygote" not in run.err and '"<string>"' not in run.err, run.err
     # kill -9: the guard stops the ranks' groups and the warm interpreter's
     wait_until(lambda: not processes_with_token(token), 10, "every rank and the warm interpreter to end")
 

@@ -14,6 +14,8 @@ from ddplaunch.decide import warm_notes, warm_of
 from ddplaunch.devices import DeviceMap
 from ddplaunch.errors import LaunchError
 from ddplaunch.plan import PlanInputs, Program, build_plan
+from ddplaunch.snapshot import StackFrame
+from ddplaunch.stackparse import parse_faulthandler, parse_py_spy, without_zygote_frames
 from ddplaunch.warm import (
     DEFAULT_MODULES,
     cold_reason,
@@ -140,3 +142,53 @@ def test_which_launches_go_warm(changes: dict[str, object], modules: tuple[str, 
 def test_bad_warm_options_are_usage_errors(changes: dict[str, object], words: str) -> None:
     with pytest.raises(LaunchError, match=words):
         warm_of(head_options(hosts=None, **changes), 1)
+
+
+_SCRIPT = StackFrame("/job/train.py", 3, "<module>")
+_INNER = StackFrame("/job/train.py", 9, "step")
+_BOOT = StackFrame("<string>", 1, "<module>")
+
+
+def _zygote(folder: str, function: str) -> StackFrame:
+    return StackFrame(f"{folder}/ddplaunch/zygote.py", 300, function)
+
+
+_VENV, _SITE, _AGENT = "/w/.venv/ddplaunch-path", "/usr/lib/python3.11/site-packages", "/tmp/d/agent.zip"
+
+
+@pytest.mark.parametrize(("frames", "kept"), [
+    # a warm rank, wherever the package lies: only the script's frames stay
+    ((_INNER, _SCRIPT, _zygote(_VENV, "_run_script"), _zygote(_VENV, "become_rank"), _zygote(_VENV, "main"), _BOOT),
+     (_INNER, _SCRIPT)),
+    ((_SCRIPT, _zygote(_SITE, "_run_module"), _zygote(_SITE, "main"), _BOOT), (_SCRIPT,)),
+    ((_SCRIPT, _zygote(_AGENT, "_run_script"), _zygote(_AGENT, "main"), _BOOT), (_SCRIPT,)),
+    ((_SCRIPT, _zygote(_VENV, "main")), (_SCRIPT,)),  # no BOOT frame (py-spy's view, say)
+    # a cold rank, and the user's own "<string>" frames: kept
+    ((_INNER, _SCRIPT), (_INNER, _SCRIPT)),
+    ((_INNER, _BOOT), (_INNER, _BOOT)),  # python -c
+    ((_BOOT, _SCRIPT, _zygote(_VENV, "_run_script"), _BOOT), (_BOOT, _SCRIPT)),  # exec'd inside the script
+    ((_zygote(_VENV, "_run_script"), _SCRIPT), (_zygote(_VENV, "_run_script"), _SCRIPT)),  # not outermost
+    ((_SCRIPT, StackFrame("/x/other/zygote.py", 1, "main"), _BOOT),
+     (_SCRIPT, StackFrame("/x/other/zygote.py", 1, "main"), _BOOT)),  # somebody else's zygote.py
+    ((_zygote(_VENV, "become_rank"), _BOOT), (_zygote(_VENV, "become_rank"), _BOOT)),  # before the script: all there is
+    ((), ()),
+])
+def test_a_warm_rank_s_stack_is_shown_without_the_warm_interpreter_s_frames(
+    frames: tuple[StackFrame, ...], kept: tuple[StackFrame, ...]
+) -> None:
+    assert without_zygote_frames(frames) == kept
+
+
+def test_both_stack_parsers_drop_the_warm_interpreter_s_frames() -> None:
+    dump = (
+        "Current thread 0x00007f0000000001 (most recent call first):\n"
+        '  File "/job/train.py", line 3 in <module>\n'
+        f'  File "{_VENV}/ddplaunch/zygote.py", line 353 in _run_script\n'
+        '  File "<string>", line 1 in <module>\n'
+    )
+    assert parse_faulthandler(dump, "0x01")[0].frames == (_SCRIPT,)
+    spied = [{"thread_id": 1, "os_thread_id": 10, "frames": [
+        {"name": "<module>", "filename": "/job/train.py", "line": 3},
+        {"name": "main", "filename": f"{_VENV}/ddplaunch/zygote.py", "line": 116},
+        {"name": "<module>", "filename": "<string>", "line": 1}]}]
+    assert parse_py_spy(spied, 10)[0].frames == (_SCRIPT,)
