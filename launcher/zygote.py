@@ -1,8 +1,9 @@
 """The warm interpreter (--warm): import the modules once, then fork every rank of the job from it.
 
 The launcher (ddplaunch.warm) starts it like a worker, in its own session, as
-`python -u -c BOOT PACKAGE_PARENT PATH0 MODULES` with the environment every rank shares and
-its end of a unix SEQPACKET socket on fd 0. It imports MODULES, makes sure it holds one
+`python -u -c BOOT PACKAGE_PARENT PATH0 MODULES ROOM` with the environment every rank shares
+(and DDPLAUNCH_WARM_ROOM last) and its end of a unix SEQPACKET socket on fd 0; ROOM and that
+variable make room for what ps shows of it and of each rank (ddplaunch.proctitle). It imports MODULES, makes sure it holds one
 thread and no CUDA context (a fork copies only the forking thread, and a CUDA context does not
 survive a fork), says "ready" or why not, and then answers each rank request (a JSON
 `RankRequest`, with the rank's stdin, stdout and stderr passed as SCM_RIGHTS) with the pid of
@@ -16,7 +17,8 @@ In the rank, before any user code: its own descriptors, environment, CPUs and si
 dispositions, sys.argv and sys.path[0] as `python script.py` (or `-m`) would set them, the
 stack bootstrap as the cold worker's sitecustomize runs it, then the script as the real
 __main__ (not runpy.run_path, whose temporary module is emptied when it returns, under the
-script's atexit handlers and threads). What the script raises leaves through BOOT, so the
+script's atexit handlers and threads). ps, psutil and py-spy show the rank's cold command
+line and environment, and sys.orig_argv is that command line. What the script raises leaves through BOOT, so the
 interpreter prints it, exits and finalises as after a cold script (SIGINT for a KeyboardInterrupt).
 
 Only the standard library: whatever this module imports, every rank has imported too.
@@ -33,8 +35,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ddplaunch import proctitle
+
 REQUEST_MAX = 1 << 22  # a rank's request: its environment is most of it
 STACKS_VARIABLE = "DDPLAUNCH_STACKS"  # ddplaunch.snapshot.STACKS_VARIABLE (not imported: see above)
+JOB_ID_VARIABLE = "DDPLAUNCH_JOB_ID"  # ddplaunch.plan.JOB_ID_VARIABLE
 BOOTSTRAP_NAME = "_ddplaunch_stacks_bootstrap"
 BOOT_FILENAME = "<string>"  # what `python -c BOOT` names BOOT's code
 
@@ -77,6 +82,17 @@ def answer(**fields: Any) -> bytes:
     return json.dumps(fields).encode()
 
 
+def cold_argv(request: RankRequest, python: str) -> list[str]:
+    """The command line that starts this rank cold (ddplaunch.plan.worker_argv's)."""
+    program = ["-m", request.target] if request.kind == "module" else [request.target]
+    return [python, "-u", *program, *request.args]
+
+
+def warm_title(modules: str, job_id: str | None) -> str:
+    """What ps shows of the warm interpreter."""
+    return f"ddplaunch --warm: {modules.replace(',', ', ')}" + (f" (job {job_id})" if job_id else "")
+
+
 def script_path0(target: str) -> str:
     """sys.path[0] as `python TARGET` sets it: the script's real folder, or a folder or zip
     with a __main__.py itself."""
@@ -106,7 +122,7 @@ class Forked(BaseException):
 
 
 def main(argv: list[str]) -> None:
-    """BOOT's entry: argv is PACKAGE_PARENT PATH0 MODULES (comma-separated)."""
+    """BOOT's entry: argv is PACKAGE_PARENT PATH0 MODULES (comma-separated) ROOM."""
     try:
         serve(argv)
         return
@@ -118,7 +134,8 @@ def main(argv: list[str]) -> None:
 
 def serve(argv: list[str]) -> None:
     """The zygote: import, then fork a rank for each request until the socket's EOF."""
-    package_parent, path0, modules = argv
+    package_parent, path0, modules, *_room = argv
+    proctitle.set_title(warm_title(modules, os.environ.get(JOB_ID_VARIABLE)))
     sys.argv = [sys.argv[0]]
     if sys.path and sys.path[0] == package_parent:
         del sys.path[0]  # BOOT put it there to find this module; a rank does not see it
@@ -265,6 +282,7 @@ def become_rank(request: RankRequest, fds: list[int], sock: socket.socket, initi
     except BaseException as exc:  # never back into the zygote's loop: this process is a rank
         os.write(2, f"ddplaunch --warm: could not set up this rank: {type(exc).__name__}: {exc}\n".encode())
         os._exit(1)
+    _show_as_cold(request)
     _run_stack_bootstrap()
     try:
         if request.kind == "module":
@@ -303,6 +321,16 @@ def _set_up(request: RankRequest, fds: list[int], sock: socket.socket, initial: 
     for sig, handler in initial.items():
         if signal.getsignal(sig) != handler:
             signal.signal(sig, handler)
+
+
+def _show_as_cold(request: RankRequest) -> None:
+    """The rank's cold command line in sys.orig_argv and /proc/PID/cmdline, its environment in
+    /proc/PID/environ (what ps, top, psutil, py-spy and the guard read). Best effort: a write
+    that cannot be made leaves the warm interpreter's there."""
+    argv = cold_argv(request, sys.orig_argv[0])
+    sys.orig_argv = argv
+    proctitle.set_title(proctitle.command_title(argv))
+    proctitle.set_environment(request.environment)
 
 
 def _run_stack_bootstrap() -> None:

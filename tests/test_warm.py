@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 from helpers_cli import processes_with_token, run_cli, wait_until, write_script
 
+from ddplaunch.proctitle import ROOM_VARIABLE
 from ddplaunch.snapshot import STACK_SIGNAL
 
 FACTS = """
@@ -91,6 +93,13 @@ def test_a_stopped_or_killed_warm_launcher_leaves_nothing(start, tmp_path: Path,
     run.wait_lines("ready", 2, timeout=30)
     carriers = [p for p in processes_with_token(token) if p.name() != "ddplaunch-guard"]
     assert len(carriers) == 4, carriers  # the launcher, the warm interpreter, two ranks
+    # ps and psutil show each rank's cold command line and environment, and the warm
+    # interpreter's title (the guard and processes_with_token found them all by it)
+    shown = [(p.cmdline(), p.environ()) for p in carriers]
+    ranks = [env for argv, env in shown if argv == [sys.executable, "-u", script]]
+    assert sorted(env.get("RANK", "") for env in ranks) == ["0", "1"], shown
+    assert not any(ROOM_VARIABLE in env for env in ranks), shown
+    assert sum(" ".join(argv).startswith("ddplaunch --warm: torch (job ") for argv, _env in shown) == 1, shown
     if stop == signal.SIGTERM:  # the stack bootstrap runs in a warm rank as in a cold one
         run.signal(signal.SIGQUIT)
         run.wait_line("ranks 0-1 · <module> at wait.py:3", timeout=20, stream="err")
