@@ -371,10 +371,12 @@ def _run_script(target: str, args: tuple[str, ...]) -> None:
 
     main = sys.modules["__main__"]
     namespace = main.__dict__
+    # an empty __annotations__ where this Python gives __main__ one at start (3.10-3.13 do)
+    fresh: dict[str, Any] = {"__annotations__": {}} if "__annotations__" in namespace else {}
     namespace.clear()
     namespace.update(
         __name__="__main__", __doc__=None, __package__=None, __spec__=None, __file__=path,
-        __cached__=None, __builtins__=builtins, __loader__=SourceFileLoader("__main__", path),
+        __cached__=None, __builtins__=builtins, __loader__=SourceFileLoader("__main__", path), **fresh,
     )
     with open(path, "rb") as file:  # bytes: compile honours the script's coding line
         code = compile(file.read(), path, "exec")

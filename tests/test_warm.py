@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -134,6 +135,7 @@ def test_no_python_with_warm_is_noted_and_runs_cold(job_env: dict[str, str], tmp
 def test_a_keyboard_interrupt_ends_a_warm_rank_as_a_cold_one(job_env: dict[str, str], tmp_path: Path) -> None:
     script = write_script(tmp_path / "interrupted.py", """
         import atexit
+        print("globals", sorted(name for name in globals() if name.startswith("__")))
         atexit.register(lambda: print("atexit ran", flush=True))
 
         def stop():
@@ -141,8 +143,11 @@ def test_a_keyboard_interrupt_ends_a_warm_rank_as_a_cold_one(job_env: dict[str, 
 
         stop()
     """)
+    cold = subprocess.run([sys.executable, "-u", script], capture_output=True, text=True, timeout=30)
+    assert cold.returncode == -signal.SIGINT and cold.stdout.endswith("atexit ran\n"), cold
     done = run_cli(["--nproc", "1", "--warm", script], job_env, cwd=tmp_path)
     assert done.code == 130, done.output
+    assert "0 | " + cold.stdout.splitlines()[0] in done.stdout.splitlines()  # __main__'s names, as cold
     assert "--warm: torch imported once in " in done.stderr
     # CPython finalised it (atexit ran), then killed itself with SIGINT, as after a cold script
     assert "0 | atexit ran" in done.stdout
@@ -150,3 +155,4 @@ def test_a_keyboard_interrupt_ends_a_warm_rank_as_a_cold_one(job_env: dict[str, 
     assert "KeyboardInterrupt: stopped on purpose" in done.stderr
     traceback = done.stderr.split("Traceback (most recent call last):", 1)[1].split("KeyboardInterrupt")[0]
     assert traceback.count("File ") == 2 and traceback.count(f'File "{script}"') == 2, traceback  # <module>, stop
+    assert traceback.replace("0 ! ", "") in cold.stderr
