@@ -3,9 +3,10 @@
 The launcher (ddplaunch.warm) starts it like a worker, in its own session, as
 `python -u -c BOOT PACKAGE_PARENT PATH0 MODULES ROOM` with the environment every rank shares
 (and DDPLAUNCH_WARM_ROOM last) and its end of a unix SEQPACKET socket on fd 0; ROOM and that
-variable make room for what ps shows of it and of each rank (ddplaunch.proctitle). It imports MODULES, makes sure it holds one
-thread and no CUDA context (a fork copies only the forking thread, and a CUDA context does not
-survive a fork), says "ready" or why not, and then answers each rank request (a JSON
+variable make room for what ps shows of it and of each rank (ddplaunch.proctitle). It
+imports MODULES, makes sure it holds one thread and no CUDA context (a fork copies only the
+forking thread, and a CUDA context does not survive a fork), says "ready" or why not, and
+then answers each rank request (a JSON
 `RankRequest`, with the rank's stdin, stdout and stderr passed as SCM_RIGHTS) with the pid of
 a rank it forked.
 
@@ -18,8 +19,9 @@ dispositions, sys.argv and sys.path[0] as `python script.py` (or `-m`) would set
 stack bootstrap as the cold worker's sitecustomize runs it, then the script as the real
 __main__ (not runpy.run_path, whose temporary module is emptied when it returns, under the
 script's atexit handlers and threads). ps, psutil and py-spy show the rank's cold command
-line and environment, and sys.orig_argv is that command line. What the script raises leaves through BOOT, so the
-interpreter prints it, exits and finalises as after a cold script (SIGINT for a KeyboardInterrupt).
+line and environment, and sys.orig_argv is that command line. What the script raises leaves
+through BOOT, so the interpreter prints it, exits and finalises as after a cold script (and
+dies of SIGINT after a KeyboardInterrupt).
 
 Only the standard library: whatever this module imports, every rank has imported too.
 """
