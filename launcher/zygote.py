@@ -6,9 +6,8 @@ The launcher (ddplaunch.warm) starts it like a worker, in its own session, as
 variable make room for what ps shows of it and of each rank (ddplaunch.proctitle). It
 imports MODULES, makes sure it holds one thread and no CUDA context (a fork copies only the
 forking thread, and a CUDA context does not survive a fork), says "ready" or why not, and
-then answers each rank request (a JSON
-`RankRequest`, with the rank's stdin, stdout and stderr passed as SCM_RIGHTS) with the pid of
-a rank it forked.
+then answers each rank request (a JSON `RankRequest`, with the rank's stdin, stdout and
+stderr passed as SCM_RIGHTS) with the pid of a rank it forked.
 
 The rank is a grandchild: the middle process exits at once, so the rank is reparented to the
 launcher (a child subreaper), which reaps it as it reaps a cold worker. The answer waits until
