@@ -284,6 +284,7 @@ def become_rank(request: RankRequest, fds: list[int], sock: socket.socket, initi
         os.write(2, f"ddplaunch --warm: could not set up this rank: {type(exc).__name__}: {exc}\n".encode())
         os._exit(1)
     _show_as_cold(request)
+    _draw_afresh()
     _run_stack_bootstrap()
     try:
         if request.kind == "module":
@@ -332,6 +333,24 @@ def _show_as_cold(request: RankRequest) -> None:
     sys.orig_argv = argv
     proctitle.set_title(proctitle.command_title(argv))
     proctitle.set_environment(request.environment)
+
+
+def _draw_afresh() -> None:
+    """Draw again what an interpreter draws at random when it starts, which a fork copies to
+    every rank: torch's CPU generator (a cold `import torch` seeds it from the OS; CUDA's
+    start from a fixed seed, and CUDA is not initialised here) and multiprocessing's authkey.
+    Python's random module reseeds itself in a forked child. The hash seed stays the zygote's
+    (strings hashed with it live on)."""
+    try:
+        torch = sys.modules.get("torch")
+        generator = getattr(torch, "default_generator", None)
+        if generator is not None:
+            generator.seed()
+        process = sys.modules.get("multiprocessing.process")
+        if process is not None:
+            process.current_process().authkey = os.urandom(32)
+    except Exception:
+        pass  # a module's odd state never stops the rank: it then shares the zygote's draw
 
 
 def _run_stack_bootstrap() -> None:

@@ -46,6 +46,7 @@ FACTS = """
             "torch_warm": "torch" in sys.modules, "stdin": sys.stdin.read(),
             "caught": int(open("/proc/self/status").read().split("SigCgt:")[1].split()[0], 16),
             "stacks_variable": "DDPLAUNCH_STACKS" in os.environ,
+            "seed": __import__("torch").initial_seed(), "authkey": multiprocessing.current_process().authkey.hex(),
         }
         if attempt == "1":
             with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -76,6 +77,8 @@ def test_warm_ranks_behave_as_cold_ones_across_a_restart(start, tmp_path: Path) 
         assert fact["caught"] >> (STACK_SIGNAL - 1) & 1 and not fact["stacks_variable"]
     assert facts["1", "0"]["spawned"] == facts["1", "1"]["spawned"] == 42
     assert len({f["pid"] for f in facts.values()}) == 4  # the restart forked again
+    # what a fresh interpreter draws at random is each rank's own, as cold
+    assert len({f["seed"] for f in facts.values()}) == len({f["authkey"] for f in facts.values()}) == 4
     assert (tmp_path / "atexit-1-0").read_text() == "ran"  # the interpreter finalised as usual
     assert (tmp_path / "atexit-1-1").read_text() == "ran"  # sys.exit(3) too
     err = run.err
