@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import ddplaunch
 from ddplaunch.plan import Plan
+from ddplaunch.proctitle import ROOM_VARIABLE, room_for
 from ddplaunch.watchdog import Watchdog
 from ddplaunch.workers import start_process
 from ddplaunch.zygote import REQUEST_MAX, RankRequest, script_path0
@@ -355,13 +356,15 @@ class Zygote:
         """posix_spawn it as a worker is started; it imports in the background meanwhile."""
         environments = [{**plan.base_env, **w.env_added} for w in plan.workers]
         first = rank_request(plan.workers[0].argv, {}, None, os.getcwd())
-        argv = (plan.workers[0].argv[0], "-u", "-c", BOOT, package_parent(), path0_of(first), ",".join(modules))
+        command = (plan.workers[0].argv[0], "-u", "-c", BOOT, package_parent(), path0_of(first), ",".join(modules))
+        argv = (*command, room_for(command))  # the area its title, then each rank's command line, is written over
+        room = {ROOM_VARIABLE: room_for(())}  # last: each rank writes its own variables over it
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         actions = [(os.POSIX_SPAWN_DUP2, theirs.fileno(), 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
                    (os.POSIX_SPAWN_DUP2, devnull, 2)]
         try:
-            pid = start_process(argv, shared_environment(environments), actions, None)
+            pid = start_process(argv, {**shared_environment(environments), **room}, actions, None)
         except OSError:
             ours.close()
             raise

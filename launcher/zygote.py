@@ -1,12 +1,13 @@
 """The warm interpreter (--warm): import the modules once, then fork every rank of the job from it.
 
 The launcher (ddplaunch.warm) starts it like a worker, in its own session, as
-`python -u -c BOOT PACKAGE_PARENT PATH0 MODULES` with the environment every rank shares and
-its end of a unix SEQPACKET socket on fd 0. It imports MODULES, makes sure it holds one
-thread and no CUDA context (a fork copies only the forking thread, and a CUDA context does not
-survive a fork), says "ready" or why not, and then answers each rank request (a JSON
-`RankRequest`, with the rank's stdin, stdout and stderr passed as SCM_RIGHTS) with the pid of
-a rank it forked.
+`python -u -c BOOT PACKAGE_PARENT PATH0 MODULES ROOM` with the environment every rank shares
+(and DDPLAUNCH_WARM_ROOM last) and its end of a unix SEQPACKET socket on fd 0; ROOM and that
+variable make room for what ps shows of it and of each rank (ddplaunch.proctitle). It
+imports MODULES, makes sure it holds one thread and no CUDA context (a fork copies only the
+forking thread, and a CUDA context does not survive a fork), says "ready" or why not, and
+then answers each rank request (a JSON `RankRequest`, with the rank's stdin, stdout and
+stderr passed as SCM_RIGHTS) with the pid of a rank it forked.
 
 The rank is a grandchild: the middle process exits at once, so the rank is reparented to the
 launcher (a child subreaper), which reaps it as it reaps a cold worker. The answer waits until
@@ -16,7 +17,10 @@ In the rank, before any user code: its own descriptors, environment, CPUs and si
 dispositions, sys.argv and sys.path[0] as `python script.py` (or `-m`) would set them, the
 stack bootstrap as the cold worker's sitecustomize runs it, then the script as the real
 __main__ (not runpy.run_path, whose temporary module is emptied when it returns, under the
-script's atexit handlers and threads). The interpreter then finalises as after any script.
+script's atexit handlers and threads). ps, psutil and py-spy show the rank's cold command
+line and environment, and sys.orig_argv is that command line. What the script raises leaves
+through BOOT, so the interpreter prints it, exits and finalises as after a cold script (and
+dies of SIGINT after a KeyboardInterrupt).
 
 Only the standard library: whatever this module imports, every rank has imported too.
 """
@@ -32,9 +36,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ddplaunch import proctitle
+
 REQUEST_MAX = 1 << 22  # a rank's request: its environment is most of it
 STACKS_VARIABLE = "DDPLAUNCH_STACKS"  # ddplaunch.snapshot.STACKS_VARIABLE (not imported: see above)
+JOB_ID_VARIABLE = "DDPLAUNCH_JOB_ID"  # ddplaunch.plan.JOB_ID_VARIABLE
 BOOTSTRAP_NAME = "_ddplaunch_stacks_bootstrap"
+BOOT_FILENAME = "<string>"  # what `python -c BOOT` names BOOT's code
 
 RankKind = Literal["script", "module"]
 
@@ -75,6 +83,17 @@ def answer(**fields: Any) -> bytes:
     return json.dumps(fields).encode()
 
 
+def cold_argv(request: RankRequest, python: str) -> list[str]:
+    """The command line that starts this rank cold (ddplaunch.plan.worker_argv's)."""
+    program = ["-m", request.target] if request.kind == "module" else [request.target]
+    return [python, "-u", *program, *request.args]
+
+
+def warm_title(modules: str, job_id: str | None) -> str:
+    """What ps shows of the warm interpreter."""
+    return f"ddplaunch --warm: {modules.replace(',', ', ')}" + (f" (job {job_id})" if job_id else "")
+
+
 def script_path0(target: str) -> str:
     """sys.path[0] as `python TARGET` sets it: the script's real folder, or a folder or zip
     with a __main__.py itself."""
@@ -104,7 +123,7 @@ class Forked(BaseException):
 
 
 def main(argv: list[str]) -> None:
-    """BOOT's entry: argv is PACKAGE_PARENT PATH0 MODULES (comma-separated)."""
+    """BOOT's entry: argv is PACKAGE_PARENT PATH0 MODULES (comma-separated) ROOM."""
     try:
         serve(argv)
         return
@@ -116,7 +135,8 @@ def main(argv: list[str]) -> None:
 
 def serve(argv: list[str]) -> None:
     """The zygote: import, then fork a rank for each request until the socket's EOF."""
-    package_parent, path0, modules = argv
+    package_parent, path0, modules, *_room = argv
+    proctitle.set_title(warm_title(modules, os.environ.get(JOB_ID_VARIABLE)))
     sys.argv = [sys.argv[0]]
     if sys.path and sys.path[0] == package_parent:
         del sys.path[0]  # BOOT put it there to find this module; a rank does not see it
@@ -251,26 +271,44 @@ def _await_adoption(middle: int) -> None:
 
 
 def become_rank(request: RankRequest, fds: list[int], sock: socket.socket, initial: dict[int, Any]) -> None:
-    """Turn this fresh fork into the rank and run its program; never returns (SystemExit)."""
+    """Turn this fresh fork into the rank and run its program.
+
+    What the program raises leaves through BOOT, as it leaves a cold script: CPython then
+    prints it with sys.excepthook and exits 1, ends as SystemExit says, or, for a
+    KeyboardInterrupt, finalises and kills itself with SIGINT (Py_RunMain's
+    unhandled_keyboard_interrupt, set where the `-c` code's exception leaves it).
+    """
     try:
         _set_up(request, fds, sock, initial)
     except BaseException as exc:  # never back into the zygote's loop: this process is a rank
         os.write(2, f"ddplaunch --warm: could not set up this rank: {type(exc).__name__}: {exc}\n".encode())
         os._exit(1)
+    _show_as_cold(request)
+    _draw_afresh()
     _run_stack_bootstrap()
     try:
         if request.kind == "module":
             _run_module(request.target, request.args, request.cwd)
         else:
             _run_script(request.target, request.args)
-    except SystemExit:
-        raise
     except BaseException as exc:
-        shown = _without_own_frames(exc.__traceback__)
-        exc.__traceback__ = shown  # the built-in hook prints the exception's own traceback
-        sys.excepthook(type(exc), exc, shown)
-        raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
-    raise SystemExit(0)
+        if not isinstance(exc, SystemExit):  # CPython prints no traceback for it
+            sys.excepthook = _trimming(sys.excepthook)  # the hook of now: the script's own, if it set one
+        raise
+
+
+def _trimming(hook: Any) -> Any:
+    """`hook` shown the traceback from the user's first frame, as in a cold worker's report."""
+    if not callable(hook):
+        return hook  # CPython's own complaint about it, as cold
+
+    def without_zygote_frames(kind: type[BaseException], value: BaseException, tb: Any) -> Any:
+        tb = _without_own_frames(tb)
+        if isinstance(value, BaseException):
+            value.__traceback__ = tb  # the built-in hook prints the exception's own traceback
+        return hook(kind, value, tb)
+
+    return without_zygote_frames
 
 
 def _set_up(request: RankRequest, fds: list[int], sock: socket.socket, initial: dict[int, Any]) -> None:
@@ -285,6 +323,38 @@ def _set_up(request: RankRequest, fds: list[int], sock: socket.socket, initial: 
     for sig, handler in initial.items():
         if signal.getsignal(sig) != handler:
             signal.signal(sig, handler)
+
+
+def _show_as_cold(request: RankRequest) -> None:
+    """The rank's cold command line in sys.orig_argv and /proc/PID/cmdline, its environment in
+    /proc/PID/environ (what ps, top, psutil, py-spy and the guard read). Best effort: a write
+    that cannot be made leaves the warm interpreter's there."""
+    argv = cold_argv(request, sys.orig_argv[0])
+    sys.orig_argv = argv
+    proctitle.set_title(proctitle.command_title(argv))
+    proctitle.set_environment(request.environment)
+
+
+def _draw_afresh() -> None:
+    """Draw again what an interpreter draws at random when it starts, which a fork copies to
+    every rank: torch's CPU generator (a cold `import torch` seeds it from the OS; CUDA's
+    start from a fixed seed, and CUDA is not initialised here), numpy's global RandomState
+    (seeded from the OS when numpy.random is imported: a --warm-modules framework may have)
+    and multiprocessing's authkey. Python's random module reseeds itself in a forked child.
+    The hash seed stays the zygote's (strings hashed with it live on)."""
+    try:
+        torch = sys.modules.get("torch")
+        generator = getattr(torch, "default_generator", None)
+        if generator is not None:
+            generator.seed()
+        numpy_random = sys.modules.get("numpy.random")
+        if numpy_random is not None:
+            numpy_random.seed()  # no argument: fresh entropy, as at its import
+        process = sys.modules.get("multiprocessing.process")
+        if process is not None:
+            process.current_process().authkey = os.urandom(32)
+    except Exception:
+        pass  # a module's odd state never stops the rank: it then shares the zygote's draw
 
 
 def _run_stack_bootstrap() -> None:
@@ -325,10 +395,12 @@ def _run_script(target: str, args: tuple[str, ...]) -> None:
 
     main = sys.modules["__main__"]
     namespace = main.__dict__
+    # an empty __annotations__ where this Python gives __main__ one at start (3.10-3.13 do)
+    fresh: dict[str, Any] = {"__annotations__": {}} if "__annotations__" in namespace else {}
     namespace.clear()
     namespace.update(
         __name__="__main__", __doc__=None, __package__=None, __spec__=None, __file__=path,
-        __cached__=None, __builtins__=builtins, __loader__=SourceFileLoader("__main__", path),
+        __cached__=None, __builtins__=builtins, __loader__=SourceFileLoader("__main__", path), **fresh,
     )
     with open(path, "rb") as file:  # bytes: compile honours the script's coding line
         code = compile(file.read(), path, "exec")
@@ -345,7 +417,8 @@ def _run_module(name: str, args: tuple[str, ...], cwd: str) -> None:
 
 
 def _without_own_frames(tb: Any) -> Any:
-    """The traceback from the user's first frame: a cold worker's shows no launcher code."""
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+    """The traceback from the user's first frame: a cold worker's shows no launcher code
+    (BOOT's "<string>" frame, then this module's)."""
+    while tb is not None and tb.tb_frame.f_code.co_filename in (BOOT_FILENAME, __file__):
         tb = tb.tb_next
     return tb

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from helpers_cli import processes_with_token, run_cli, wait_until, write_script
 
 from ddplaunch.devices import DeviceMap
 from ddplaunch.plan import PlanInputs, Program, build_plan
+from ddplaunch.proctitle import ROOM_VARIABLE
 from ddplaunch.snapshot import STACK_SIGNAL
 from ddplaunch.warm import start_warm
 from ddplaunch.watchdog import Watchdog
@@ -49,6 +51,8 @@ FACTS = """
             "torch_warm": "torch" in sys.modules, "stdin": sys.stdin.read(),
             "caught": int(open("/proc/self/status").read().split("SigCgt:")[1].split()[0], 16),
             "stacks_variable": "DDPLAUNCH_STACKS" in os.environ,
+            "seed": __import__("torch").initial_seed(), "authkey": multiprocessing.current_process().authkey.hex(),
+            "numpy_draw": __import__("numpy.random").random.random(),  # its module was imported warm
         }
         if attempt == "1":
             with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -65,7 +69,8 @@ FACTS = """
 
 def test_warm_ranks_behave_as_cold_ones_across_a_restart(start, tmp_path: Path) -> None:
     script = write_script(tmp_path / "facts.py", FACTS)
-    run = start("--nproc", "2", "--warm", "--max-restarts", "1", "--stdin", "none", script, str(tmp_path), "x")
+    run = start("--nproc", "2", "--warm", "--warm-modules", "torch,numpy.random", "--max-restarts", "1", "--stdin", "none",
+                script, str(tmp_path), "x")
     assert run.wait(60) == 3
     launcher = run.proc.pid
     facts = {(a, r): json.loads((tmp_path / f"facts-{a}-{r}.json").read_text()) for a in "01" for r in "01"}
@@ -79,6 +84,9 @@ def test_warm_ranks_behave_as_cold_ones_across_a_restart(start, tmp_path: Path) 
         assert fact["caught"] >> (STACK_SIGNAL - 1) & 1 and not fact["stacks_variable"]
     assert facts["1", "0"]["spawned"] == facts["1", "1"]["spawned"] == 42
     assert len({f["pid"] for f in facts.values()}) == 4  # the restart forked again
+    # what a fresh interpreter draws at random is each rank's own, as cold
+    assert len({f["seed"] for f in facts.values()}) == len({f["authkey"] for f in facts.values()}) == 4
+    assert len({f["numpy_draw"] for f in facts.values()}) == 4
     assert (tmp_path / "atexit-1-0").read_text() == "ran"  # the interpreter finalised as usual
     assert (tmp_path / "atexit-1-1").read_text() == "ran"  # sys.exit(3) too
     err = run.err
@@ -86,7 +94,7 @@ def test_warm_ranks_behave_as_cold_ones_across_a_restart(start, tmp_path: Path) 
     assert 'File "' + script + '", line' in err and "zygote" not in err  # only the script's frames
     assert "restarting all workers (restart 1 of 1)" in err
     assert "Root cause (first observed failure): rank 1" in err and "exit code 3" in err
-    assert err.count("--warm: torch imported once in ") == 1  # it started warm, once for both attempts
+    assert err.count("--warm: torch, numpy.random imported once in ") == 1  # it started warm, once for both attempts
     assert "starting the workers cold" not in err
 
 
@@ -97,11 +105,21 @@ def test_a_stopped_or_killed_warm_launcher_leaves_nothing(start, tmp_path: Path,
     run.wait_lines("ready", 2, timeout=30)
     carriers = [p for p in processes_with_token(token) if p.name() != "ddplaunch-guard"]
     assert len(carriers) == 4, carriers  # the launcher, the warm interpreter, two ranks
+    # ps and psutil show each rank's cold command line and environment, and the warm
+    # interpreter's title (the guard and processes_with_token found them all by it)
+    shown = [(p.cmdline(), p.environ()) for p in carriers]
+    ranks = [env for argv, env in shown if argv == [sys.executable, "-u", script]]
+    assert sorted(env.get("RANK", "") for env in ranks) == ["0", "1"], shown
+    assert not any(ROOM_VARIABLE in env for env in ranks), shown
+    assert sum(" ".join(argv).startswith("ddplaunch --warm: torch (job ") for argv, _env in shown) == 1, shown
     if stop == signal.SIGTERM:  # the stack bootstrap runs in a warm rank as in a cold one
         run.signal(signal.SIGQUIT)
         run.wait_line("ranks 0-1 · <module> at wait.py:3", timeout=20, stream="err")
     run.signal(stop)
     assert run.wait() == (143 if stop == signal.SIGTERM else -signal.SIGKILL)
+    if stop == signal.SIGTERM:  # the report's frames are the script's, as cold: none of the zygote's
+        assert 'wait.py", line 3, in <module>' in run.err, run.err
+        assert "zygote" not in run.err and '"<string>"' not in run.err, run.err
     # kill -9: the guard stops the ranks' groups and the warm interpreter's
     wait_until(lambda: not processes_with_token(token), 10, "every rank and the warm interpreter to end")
 
@@ -216,3 +234,27 @@ def test_a_script_that_sets_an_import_time_variable_before_its_import_starts_col
     said = "--warm: train.py sets OMP_NUM_THREADS (line 3) before importing warmmark, which reads it at import; starting the workers cold"
     assert done.stderr.count(said) == 1, done.stderr
     assert "imported once" not in done.stderr  # decided before any warm interpreter started
+def test_a_keyboard_interrupt_ends_a_warm_rank_as_a_cold_one(job_env: dict[str, str], tmp_path: Path) -> None:
+    script = write_script(tmp_path / "interrupted.py", """
+        import atexit
+        print("globals", sorted(name for name in globals() if name.startswith("__")))
+        atexit.register(lambda: print("atexit ran", flush=True))
+
+        def stop():
+            raise KeyboardInterrupt("stopped on purpose")
+
+        stop()
+    """)
+    cold = subprocess.run([sys.executable, "-u", script], capture_output=True, text=True, timeout=30)
+    assert cold.returncode == -signal.SIGINT and cold.stdout.endswith("atexit ran\n"), cold
+    done = run_cli(["--nproc", "1", "--warm", script], job_env, cwd=tmp_path)
+    assert done.code == 130, done.output
+    assert "0 | " + cold.stdout.splitlines()[0] in done.stdout.splitlines()  # __main__'s names, as cold
+    assert "--warm: torch imported once in " in done.stderr
+    # CPython finalised it (atexit ran), then killed itself with SIGINT, as after a cold script
+    assert "0 | atexit ran" in done.stdout
+    assert "rank 0 failed (signal SIGINT, exit code 130)" in done.stderr, done.stderr
+    assert "KeyboardInterrupt: stopped on purpose" in done.stderr
+    traceback = done.stderr.split("Traceback (most recent call last):", 1)[1].split("KeyboardInterrupt")[0]
+    assert traceback.count("File ") == 2 and traceback.count(f'File "{script}"') == 2, traceback  # <module>, stop
+    assert traceback.replace("0 ! ", "") in cold.stderr

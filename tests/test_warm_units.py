@@ -16,6 +16,9 @@ from ddplaunch.errors import LaunchError
 from ddplaunch.plan import PlanInputs, Program, build_plan
 from ddplaunch.procfs import KernelWait
 from ddplaunch.supervisor import Unkillable, pick_unkillable
+from ddplaunch.proctitle import ROOM_VARIABLE, Areas, environment_bytes, parse_areas, room_for, title_bytes
+from ddplaunch.snapshot import StackFrame
+from ddplaunch.stackparse import parse_faulthandler, parse_py_spy, without_zygote_frames
 from ddplaunch.warm import (
     DEFAULT_MODULES,
     EarlyWrite,
@@ -27,7 +30,7 @@ from ddplaunch.warm import (
     rank_request,
     shared_environment,
 )
-from ddplaunch.zygote import RankRequest
+from ddplaunch.zygote import RankRequest, cold_argv, warm_title
 
 pytestmark = pytest.mark.unit
 
@@ -203,3 +206,122 @@ def test_an_import_time_variable_set_before_a_warm_import_is_found(
 ])
 def test_the_early_write_note(writes: list[EarlyWrite], module: str, reason: str) -> None:
     assert early_writes_reason("train.py", writes, module) == reason
+
+
+_SCRIPT = StackFrame("/job/train.py", 3, "<module>")
+_INNER = StackFrame("/job/train.py", 9, "step")
+_BOOT = StackFrame("<string>", 1, "<module>")
+
+
+def _zygote(folder: str, function: str) -> StackFrame:
+    return StackFrame(f"{folder}/ddplaunch/zygote.py", 300, function)
+
+
+_VENV, _SITE, _AGENT = "/w/.venv/ddplaunch-path", "/usr/lib/python3.11/site-packages", "/tmp/d/agent.zip"
+
+
+@pytest.mark.parametrize(("frames", "kept"), [
+    # a warm rank, wherever the package lies: only the script's frames stay
+    ((_INNER, _SCRIPT, _zygote(_VENV, "_run_script"), _zygote(_VENV, "become_rank"), _zygote(_VENV, "main"), _BOOT),
+     (_INNER, _SCRIPT)),
+    ((_SCRIPT, _zygote(_SITE, "_run_module"), _zygote(_SITE, "main"), _BOOT), (_SCRIPT,)),
+    ((_SCRIPT, _zygote(_AGENT, "_run_script"), _zygote(_AGENT, "main"), _BOOT), (_SCRIPT,)),
+    ((_SCRIPT, _zygote(_VENV, "main")), (_SCRIPT,)),  # no BOOT frame (py-spy's view, say)
+    # a cold rank, and the user's own "<string>" frames: kept
+    ((_INNER, _SCRIPT), (_INNER, _SCRIPT)),
+    ((_INNER, _BOOT), (_INNER, _BOOT)),  # python -c
+    ((_BOOT, _SCRIPT, _zygote(_VENV, "_run_script"), _BOOT), (_BOOT, _SCRIPT)),  # exec'd inside the script
+    ((_zygote(_VENV, "_run_script"), _SCRIPT), (_zygote(_VENV, "_run_script"), _SCRIPT)),  # not outermost
+    ((_SCRIPT, StackFrame("/x/other/zygote.py", 1, "main"), _BOOT),
+     (_SCRIPT, StackFrame("/x/other/zygote.py", 1, "main"), _BOOT)),  # somebody else's zygote.py
+    ((_zygote(_VENV, "become_rank"), _BOOT), (_zygote(_VENV, "become_rank"), _BOOT)),  # before the script: all there is
+    ((), ()),
+])
+def test_a_warm_rank_s_stack_is_shown_without_the_warm_interpreter_s_frames(
+    frames: tuple[StackFrame, ...], kept: tuple[StackFrame, ...]
+) -> None:
+    assert without_zygote_frames(frames) == kept
+
+
+def test_both_stack_parsers_drop_the_warm_interpreter_s_frames() -> None:
+    dump = (
+        "Current thread 0x00007f0000000001 (most recent call first):\n"
+        '  File "/job/train.py", line 3 in <module>\n'
+        f'  File "{_VENV}/ddplaunch/zygote.py", line 353 in _run_script\n'
+        '  File "<string>", line 1 in <module>\n'
+    )
+    assert parse_faulthandler(dump, "0x01")[0].frames == (_SCRIPT,)
+    spied = [{"thread_id": 1, "os_thread_id": 10, "frames": [
+        {"name": "<module>", "filename": "/job/train.py", "line": 3},
+        {"name": "main", "filename": f"{_VENV}/ddplaunch/zygote.py", "line": 116},
+        {"name": "<module>", "filename": "<string>", "line": 1}]}]
+    assert parse_py_spy(spied, 10)[0].frames == (_SCRIPT,)
+
+
+_STAT_TAIL = " ".join(["0"] * 44) + " 1000 1100 1100 1300 0"  # fields 4-47, then 48-52
+
+
+@pytest.mark.parametrize(("stat", "areas"), [
+    (f"12 (python3) S {_STAT_TAIL}", Areas(1000, 1100, 1100, 1300)),
+    (f"12 (a) b (c) S {_STAT_TAIL}", Areas(1000, 1100, 1100, 1300)),  # a command name with ") "
+    ("12 (python3) S " + " ".join(["0"] * 44), None),  # a kernel before 3.5: no such fields
+    (f"12 (python3) S {_STAT_TAIL}".replace("1000 1100", "1100 1000"), None),  # an empty argv area
+])
+def test_where_the_command_line_and_environment_lie(stat: str, areas: Areas | None) -> None:
+    assert parse_areas(stat) == areas
+
+
+@pytest.mark.parametrize(("title", "size", "written"), [
+    ("python -u t.py", 20, b"python -u t.py\0\0\0\0\0."),  # its NUL ends it; a last byte that is not NUL makes it a title
+    ("python -u train.py", 10, b"python -\0."),  # truncated to fit
+    ("a\0b", 5, b"a b\0."),
+    ("x", 2, None),
+])
+def test_a_title_fills_the_argv_area_exactly(title: str, size: int, written: bytes | None) -> None:
+    assert title_bytes(title, size) == written
+
+
+def test_a_title_is_at_most_the_page_the_kernel_reads() -> None:
+    written = title_bytes("x" * 10000, 8192)
+    assert written is not None and len(written) == 8192 and written.index(b"\0") == 4094
+
+
+_ROOM = f"{ROOM_VARIABLE}=.........................".encode()
+
+
+@pytest.mark.parametrize(("current", "wanted", "written"), [
+    # the shared entries stay in place (a pointer a library kept still reads them); the rank's own take the room
+    (b"A=1\0B=2\0" + _ROOM + b"\0", {"A": "1", "B": "2", "RANK": "3"},
+     b"A=1\0B=2\0RANK=3\0" + b"\0" * (len(_ROOM) - 6)),
+    (_ROOM + b"\0", {"RANK": "0"}, b"RANK=0\0" + b"\0" * (len(_ROOM) - 6)),
+    (b"A=1\0" + _ROOM + b"\0", {"A": "2", "RANK": "3"}, None),  # another value: not the rank's
+    (b"A=1\0" + _ROOM + b"\0", {"RANK": "3"}, None),  # a variable the rank has not
+    (_ROOM + b"\0A=1\0", {"A": "1", "RANK": "3"}, None),  # the room is not last
+    (b"A=1\0B=2\0", {"A": "1", "B": "2"}, None),  # no room
+    (_ROOM + b"\0", {"RANK": "3", "LONG": "x" * 60}, None),  # too little room
+])
+def test_a_rank_s_environment_is_written_over_the_room(
+    current: bytes, wanted: dict[str, str], written: bytes | None
+) -> None:
+    found = environment_bytes(current, wanted)
+    assert found == written
+    assert found is None or len(found) == len(current)
+
+
+def test_the_room_makes_the_argv_area_a_page() -> None:
+    argv = ("/usr/bin/python3", "-u", "-c", "pass")
+    assert sum(len(a) + 1 for a in (*argv, room_for(argv))) == 4096  # each with its NUL
+    assert room_for(("x" * 5000,)) == "."
+
+
+@pytest.mark.parametrize(("request_", "argv"), [
+    (RankRequest("script", "train.py", ("--lr", "0.1"), {}), ["/py", "-u", "train.py", "--lr", "0.1"]),
+    (RankRequest("module", "pkg.train", ("-x",), {}), ["/py", "-u", "-m", "pkg.train", "-x"]),
+])
+def test_a_warm_rank_shows_its_cold_command_line(request_: RankRequest, argv: list[str]) -> None:
+    assert cold_argv(request_, "/py") == argv
+
+
+def test_the_warm_interpreter_s_title_names_its_modules_and_job() -> None:
+    assert warm_title("torch,numpy", "ab12") == "ddplaunch --warm: torch, numpy (job ab12)"
+    assert warm_title("torch", None) == "ddplaunch --warm: torch"
