@@ -195,6 +195,46 @@ def _warm_up(modules: list[str]) -> str | None:
     cuda = getattr(torch, "cuda", None)
     if cuda is not None and cuda.is_initialized():
         return "importing the modules initialised CUDA, whose context does not survive a fork"
+    if cuda_driver_initialised():
+        return (
+            "importing the modules initialised the CUDA driver (torch.cuda.is_available() or "
+            "device_count() at import does; PYTORCH_NVML_BASED_CUDA_CHECK=1 avoids it), and a "
+            "forked rank's first CUDA call would then fail"
+        )
+    return None
+
+
+CUDA_ERROR_NOT_INITIALIZED = 3  # what the driver answers before cuInit
+
+
+def cuda_driver_initialised(maps_path: str = "/proc/self/maps") -> bool:
+    """Whether this process ran cuInit, by torch or not (torch.cuda.is_initialized() says
+    only whether torch's own lazy init ran): the driver API is loaded by cudart at its first
+    call, and cuDeviceGetCount answers CUDA_ERROR_NOT_INITIALIZED until cuInit (the probe
+    vLLM uses before it forks). No libcuda mapped: not initialised."""
+    library = mapped_library(maps_path, "libcuda.so")
+    if library is None:
+        return False
+    try:
+        import ctypes
+
+        count = ctypes.c_int()
+        return int(ctypes.CDLL(library).cuDeviceGetCount(ctypes.byref(count))) != CUDA_ERROR_NOT_INITIALIZED
+    except (OSError, AttributeError):
+        return True  # mapped but unreadable: assume the worst, the job then starts cold
+
+
+def mapped_library(maps_path: str, prefix: str) -> str | None:
+    """The path of a shared library whose file name starts with `prefix` that this process
+    has mapped (/proc/self/maps: the path is the sixth field), or None."""
+    try:
+        with open(maps_path) as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and os.path.basename(fields[5].strip()).startswith(prefix):
+                    return fields[5].strip()
+    except OSError:
+        pass
     return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -30,7 +31,8 @@ from ddplaunch.warm import (
     rank_request,
     shared_environment,
 )
-from ddplaunch.zygote import RankRequest, cold_argv, warm_title
+from ddplaunch import zygote
+from ddplaunch.zygote import RankRequest, cold_argv, cuda_driver_initialised, mapped_library, warm_title
 
 pytestmark = pytest.mark.unit
 
@@ -325,3 +327,32 @@ def test_a_warm_rank_shows_its_cold_command_line(request_: RankRequest, argv: li
 def test_the_warm_interpreter_s_title_names_its_modules_and_job() -> None:
     assert warm_title("torch,numpy", "ab12") == "ddplaunch --warm: torch, numpy (job ab12)"
     assert warm_title("torch", None) == "ddplaunch --warm: torch"
+
+
+MAPS = """\
+7f0000000000-7f0000001000 r--p 00000000 08:01 1234   /usr/lib/x86_64-linux-gnu/libc.so.6
+7f0000002000-7f0000003000 rw-p 00000000 00:00 0
+7f0000004000-7f0000005000 r-xp 00001000 08:01 5678   /usr/lib/x86_64-linux-gnu/libcuda.so.535.104.05
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0      [stack]
+"""
+
+
+def test_the_cuda_driver_is_looked_for_among_the_mapped_libraries(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    maps.write_text(MAPS)
+    assert mapped_library(str(maps), "libcuda.so") == "/usr/lib/x86_64-linux-gnu/libcuda.so.535.104.05"
+    assert mapped_library(str(maps), "libcudart.so") is None
+    assert mapped_library(str(tmp_path / "gone"), "libcuda.so") is None
+    maps.write_text(MAPS.replace("libcuda.so.535.104.05", "libnccl.so.2"))
+    assert not cuda_driver_initialised(str(maps))  # no driver loaded: nothing ran cuInit
+    maps.write_text(MAPS.replace("/usr/lib/x86_64-linux-gnu/libcuda.so.535.104.05", str(tmp_path / "libcuda.so.1")))
+    assert cuda_driver_initialised(str(maps))  # mapped but not loadable: assume the worst
+
+
+def test_a_warm_interpreter_whose_imports_initialised_the_cuda_driver_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zygote, "_threads", lambda: 1)  # this test process's threads are not the question
+    monkeypatch.setattr(zygote, "cuda_driver_initialised", lambda: True)
+    why = zygote._warm_up(["json"])
+    assert why is not None and "initialised the CUDA driver" in why and "PYTORCH_NVML_BASED_CUDA_CHECK=1" in why
+    monkeypatch.setattr(zygote, "cuda_driver_initialised", lambda: False)
+    assert zygote._warm_up(["json"]) is None
