@@ -294,6 +294,20 @@ def processes_with_token(token: str, *, in_command_line: bool = False) -> list[p
     return found
 
 
+def without_warm_interpreters(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """The job's processes less --warm's interpreters (one per node, titled `ddplaunch --warm:
+    MODULES (job ID)`): what a count of the launcher, guard, workers and their children means
+    whether the suite runs cold or warm (DDPLAUNCH_WARM=1)."""
+    kept = []
+    for proc in processes:
+        try:
+            if not " ".join(proc.cmdline()).startswith("ddplaunch --warm:"):
+                kept.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return kept
+
+
 def kill_token(token: str) -> None:
     """SIGKILL whatever is left of a job, wherever it carries the token."""
     for proc in processes_with_token(token, in_command_line=True):

@@ -8,7 +8,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers_cli import kill_token, launcher_argv, processes_with_token, run_cli, wait_until, write_script
+from helpers_cli import (
+    kill_token, launcher_argv, processes_with_token, run_cli, wait_until, without_warm_interpreters, write_script,
+)
 
 # Each worker prints "ready <rank>" once its own children are up, so tests wait on that line.
 TREE_WORKER = """
@@ -86,7 +88,7 @@ def _start_tree(start, tmp_path: Path, *extra: str):
 
 def test_sigint_forwards_stops_the_whole_tree_and_exits_130(start, tmp_path: Path, token: str) -> None:
     run = _start_tree(start, tmp_path, "--grace", "1")
-    assert len(processes_with_token(token)) == 10  # launcher, guard, 2 workers, 6 grandchildren
+    assert len(without_warm_interpreters(processes_with_token(token))) == 10  # launcher, guard, 2 workers, 6 grandchildren
     run.signal(signal.SIGINT)
     assert run.wait() == 130
     wait_until(lambda: processes_with_token(token) == [], 2, "the job's processes to end")
@@ -102,7 +104,7 @@ def test_sigterm_exits_143_and_leaves_nothing(start, tmp_path: Path, token: str)
 
 def test_sigkill_of_the_launcher_leaves_nothing_after_two_seconds(start, tmp_path: Path, token: str) -> None:
     run = _start_tree(start, tmp_path)
-    assert len(processes_with_token(token)) == 10
+    assert len(without_warm_interpreters(processes_with_token(token))) == 10
     run.signal(signal.SIGKILL)
     run.wait()
     wait_until(lambda: processes_with_token(token) == [], 2.0, "workers and grandchildren to die")
@@ -164,7 +166,7 @@ def test_two_jobs_side_by_side_leave_each_other_alone(start, tmp_path: Path, job
         second = start("--nproc", "2", failing)
         assert second.wait() == 5
         assert first.proc.poll() is None
-        assert len(processes_with_token(token + "-other")) == 4  # launcher, guard, 2 workers
+        assert len(without_warm_interpreters(processes_with_token(token + "-other"))) == 4  # launcher, guard, 2 workers
         first.signal(signal.SIGTERM)
         assert first.wait() == 143
     finally:
