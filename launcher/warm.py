@@ -238,18 +238,17 @@ class _EnvironmentScan:
             self.found.append(EarlyWrite(name, line))
 
     def _is_environ(self, node: ast.expr) -> bool:
-        if isinstance(node, ast.Name):
-            return node.id in self.environ_names
-        return (
-            isinstance(node, ast.Attribute) and node.attr == "environ"
-            and isinstance(node.value, ast.Name) and node.value.id in self.os_names
-        )
+        return self._is_os_name(node, "environ", self.environ_names)
 
     def _is_putenv(self, node: ast.expr) -> bool:
+        return self._is_os_name(node, "putenv", self.putenv_names)
+
+    def _is_os_name(self, node: ast.expr, attribute: str, imported_as: set[str]) -> bool:
+        """os.ATTRIBUTE (os under any name it was imported as), or a name `from os import` gave it."""
         if isinstance(node, ast.Name):
-            return node.id in self.putenv_names
+            return node.id in imported_as
         return (
-            isinstance(node, ast.Attribute) and node.attr == "putenv"
+            isinstance(node, ast.Attribute) and node.attr == attribute
             and isinstance(node.value, ast.Name) and node.value.id in self.os_names
         )
 
