@@ -97,12 +97,12 @@ def next_report(run, timeout: float = 20.0) -> str:
     return "\n".join(lines)
 
 
-def report_showing(run, wanted: str, tries: int = 5) -> str:
-    """Reports until one shows `wanted`: on a busy machine a rank may not have reached its
-    collective at the first one."""
+def report_showing(run, *wanted: str, tries: int = 5) -> str:
+    """Reports until one shows all of `wanted`: on a busy machine a rank may not have reached
+    its collective, or the last one its wait_elsewhere, at the first one."""
     for _ in range(tries):
         report = next_report(run)
-        if wanted in report:
+        if all(text in report for text in wanted):
             return report
     raise AssertionError(f"no report showed {wanted!r} in {tries} tries; the last:\n{report}")
 
@@ -112,8 +112,7 @@ def test_sigquit_prints_every_ranks_stack_grouped_and_the_job_goes_on(start, tmp
     run = start("--nproc", "3", write_script(tmp_path / "hang.py", HANG))
     _ready(run, 3)
     assert re.search(rf"every rank's stack: Ctrl-\\ or kill -QUIT {run.proc.pid}", run.err), run.err
-    report = report_showing(run, "ranks 0-1 · step at hang.py")
-    assert "rank 2 · wait_elsewhere at hang.py" in report
+    report = report_showing(run, "ranks 0-1 · step at hang.py", "rank 2 · wait_elsewhere at hang.py")
     assert report.index("rank 2 ·") < report.index("ranks 0-1 ·")  # the smallest group first
     assert len(processes_with_token(token)) >= 3  # the job goes on
     run.signal(signal.SIGINT)
