@@ -4,12 +4,6 @@ Real sshd hosts on 127.0.1.x (as in test_ssh_launch) and real static nodes on th
 (as in test_static_nodes), running a real gloo job that hangs: ranks 0-2 block in
 all_reduce while rank 3 waits elsewhere. SIGQUIT, or a stall, must show both places, and
 every host; the job goes on, unless --stall-action stop ends it (exit 124 everywhere).
-
-The SIGQUIT reports (over SSH and between static nodes) and --stall-action stop over SSH run
-cold (the default path, workers started with the bootstrap); the stall report over SSH and
---stall-action stop between static nodes run --warm (each node's launcher or agent imports
-torch once and forks its ranks): their subject is the report and how nodes pass it on, not
-how a rank starts, and their cold twins are the tests named cold here.
 """
 
 from __future__ import annotations
@@ -19,7 +13,6 @@ import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from helpers_cli import TOKEN_VARIABLE, Run, processes_with_token, wait_until, write_script
@@ -42,12 +35,12 @@ import torch, torch.distributed as dist
 
 def wait_elsewhere():
     in_place.set()
-    print(f"rank 3 waits elsewhere (pid {os.getpid()})", flush=True)
+    print("rank 3 waits elsewhere", flush=True)
     time.sleep(600)
 
 def reduce_forever():
     in_place.set()
-    print(f"rank {dist.get_rank()} in all_reduce (pid {os.getpid()})", flush=True)
+    print(f"rank {dist.get_rank()} in all_reduce", flush=True)
     dist.all_reduce(torch.ones(1))
 
 dist.init_process_group("gloo")
@@ -87,17 +80,9 @@ def assert_names_both_places(report: str, hosts: set[str]) -> None:
         assert host in report, report
 
 
-def ranks_alive(*runs: Run) -> int:
-    """The ranks that said they were in place and still run. By the pid each printed: a --warm
-    rank has the command line and the /proc environment of the zygote it was forked from."""
-    pids = {int(found[1]) for run in runs for line in run.seen["out"] if (found := re.search(r"\(pid (\d+)\)", line))}
-    alive = 0
-    for pid in pids:
-        try:
-            alive += psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            continue
-    return alive
+def workers_alive(token: str, script: str) -> int:
+    """The job's workers still running (the launchers carry the token too)."""
+    return sum(script in p.cmdline() and "ddplaunch" not in p.cmdline() for p in processes_with_token(token))
 
 
 # -- over SSH ------------------------------------------------------------------------------------
@@ -136,7 +121,7 @@ def test_sigquit_at_the_head_shows_every_hosts_ranks_in_one_report_and_the_job_g
     assert details.parent == logs / "stacks" and "reduce_forever" in details.read_text()
     # The agents run from the zip the head shipped, and their workers still ran the bootstrap.
     assert "stacks from py-spy" not in details.read_text() and "stacks from faulthandler" in details.read_text()
-    assert ranks_alive(run) == 4  # the job goes on
+    assert workers_alive(token, script) == 4  # the job goes on
     run.signal(signal.SIGINT)
     assert run.wait(timeout=30) == 130
     nothing_left(token, sshd_pool)
@@ -146,13 +131,13 @@ def test_a_stall_over_ssh_is_reported_job_wide_and_the_job_goes_on(
     launch, tmp_path: Path, token: str, sshd_pool: SshdPool
 ) -> None:
     script = write_script(tmp_path / "hang.py", HANG)
-    run = launch("--warm", "--hosts", "host1,host2", "--nproc", "2", "--grace", "1", "--stall-timeout", "2", script)
+    run = launch("--hosts", "host1,host2", "--nproc", "2", "--grace", "1", "--stall-timeout", "2", script)
     wait_in_place(run)
     report = read_report(run, 10.0)
     assert "no rank wrote a line for 2 s" in report and "two snapshots per rank" in report
     assert "stuck" in report
     assert_names_both_places(report, {"host1", "host2"})
-    assert ranks_alive(run) == 4
+    assert workers_alive(token, script) == 4
     run.signal(signal.SIGINT)
     assert run.wait(timeout=30) == 130
     nothing_left(token, sshd_pool)
@@ -188,21 +173,19 @@ def test_sigquit_listed_in_signals_to_handle_stops_every_host_as_under_torchrun(
 # -- static nodes --------------------------------------------------------------------------------
 
 
-def start_nodes(
-    start, script: str, node0: tuple[str, ...] = (), node1: tuple[str, ...] = (), both: tuple[str, ...] = ()
-) -> list[Run]:
-    """Node 0 and node 1 of one job, each with its own extra flags and `both`."""
+def start_nodes(start, script: str, node0: tuple[str, ...] = (), node1: tuple[str, ...] = ()) -> list[Run]:
+    """Node 0 and node 1 of one job, each with its own extra flags."""
     port = pick_free_port()
     return [
         start("--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-              "--nproc", "2", "--grace", "1", *both, *extra, script)
+              "--nproc", "2", "--grace", "1", *extra, script)
         for rank, extra in ((0, node0), (1, node1))
     ]
 
 
 def test_sigquit_on_a_static_node_shows_every_nodes_ranks_there(start, tmp_path: Path, token: str) -> None:
     script = write_script(tmp_path / "hang.py", HANG)
-    nodes = start_nodes(start, script)  # cold
+    nodes = start_nodes(start, script)
     for node in nodes:
         wait_until(lambda node=node: sum(any(n in l for n in IN_PLACE) for l in node.seen["out"]) == 2, 90,
                    "both of the node's ranks in place")
@@ -210,7 +193,7 @@ def test_sigquit_on_a_static_node_shows_every_nodes_ranks_there(start, tmp_path:
     report = read_report(nodes[1], 10.0)
     assert_names_both_places(report, set())
     assert TITLE not in nodes[0].err  # node 0 answered; the report is the asking node's
-    assert ranks_alive(*nodes) == 4
+    assert workers_alive(token, script) == 4
     nodes[1].signal(signal.SIGINT)
     assert [node.wait(timeout=30) for node in nodes] == [130, 130]
     wait_until(lambda: not processes_with_token(token), 10, "no process of the job left")
@@ -219,8 +202,7 @@ def test_sigquit_on_a_static_node_shows_every_nodes_ranks_there(start, tmp_path:
 def test_stall_action_stop_on_a_static_node_ends_both_with_124(start, tmp_path: Path, token: str) -> None:
     """Only node 0 watches for a stall here: node 1 stops because node 0 says the job stalled."""
     script = write_script(tmp_path / "hang.py", HANG)
-    nodes = start_nodes(start, script, ("--stall-timeout", "2", "--stall-action", "stop"), ("--stall-timeout", "0"),
-                        both=("--warm",))
+    nodes = start_nodes(start, script, ("--stall-timeout", "2", "--stall-action", "stop"), ("--stall-timeout", "0"))
     codes = [node.wait(timeout=90) for node in nodes]
     assert codes == [124, 124], nodes[0].err + nodes[1].err
     assert_names_both_places(nodes[0].err[nodes[0].err.index(TITLE):], set())
