@@ -149,8 +149,9 @@ def test_a_stall_is_reported_unasked_and_the_job_goes_on(start, tmp_path: Path, 
 
 
 def test_stall_action_stop_ends_the_job_with_exit_code_124(start, tmp_path: Path, token: str) -> None:
-    # Cold: the stall report's (and --stall-action stop's) test on the default path.
-    run = start("--nproc", "3", "--stall-timeout", "2", "--stall-action", "stop", "--grace", "5",
+    # Cold: the stall report's (and --stall-action stop's) test on the default path. Two ranks:
+    # one in the all_reduce, one elsewhere; grouping is the SIGQUIT test's.
+    run = start("--nproc", "2", "--stall-timeout", "2", "--stall-action", "stop", "--grace", "5",
                 write_script(tmp_path / "hang.py", HANG))
     assert run.wait(timeout=60) == 124, run.err
     assert "wait_elsewhere" in run.err
