@@ -41,6 +41,14 @@ dist.barrier()
 dist.destroy_process_group()
 """
 
+# ENV_DUMP's record without torch or a collective: for the tests whose subject is what reaches
+# a rank (its arguments, its environment) or whether it runs at all, not the job torch sees.
+PLAIN_DUMP = """
+import json, os, sys
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"env": dict(os.environ), "argv": sys.argv[2:], "cwd": os.getcwd()}, f)
+"""
+
 SLEEPER = """
 import os, sys, time
 print(f"up {os.environ['RANK']}", flush=True)
@@ -125,7 +133,7 @@ HOSTILE_ARGS = [
 def test_hostile_arguments_and_env_values_arrive_byte_exact(
     launch, tmp_path: Path, token: str, sshd_pool: SshdPool
 ) -> None:
-    script = write_script(tmp_path / "dump.py", ENV_DUMP)
+    script = write_script(tmp_path / "dump.py", PLAIN_DUMP)
     marker = tmp_path / "pwned"
     args = [a.format(marker=marker) for a in HOSTILE_ARGS]
     hostile_env = f"$(touch {marker}); 'q' \"dq\" `x` ünï \\ *"
@@ -143,7 +151,7 @@ def test_hostile_arguments_and_env_values_arrive_byte_exact(
 def test_unknown_host_key_is_refused_then_accepted_with_the_flag(
     launch, tmp_path: Path, ssh_home: SshHome, token: str, sshd_pool: SshdPool
 ) -> None:
-    script = write_script(tmp_path / "dump.py", ENV_DUMP)
+    script = write_script(tmp_path / "dump.py", PLAIN_DUMP)
     ssh_home.write_known_hosts(omit=["host2"])
     run = launch("--hosts", "host1,host2", script, str(tmp_path))
     assert run.wait(timeout=60) == 2
@@ -360,16 +368,18 @@ dist.init_process_group("gloo")
 attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
 dist.barrier()
 print(f"rank {os.environ['RANK']} attempt {attempt}", flush=True)
-if attempt == "0" and os.environ["RANK"] == "3":
+if attempt == "0" and os.environ["RANK"] == "1":
     os._exit(5)
 if attempt == "1":
     dist.barrier()
 """,
     )
-    run = launch("--hosts", "host1,host2", "--nproc", "2", "--max-restarts", "1", script)
+    # One rank a host: each host's agent restarts its own. This is the cold test of restarts
+    # across nodes (test_static_nodes.py's runs --warm).
+    run = launch("--hosts", "host1,host2", "--nproc", "1", "--max-restarts", "1", script)
     assert run.wait(timeout=120) == 0, run.err
     assert sorted(line for line in run.seen["out"] if "attempt 1" in line) == [
-        f"{r} | rank {r} attempt 1" for r in range(4)
+        f"{r} | rank {r} attempt 1" for r in range(2)
     ]
     assert "restarting all workers (restart 1 of 1)" in run.err
     nothing_left(token, sshd_pool)
@@ -394,7 +404,9 @@ def test_a_busy_master_port_on_the_first_host_starts_nothing(
 
 def test_one_remote_host_is_a_one_node_job(launch, tmp_path: Path, token: str, sshd_pool: SshdPool) -> None:
     script = write_script(tmp_path / "dump.py", ENV_DUMP)
-    run = launch("--hosts", "host3", "--nproc", "2", script, str(tmp_path))
+    # Warm (one import of torch for both ranks): the cold test of the environment over SSH is
+    # test_every_rank_on_every_host_gets_the_torchrun_environment.
+    run = launch("--warm", "--hosts", "host3", "--nproc", "2", script, str(tmp_path))
     assert run.wait(timeout=120) == 0, run.err
     envs = [json.loads((tmp_path / f"rank{r}.json").read_text())["env"] for r in range(2)]
     assert [(e["RANK"], e["WORLD_SIZE"], e["NODE_RANK"]) for e in envs] == [("0", "2", "0"), ("1", "2", "0")]

@@ -1,5 +1,11 @@
 """Every rank's stack through the command line, on one node: on SIGQUIT (the job goes on), on a
-stall (report, or stop with exit code 124), and at a failure (where the others were)."""
+stall (report, or stop with exit code 124), and at a failure (where the others were).
+
+Three ranks: two grouped in one place and one alone is all a grouped report needs. Tests whose
+subject is the report, not how a rank starts, run --warm (torch imported once, not per rank);
+each feature keeps one cold test here, named in its comment, and test_stacks.py's tests of the
+cold stack bootstrap start every worker cold. Ranks that only need to be alive import no torch.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from pathlib import Path
 
 from helpers_cli import processes_with_token, wait_until, write_script
 
-# Ranks 0-2 block in an all_reduce that rank 3 never joins; rank 3 waits in wait_elsewhere.
+# Ranks 0-1 block in an all_reduce that the last rank (2) never joins; it waits in wait_elsewhere.
 # Until then each rank prints a beat, so importing torch on a busy machine is no stall.
 HANG = """
 import os, sys, threading, time
@@ -30,10 +36,18 @@ def step():
 dist.init_process_group("gloo")
 ready.set()
 print("ready", flush=True)
-if dist.get_rank() == 3:
+if dist.get_rank() == dist.get_world_size() - 1:
     wait_elsewhere()
 else:
     step()
+"""
+
+# Ranks that only wait, without torch: for the tests whose subject is the launcher's answer to
+# a signal, or a report that cannot read any rank, not where in torch a rank waits.
+WAITS = """
+import time
+print("ready", flush=True)
+time.sleep(600)
 """
 
 # Rank 1 dies once every rank is computing; the others spin in compute().
@@ -83,24 +97,24 @@ def next_report(run, timeout: float = 20.0) -> str:
     return "\n".join(lines)
 
 
-def report_showing(run, wanted: str, tries: int = 5) -> str:
-    """Reports until one shows `wanted`: on a busy machine a rank may not have reached its
-    collective at the first one."""
+def report_showing(run, *wanted: str, tries: int = 5) -> str:
+    """Reports until one shows all of `wanted`: on a busy machine a rank may not have reached
+    its collective, or the last one its wait_elsewhere, at the first one."""
     for _ in range(tries):
         report = next_report(run)
-        if wanted in report:
+        if all(text in report for text in wanted):
             return report
     raise AssertionError(f"no report showed {wanted!r} in {tries} tries; the last:\n{report}")
 
 
 def test_sigquit_prints_every_ranks_stack_grouped_and_the_job_goes_on(start, tmp_path: Path, token: str) -> None:
-    run = start("--nproc", "4", write_script(tmp_path / "hang.py", HANG))
-    _ready(run, 4)
+    # Cold: the SIGQUIT report's test on the default path.
+    run = start("--nproc", "3", write_script(tmp_path / "hang.py", HANG))
+    _ready(run, 3)
     assert re.search(rf"every rank's stack: Ctrl-\\ or kill -QUIT {run.proc.pid}", run.err), run.err
-    report = report_showing(run, "ranks 0-2 · step at hang.py")
-    assert "rank 3 · wait_elsewhere at hang.py" in report
-    assert report.index("rank 3 ·") < report.index("ranks 0-2 ·")  # the smallest group first
-    assert len(processes_with_token(token)) >= 4  # the job goes on
+    report = report_showing(run, "ranks 0-1 · step at hang.py", "rank 2 · wait_elsewhere at hang.py")
+    assert report.index("rank 2 ·") < report.index("ranks 0-1 ·")  # the smallest group first
+    assert len(processes_with_token(token)) >= 3  # the job goes on
     run.signal(signal.SIGINT)
     assert run.wait(timeout=60) == 130, run.err
     assert processes_with_token(token) == []
@@ -108,8 +122,9 @@ def test_sigquit_prints_every_ranks_stack_grouped_and_the_job_goes_on(start, tmp
 
 def test_the_report_saves_every_threads_stack_to_a_file(start, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
-    run = start("--nproc", "4", "--log-dir", str(logs), write_script(tmp_path / "hang.py", HANG))
-    _ready(run, 4)
+    # Warm: the file holds the answers the cold SIGQUIT test above reads.
+    run = start("--warm", "--nproc", "3", "--log-dir", str(logs), write_script(tmp_path / "hang.py", HANG))
+    _ready(run, 3)
     run.signal(signal.SIGQUIT)
     wait_until(lambda: list((logs / "stacks").glob("stacks-*.txt")), timeout=20, what="the full-stacks file")
     run.wait_line("wait_elsewhere", stream="err", timeout=20)
@@ -122,18 +137,21 @@ def test_the_report_saves_every_threads_stack_to_a_file(start, tmp_path: Path) -
 
 
 def test_a_stall_is_reported_unasked_and_the_job_goes_on(start, tmp_path: Path, token: str) -> None:
-    run = start("--nproc", "4", "--stall-timeout", "2", write_script(tmp_path / "hang.py", HANG))
-    _ready(run, 4)
+    # Warm: the report, not the start, is the subject; the cold stall test is the next one.
+    run = start("--warm", "--nproc", "3", "--stall-timeout", "2", write_script(tmp_path / "hang.py", HANG))
+    _ready(run, 3)
     run.wait_line("no rank wrote a line for", stream="err", timeout=30)
     run.wait_line("wait_elsewhere", stream="err", timeout=20)
     assert "stuck" in run.err
-    assert len(processes_with_token(token)) >= 4
+    assert len(processes_with_token(token)) >= 3
     run.signal(signal.SIGINT)
     assert run.wait(timeout=60) == 130
 
 
 def test_stall_action_stop_ends_the_job_with_exit_code_124(start, tmp_path: Path, token: str) -> None:
-    run = start("--nproc", "4", "--stall-timeout", "2", "--stall-action", "stop", "--grace", "5",
+    # Cold: the stall report's (and --stall-action stop's) test on the default path. Two ranks:
+    # one in the all_reduce, one elsewhere; grouping is the SIGQUIT test's.
+    run = start("--nproc", "2", "--stall-timeout", "2", "--stall-action", "stop", "--grace", "5",
                 write_script(tmp_path / "hang.py", HANG))
     assert run.wait(timeout=60) == 124, run.err
     assert "wait_elsewhere" in run.err
@@ -143,7 +161,8 @@ def test_stall_action_stop_ends_the_job_with_exit_code_124(start, tmp_path: Path
 
 
 def test_a_failure_report_says_where_the_others_were(start, tmp_path: Path, token: str) -> None:
-    run = start("--nproc", "3", write_script(tmp_path / "dies.py", DIES_WHILE_OTHERS_COMPUTE))
+    # Warm: the failure report's cold test is the next one.
+    run = start("--warm", "--nproc", "3", write_script(tmp_path / "dies.py", DIES_WHILE_OTHERS_COMPUTE))
     assert run.wait(timeout=90) == 1, run.err
     assert "RuntimeError: rank 1 ran out of data" in run.err
     where = run.err.split("where the other ranks were", 1)
@@ -153,7 +172,8 @@ def test_a_failure_report_says_where_the_others_were(start, tmp_path: Path, toke
 
 
 def test_two_ranks_that_raise_at_once_are_both_reported_as_failed(start, tmp_path: Path) -> None:
-    run = start("--nproc", "4", write_script(tmp_path / "two.py", TWO_RAISE))
+    # Cold: the failure report's test on the default path.
+    run = start("--nproc", "3", write_script(tmp_path / "two.py", TWO_RAISE))
     assert run.wait(timeout=90) == 1, run.err
     cause = re.search(r"Root cause \(first observed failure\): rank (\d)", run.err)
     assert cause is not None and cause.group(1) in ("1", "2"), run.err
@@ -163,9 +183,9 @@ def test_two_ranks_that_raise_at_once_are_both_reported_as_failed(start, tmp_pat
 
 
 def test_sigquit_listed_in_signals_to_handle_stops_the_job_as_under_torchrun(start, tmp_path: Path, token: str) -> None:
-    run = start("--nproc", "4", "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
-                write_script(tmp_path / "hang.py", HANG))
-    _ready(run, 4)
+    run = start("--nproc", "3", "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
+                write_script(tmp_path / "waits.py", WAITS))
+    _ready(run, 3)
     assert "kill -QUIT" not in run.err
     run.signal(signal.SIGQUIT)
     assert run.wait(timeout=60) == 128 + signal.SIGQUIT, run.err
@@ -173,12 +193,12 @@ def test_sigquit_listed_in_signals_to_handle_stops_the_job_as_under_torchrun(sta
 
 
 def test_without_the_bootstrap_and_without_py_spy_the_report_says_why(start, tmp_path: Path, job_env) -> None:
-    run = start("--nproc", "4", "--no-stack-bootstrap", write_script(tmp_path / "hang.py", HANG),
+    run = start("--nproc", "3", "--no-stack-bootstrap", write_script(tmp_path / "waits.py", WAITS),
                 env={**job_env, "DDPLAUNCH_PY_SPY": "0"})
-    _ready(run, 4)
+    _ready(run, 3)
     run.signal(signal.SIGQUIT)
     run.wait_line("py-spy", stream="err", timeout=20)
-    assert "ranks 0-3" in run.err
+    assert "ranks 0-2" in run.err
     run.signal(signal.SIGINT)
     assert run.wait(timeout=60) == 130
 

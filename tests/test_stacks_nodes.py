@@ -4,6 +4,12 @@ Real sshd hosts on 127.0.1.x (as in test_ssh_launch) and real static nodes on th
 (as in test_static_nodes), running a real gloo job that hangs: ranks 0-2 block in
 all_reduce while rank 3 waits elsewhere. SIGQUIT, or a stall, must show both places, and
 every host; the job goes on, unless --stall-action stop ends it (exit 124 everywhere).
+
+All cold but --stall-action stop between static nodes, which runs --warm (each node's launcher
+imports torch once and forks its two ranks): its subject is node 0 telling node 1 that the job
+stalled; --stall-action stop over SSH is its cold twin. The SSH stall test stays cold: with
+--warm the head's stall timer runs while each host's zygote imports torch, before any rank
+can print, and it reports a stall at start-up.
 """
 
 from __future__ import annotations
@@ -173,12 +179,14 @@ def test_sigquit_listed_in_signals_to_handle_stops_every_host_as_under_torchrun(
 # -- static nodes --------------------------------------------------------------------------------
 
 
-def start_nodes(start, script: str, node0: tuple[str, ...] = (), node1: tuple[str, ...] = ()) -> list[Run]:
-    """Node 0 and node 1 of one job, each with its own extra flags."""
+def start_nodes(
+    start, script: str, node0: tuple[str, ...] = (), node1: tuple[str, ...] = (), both: tuple[str, ...] = ()
+) -> list[Run]:
+    """Node 0 and node 1 of one job, each with its own extra flags and `both`."""
     port = pick_free_port()
     return [
         start("--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-              "--nproc", "2", "--grace", "1", *extra, script)
+              "--nproc", "2", "--grace", "1", *both, *extra, script)
         for rank, extra in ((0, node0), (1, node1))
     ]
 
@@ -202,7 +210,8 @@ def test_sigquit_on_a_static_node_shows_every_nodes_ranks_there(start, tmp_path:
 def test_stall_action_stop_on_a_static_node_ends_both_with_124(start, tmp_path: Path, token: str) -> None:
     """Only node 0 watches for a stall here: node 1 stops because node 0 says the job stalled."""
     script = write_script(tmp_path / "hang.py", HANG)
-    nodes = start_nodes(start, script, ("--stall-timeout", "2", "--stall-action", "stop"), ("--stall-timeout", "0"))
+    nodes = start_nodes(start, script, ("--stall-timeout", "2", "--stall-action", "stop"), ("--stall-timeout", "0"),
+                        both=("--warm",))
     codes = [node.wait(timeout=90) for node in nodes]
     assert codes == [124, 124], nodes[0].err + nodes[1].err
     assert_names_both_places(nodes[0].err[nodes[0].err.index(TITLE):], set())

@@ -2,6 +2,11 @@
 
 They meet at node 0's TCPStore, run real gloo collectives across "nodes", and a failure or a
 Ctrl-C on one node stops the other at once. Every test ends with no process of the job left.
+
+Tests whose ranks only wait for the launchers to act run a rank without torch (SLEEP_READY);
+the failure and restart tests, with two ranks per node, run --warm (each node's launcher imports
+torch once and forks its ranks): their subject is what the nodes tell each other, not how a
+rank starts. Their cold twins are named where they run warm.
 """
 
 from __future__ import annotations
@@ -32,6 +37,13 @@ dist.barrier()
 dist.destroy_process_group()
 """
 
+# ENV_DUMP's environment without torch: for a test whose subject is which node gets which rank.
+PLAIN_ENV_DUMP = """
+import json, os, sys
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump(dict(os.environ), f)
+"""
+
 # Rank FAIL_RANK exits 7 (in the attempts listed in FAIL_ATTEMPTS) after writing the time;
 # every other rank sleeps outside any collective, so only the launcher can stop it, and
 # notes when the launcher's SIGTERM reached it.
@@ -60,6 +72,15 @@ dist.destroy_process_group()
 """
 
 
+# A rank that is up once its node has joined the job, and waits, without torch: for the tests
+# where only the launchers can stop it (a Ctrl-C, a launcher killed or cut off).
+SLEEP_READY = """
+import os, time
+print(f"rank {os.environ['RANK']} attempt {os.environ['TORCHELASTIC_RESTART_COUNT']} ready", flush=True)
+time.sleep(600)
+"""
+
+
 # Every rank all-reduces in a loop, as training does: when a node vanishes, the others' ranks
 # fail in their next collective (gloo sees its peer's connection close).
 TRAIN_IN_STEP = """
@@ -80,6 +101,7 @@ def node_args(nnodes: int, port: int, *extra: str) -> list[str]:
 
 
 def test_two_nodes_train_together_with_torchrun_env(start, tmp_path: Path, token: str) -> None:
+    # Cold: static nodes' gloo job on the default path.
     script = write_script(tmp_path / "dump.py", ENV_DUMP)
     port = pick_free_port()
     nodes = [
@@ -103,14 +125,16 @@ def test_two_nodes_train_together_with_torchrun_env(start, tmp_path: Path, token
 
 
 def test_without_node_rank_nodes_rank_in_order_of_arrival(start, tmp_path: Path, token: str) -> None:
-    script = write_script(tmp_path / "dump.py", ENV_DUMP)
+    """Ranks without torch: that the ranks of both nodes form one gloo job is the test above's."""
+    script = write_script(tmp_path / "dump.py", PLAIN_ENV_DUMP)
     port = pick_free_port()
     nodes = [start(*node_args(2, port, "--nproc", "1"), script, str(tmp_path)) for _ in range(2)]
     for node in nodes:
         assert node.wait(timeout=120) == 0, node.err
     envs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert sorted(e["NODE_RANK"] for e in envs) == ["0", "1"]
-    assert {e["SUM"] for e in envs} == {"1.0"}
+    assert [e["NODE_RANK"] for e in envs] == ["0", "1"]  # rank r's file: one rank per node, each its own
+    assert {(e["WORLD_SIZE"], e["GROUP_WORLD_SIZE"]) for e in envs} == {("2", "2")}
+    assert len({(e["TORCHELASTIC_RUN_ID"], e["MASTER_PORT"]) for e in envs}) == 1  # one job
     assert processes_with_token(token) == []
 
 
@@ -121,8 +145,10 @@ def test_a_failure_on_one_node_stops_the_other_within_two_seconds(
     stamp = tmp_path / "failed-at"
     env = dict(job_env, FAIL_RANK="3")
     port = pick_free_port()
+    # Warm: the cold test of a failure stopping every node is test_ssh_launch.py's
+    # test_a_remote_worker_failing_stops_every_host_and_the_report_names_it.
     nodes = [
-        start(*node_args(2, port, "--node-rank", str(rank), "--nproc", "2"), script, str(stamp), env=env)
+        start(*node_args(2, port, "--node-rank", str(rank), "--nproc", "2", "--warm"), script, str(stamp), env=env)
         for rank in (0, 1)
     ]
     for node in nodes:
@@ -142,8 +168,10 @@ def test_restarts_run_again_on_every_node(start, tmp_path: Path, token: str, job
     script = write_script(tmp_path / "fail.py", FAIL_OR_SLEEP)
     env = dict(job_env, FAIL_RANK="2", FAIL_ATTEMPTS="0")
     port = pick_free_port()
+    # Warm: the cold test of restarts across nodes is test_ssh_launch.py's
+    # test_restarts_run_again_on_every_host.
     nodes = [
-        start(*node_args(2, port, "--node-rank", str(rank), "--nproc", "2", "--max-restarts", "1"),
+        start(*node_args(2, port, "--node-rank", str(rank), "--nproc", "2", "--max-restarts", "1", "--warm"),
               script, str(tmp_path / "failed-at"), env=env)
         for rank in (0, 1)
     ]
@@ -157,10 +185,10 @@ def test_restarts_run_again_on_every_node(start, tmp_path: Path, token: str, job
 
 
 def test_ctrl_c_on_one_node_stops_both(start, tmp_path: Path, token: str, job_env: dict[str, str]) -> None:
-    script = write_script(tmp_path / "sleep.py", FAIL_OR_SLEEP)
+    script = write_script(tmp_path / "sleep.py", SLEEP_READY)
     port = pick_free_port()
     nodes = [
-        start(*node_args(2, port, "--node-rank", str(rank), "--nproc", "1"), script, str(tmp_path / "x"))
+        start(*node_args(2, port, "--node-rank", str(rank), "--nproc", "1"), script)
         for rank in (0, 1)
     ]
     for node in nodes:
@@ -245,11 +273,11 @@ def test_a_node_whose_launcher_is_killed_is_the_root_cause_on_the_other(
 
 def test_node_zero_tells_every_other_node_which_launcher_died(start, tmp_path: Path, token: str) -> None:
     """Only node 0 holds a line to node 1's launcher; node 2 learns through the store, and
-    names the same root cause. The ranks sleep outside any collective: only the launchers tell."""
-    script = write_script(tmp_path / "sleep.py", FAIL_OR_SLEEP)
+    names the same root cause. The ranks only sleep: only the launchers tell."""
+    script = write_script(tmp_path / "sleep.py", SLEEP_READY)
     port = pick_free_port()
     nodes = [
-        start(*node_args(3, port, "--node-rank", str(rank), "--nproc", "1"), script, str(tmp_path / "x"))
+        start(*node_args(3, port, "--node-rank", str(rank), "--nproc", "1"), script)
         for rank in (0, 1, 2)
     ]
     for node in nodes:
@@ -310,13 +338,13 @@ def test_a_node_cut_off_is_named_silent_on_both_sides_after_the_heartbeat_timeou
     start, tmp_path: Path, token: str, drop_packets: Callable[[str, list[tuple[int, int]]], None]
 ) -> None:
     """Node 1's launcher is cut from node 0's (its store and lifeline connections drop every
-    packet); the workers' own links are left alone and they sleep outside any collective, so
-    only the launchers' heartbeats can tell. Each side names the other after 3 s of silence."""
-    script = write_script(tmp_path / "sleep.py", FAIL_OR_SLEEP)
+    packet); the workers hold no link of their own and only sleep, so only the launchers'
+    heartbeats can tell. Each side names the other after 3 s of silence."""
+    script = write_script(tmp_path / "sleep.py", SLEEP_READY)
     port = pick_free_port()
     args = ["--nnodes", "2", "--master-addr", CUT_ADDR, "--master-port", str(port), "--nproc", "1",
             "--heartbeat-timeout", "3"]
-    nodes = [start(*args, "--node-rank", str(rank), script, str(tmp_path / "x")) for rank in (0, 1)]
+    nodes = [start(*args, "--node-rank", str(rank), script) for rank in (0, 1)]
     for node in nodes:
         node.wait_line("attempt 0 ready", timeout=120)
     links = launcher_links(nodes[1].proc.pid, CUT_ADDR)
