@@ -22,6 +22,13 @@ def _ssh(home: SshHome, alias: str, command: str, *options: str) -> subprocess.P
     )
 
 
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:  # gone, or a zombie, since it was listed
+        return []
+
+
 def _alive(proc: psutil.Process) -> bool:
     try:
         return bool(proc.status() != psutil.STATUS_ZOMBIE)
@@ -58,8 +65,10 @@ def test_stop_ends_the_servers_and_their_sessions(tmp_path: Path) -> None:
         assert client.stdout is not None
         ready, _, _ = select.select([client.stdout], [], [], 20)
         assert ready and client.stdout.readline() == "started\n"
+        # its shell execs sleep right after the echo: a cmdline read mid-exec can come back empty
+        wait_until(lambda: any("sleep" in " ".join(_cmdline(proc)) for proc in pool.session_processes()), 5,
+                   "the session's sleep")
         sessions = pool.session_processes()
-        assert any("sleep" in " ".join(proc.cmdline()) for proc in sessions)
     finally:
         pool.stop()
     assert pool.servers[0].process.poll() is not None
