@@ -268,11 +268,8 @@ def script_cold_reason(plan: Plan, modules: Sequence[str]) -> str | None:
     """Why this script must start cold: it sets an import-time variable before it imports a
     warm module, whose import would read the script's value cold but has read the launcher's
     warm. Read from the script's file (not for -m: the module is found only when it runs)."""
-    try:
-        request = rank_request(plan.workers[0].argv, {}, None, "")
-    except ValueError:
-        return None
-    if request.kind != "script" or not os.path.isfile(request.target):
+    request = first_request(plan)
+    if request is None or request.kind != "script" or not os.path.isfile(request.target):
         return None  # a folder with a __main__.py is not read; a zip does not parse
     try:
         with open(request.target, "rb") as file:  # bytes: ast honours the script's coding line
@@ -305,9 +302,7 @@ def path0_of(request: RankRequest) -> str:
 def cold_reason(plan: Plan, python: str = sys.executable) -> str | None:
     """Why this node's plan cannot start warm, or None."""
     first = plan.workers[0].argv
-    try:
-        rank_request(first, {}, None, "")
-    except ValueError:
+    if first_request(plan) is None:
         return "only a Python script or -m module can start warm"
     if os.path.realpath(first[0]) != os.path.realpath(python):
         return f"the workers' Python ({first[0]}) is not the launcher's ({python})"
@@ -320,10 +315,17 @@ def cold_reason(plan: Plan, python: str = sys.executable) -> str | None:
 
 def runs_module(plan: Plan) -> bool:
     """The ranks run -m MODULE (whose source script_cold_reason does not read)."""
+    request = first_request(plan)
+    return request is not None and request.kind == "module"
+
+
+def first_request(plan: Plan) -> RankRequest | None:
+    """What this node's first rank would ask of a warm interpreter (its script or module),
+    or None when its command line is no Python script or module."""
     try:
-        return rank_request(plan.workers[0].argv, {}, None, "").kind == "module"
+        return rank_request(plan.workers[0].argv, {}, None, "")
     except ValueError:
-        return False
+        return None
 
 
 def plan_cold_reason(plan: Plan, modules: Sequence[str]) -> str | None:
